@@ -1,0 +1,1 @@
+"""DICOM: SCP (echo, store, find), safe file store, metadata extraction. Comes with its issue."""

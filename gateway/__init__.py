@@ -1,0 +1,1 @@
+"""The Qantara process: settings, CLI, lifecycle of all listeners, HTTP app."""

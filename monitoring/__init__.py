@@ -1,0 +1,1 @@
+"""Metric definitions, health and readiness, alert rules and dashboards."""

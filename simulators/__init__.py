@@ -1,0 +1,1 @@
+"""Simulators of mobile units, lab analyzers and modalities."""
