@@ -1,0 +1,29 @@
+"""The error tree every edge maps to its own answer (HL7 AE/AR, DICOM status, dead letter, HTTP 400).
+
+`InputError` is the sender's fault: its `reason` is a short slug used as a metric label and stored
+with the dead letter; `detail` is a human sentence for logs and error bodies and must never carry
+patient data. `StorageUnavailable` is ours and transient: nothing is acknowledged while it holds.
+"""
+
+from __future__ import annotations
+
+
+class QantaraError(Exception):
+    """Base of every error Qantara raises on purpose."""
+
+
+class InputError(QantaraError):
+    """Bad input from a sender; answered precisely, never fatal to a listener."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class StorageUnavailable(QantaraError):
+    """The database cannot commit right now; retry later, acknowledge nothing meanwhile."""
+
+
+class ConfigError(QantaraError):
+    """A setting has a bad value; the message names the variable and what is wrong."""
