@@ -1,4 +1,4 @@
-"""The error tree every edge maps to its own answer (HL7 AE/AR, DICOM status, dead letter, HTTP 400).
+"""The error tree every edge maps to its own answer (HL7 AE/AR, DICOM status, HTTP 400...).
 
 `InputError` is the sender's fault: its `reason` is a short slug used as a metric label and stored
 with the dead letter; `detail` is a human sentence for logs and error bodies and must never carry

@@ -63,7 +63,7 @@ class VitalsMessage:
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """Input we refused, kept with its reason; `raw` is the whole payload (the writer keeps 64 KiB)."""
+    """Input we refused, kept with its reason; `raw` is the whole input (64 KiB are kept)."""
 
     protocol: Protocol
     source: str
@@ -114,10 +114,16 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """Records sharing one natural key, and the future the pipeline resolves after COMMIT."""
+    """Records sharing one natural key, and the future the pipeline resolves after COMMIT.
+
+    `source` names the sender (unit id, MSH-3/MSH-4, calling AE title) and `raw` keeps the input
+    bytes so that a row the database refuses can still be dead-lettered with what was received.
+    """
 
     protocol: Protocol
     key: Key
     records: tuple[Record, ...]
     received_at: datetime
     ack: asyncio.Future[Outcome] = field(repr=False)
+    source: str = ""
+    raw: bytes = field(default=b"", repr=False)

@@ -1,1 +1,1 @@
-"""PostgreSQL: pool, migrations, schema, bulk writer and the queries behind the API. All SQL lives here."""
+"""PostgreSQL: pool, migrations, schema, bulk writer and the API's queries. All SQL lives here."""

@@ -1,0 +1,245 @@
+"""All of Qantara's settings, read once from the environment (and an optional TOML file).
+
+`Settings.load(environ, toml_path)` is the only reader of configuration: everything else receives
+its slice explicitly. The environment wins over the TOML file, whose keys are the same variable
+names (`QANTARA_MQTT_URL = "..."`) or their short lower-case form (`mqtt_url = "..."`). A bad value
+raises `ConfigError` naming the variable and what is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from ingest.errors import ConfigError
+from ingest.mqtt_session import MqttSettings
+from ingest.pipeline import PipelineSettings
+
+PREFIX = "QANTARA_"
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseSettings:
+    url: str | None  # None: embedded PostgreSQL (qantara up only)
+    pool_size: int
+    statement_timeout_ms: int
+    partitions_ahead: timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    port: int
+    default_count: int
+    max_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    bind: str
+    http: HttpSettings
+    mqtt: MqttSettings
+    database: DatabaseSettings
+    pipeline: PipelineSettings
+    mllp_port: int
+    dicom_port: int
+    dicom_ae_title: str
+    dicom_storage: Path
+    shutdown_timeout: float
+    log_level: str
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str], toml_path: str | Path | None = None) -> Settings:
+        values: dict[str, str] = {}
+        path = toml_path or environ.get(PREFIX + "CONFIG")
+        if path:
+            values.update(_read_toml(Path(path)))
+        values.update({k: v for k, v in environ.items() if k.startswith(PREFIX)})
+        return _build(_Reader(values))
+
+
+class _Reader:
+    """Typed access to the merged variables; each error names its variable."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self._values = values
+
+    def raw(self, name: str) -> str | None:
+        value = self._values.get(PREFIX + name)
+        return None if value is None or value == "" else value
+
+    def get(self, name: str, default: _T, parse: Callable[[str], _T], what: str) -> _T:
+        text = self.raw(name)
+        if text is None:
+            return default
+        try:
+            return parse(text)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{PREFIX}{name}: {what}, got {text!r}") from exc
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        def parse(text: str) -> int:
+            value = int(text.replace("_", ""))
+            if not low <= value <= high:
+                raise ValueError(text)
+            return value
+
+        return self.get(name, default, parse, f"must be an integer from {low} to {high}")
+
+    def port(self, name: str, default: int) -> int:
+        return self.integer(name, default, 0, 65535)
+
+    def duration(self, name: str, default: timedelta) -> timedelta:
+        return self.get(
+            name, default, parse_duration, "must be a duration such as 30s, 15m, 24h or 365d"
+        )
+
+    def text(self, name: str, default: str) -> str:
+        return self.raw(name) or default
+
+    def optional(self, name: str) -> str | None:
+        return self.raw(name)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(text: str) -> timedelta:
+    """`30` (seconds), `500ms`, `30s`, `15m`, `24h`, `365d`."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(text)
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _mqtt_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ValueError(text)
+    _ = parts.port  # raises ValueError on a bad port
+    return text
+
+
+def _database_url(text: str) -> str:
+    if urlsplit(text).scheme not in ("postgresql", "postgres"):
+        raise ValueError(text)
+    return text
+
+
+def _protocol(text: str) -> int:
+    versions = {"5": 5, "5.0": 5, "3.1.1": 4, "4": 4, "311": 4}
+    return versions[text]
+
+
+def _group(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", text):
+        raise ValueError(text)
+    return text
+
+
+def _ae_title(text: str) -> str:
+    if not re.fullmatch(r"[ -~]{1,16}", text) or "\\" in text or not text.strip():
+        raise ValueError(text)
+    return text.strip()
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError(text)
+    return level
+
+
+def _build(r: _Reader) -> Settings:
+    client_id = r.get(
+        "MQTT_CLIENT_ID",
+        f"qantara-{socket.gethostname()}"[:64],
+        _group,
+        "must be 1 to 64 characters of letters, digits, '_', '.', '-'",
+    )
+    mqtt = MqttSettings(
+        url=r.get(
+            "MQTT_URL",
+            "mqtt://127.0.0.1:1883",
+            _mqtt_url,
+            "must be mqtt://host[:port] or mqtts://host[:port]",
+        ),
+        client_id=client_id,
+        shared_group=r.get(
+            "MQTT_SHARED_GROUP",
+            None,
+            _group,
+            "must be 1 to 64 characters of letters, digits, '_', '.', '-'",
+        ),
+        max_payload=r.integer("MQTT_MAX_PAYLOAD", 256 * 1024, 64, 256 * 1024 * 1024),
+        receive_maximum=r.integer("MQTT_RECEIVE_MAXIMUM", 2000, 1, 65535),
+        session_expiry=int(r.duration("MQTT_SESSION_EXPIRY", timedelta(days=7)).total_seconds()),
+        protocol=r.get("MQTT_PROTOCOL", 5, _protocol, "must be 5 or 3.1.1"),
+        username=r.optional("MQTT_USERNAME"),
+        password=r.optional("MQTT_PASSWORD"),
+        ca_file=r.optional("MQTT_CA_FILE"),
+        max_future=r.duration("SAMPLE_MAX_FUTURE", timedelta(hours=24)),
+        max_past=r.duration("SAMPLE_MAX_AGE", timedelta(days=365)),
+        unit_metrics_max=r.integer("UNIT_METRICS_MAX", 1000, 0, 1_000_000),
+    )
+    database = DatabaseSettings(
+        url=r.get("DATABASE_URL", None, _database_url, "must be a postgresql://... connection URL"),
+        pool_size=r.integer("DB_POOL_SIZE", 10, 2, 1000),
+        statement_timeout_ms=int(
+            r.duration("DB_STATEMENT_TIMEOUT", timedelta(seconds=30)).total_seconds() * 1000
+        ),
+        partitions_ahead=r.duration("PARTITIONS_AHEAD", timedelta(days=14)),
+    )
+    pipeline = PipelineSettings(
+        max_pending=r.integer("PIPELINE_MAX_PENDING", 20_000, 1, 10_000_000),
+        max_batch=r.integer("PIPELINE_MAX_BATCH", 5_000, 1, 100_000),
+    )
+    http = HttpSettings(
+        port=r.port("HTTP_PORT", 8080),
+        default_count=r.integer("API_DEFAULT_COUNT", 50, 1, 1000),
+        max_count=r.integer("API_MAX_COUNT", 1000, 1, 10_000),
+    )
+    return Settings(
+        bind=r.text("BIND", "127.0.0.1"),
+        http=http,
+        mqtt=mqtt,
+        database=database,
+        pipeline=pipeline,
+        mllp_port=r.port("MLLP_PORT", 2575),
+        dicom_port=r.port("DICOM_PORT", 11112),
+        dicom_ae_title=r.get(
+            "DICOM_AE_TITLE", "QANTARA", _ae_title, "must be 1 to 16 printable ASCII characters"
+        ),
+        dicom_storage=Path(r.text("DICOM_STORAGE", "./var/dicom")),
+        shutdown_timeout=r.duration("SHUTDOWN_TIMEOUT", timedelta(seconds=30)).total_seconds(),
+        log_level=r.get("LOG_LEVEL", "INFO", _log_level, "must be DEBUG, INFO, WARNING or ERROR"),
+    )
+
+
+def _read_toml(path: Path) -> dict[str, str]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{PREFIX}CONFIG: cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{PREFIX}CONFIG: {path} is not valid TOML: {exc}") from exc
+    values: dict[str, str] = {}
+    for key, value in data.items():
+        name = key.upper()
+        if not name.startswith(PREFIX):
+            name = PREFIX + name
+        if isinstance(value, bool):
+            values[name] = "true" if value else "false"
+        elif isinstance(value, str | int | float):
+            values[name] = str(value)
+        else:
+            raise ConfigError(f"{path}: {key} must be a string or a number")
+    return values

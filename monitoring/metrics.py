@@ -1,0 +1,128 @@
+"""Every Prometheus metric of Qantara, defined once on one registry.
+
+Label values come from enums (`ingest.records.Protocol`, rejection reason slugs) or unit ids,
+never from patient identifiers, message control ids or UIDs. Known label values are
+pre-initialised so that series exist (at zero) before the first event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PROTOCOLS = ("mqtt", "hl7", "dicom")
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """The process's metrics; one instance per registry (tests make their own)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.received = Counter(
+            "qantara_messages_received_total",
+            "Messages received, before validation.",
+            ["protocol"],
+            registry=r,
+        )
+        self.stored = Counter(
+            "qantara_messages_stored_total",
+            "Messages committed to the database for the first time.",
+            ["protocol"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "qantara_messages_rejected_total",
+            "Messages refused, by reason; each is kept as a dead letter.",
+            ["protocol", "reason"],
+            registry=r,
+        )
+        self.duplicate = Counter(
+            "qantara_messages_duplicate_total",
+            "Redeliveries of messages already committed: acknowledged again, stored once.",
+            ["protocol"],
+            registry=r,
+        )
+        self.ingest_latency = Histogram(
+            "qantara_ingest_latency_seconds",
+            "Time from receipt of a message to the commit of its batch.",
+            ["protocol"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.db_commit = Histogram(
+            "qantara_db_commit_seconds",
+            "Time to write and commit one batch.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "qantara_db_batch_envelopes",
+            "Envelopes per committed batch.",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000),
+            registry=r,
+        )
+        self.pending = Gauge(
+            "qantara_pipeline_pending",
+            "Envelopes submitted to the pipeline and not yet resolved.",
+            ["protocol"],
+            registry=r,
+        )
+        self.db_available = Gauge(
+            "qantara_db_available",
+            "1 while the last database operation succeeded, 0 while commits fail.",
+            registry=r,
+        )
+        self.db_errors = Counter(
+            "qantara_db_errors_total",
+            "Batches that failed, by kind (unavailable: retried; refused: split).",
+            ["kind"],
+            registry=r,
+        )
+        self.mllp_connections = Gauge(
+            "qantara_mllp_connections", "Open MLLP connections.", registry=r
+        )
+        self.dicom_associations = Gauge(
+            "qantara_dicom_associations", "Open DICOM associations.", registry=r
+        )
+        self.mqtt_connected = Gauge(
+            "qantara_mqtt_connected", "1 while connected to the MQTT broker.", registry=r
+        )
+        self.unit_last_seen = Gauge(
+            "qantara_unit_last_seen_timestamp_seconds",
+            "Last time a unit was heard from (vitals or status), Unix time.",
+            ["unit"],
+            registry=r,
+        )
+        self.unit_online = Gauge(
+            "qantara_unit_online",
+            "1 when the unit's retained status says online, 0 after its last will.",
+            ["unit"],
+            registry=r,
+        )
+        self.units_tracked = Gauge(
+            "qantara_units_tracked",
+            "Units with a per-unit series (bounded by the configured cap).",
+            registry=r,
+        )
+        self.db_available.set(0)
+        for protocol in PROTOCOLS:
+            self.received.labels(protocol)
+            self.stored.labels(protocol)
+            self.duplicate.labels(protocol)
+            self.ingest_latency.labels(protocol)
+            self.pending.labels(protocol)
+        for kind in ("unavailable", "refused"):
+            self.db_errors.labels(kind)
+
+    def init_reasons(self, protocol: str, reasons: Iterable[str]) -> None:
+        """Create the rejection series of known reasons, at zero."""
+        for reason in reasons:
+            self.rejected.labels(protocol, reason)
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        """The current value of one series (tests and readiness)."""
+        return self.registry.get_sample_value(name, labels or {})

@@ -1,0 +1,60 @@
+"""The asyncpg connection pool of the hot path, and the classification of database errors.
+
+`is_transient` is the one place that decides whether a failure means "the database is not
+reachable right now" (retry, acknowledge nothing) or "this statement is wrong for these rows".
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import asyncpg
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    dsn: str
+    min_size: int = 1
+    max_size: int = 10
+    connect_timeout: float = 5.0
+    statement_timeout_ms: int = 30_000
+    application_name: str = "qantara"
+
+
+async def create_pool(settings: PoolSettings) -> asyncpg.Pool:
+    """A pool whose connections carry the application name and a statement timeout."""
+    pool = await asyncpg.create_pool(
+        settings.dsn,
+        min_size=settings.min_size,
+        max_size=settings.max_size,
+        timeout=settings.connect_timeout,
+        command_timeout=settings.statement_timeout_ms / 1000 + 5,
+        server_settings={
+            "application_name": settings.application_name,
+            "statement_timeout": str(settings.statement_timeout_ms),
+        },
+    )
+    assert pool is not None  # noqa: S101 - asyncpg types the result as optional
+    return pool
+
+
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58")  # connection, resources, operator, system
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when the failure says the database is unreachable or unavailable, not the data bad."""
+    if isinstance(exc, OSError | asyncio.TimeoutError | ConnectionError):
+        return True
+    if isinstance(
+        exc,
+        asyncpg.InterfaceError | asyncpg.exceptions.ConnectionDoesNotExistError,
+    ):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        if sqlstate.startswith(_TRANSIENT_SQLSTATE_CLASSES):
+            return True
+        # 40001 serialization / 40P01 deadlock: retrying the same batch is right.
+        return sqlstate in ("40001", "40P01")
+    return False

@@ -1,0 +1,253 @@
+"""The group-commit pipeline and the bulk writer, on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from ingest.errors import StorageUnavailable
+from ingest.pipeline import GroupCommitPipeline, PipelineSettings
+from ingest.records import (
+    DeadLetter,
+    DeadLetterKey,
+    Envelope,
+    MqttKey,
+    Outcome,
+    OutcomeKind,
+    PatientRef,
+    Protocol,
+    Sample,
+    VitalsMessage,
+)
+from monitoring.metrics import Metrics
+from storage.migrations import apply_migrations
+from storage.writer import BatchWriter, ensure_partitions
+
+
+@pytest.fixture(scope="module")
+async def pool(postgres_dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(postgres_dsn, min_size=1, max_size=4)
+    async with pool.acquire() as conn:
+        await apply_migrations(conn)
+    yield pool
+    await pool.close()
+
+
+def unit_name() -> str:
+    return f"T-{uuid.uuid4().hex[:10]}"
+
+
+def vitals(unit: str, seq: int, *, cin: str = "AB123456", device: str = "MON-1") -> VitalsMessage:
+    t = datetime.now(UTC) - timedelta(seconds=seq)
+    return VitalsMessage(
+        unit_id=unit,
+        seq=seq,
+        sent_at=t,
+        device_id=device,
+        device_kind="multiparameter-monitor",
+        patient=PatientRef("CIN", cin),
+        samples=(
+            Sample(t=t, code="8867-4", value=72.0 + seq, unit="/min"),
+            Sample(t=t, code="59408-5", value=97.0, unit="%"),
+        ),
+    )
+
+
+def envelope(message: VitalsMessage | DeadLetter, key: MqttKey | DeadLetterKey) -> Envelope:
+    return Envelope(
+        protocol=Protocol.MQTT,
+        key=key,
+        records=(message,),
+        received_at=datetime.now(UTC),
+        ack=asyncio.get_running_loop().create_future(),
+        source=key.unit_id if isinstance(key, MqttKey) else key.source,
+        raw=b"{}",
+    )
+
+
+def mqtt(unit: str, seq: int, **kwargs: str) -> Envelope:
+    return envelope(vitals(unit, seq, **kwargs), MqttKey(unit, seq))
+
+
+async def vital_count(pool: asyncpg.Pool, unit: str) -> int:
+    return int(
+        await pool.fetchval(
+            """SELECT count(*) FROM vital v JOIN device d ON d.id = v.device_id
+               JOIN unit u ON u.id = d.unit_id WHERE u.name = $1""",
+            unit,
+        )
+    )
+
+
+async def test_new_message_is_stored_with_a_row_per_sample(pool: asyncpg.Pool) -> None:
+    unit = unit_name()
+    [outcome] = await BatchWriter(pool).write([mqtt(unit, 1)])
+    assert outcome == Outcome(OutcomeKind.STORED, watermark=1)
+    assert await vital_count(pool, unit) == 2
+
+
+async def test_resend_of_committed_seq_is_duplicate_and_stores_nothing(pool: asyncpg.Pool) -> None:
+    unit = unit_name()
+    writer = BatchWriter(pool)
+    await writer.write([mqtt(unit, 1)])
+    [outcome] = await writer.write([mqtt(unit, 1)])
+    assert outcome.kind is OutcomeKind.DUPLICATE
+    assert await vital_count(pool, unit) == 2
+
+
+async def test_same_key_twice_in_one_batch_is_stored_once(pool: asyncpg.Pool) -> None:
+    unit = unit_name()
+    outcomes = await BatchWriter(pool).write([mqtt(unit, 1), mqtt(unit, 1)])
+    assert [o.kind for o in outcomes] == [OutcomeKind.STORED, OutcomeKind.DUPLICATE]
+    assert await vital_count(pool, unit) == 2
+
+
+async def test_watermark_waits_for_the_gap_then_jumps_over_the_run(pool: asyncpg.Pool) -> None:
+    unit = unit_name()
+    writer = BatchWriter(pool)
+    first = await writer.write([mqtt(unit, 1), mqtt(unit, 3), mqtt(unit, 4)])
+    assert {o.watermark for o in first} == {1}
+    [filled] = await writer.write([mqtt(unit, 2)])
+    assert filled.watermark == 4
+
+
+async def test_watermark_stays_zero_until_seq_one_arrives(pool: asyncpg.Pool) -> None:
+    unit = unit_name()
+    [outcome] = await BatchWriter(pool).write([mqtt(unit, 5)])
+    assert outcome.watermark == 0
+
+
+async def test_rejected_message_with_a_seq_counts_toward_the_watermark(pool: asyncpg.Pool) -> None:
+    unit = unit_name()
+    letter = DeadLetter(Protocol.MQTT, unit, "non-numeric-value", "samples[0].value", b"{...}")
+    outcomes = await BatchWriter(pool).write([envelope(letter, MqttKey(unit, 1)), mqtt(unit, 2)])
+    assert outcomes[0] == Outcome(OutcomeKind.REJECTED, reason="non-numeric-value", watermark=2)
+    reasons = await pool.fetch("SELECT reason FROM dead_letter WHERE source = $1", unit)
+    assert [r["reason"] for r in reasons] == ["non-numeric-value"]
+
+
+async def test_unreadable_payload_replayed_is_dead_lettered_once(pool: asyncpg.Pool) -> None:
+    unit = unit_name()
+    raw = b"\xff\xfe not json"
+    key = DeadLetterKey(Protocol.MQTT, unit, hashlib.sha256(raw).digest())
+    letter = DeadLetter(Protocol.MQTT, unit, "not-utf8", "payload is not UTF-8", raw)
+    writer = BatchWriter(pool)
+    for _ in range(2):
+        [outcome] = await writer.write([envelope(letter, key)])
+        assert outcome.kind is OutcomeKind.REJECTED
+    count = await pool.fetchval("SELECT count(*) FROM dead_letter WHERE source = $1", unit)
+    assert count == 1
+
+
+async def test_identifiers_of_one_person_resolve_to_one_patient(pool: asyncpg.Pool) -> None:
+    cin = f"ZZ{uuid.uuid4().int % 10**6:06d}"
+    unit_a, unit_b = unit_name(), unit_name()
+    await BatchWriter(pool).write([mqtt(unit_a, 1, cin=cin), mqtt(unit_b, 1, cin=cin)])
+    patients = await pool.fetchval(
+        "SELECT count(DISTINCT patient_id) FROM patient_identifier WHERE value = $1", cin
+    )
+    assert patients == 1
+
+
+async def test_dictionary_ids_survive_a_rolled_back_batch(pool: asyncpg.Pool) -> None:
+    """Ids learnt in a transaction that fails must not be cached as if committed."""
+    unit = unit_name()
+    writer = BatchWriter(pool)
+    bad = mqtt(unit, 1, device="MON\x00")  # PostgreSQL text refuses NUL: the batch fails
+    with pytest.raises(asyncpg.PostgresError):
+        await writer.write([mqtt(unit, 2, cin="CC000001"), bad])
+    [outcome] = await writer.write([mqtt(unit, 2, cin="CC000001")])
+    assert outcome.kind is OutcomeKind.STORED
+
+
+async def test_pipeline_resolves_futures_after_commit_in_submission_order(
+    pool: asyncpg.Pool,
+) -> None:
+    unit = unit_name()
+    pipeline = GroupCommitPipeline(BatchWriter(pool), PipelineSettings(), Metrics())
+    runner = asyncio.create_task(pipeline.run())
+    envelopes = [mqtt(unit, seq) for seq in range(1, 201)]
+    order: list[int] = []
+    for env in envelopes:
+        env.ack.add_done_callback(lambda _f, seq=env.key.seq: order.append(seq))  # type: ignore[union-attr]
+        await pipeline.submit(env)
+    async with asyncio.timeout(30):
+        outcomes = await asyncio.gather(*(env.ack for env in envelopes))
+    await pipeline.close()
+    await asyncio.wait_for(runner, 10)
+    assert {o.kind for o in outcomes} == {OutcomeKind.STORED}
+    assert order == list(range(1, 201))
+    assert outcomes[-1].watermark == 200
+    assert await vital_count(pool, unit) == 400
+
+
+async def test_refused_envelope_is_dead_lettered_and_the_rest_of_its_batch_stored(
+    pool: asyncpg.Pool,
+) -> None:
+    unit = unit_name()
+    metrics = Metrics()
+    pipeline = GroupCommitPipeline(BatchWriter(pool), PipelineSettings(), metrics)
+    envelopes = [mqtt(unit, 1), mqtt(unit, 2, device="BAD\x00"), mqtt(unit, 3)]
+    for env in envelopes:
+        await pipeline.submit(env)
+    await pipeline.close()
+    await asyncio.wait_for(pipeline.run(), 30)
+    kinds = [env.ack.result().kind for env in envelopes]
+    assert kinds == [OutcomeKind.STORED, OutcomeKind.REJECTED, OutcomeKind.STORED]
+    assert envelopes[1].ack.result().reason == "storage-refused"
+    assert envelopes[2].ack.result().watermark == 3
+    assert (
+        metrics.sample(
+            "qantara_messages_rejected_total", {"protocol": "mqtt", "reason": "storage-refused"}
+        )
+        == 1
+    )
+
+
+async def test_partition_created_later_takes_the_rows_of_the_default_partition(
+    pool: asyncpg.Pool,
+) -> None:
+    unit = unit_name()
+    long_ago = datetime(2020, 3, 4, 12, tzinfo=UTC)
+    message = VitalsMessage(
+        unit_id=unit,
+        seq=1,
+        sent_at=None,
+        device_id="MON-1",
+        device_kind="monitor",
+        patient=PatientRef("CIN", "OLD00001"),
+        samples=(Sample(t=long_ago, code="8867-4", value=60.0, unit="/min"),),
+    )
+    await BatchWriter(pool).write([envelope(message, MqttKey(unit, 1))])
+    created = await ensure_partitions(pool, long_ago, long_ago + timedelta(days=1))
+    assert created >= 1
+    in_default = await pool.fetchval("SELECT count(*) FROM vital_default WHERE time = $1", long_ago)
+    in_total = await pool.fetchval("SELECT count(*) FROM vital WHERE time = $1", long_ago)
+    assert (in_default, in_total) == (0, 1)
+
+
+async def test_unreachable_database_raises_storage_unavailable_and_holds_futures() -> None:
+    # A pool pointing at a closed port: every acquire fails to connect.
+    unreachable = await asyncpg.create_pool(
+        "postgresql://postgres@127.0.0.1:1/postgres", min_size=0, max_size=1
+    )
+    writer = BatchWriter(unreachable)
+    with pytest.raises(StorageUnavailable):
+        await writer.write([mqtt(unit_name(), 1)])
+    pipeline = GroupCommitPipeline(writer, PipelineSettings(retry_max=0.2), Metrics())
+    runner = asyncio.create_task(pipeline.run())
+    env = mqtt(unit_name(), 1)
+    await pipeline.submit(env)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(env.ack), 0.5)
+    assert not pipeline.available
+    runner.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await runner
+    await unreachable.close()
