@@ -1,0 +1,142 @@
+"""Session fixtures: one per real resource (PostgreSQL, MQTT broker), no mocks.
+
+Where each comes from (DESIGN.md, Testing): the service named by `QANTARA_TEST_DATABASE_URL` /
+`QANTARA_TEST_MQTT_URL`, else the local one (PostgreSQL on 127.0.0.1:5432, Mosquitto on
+127.0.0.1:1883), else one this session starts (pgserver's PostgreSQL, or a private cluster from
+the system binaries; a private mosquitto, or amqtt in-process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from gateway.local_services import (
+    EmbeddedBroker,
+    EmbeddedPostgres,
+    LocalServiceError,
+    PrivateMosquitto,
+    PrivatePostgres,
+    broker_answers,
+    drop_database,
+    ensure_database,
+    find_mosquitto,
+    find_postgres_bin_dir,
+    postgres_answers,
+)
+from tests.services_support import wait_until as _wait_until
+
+logger = logging.getLogger(__name__)
+
+LOCAL_POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+LOCAL_MQTT_URL = "mqtt://127.0.0.1:1883"
+
+PrivatePostgresFactory = Callable[[], Awaitable[PrivatePostgres]]
+PrivateMosquittoFactory = Callable[[], Awaitable[PrivateMosquitto]]
+
+
+@pytest.fixture(scope="session")
+async def postgres_server_dsn() -> AsyncIterator[str]:
+    """DSN of a PostgreSQL server (its `postgres` database) on which tests may create databases."""
+    configured = os.environ.get("QANTARA_TEST_DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    if await postgres_answers(LOCAL_POSTGRES_DSN):
+        yield LOCAL_POSTGRES_DSN
+        return
+    embedded = EmbeddedPostgres()
+    try:
+        await asyncio.to_thread(embedded.start)
+    except LocalServiceError:
+        logger.warning("pgserver failed; using a private cluster", exc_info=True)
+    else:
+        try:
+            yield embedded.dsn
+        finally:
+            await asyncio.to_thread(embedded.stop)
+        return
+    async with PrivatePostgres() as private:
+        yield private.dsn()
+
+
+@pytest.fixture(scope="session")
+async def postgres_dsn(postgres_server_dsn: str) -> AsyncIterator[str]:
+    """A fresh database for this test run, dropped at the end (sessions terminated)."""
+    dbname = f"qantara_test_{secrets.token_hex(6)}"
+    dsn = await ensure_database(postgres_server_dsn, dbname)
+    try:
+        yield dsn
+    finally:
+        await drop_database(postgres_server_dsn, dbname)
+
+
+@pytest.fixture(scope="session")
+async def mqtt_url() -> AsyncIterator[str]:
+    """URL (`mqtt://host:port`) of an MQTT broker that accepts anonymous clients."""
+    configured = os.environ.get("QANTARA_TEST_MQTT_URL")
+    if configured:
+        yield configured
+        return
+    if await broker_answers(LOCAL_MQTT_URL):
+        yield LOCAL_MQTT_URL
+        return
+    if find_mosquitto() is not None:
+        async with PrivateMosquitto() as mosquitto:
+            yield mosquitto.url
+        return
+    async with EmbeddedBroker() as url:
+        yield url
+
+
+@pytest.fixture
+async def private_postgres() -> AsyncIterator[PrivatePostgresFactory]:
+    """Factory of started throw-away clusters the test may stop, kill and restart."""
+    try:
+        await asyncio.to_thread(find_postgres_bin_dir)
+    except LocalServiceError as exc:
+        pytest.skip(f"needs the PostgreSQL server binaries: {exc}")
+    started: list[PrivatePostgres] = []
+
+    async def start() -> PrivatePostgres:
+        server = PrivatePostgres()
+        started.append(server)
+        await server.start()
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            await server.cleanup()
+
+
+@pytest.fixture
+async def private_mosquitto() -> AsyncIterator[PrivateMosquittoFactory]:
+    """Factory of started private mosquitto brokers the test may stop, kill and restart."""
+    if find_mosquitto() is None:
+        pytest.skip("needs the mosquitto binary")
+    started: list[PrivateMosquitto] = []
+
+    async def start() -> PrivateMosquitto:
+        broker = PrivateMosquitto()
+        started.append(broker)
+        await broker.start()
+        return broker
+
+    try:
+        yield start
+    finally:
+        for broker in started:
+            await broker.cleanup()
+
+
+@pytest.fixture
+def wait_until() -> Callable[..., Awaitable[None]]:
+    """`tests.services_support.wait_until`, for tests that prefer a fixture to an import."""
+    return _wait_until
