@@ -1,1 +1,4 @@
-"""The shared road from adapters to storage: records, envelopes, the group-commit pipeline, code tables and the MQTT vitals adapter."""
+"""The shared road from adapters to storage.
+
+Records, envelopes, the group-commit pipeline, code tables and the MQTT vitals adapter.
+"""

@@ -73,8 +73,8 @@ def _merge_bounded(mine: dict[_K, int], theirs: dict[_K, int], limit: int) -> No
 
 
 def concept_system(code: str) -> str:
-    """LOINC codes look like `8867-4`; waveform codes are MDC terms."""
-    return LOINC if code[:1].isdigit() else MDC
+    """LOINC codes look like `8867-4` (a check digit after a hyphen); waveforms carry MDC codes."""
+    return LOINC if "-" in code else MDC
 
 
 class BatchWriter:
