@@ -18,11 +18,9 @@ import asyncpg
 
 from ingest.errors import StorageUnavailable
 from storage.pool import is_transient
+from storage.queries import Executor
 
-TOKEN_PREFIX = "qtk_"
-
-# asyncpg.Pool and asyncpg.Connection both offer fetch/fetchrow/execute.
-Executor = asyncpg.Pool | asyncpg.Connection
+TOKEN_PREFIX = "qtk_"  # noqa: S105 - a public prefix, not a secret
 
 
 class TokenNameTaken(Exception):
