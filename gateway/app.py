@@ -1,0 +1,196 @@
+"""The gateway process: every listener and the pipeline as tasks of one TaskGroup, one loop.
+
+Start: pool, migrations (under an advisory lock, unless disabled), partitions ahead, then the
+pipeline, the MQTT adapter, the HTTP server and upkeep tasks. SIGTERM or SIGINT: stop reading
+(MQTT) and accepting (HTTP), let the pipeline commit what it holds so its PUBACKs go out, then
+close, all under `shutdown_timeout`; whatever is still running then is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Coroutine, Mapping
+from contextlib import AsyncExitStack, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import uvicorn
+
+from gateway.http import ApiSettings, create_app
+from gateway.settings import Settings
+from ingest.errors import StorageUnavailable
+from ingest.mqtt import MqttVitalsAdapter
+from ingest.mqtt_payload import RejectReason
+from ingest.pipeline import GroupCommitPipeline
+from monitoring.metrics import Metrics
+from storage.migrations import apply_migrations
+from storage.pool import PoolSettings, create_pool
+from storage.writer import BatchWriter, ensure_partitions
+
+logger = logging.getLogger(__name__)
+
+HEALTH_CHECK_INTERVAL = 2.0
+PARTITION_INTERVAL = 6 * 3600.0
+# Samples older than this land in the default partition (a replayed backlog of a long outage).
+PARTITIONS_BEHIND = timedelta(days=28)
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: the gateway owns SIGTERM/SIGINT."""
+
+    def install_signal_handlers(self) -> None:  # uvicorn < 0.29
+        return
+
+    def capture_signals(self) -> _NoSignals:  # type: ignore[override]
+        return _NoSignals()
+
+
+class _NoSignals:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@dataclass(slots=True)
+class Gateway:
+    """What a running gateway exposes to `up` and to tests: ports, readiness, metrics."""
+
+    metrics: Metrics
+    pool: asyncpg.Pool
+    ports: dict[str, int] = field(default_factory=dict)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+Extra = Callable[[Gateway], Coroutine[Any, Any, None]]
+
+
+async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, ...] = ()) -> None:
+    """Run the gateway until SIGTERM/SIGINT; `extras` run beside it (simulators of `up`)."""
+    if settings.database.url is None:
+        raise StorageUnavailable("no database: set QANTARA_DATABASE_URL (or use 'qantara up')")
+    async with AsyncExitStack() as stack:
+        pool = await create_pool(
+            PoolSettings(
+                dsn=settings.database.url,
+                max_size=settings.database.pool_size,
+                statement_timeout_ms=settings.database.statement_timeout_ms,
+            )
+        )
+        stack.push_async_callback(pool.close)
+        if migrate:
+            async with pool.acquire() as conn:
+                await apply_migrations(conn)
+        await _ensure_partitions(pool, settings)
+
+        metrics = Metrics()
+        metrics.init_reasons("mqtt", [reason.value for reason in RejectReason])
+        metrics.init_reasons("mqtt", ["storage-refused"])
+        writer = BatchWriter(pool)
+        pipeline = GroupCommitPipeline(writer, settings.pipeline, metrics)
+        mqtt = MqttVitalsAdapter(settings.mqtt, pipeline, metrics)
+        gateway = Gateway(metrics=metrics, pool=pool)
+        server = _EmbeddedServer(
+            uvicorn.Config(
+                create_app(
+                    pool=pool,
+                    metrics=metrics,
+                    readiness=lambda: _readiness(pipeline, mqtt, server),
+                    api=ApiSettings(
+                        default_count=settings.http.default_count,
+                        max_count=settings.http.max_count,
+                    ),
+                ),
+                host=settings.bind,
+                port=settings.http.port,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout / 2)),
+            )
+        )
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        stack.callback(_remove_signal_handlers, loop)
+
+        async with asyncio.TaskGroup() as group:
+            pipeline_task = group.create_task(pipeline.run(), name="pipeline")
+            mqtt_task = group.create_task(mqtt.run(), name="mqtt")
+            http_task = group.create_task(server.serve(), name="http")
+            upkeep = group.create_task(_upkeep(pool, pipeline, settings), name="upkeep")
+            await _announce(server, gateway, settings)
+            extra_tasks = [group.create_task(extra(gateway)) for extra in extras]
+
+            await stop.wait()
+            logger.info("stopping: no new input, draining the pipeline")
+            mqtt.stop()
+            server.should_exit = True
+            try:
+                async with asyncio.timeout(settings.shutdown_timeout):
+                    await pipeline.close()
+                    await pipeline_task
+                    await http_task
+                    await asyncio.sleep(0.2)  # let the last PUBACKs leave the socket
+            except TimeoutError:
+                logger.warning("shutdown timeout: cancelling what is left")
+            for task in (pipeline_task, mqtt_task, http_task, upkeep, *extra_tasks):
+                task.cancel()
+        logger.info("stopped")
+
+
+def _readiness(
+    pipeline: GroupCommitPipeline, mqtt: MqttVitalsAdapter, server: uvicorn.Server
+) -> Mapping[str, bool]:
+    return {
+        "database": pipeline.available,
+        "mqtt": mqtt.connected.is_set(),
+        "http": server.started,
+    }
+
+
+async def _announce(server: uvicorn.Server, gateway: Gateway, settings: Settings) -> None:
+    """Wait for the HTTP socket, then log the chosen ports (port 0 picks a free one)."""
+    async with asyncio.timeout(30):
+        while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
+            await asyncio.sleep(0.02)
+    sockets = [s for srv in server.servers for s in srv.sockets]
+    gateway.ports["http"] = int(sockets[0].getsockname()[1])
+    gateway.ready.set()
+    logger.info("listening http=%s:%d", settings.bind, gateway.ports["http"])
+
+
+async def _upkeep(pool: asyncpg.Pool, pipeline: GroupCommitPipeline, settings: Settings) -> None:
+    """Database health for readiness, and partitions created ahead."""
+    last_partitions = asyncio.get_running_loop().time()
+    while True:
+        await asyncio.sleep(HEALTH_CHECK_INTERVAL)
+        await pipeline.check_database()
+        loop_time = asyncio.get_running_loop().time()
+        if loop_time - last_partitions > PARTITION_INTERVAL and pipeline.available:
+            with suppress(StorageUnavailable, OSError, asyncpg.PostgresError):
+                await _ensure_partitions(pool, settings)
+                last_partitions = loop_time
+
+
+async def _ensure_partitions(pool: asyncpg.Pool, settings: Settings) -> None:
+    now = datetime.now(UTC)
+    created = await ensure_partitions(
+        pool,
+        now - PARTITIONS_BEHIND,
+        now + settings.database.partitions_ahead,
+    )
+    if created:
+        logger.info("created %d time partitions", created)
+
+
+def _remove_signal_handlers(loop: asyncio.AbstractEventLoop) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)

@@ -1,0 +1,177 @@
+"""The `qantara` command: serve, migrate, up, simulate, token.
+
+Configuration comes from the environment (see README, "Configuration"); a bad value ends the
+command with one line naming the variable, exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from gateway.settings import Settings
+from ingest.errors import ConfigError, StorageUnavailable
+
+logger = logging.getLogger("qantara")
+
+EXIT_CONFIG = 2
+EXIT_UNAVAILABLE = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qantara",
+        description=(
+            "Qantara: the gateway between medical equipment (MQTT vitals, HL7 v2 over MLLP, "
+            "DICOM) and the shared patient file (FHIR R4). Configured by QANTARA_* environment "
+            "variables; see the README."
+        ),
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML file with QANTARA_* keys (the environment wins)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway (QANTARA_DATABASE_URL required)",
+        description="Run the gateway: MQTT adapter, pipeline and HTTP API in one process. "
+        "Pending migrations are applied at start under an advisory lock.",
+    )
+    serve.add_argument(
+        "--no-migrate", action="store_true", help="do not apply pending migrations at start"
+    )
+
+    commands.add_parser(
+        "migrate",
+        help="apply pending database migrations and exit",
+        description="Apply pending SQL migrations to QANTARA_DATABASE_URL, in order, and exit.",
+    )
+
+    up = commands.add_parser(
+        "up",
+        help="run everything on this machine (embedded database and broker if needed)",
+        description="Run the gateway with what it needs on one machine: embedded PostgreSQL "
+        "(pgserver) unless QANTARA_DATABASE_URL is set; the broker at QANTARA_MQTT_URL if it "
+        "answers, else a private mosquitto, else an embedded Python broker (MQTT 3.1.1). "
+        "Prints the URLs and a read token.",
+    )
+    up.add_argument(
+        "--simulate", type=int, default=0, metavar="N", help="also run N simulated mobile units"
+    )
+    up.add_argument(
+        "--rate", type=float, default=1.0, help="messages per second per simulated unit"
+    )
+    up.add_argument(
+        "--data-dir", default="./var", help="where embedded services keep their data (./var)"
+    )
+
+    simulate = commands.add_parser("simulate", help="run device simulators against a gateway")
+    targets = simulate.add_subparsers(dest="target", required=True, metavar="TARGET")
+    units = targets.add_parser(
+        "units",
+        help="simulated mobile medical units publishing vitals over MQTT",
+        description="Offline-first units: each keeps a SQLite outbox and a persisted seq, "
+        "publishes QoS 1 to units/{id}/vitals at QANTARA_MQTT_URL, prunes its outbox on the "
+        "gateway's ack watermark and replays above it after reconnecting.",
+    )
+    units.add_argument("--count", type=int, default=10, help="number of units (10)")
+    units.add_argument("--rate", type=float, default=1.0, help="messages/s per unit (1.0)")
+    units.add_argument("--duration", type=float, default=60.0, help="seconds of generation (60)")
+    units.add_argument(
+        "--flaky",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="probability per second that a unit's link drops for a random span (0)",
+    )
+    units.add_argument("--state-dir", default="./var/units", help="outboxes (./var/units)")
+    units.add_argument("--seed", type=int, default=1, help="random seed of patients and vitals")
+    units.add_argument(
+        "--drain-timeout", type=float, default=60.0, help="seconds to wait for acks at the end"
+    )
+    units.add_argument("--prefix", default="UMMC-", help="unit id prefix (UMMC-)")
+    units.add_argument("--quiet", action="store_true", help="no progress line")
+
+    token = commands.add_parser("token", help="manage API bearer tokens")
+    token_commands = token.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = token_commands.add_parser(
+        "create",
+        help="create a token; prints it as the last line (only its hash is stored)",
+        description="Create a bearer token with SMART-style scopes such as "
+        "system/Observation.read, system/Patient.read or system/*.read. The token is printed "
+        "once, as the last line; only its SHA-256 is stored.",
+    )
+    create.add_argument("--name", required=True, help="unique name (shown in audit records)")
+    create.add_argument(
+        "--scope", action="append", required=True, help="scope to grant (repeatable)"
+    )
+    revoke = token_commands.add_parser(
+        "revoke",
+        help="revoke a token by name (takes effect on the next request)",
+        description="Revoke the token of that name; the next request using it gets 401.",
+    )
+    revoke.add_argument("name")
+    token_commands.add_parser("list", help="list tokens (names, scopes, state; never secrets)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.load(os.environ, args.config)
+    except ConfigError as exc:
+        print(f"qantara: configuration error: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_CONFIG
+    _configure_logging(settings.log_level)
+    try:
+        return asyncio.run(_dispatch(args, settings))
+    except ConfigError as exc:
+        print(f"qantara: configuration error: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_CONFIG
+    except StorageUnavailable as exc:
+        print(f"qantara: database unavailable: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway import commands
+
+    if args.command == "serve":
+        return await commands.serve(settings, migrate=not args.no_migrate)
+    if args.command == "migrate":
+        return await commands.migrate(settings)
+    if args.command == "up":
+        return await commands.up(
+            settings, simulate=args.simulate, rate=args.rate, data_dir=args.data_dir
+        )
+    if args.command == "simulate":
+        return await commands.simulate_units(settings, args)
+    if args.command == "token":
+        if args.action == "create":
+            return await commands.token_create(settings, args.name, args.scope)
+        if args.action == "revoke":
+            return await commands.token_revoke(settings, args.name)
+        return await commands.token_list(settings)
+    raise AssertionError(args.command)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Libraries that would log payloads or connection details at INFO stay at WARNING.
+    for noisy in ("aiomqtt", "paho", "uvicorn.error", "amqtt", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""What each `qantara` subcommand does, once its settings are loaded."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import asyncpg
+
+from gateway import app
+from gateway.auth import InvalidScope, issue_token
+from gateway.local_services import (
+    EmbeddedBroker,
+    EmbeddedPostgres,
+    PrivateMosquitto,
+    broker_answers,
+    find_mosquitto,
+    free_port,
+)
+from gateway.settings import Settings
+from ingest.errors import ConfigError, StorageUnavailable
+from storage import tokens
+from storage.migrations import apply_migrations
+from storage.pool import is_transient
+
+logger = logging.getLogger(__name__)
+
+LOCAL_READ_SCOPES = ("system/*.read",)
+
+
+def _database_url(settings: Settings) -> str:
+    if settings.database.url is None:
+        raise ConfigError("QANTARA_DATABASE_URL: must be set (postgresql://...)")
+    return settings.database.url
+
+
+@asynccontextmanager
+async def _connection(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    try:
+        conn = await asyncpg.connect(_database_url(settings), timeout=10)
+    except Exception as exc:
+        if is_transient(exc):
+            raise StorageUnavailable(f"cannot connect: {type(exc).__name__}") from exc
+        raise
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def serve(settings: Settings, *, migrate: bool) -> int:
+    _database_url(settings)
+    await app.run(settings, migrate=migrate)
+    return 0
+
+
+async def migrate(settings: Settings) -> int:
+    async with _connection(settings) as conn:
+        done = await apply_migrations(conn)
+    print(f"applied {len(done)} migration(s)")  # noqa: T201
+    return 0
+
+
+async def token_create(settings: Settings, name: str, scopes: list[str]) -> int:
+    async with _connection(settings) as conn:
+        await apply_migrations(conn)
+        try:
+            secret = await issue_token(conn, name, scopes)
+        except (InvalidScope, tokens.TokenNameTaken) as exc:
+            print(f"qantara: {exc}", file=sys.stderr)  # noqa: T201
+            return 1
+    print(f"token {name!r} created with scopes {' '.join(scopes)}; it is shown only once:")  # noqa: T201
+    print(secret)  # noqa: T201
+    return 0
+
+
+async def token_revoke(settings: Settings, name: str) -> int:
+    async with _connection(settings) as conn:
+        revoked = await tokens.revoke_token(conn, name)
+    if not revoked:
+        print(f"qantara: no active token named {name!r}", file=sys.stderr)  # noqa: T201
+        return 1
+    print(f"token {name!r} revoked")  # noqa: T201
+    return 0
+
+
+async def token_list(settings: Settings) -> int:
+    async with _connection(settings) as conn:
+        for info in await tokens.list_tokens(conn):
+            state = "revoked" if info.revoked_at else "active"
+            print(f"{info.name}\t{state}\t{' '.join(info.scopes)}")  # noqa: T201
+    return 0
+
+
+async def simulate_units(settings: Settings, args: argparse.Namespace) -> int:
+    from simulators.fleet_units import UnitsConfig, run_units
+
+    report = await run_units(
+        UnitsConfig(
+            mqtt_url=settings.mqtt.url,
+            count=args.count,
+            rate=args.rate,
+            duration=args.duration,
+            flaky=args.flaky,
+            state_dir=Path(args.state_dir),
+            seed=args.seed,
+            drain_timeout=args.drain_timeout,
+            unit_prefix=args.prefix,
+            quiet=args.quiet,
+        )
+    )
+    print(report.summary())  # noqa: T201
+    return 0 if report.pending == 0 else 1
+
+
+async def up(settings: Settings, *, simulate: int, rate: float, data_dir: str) -> int:
+    """Everything on one machine; embedded services only where none is configured."""
+    base = Path(data_dir)
+    async with AsyncExitStack() as stack:
+        database_url = settings.database.url
+        if database_url is None:
+            postgres = EmbeddedPostgres(base / "pgdata")
+            await asyncio.to_thread(postgres.start)
+            stack.callback(postgres.stop)
+            database_url = postgres.dsn
+            print(f"database: embedded PostgreSQL in {base / 'pgdata'}")  # noqa: T201
+        mqtt = settings.mqtt
+        if await broker_answers(mqtt.url):
+            print(f"broker: {mqtt.url}")  # noqa: T201
+        elif (binary := find_mosquitto()) is not None:
+            broker = PrivateMosquitto(port=free_port())
+            await broker.start()
+            stack.push_async_callback(broker.stop)
+            mqtt = dataclasses.replace(mqtt, url=broker.url)
+            print(f"broker: private mosquitto ({binary}) at {broker.url}")  # noqa: T201
+        else:
+            embedded = EmbeddedBroker(free_port())
+            url = await stack.enter_async_context(embedded)
+            mqtt = dataclasses.replace(mqtt, url=url, protocol=4)
+            print(f"broker: embedded Python broker (MQTT 3.1.1) at {url}")  # noqa: T201
+        settings = dataclasses.replace(
+            settings,
+            mqtt=mqtt,
+            database=dataclasses.replace(settings.database, url=database_url),
+        )
+        conn = await asyncpg.connect(database_url, timeout=30)
+        try:
+            await apply_migrations(conn)
+            name = f"local-read-{free_port()}"
+            secret = await issue_token(conn, name, list(LOCAL_READ_SCOPES))
+        finally:
+            await conn.close()
+
+        async def announce(gateway: app.Gateway) -> None:
+            host = settings.bind if settings.bind != "0.0.0.0" else "127.0.0.1"  # noqa: S104
+            http = f"http://{host}:{gateway.ports['http']}"
+            print(  # noqa: T201
+                f"\nQantara is up.\n"
+                f"  FHIR API     {http}/fhir/Patient?identifier=CIN|<value>\n"
+                f"  metrics      {http}/metrics\n"
+                f"  readiness    {http}/readyz\n"
+                f"  MQTT broker  {settings.mqtt.url}  (publish to units/<id>/vitals)\n"
+                f"  read token ({name}, scopes {' '.join(LOCAL_READ_SCOPES)}):\n{secret}\n",
+                flush=True,
+            )
+
+        async def simulators(gateway: app.Gateway) -> None:
+            from simulators.fleet_units import UnitsConfig, run_units
+
+            await run_units(
+                UnitsConfig(
+                    mqtt_url=settings.mqtt.url,
+                    count=simulate,
+                    rate=rate,
+                    duration=float("inf"),
+                    flaky=0.0,
+                    state_dir=base / "units",
+                    seed=1,
+                    drain_timeout=0.0,
+                    unit_prefix="UMMC-",
+                    quiet=True,
+                )
+            )
+
+        extras: tuple[app.Extra, ...] = (announce,)
+        if simulate > 0:
+            extras = (*extras, simulators)
+        await app.run(settings, migrate=False, extras=extras)
+    return 0
