@@ -13,9 +13,9 @@ import pytest
 from gateway.http import ApiSettings
 from ingest.records import PatientRef
 from storage import queries
-from tests.test_http_fixtures import AppFactory, VitalsFeed, at, new_cin, validate_fhir
+from tests.http_support import AppFactory, VitalsFeed, at, new_cin, validate_fhir
 
-pytest_plugins = ("tests.test_http_fixtures",)
+pytest_plugins = ("tests.http_support",)
 
 HR, SPO2, GLUCOSE = "8867-4", "59408-5", "2339-0"
 

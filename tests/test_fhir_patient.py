@@ -9,9 +9,9 @@ import asyncpg
 import httpx
 
 from ingest.records import PatientRef
-from tests.test_http_fixtures import CIN_URI, VitalsFeed, new_cin, validate_fhir
+from tests.http_support import CIN_URI, VitalsFeed, new_cin, validate_fhir
 
-pytest_plugins = ("tests.test_http_fixtures",)
+pytest_plugins = ("tests.http_support",)
 
 HR = "8867-4"
 

@@ -7,9 +7,9 @@ import httpx
 import pytest
 
 from storage.tokens import revoke_token
-from tests.test_http_fixtures import TokenFactory, validate_fhir
+from tests.http_support import TokenFactory, validate_fhir
 
-pytest_plugins = ("tests.test_http_fixtures",)
+pytest_plugins = ("tests.http_support",)
 
 SEARCH = "/fhir/Observation?patient=1"
 

@@ -13,9 +13,9 @@ from starlette.responses import Response
 
 from gateway.http import ApiSettings, create_app
 from monitoring.metrics import Metrics
-from tests.test_http_fixtures import BASE_URL, validate_fhir
+from tests.http_support import BASE_URL, validate_fhir
 
-pytest_plugins = ("tests.test_http_fixtures",)
+pytest_plugins = ("tests.http_support",)
 
 
 async def test_healthz_answers_ok_without_a_token(client: httpx.AsyncClient) -> None:
