@@ -140,3 +140,27 @@ async def private_mosquitto() -> AsyncIterator[PrivateMosquittoFactory]:
 def wait_until() -> Callable[..., Awaitable[None]]:
     """`tests.services_support.wait_until`, for tests that prefer a fixture to an import."""
     return _wait_until
+
+
+# Fixtures of the HTTP/FHIR tests (their own migrated database, app clients, tokens).
+from tests.http_support import (  # noqa: E402
+    api_dsn,
+    api_pool,
+    client,
+    feed,
+    make_client,
+    make_token,
+    reader,
+    readiness_checks,
+)
+
+__all__ = [
+    "api_dsn",
+    "api_pool",
+    "client",
+    "feed",
+    "make_client",
+    "make_token",
+    "reader",
+    "readiness_checks",
+]

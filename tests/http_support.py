@@ -1,4 +1,4 @@
-"""Fixtures and helpers of the HTTP/FHIR tests, loaded with `pytest_plugins` by those modules.
+"""Fixtures and helpers of the HTTP/FHIR tests; conftest.py re-exports the fixtures.
 
 The API tests get a database of their own (created on the server of `postgres_server_dsn`,
 migrated, dropped at the end). Data goes in through `storage.writer.BatchWriter`, as it does in

@@ -15,8 +15,6 @@ from ingest.records import PatientRef
 from storage import queries
 from tests.http_support import AppFactory, VitalsFeed, at, new_cin, validate_fhir
 
-pytest_plugins = ("tests.http_support",)
-
 HR, SPO2, GLUCOSE = "8867-4", "59408-5", "2339-0"
 
 

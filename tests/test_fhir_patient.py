@@ -11,8 +11,6 @@ import httpx
 from ingest.records import PatientRef
 from tests.http_support import CIN_URI, VitalsFeed, new_cin, validate_fhir
 
-pytest_plugins = ("tests.http_support",)
-
 HR = "8867-4"
 
 

@@ -9,8 +9,6 @@ import pytest
 from storage.tokens import revoke_token
 from tests.http_support import TokenFactory, validate_fhir
 
-pytest_plugins = ("tests.http_support",)
-
 SEARCH = "/fhir/Observation?patient=1"
 
 
@@ -81,7 +79,7 @@ async def test_read_only_v2_scope_allows_read_but_not_search(
 ) -> None:
     token = await make_token("system/Observation.r")
     assert (await client.get(SEARCH, headers=_bearer(token))).status_code == 403
-    response = await client.get("/fhir/Observation/v-1", headers=_bearer(token))
+    response = await client.get("/fhir/Observation/v-9000000000000000000", headers=_bearer(token))
     assert response.status_code == 404  # allowed to read; there is no such row
 
 

@@ -15,8 +15,6 @@ from gateway.http import ApiSettings, create_app
 from monitoring.metrics import Metrics
 from tests.http_support import BASE_URL, validate_fhir
 
-pytest_plugins = ("tests.http_support",)
-
 
 async def test_healthz_answers_ok_without_a_token(client: httpx.AsyncClient) -> None:
     response = await client.get("/healthz")

@@ -16,8 +16,6 @@ from storage.tokens import (
     revoke_token,
 )
 
-pytest_plugins = ("tests.http_support",)
-
 
 async def test_created_token_is_prefixed_and_looked_up_by_its_digest(
     api_pool: asyncpg.Pool,
