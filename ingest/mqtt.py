@@ -131,7 +131,9 @@ class MqttVitalsAdapter:
             try:
                 async for message in session.messages():
                     if self._stopping:
-                        break
+                        # Left unacknowledged for the next session; the connection stays up
+                        # so the PUBACKs of what the pipeline is still committing go out.
+                        continue
                     await self._handle(session, message)
             finally:
                 publisher.cancel()
