@@ -95,8 +95,11 @@ class MqttVitalsAdapter:
                 async with connect(self._settings, self._generation) as session:
                     delay = 0.5
                     await self._serve(session)
-            except MqttError as exc:
-                logger.warning("MQTT connection lost or refused (%s); retrying", exc)
+            except* MqttError as group:
+                # A loss while reading arrives from inside _serve's TaskGroup, wrapped in a group.
+                logger.warning(
+                    "MQTT connection lost or refused (%s); retrying", group.exceptions[0]
+                )
             finally:
                 self._session = None
                 self.connected.clear()

@@ -124,28 +124,40 @@ class GroupCommitPipeline:
             try:
                 outcomes = await self._store.write(batch)
             except StorageUnavailable:
+                outcomes = None
+            except Exception:  # noqa: BLE001 - refused content, or a failure in disguise
+                if not await self._database_answers():
+                    outcomes = None  # the database went away mid-batch: not the data's fault
+                else:
+                    self._metrics.db_errors.labels("refused").inc()
+                    if len(batch) > 1:
+                        middle = len(batch) // 2
+                        await self._commit(batch[:middle])
+                        await self._commit(batch[middle:])
+                        return
+                    outcomes = await self._dead_letter(batch[0])
+            if outcomes is None:
                 self._metrics.db_errors.labels("unavailable").inc()
                 self._set_available(False)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.retry_max)
                 continue
-            except Exception:  # noqa: BLE001 - the database refused this content: split it
-                self._metrics.db_errors.labels("refused").inc()
-                await self._split(batch)
-                return
-            break
-        self._set_available(True)
-        self._metrics.db_commit.observe(time.perf_counter() - started)
-        self._metrics.batch_size.observe(len(batch))
-        self._resolve(batch, outcomes)
-
-    async def _split(self, batch: list[Envelope]) -> None:
-        if len(batch) > 1:
-            middle = len(batch) // 2
-            await self._commit(batch[:middle])
-            await self._commit(batch[middle:])
+            self._set_available(True)
+            if outcomes:  # empty: the envelope was failed without an outcome
+                self._metrics.db_commit.observe(time.perf_counter() - started)
+                self._metrics.batch_size.observe(len(batch))
+                self._resolve(batch, outcomes)
             return
-        env = batch[0]
+
+    async def _database_answers(self) -> bool:
+        try:
+            await self._store.ping()
+        except StorageUnavailable:
+            return False
+        return True
+
+    async def _dead_letter(self, env: Envelope) -> list[Outcome] | None:
+        """Keep a refused envelope as a dead letter; None when the database went away."""
         logger.error(
             "database refused %s envelope from %s; dead-lettering it",
             env.protocol.value,
@@ -169,11 +181,15 @@ class GroupCommitPipeline:
             raw=env.raw,
         )
         try:
-            outcomes = await self._store.write([replacement])
-        except Exception:  # the dead letter failed too: answer without storing
+            return await self._store.write([replacement])
+        except StorageUnavailable:
+            return None
+        except Exception:  # not even the dead letter: acknowledge nothing
             logger.exception("dead letter for a refused %s envelope failed", env.protocol.value)
-            outcomes = [Outcome(OutcomeKind.REJECTED, reason="storage-refused")]
-        self._resolve(batch, outcomes)
+            self._metrics.pending.labels(env.protocol.value).dec()
+            if not env.ack.done():
+                env.ack.set_exception(StorageUnavailable("refused and not dead-lettered"))
+            return []
 
     def _resolve(self, batch: Sequence[Envelope], outcomes: Sequence[Outcome]) -> None:
         now = datetime.now(UTC)

@@ -48,7 +48,10 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(
         exc,
-        asyncpg.InterfaceError | asyncpg.exceptions.ConnectionDoesNotExistError,
+        asyncpg.InterfaceError
+        | asyncpg.exceptions.ConnectionDoesNotExistError
+        # "cannot switch to state ...": a connection left mid-operation when the server went.
+        | asyncpg.InternalClientError,
     ):
         return True
     if isinstance(exc, asyncpg.PostgresError):

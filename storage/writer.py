@@ -9,6 +9,7 @@ dictionary ids learnt in a transaction enter the in-memory caches only after its
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from storage.pool import is_transient
 _K = TypeVar("_K")
 
 DEAD_LETTER_KEEP_BYTES = 64 * 1024
+PING_TIMEOUT = 3.0
 LOINC = "http://loinc.org"
 MDC = "urn:iso:std:iso:11073:10101"
 
@@ -105,7 +107,7 @@ class BatchWriter:
     async def ping(self) -> None:
         """Raise `StorageUnavailable` unless the database answers."""
         try:
-            async with self._pool.acquire(timeout=2.0) as conn:
+            async with asyncio.timeout(PING_TIMEOUT), self._pool.acquire() as conn:
                 await conn.fetchval("SELECT 1")
         except Exception as exc:
             if is_transient(exc):
