@@ -20,13 +20,18 @@ from typing import Any
 import asyncpg
 import uvicorn
 
+from dicom.filestore import FileStore
+from dicom.scp import DicomServer
 from gateway.http import ApiSettings, create_app
 from gateway.settings import Settings
+from hl7.server import REJECT_REASONS as HL7_REJECT_REASONS
+from hl7.server import MllpServer
 from ingest.errors import StorageUnavailable
 from ingest.mqtt import MqttVitalsAdapter
 from ingest.mqtt_payload import RejectReason
 from ingest.pipeline import GroupCommitPipeline
 from monitoring.metrics import Metrics
+from storage.dicom_queries import find as find_dicom
 from storage.migrations import apply_migrations
 from storage.pool import PoolSettings, create_pool
 from storage.writer import BatchWriter, ensure_partitions
@@ -91,16 +96,30 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
         metrics = Metrics()
         metrics.init_reasons("mqtt", [reason.value for reason in RejectReason])
         metrics.init_reasons("mqtt", ["storage-refused"])
+        metrics.init_reasons("hl7", HL7_REJECT_REASONS)
         writer = BatchWriter(pool)
         pipeline = GroupCommitPipeline(writer, settings.pipeline, metrics)
         mqtt = MqttVitalsAdapter(settings.mqtt, pipeline, metrics)
+        mllp = MllpServer(settings.mllp, pipeline, metrics)
+        dicom = DicomServer(
+            settings.dicom,
+            bind=settings.bind,
+            pipeline=pipeline,
+            store=FileStore(settings.dicom.storage),
+            finder=lambda request: find_dicom(pool, request),
+            metrics=metrics,
+        )
+        stack.push_async_callback(dicom.stop)
         gateway = Gateway(metrics=metrics, pool=pool)
         server = _EmbeddedServer(
             uvicorn.Config(
                 create_app(
                     pool=pool,
                     metrics=metrics,
-                    readiness=lambda: _readiness(pipeline, mqtt, server),
+                    readiness=lambda: {
+                        **_readiness(pipeline, mqtt, server, mllp),
+                        "dicom": dicom.listening,
+                    },
                     api=ApiSettings(
                         default_count=settings.http.default_count,
                         max_count=settings.http.max_count,
@@ -125,34 +144,44 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
             pipeline_task = group.create_task(pipeline.run(), name="pipeline")
             mqtt_task = group.create_task(mqtt.run(), name="mqtt")
             http_task = group.create_task(server.serve(), name="http")
+            mllp_task = group.create_task(mllp.run(), name="mllp")
             upkeep = group.create_task(_upkeep(pool, pipeline, settings), name="upkeep")
+            await _start_dicom(dicom, gateway, settings)
+            await _announce_mllp(mllp, gateway, settings)
             await _announce(server, gateway, settings)
             extra_tasks = [group.create_task(extra(gateway)) for extra in extras]
 
             await stop.wait()
             logger.info("stopping: no new input, draining the pipeline")
             mqtt.stop()
+            mllp.stop()
             server.should_exit = True
+            await dicom.stop()  # running stores still commit: the pipeline drains after
             try:
                 async with asyncio.timeout(settings.shutdown_timeout):
                     await pipeline.close()
                     await pipeline_task
                     await http_task
+                    await mllp_task
                     await asyncio.sleep(0.2)  # let the last PUBACKs leave the socket
             except TimeoutError:
                 logger.warning("shutdown timeout: cancelling what is left")
-            for task in (pipeline_task, mqtt_task, http_task, upkeep, *extra_tasks):
+            for task in (pipeline_task, mqtt_task, http_task, mllp_task, upkeep, *extra_tasks):
                 task.cancel()
         logger.info("stopped")
 
 
 def _readiness(
-    pipeline: GroupCommitPipeline, mqtt: MqttVitalsAdapter, server: uvicorn.Server
+    pipeline: GroupCommitPipeline,
+    mqtt: MqttVitalsAdapter,
+    server: uvicorn.Server,
+    mllp: MllpServer,
 ) -> Mapping[str, bool]:
     return {
         "database": pipeline.available,
         "mqtt": mqtt.connected.is_set(),
         "http": server.started,
+        "mllp": mllp.listening.is_set(),
     }
 
 
@@ -165,6 +194,26 @@ async def _announce(server: uvicorn.Server, gateway: Gateway, settings: Settings
     gateway.ports["http"] = int(sockets[0].getsockname()[1])
     gateway.ready.set()
     logger.info("listening http=%s:%d", settings.bind, gateway.ports["http"])
+
+
+async def _announce_mllp(mllp: MllpServer, gateway: Gateway, settings: Settings) -> None:
+    """Wait for the MLLP socket, then log its port (chosen by the system for port 0)."""
+    async with asyncio.timeout(30):
+        await mllp.listening.wait()
+    assert mllp.port is not None  # noqa: S101 - set before `listening`
+    gateway.ports["mllp"] = mllp.port
+    logger.info("listening mllp=%s:%d", settings.bind, mllp.port)
+    if settings.mllp.tls_cert is not None:
+        logger.info(
+            "mllp requires TLS (client certificates: %s)", settings.mllp.tls_client_ca is not None
+        )
+
+
+async def _start_dicom(dicom: DicomServer, gateway: Gateway, settings: Settings) -> None:
+    """Bind the DICOM listener, then log its port (chosen by the system for port 0)."""
+    port = await dicom.start()
+    gateway.ports["dicom"] = port
+    logger.info("listening dicom=%s:%d", settings.bind, port)
 
 
 async def _upkeep(pool: asyncpg.Pool, pipeline: GroupCommitPipeline, settings: Settings) -> None:

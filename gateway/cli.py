@@ -97,6 +97,55 @@ def build_parser() -> argparse.ArgumentParser:
     units.add_argument("--prefix", default="UMMC-", help="unit id prefix (UMMC-)")
     units.add_argument("--quiet", action="store_true", help="no progress line")
 
+    lab = targets.add_parser(
+        "lab",
+        help="a simulated lab analyzer sending ORU^R01 over MLLP",
+        description="Send realistic ORU^R01 results (CBC, chemistry, HbA1c; Arabic and French "
+        "names in UTF-8, 8859/1 and 8859/6) to the MLLP listener at QANTARA_BIND:"
+        "QANTARA_MLLP_PORT, one message at a time per connection, waiting for each ACK; "
+        "reconnects and resends after a broken connection. Prints AA/AE/AR counts.",
+    )
+    lab.add_argument("--count", type=int, default=100, help="messages to send (100)")
+    lab.add_argument(
+        "--rate", type=float, default=10.0, help="messages/s over all connections; 0: max (10)"
+    )
+    lab.add_argument("--connections", type=int, default=1, help="parallel connections (1)")
+    lab.add_argument(
+        "--resend", action="store_true", help="send every message again at the end (dedup)"
+    )
+    lab.add_argument("--seed", type=int, default=1, help="seed of patients, values, MSH-10 (1)")
+    lab.add_argument("--host", default=None, help="gateway host (QANTARA_BIND)")
+    lab.add_argument("--port", type=int, default=None, help="MLLP port (QANTARA_MLLP_PORT)")
+    lab.add_argument(
+        "--retry-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to keep reconnecting for one message (30)",
+    )
+    lab.add_argument("--ack-log", default=None, help="append MSH-10 of each AA/CA to this file")
+    lab.add_argument("--quiet", action="store_true", help="no progress line")
+
+    modality = targets.add_parser(
+        "modality",
+        help="a simulated radiology modality sending studies with C-STORE",
+        description="Send N synthetic studies (CR, DX, US or CT; patients with Arabic names "
+        "in ISO_IR 127 / ISO_IR 192 and French ones in ISO_IR 100, a facility id and the "
+        "national id) to the DICOM listener at QANTARA_BIND:QANTARA_DICOM_PORT on one "
+        "association, and print the C-STORE statuses.",
+    )
+    modality.add_argument("--studies", type=int, default=1, help="studies to send (1)")
+    modality.add_argument(
+        "--modality", choices=("CR", "DX", "US", "CT"), default="CR", help="modality (CR)"
+    )
+    modality.add_argument(
+        "--rate", type=float, default=0.0, help="instances per second; 0: max (0)"
+    )
+    modality.add_argument("--seed", type=int, default=1, help="seed of patients and pixels (1)")
+    modality.add_argument("--host", default=None, help="gateway host (QANTARA_BIND)")
+    modality.add_argument("--port", type=int, default=None, help="port (QANTARA_DICOM_PORT)")
+    modality.add_argument("--calling-ae", default="SIM-MODALITY", help="our AE title")
+    modality.add_argument("--quiet", action="store_true", help="no progress line")
+
     token = commands.add_parser("token", help="manage API bearer tokens")
     token_commands = token.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = token_commands.add_parser(
@@ -151,6 +200,10 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await commands.up(
             settings, simulate=args.simulate, rate=args.rate, data_dir=args.data_dir
         )
+    if args.command == "simulate" and args.target == "lab":
+        return await commands.simulate_lab(settings, args)
+    if args.command == "simulate" and args.target == "modality":
+        return await commands.simulate_modality(settings, args)
     if args.command == "simulate":
         return await commands.simulate_units(settings, args)
     if args.command == "token":

@@ -119,6 +119,54 @@ async def simulate_units(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report.pending == 0 else 1
 
 
+async def simulate_lab(settings: Settings, args: argparse.Namespace) -> int:
+    from simulators.lab import LabConfig, run_lab
+
+    host = args.host or settings.bind
+    if host == "0.0.0.0":  # noqa: S104 - a listen address; connect locally
+        host = "127.0.0.1"
+    report = await run_lab(
+        LabConfig(
+            host=host,
+            port=args.port if args.port is not None else settings.mllp.port,
+            count=args.count,
+            rate=args.rate,
+            connections=args.connections,
+            resend=args.resend,
+            seed=args.seed,
+            retry_timeout=args.retry_timeout,
+            ack_log=Path(args.ack_log) if args.ack_log else None,
+            quiet=args.quiet,
+        )
+    )
+    print(report.summary())  # noqa: T201
+    return 0 if report.unanswered == 0 else 1
+
+
+async def simulate_modality(settings: Settings, args: argparse.Namespace) -> int:
+    from simulators.modality import ModalityConfig, run_modality
+
+    host = args.host or settings.bind
+    if host == "0.0.0.0":  # noqa: S104 - a listen address; connect locally
+        host = "127.0.0.1"
+    report = await asyncio.to_thread(
+        run_modality,
+        ModalityConfig(
+            host=host,
+            port=args.port if args.port is not None else settings.dicom.port,
+            called_ae=settings.dicom.ae_title,
+            calling_ae=args.calling_ae,
+            modality=args.modality,
+            studies=args.studies,
+            rate=args.rate,
+            seed=args.seed,
+            quiet=args.quiet,
+        ),
+    )
+    print(report.summary())  # noqa: T201
+    return 0 if not report.refused and report.failed == 0 else 1
+
+
 async def up(settings: Settings, *, simulate: int, rate: float, data_dir: str) -> int:
     """Everything on one machine; embedded services only where none is configured."""
     base = Path(data_dir)

@@ -15,7 +15,13 @@ from gateway.fhir_identifiers import system_uri
 from gateway.fhir_outcome import JsonObject
 from gateway.fhir_search import OBSERVATION_CATEGORY_SYSTEM
 from ingest.codes import UCUM_SYSTEM, category_for, display_for
-from storage.queries import PatientRecord, PersonName, VitalRecord
+from storage.queries import (
+    LabObservationRecord,
+    LabReportRecord,
+    PatientRecord,
+    PersonName,
+    VitalRecord,
+)
 
 VITAL_ID_PREFIX: Final = "v-"
 _VITAL_ID = re.compile(r"v-([0-9]{1,18})", re.ASCII)
@@ -132,4 +138,189 @@ def observation_resource(record: VitalRecord) -> JsonObject:
             ]
         }
     resource["device"] = {"display": f"{record.device_kind} {record.device_ident}"}
+    return resource
+
+
+# --- lab results (HL7 ORU) --------------------------------------------------------------------
+
+LAB_OBSERVATION_ID_PREFIX: Final = "l-"
+LAB_REPORT_ID_PREFIX: Final = "r-"
+_LAB_OBSERVATION_ID = re.compile(r"l-([0-9]{1,18})", re.ASCII)
+_LAB_REPORT_ID = re.compile(r"r-([0-9]{1,18})", re.ASCII)
+INTERPRETATION_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+_DIAGNOSTIC_SERVICE_SYSTEM: Final = "http://terminology.hl7.org/CodeSystem/v2-0074"
+_LOCAL_CODE_SYSTEM_PREFIX: Final = "urn:qantara:cs:"
+# HL7 v2 table 0085 (OBX-11) and 0123 (OBR-25) → FHIR status.
+_OBSERVATION_STATUS: Final = {
+    "F": "final",
+    "C": "corrected",
+    "P": "preliminary",
+    "R": "registered",
+    "I": "registered",
+    "S": "preliminary",
+    "X": "cancelled",
+    "D": "entered-in-error",
+    "W": "entered-in-error",
+    "U": "final",
+}
+_REPORT_STATUS: Final = {
+    "F": "final",
+    "C": "corrected",
+    "P": "preliminary",
+    "R": "partial",
+    "S": "partial",
+    "A": "partial",
+    "I": "registered",
+    "O": "registered",
+    "X": "cancelled",
+}
+# HL7 v2 table 0078 (OBX-8) flags that are also v3 ObservationInterpretation codes.
+_INTERPRETATIONS: Final = frozenset(
+    {"L", "H", "LL", "HH", "N", "A", "AA", "<", ">", "S", "R", "I", "U", "D", "B", "W"}
+)
+_COMPARATORS: Final = frozenset({"<", "<=", ">=", ">"})
+
+
+def lab_observation_id(observation_id: int) -> str:
+    return f"{LAB_OBSERVATION_ID_PREFIX}{observation_id}"
+
+
+def parse_lab_observation_id(text: str) -> int | None:
+    """The lab observation id behind an Observation id `l-<n>`, or None."""
+    match = _LAB_OBSERVATION_ID.fullmatch(text)
+    return int(match.group(1)) if match else None
+
+
+def lab_report_id(report_id: int) -> str:
+    return f"{LAB_REPORT_ID_PREFIX}{report_id}"
+
+
+def parse_lab_report_id(text: str) -> int | None:
+    """The report id behind a DiagnosticReport id `r-<n>`, or None."""
+    match = _LAB_REPORT_ID.fullmatch(text)
+    return int(match.group(1)) if match else None
+
+
+def _code_system(system: str) -> str:
+    """A FHIR coding system: URIs as stored, HL7 short names (`L`, `99LAB`) as a Qantara URN."""
+    return system if ":" in system else _LOCAL_CODE_SYSTEM_PREFIX + system
+
+
+def _codeable(system: str | None, code: str | None, display: str | None) -> JsonObject:
+    coding: JsonObject = {}
+    if system:
+        coding["system"] = _code_system(system)
+    if code:
+        coding["code"] = code
+    if display:
+        coding["display"] = display
+    concept: JsonObject = {"coding": [coding]} if code else {}
+    if display:
+        concept["text"] = display
+    return concept
+
+
+def _quantity(value: float, unit: str) -> JsonObject:
+    quantity: JsonObject = {"value": value}
+    if unit:
+        quantity.update({"unit": unit, "system": UCUM_SYSTEM, "code": unit})
+    return quantity
+
+
+def lab_observation_resource(record: LabObservationRecord) -> JsonObject:
+    resource: JsonObject = {
+        "resourceType": "Observation",
+        "id": lab_observation_id(record.id),
+        "status": _OBSERVATION_STATUS.get(record.status.upper(), "unknown"),
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": OBSERVATION_CATEGORY_SYSTEM,
+                        "code": "laboratory",
+                        "display": "Laboratory",
+                    }
+                ]
+            }
+        ],
+        "code": _codeable(record.code_system, record.code, record.code_display),
+        "subject": {"reference": f"Patient/{record.subject_id}"},
+        "effectiveDateTime": instant(record.observed_at),
+        "issued": instant(record.received_at),
+        "derivedFrom": [{"reference": f"DiagnosticReport/{lab_report_id(record.report_id)}"}],
+    }
+    if record.value_numeric is not None and math.isfinite(record.value_numeric):
+        quantity = _quantity(record.value_numeric, record.unit)
+        if record.comparator in _COMPARATORS:
+            quantity["comparator"] = record.comparator
+        if record.value_text:  # a ratio or range (SN): the quantity is its first number
+            resource["valueString"] = record.value_text
+        else:
+            resource["valueQuantity"] = quantity
+    elif record.value_code or record.value_display:
+        resource["valueCodeableConcept"] = _codeable(
+            record.value_code_system, record.value_code, record.value_display
+        )
+    elif record.value_text:
+        resource["valueString"] = record.value_text
+    else:
+        resource["dataAbsentReason"] = {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/data-absent-reason",
+                    "code": "unknown",
+                }
+            ]
+        }
+    flags = [f for f in record.abnormal_flags if f.upper() in _INTERPRETATIONS]
+    if flags:
+        resource["interpretation"] = [
+            {"coding": [{"system": INTERPRETATION_SYSTEM, "code": f.upper()}]} for f in flags
+        ]
+    reference: JsonObject = {}
+    if record.reference_low is not None:
+        reference["low"] = _quantity(record.reference_low, record.unit)
+    if record.reference_high is not None:
+        reference["high"] = _quantity(record.reference_high, record.unit)
+    if record.reference_range:
+        reference["text"] = record.reference_range
+    if reference:
+        resource["referenceRange"] = [reference]
+    return resource
+
+
+def diagnostic_report_resource(record: LabReportRecord) -> JsonObject:
+    resource: JsonObject = {
+        "resourceType": "DiagnosticReport",
+        "id": lab_report_id(record.id),
+        "status": _REPORT_STATUS.get(record.status.upper(), "unknown"),
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": _DIAGNOSTIC_SERVICE_SYSTEM,
+                        "code": "LAB",
+                        "display": "Laboratory",
+                    }
+                ]
+            }
+        ],
+        "code": _codeable(record.service_system, record.service_code, record.service_display)
+        or {"text": "laboratory report"},
+        "subject": {"reference": f"Patient/{record.subject_id}"},
+        "issued": instant(record.issued_at or record.received_at),
+    }
+    identifiers = []
+    if record.placer_id:
+        identifiers.append({"type": {"text": "placer"}, "value": record.placer_id})
+    if record.filler_id:
+        identifiers.append({"type": {"text": "filler"}, "value": record.filler_id})
+    if identifiers:
+        resource["identifier"] = identifiers
+    if record.observed_at is not None:
+        resource["effectiveDateTime"] = instant(record.observed_at)
+    if record.result_ids:
+        resource["result"] = [
+            {"reference": f"Observation/{lab_observation_id(i)}"} for i in record.result_ids
+        ]
     return resource

@@ -11,6 +11,7 @@ type and location only (its message may carry patient data) and answered with a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -32,19 +33,30 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.auth import Interaction, authenticate, authorize
 from gateway.fhir_bundle import page_url, searchset
 from gateway.fhir_identifiers import stored_systems
+from gateway.fhir_imaging import imaging_study_endpoint
 from gateway.fhir_outcome import FhirError, JsonObject, ResourceNotFound, operation_outcome
 from gateway.fhir_paging import CursorPosition, decode_cursor, encode_cursor
 from gateway.fhir_resources import (
+    diagnostic_report_resource,
+    lab_observation_resource,
     observation_resource,
+    parse_lab_observation_id,
+    parse_lab_report_id,
     parse_observation_id,
     parse_patient_id,
     patient_resource,
 )
 from gateway.fhir_search import (
+    CURSOR_PARAMETER,
     ObservationSearch,
+    SearchParameterError,
     Token,
+    parse_count,
+    parse_identifiers,
     parse_observation_search,
+    parse_patient_references,
     parse_patient_search,
+    parse_summary,
 )
 from ingest.codes import category_for
 from ingest.errors import InputError, StorageUnavailable
@@ -52,15 +64,24 @@ from monitoring.health import is_ready
 from monitoring.metrics import Metrics
 from storage.queries import (
     CodeCriterion,
+    LabObservationRecord,
+    LabQuery,
     VitalPosition,
     VitalQuery,
+    VitalRecord,
+    count_lab_observations,
+    count_lab_reports,
     count_vital_observations,
     find_concepts,
     find_patients_by_identifier,
+    get_lab_observation,
+    get_lab_report,
     get_patient,
     get_patients,
     get_vital,
     patient_group,
+    search_lab_observations,
+    search_lab_reports,
     search_vital_observations,
 )
 
@@ -300,7 +321,14 @@ class _FhirApi:
 
     async def read_observation(self, request: Request) -> Response:
         await self._grant(request, "Observation", Interaction.READ)
-        vital_id = parse_observation_id(request.path_params["id"])
+        text = request.path_params["id"]
+        lab_id = parse_lab_observation_id(text)
+        if lab_id is not None:
+            lab = await get_lab_observation(self._pool, lab_id)
+            if lab is None:
+                raise ResourceNotFound("no Observation with this id")
+            return FhirResponse(lab_observation_resource(lab))
+        vital_id = parse_observation_id(text)
         record = await get_vital(self._pool, vital_id) if vital_id is not None else None
         if record is None:
             raise ResourceNotFound("no Observation with this id")
@@ -318,19 +346,85 @@ class _FhirApi:
             assert position.time is not None  # noqa: S101 - timed cursors carry a time
             after = VitalPosition(position.time, position.id)
         query = await self._vital_query(search)
+        # Lab results (HL7) share the category `laboratory` and the (time, id) order.
+        labs = search.categories is None or "laboratory" in search.categories
+        lab_query = LabQuery(
+            patient_ids=query.patient_ids,
+            codes=(
+                tuple(CodeCriterion(t.system, t.code) for t in search.codes)
+                if search.codes is not None
+                else None
+            ),
+            start=query.start,
+            end=query.end,
+        )
         base = self._base(request)
         self_url = page_url(f"{base}/Observation", params, search.cursor)
         total = await count_vital_observations(self._pool, query)
+        if labs:
+            total += await count_lab_observations(self._pool, lab_query)
         if search.summary_count or search.count == 0:
             return FhirResponse(self._bundle([], base, total, self_url, None))
-        rows = await search_vital_observations(self._pool, query, after, search.count + 1)
+        rows: list[VitalRecord | LabObservationRecord] = []
+        rows.extend(await search_vital_observations(self._pool, query, after, search.count + 1))
+        if labs:
+            rows.extend(
+                await search_lab_observations(self._pool, lab_query, after, search.count + 1)
+            )
+        rows.sort(key=lambda r: (r.position.time, r.position.id))
         page = rows[: search.count]
         next_url = None
         if len(rows) > search.count:
             last = page[-1].position
             cursor = encode_cursor(search.digest(), CursorPosition(last.time, last.id))
             next_url = page_url(f"{base}/Observation", params, cursor)
-        resources = [observation_resource(r) for r in page]
+        resources = [
+            lab_observation_resource(r)
+            if isinstance(r, LabObservationRecord)
+            else observation_resource(r)
+            for r in page
+        ]
+        return FhirResponse(self._bundle(resources, base, total, self_url, next_url))
+
+    async def read_diagnostic_report(self, request: Request) -> Response:
+        await self._grant(request, "DiagnosticReport", Interaction.READ)
+        report_id = parse_lab_report_id(request.path_params["id"])
+        record = await get_lab_report(self._pool, report_id) if report_id is not None else None
+        if record is None:
+            raise ResourceNotFound("no DiagnosticReport with this id")
+        return FhirResponse(diagnostic_report_resource(record))
+
+    async def search_diagnostic_reports(self, request: Request) -> Response:
+        await self._grant(request, "DiagnosticReport", Interaction.SEARCH)
+        params = request.query_params.multi_items()
+        search = _parse_report_search(
+            params, default_count=self._api.default_count, max_count=self._api.max_count
+        )
+        after = (
+            decode_cursor(search.cursor, search.digest(), timed=False)
+            if search.cursor is not None
+            else None
+        )
+        if search.patient_ids is not None:
+            patients = await patient_group(self._pool, search.patient_ids)
+        else:
+            assert search.patient_identifiers is not None  # noqa: S101 - one of the two is set
+            survivors = await self._patients_by_identifiers(search.patient_identifiers)
+            patients = await patient_group(self._pool, survivors)
+        base = self._base(request)
+        self_url = page_url(f"{base}/DiagnosticReport", params, search.cursor)
+        total = await count_lab_reports(self._pool, patients)
+        if search.summary_count or search.count == 0:
+            return FhirResponse(self._bundle([], base, total, self_url, None))
+        rows = await search_lab_reports(
+            self._pool, patients, after.id if after is not None else None, search.count + 1
+        )
+        page = rows[: search.count]
+        next_url = None
+        if len(rows) > search.count:
+            cursor = encode_cursor(search.digest(), CursorPosition(None, page[-1].id))
+            next_url = page_url(f"{base}/DiagnosticReport", params, cursor)
+        resources = [diagnostic_report_resource(r) for r in page]
         return FhirResponse(self._bundle(resources, base, total, self_url, next_url))
 
     @staticmethod
@@ -383,6 +477,59 @@ class _FhirApi:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _ReportSearch:
+    patient_ids: tuple[int, ...] | None
+    patient_identifiers: tuple[Token, ...] | None
+    count: int
+    summary_count: bool
+    cursor: str | None
+
+    def digest(self) -> bytes:
+        criteria = repr(("DiagnosticReport", self.patient_ids, self.patient_identifiers))
+        return hashlib.sha256(criteria.encode("utf-8", "backslashreplace")).digest()
+
+
+_REPORT_PARAMETERS: Final = frozenset(
+    {"patient", "patient:identifier", "_count", "_summary", CURSOR_PARAMETER}
+)
+
+
+def _parse_report_search(
+    params: Sequence[tuple[str, str]], *, default_count: int, max_count: int
+) -> _ReportSearch:
+    """`GET /fhir/DiagnosticReport`: a patient (by reference or identifier) is required."""
+    found: dict[str, str] = {}
+    for name, value in params:
+        if name == "_format" and value in ("json", "application/json", "application/fhir+json"):
+            continue
+        if name not in _REPORT_PARAMETERS:
+            raise SearchParameterError(
+                "".join(c if c.isprintable() else "?" for c in name[:40]) or "?",
+                "not a supported search parameter",
+            )
+        if name in found:
+            raise SearchParameterError(name, "given more than once")
+        found[name] = value
+    patient = found.get("patient")
+    by_identifier = found.get("patient:identifier")
+    if (patient is None) == (by_identifier is None):
+        raise SearchParameterError("patient", "give patient or patient:identifier (one of them)")
+    count = found.get("_count")
+    summary = found.get("_summary")
+    return _ReportSearch(
+        patient_ids=parse_patient_references("patient", patient) if patient is not None else None,
+        patient_identifiers=(
+            parse_identifiers("patient:identifier", by_identifier)
+            if by_identifier is not None
+            else None
+        ),
+        count=parse_count("_count", count, max_count) if count is not None else default_count,
+        summary_count=parse_summary("_summary", summary) if summary is not None else False,
+        cursor=found.get(CURSOR_PARAMETER),
+    )
+
+
 def create_app(
     *,
     pool: asyncpg.Pool,
@@ -404,6 +551,18 @@ def create_app(
         Route("/fhir/Patient/{id}", fhir.read_patient, methods=["GET"]),
         Route("/fhir/Observation", fhir.search_observations, methods=["GET"]),
         Route("/fhir/Observation/{id}", fhir.read_observation, methods=["GET"]),
+        Route(
+            "/fhir/ImagingStudy",
+            imaging_study_endpoint(
+                pool,
+                default_count=api.default_count,
+                max_count=api.max_count,
+                base_url=api.base_url,
+            ),
+            methods=["GET"],
+        ),
+        Route("/fhir/DiagnosticReport", fhir.search_diagnostic_reports, methods=["GET"]),
+        Route("/fhir/DiagnosticReport/{id}", fhir.read_diagnostic_report, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,

@@ -17,7 +17,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from dicom.config import DicomSettings
+from hl7.server import MllpSettings, strict_senders
 from ingest.errors import ConfigError
 from ingest.mqtt_session import MqttSettings
 from ingest.pipeline import PipelineSettings
@@ -52,6 +55,8 @@ class Settings:
     dicom_port: int
     dicom_ae_title: str
     dicom_storage: Path
+    dicom: DicomSettings
+    mllp: MllpSettings
     shutdown_timeout: float
     log_level: str
 
@@ -136,6 +141,8 @@ def _database_url(text: str) -> str:
 
 def _protocol(text: str) -> int:
     versions = {"5": 5, "5.0": 5, "3.1.1": 4, "4": 4, "311": 4}
+    if text not in versions:
+        raise ValueError(text)
     return versions[text]
 
 
@@ -219,8 +226,85 @@ def _build(r: _Reader) -> Settings:
             "DICOM_AE_TITLE", "QANTARA", _ae_title, "must be 1 to 16 printable ASCII characters"
         ),
         dicom_storage=Path(r.text("DICOM_STORAGE", "./var/dicom")),
+        dicom=_dicom(r),
+        mllp=_mllp(r),
         shutdown_timeout=r.duration("SHUTDOWN_TIMEOUT", timedelta(seconds=30)).total_seconds(),
         log_level=r.get("LOG_LEVEL", "INFO", _log_level, "must be DEBUG, INFO, WARNING or ERROR"),
+    )
+
+
+def _time_zone(text: str) -> str:
+    try:
+        ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(text) from exc
+    return text
+
+
+def _file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(text)
+    return path
+
+
+def _mllp(r: _Reader) -> MllpSettings:
+    def seconds(name: str, default: float) -> float:
+        value = r.duration(name, timedelta(seconds=default)).total_seconds()
+        if value <= 0:
+            raise ConfigError(f"{PREFIX}{name}: must be a positive duration")
+        return value
+
+    cert = r.get("MLLP_TLS_CERT", None, _file, "must name a readable PEM certificate file")
+    key = r.get("MLLP_TLS_KEY", None, _file, "must name a readable PEM private key file")
+    client_ca = r.get("MLLP_TLS_CLIENT_CA", None, _file, "must name a readable PEM CA file")
+    if (key is not None or client_ca is not None) and cert is None:
+        raise ConfigError(f"{PREFIX}MLLP_TLS_CERT: must be set with MLLP_TLS_KEY/_CLIENT_CA")
+    return MllpSettings(
+        host=r.text("BIND", "127.0.0.1"),
+        port=r.port("MLLP_PORT", 2575),
+        max_message_bytes=r.integer("MLLP_MAX_MESSAGE", 16 * 1024 * 1024, 1024, 1 << 30),
+        idle_timeout=seconds("MLLP_IDLE_TIMEOUT", 300.0),
+        max_connections=r.integer("MLLP_MAX_CONNECTIONS", 256, 1, 100_000),
+        window=r.integer("MLLP_WINDOW", 64, 1, 10_000),
+        ack_timeout=seconds("HL7_ACK_TIMEOUT", 30.0),
+        tls_cert=cert,
+        tls_key=key,
+        tls_client_ca=client_ca,
+        strict_senders=strict_senders(r.text("HL7_STRICT_SENDERS", "")),
+        timezone=r.get(
+            "HL7_TIMEZONE", "Africa/Casablanca", _time_zone, "must be an IANA time zone name"
+        ),
+    )
+
+
+def _ae_titles(text: str) -> frozenset[str]:
+    return frozenset(_ae_title(part) for part in text.split(",") if part.strip())
+
+
+def _dicom(r: _Reader) -> DicomSettings:
+    def seconds(name: str, default: float) -> float:
+        return r.duration(name, timedelta(seconds=default)).total_seconds()
+
+    return DicomSettings(
+        port=r.port("DICOM_PORT", 11112),
+        ae_title=r.get(
+            "DICOM_AE_TITLE", "QANTARA", _ae_title, "must be 1 to 16 printable ASCII characters"
+        ),
+        storage=Path(r.text("DICOM_STORAGE", "./var/dicom")),
+        allowed_aes=r.get(
+            "DICOM_ALLOWED_AES",
+            frozenset(),
+            _ae_titles,
+            "must be a comma-separated list of AE titles of 1 to 16 printable ASCII characters",
+        ),
+        max_associations=r.integer("DICOM_MAX_ASSOCIATIONS", 16, 1, 1000),
+        max_pdu=r.integer("DICOM_MAX_PDU", 1 << 20, 4096, 1 << 26),
+        acse_timeout=seconds("DICOM_ACSE_TIMEOUT", 30.0),
+        dimse_timeout=seconds("DICOM_DIMSE_TIMEOUT", 60.0),
+        network_timeout=seconds("DICOM_NETWORK_TIMEOUT", 120.0),
+        store_timeout=seconds("DICOM_STORE_TIMEOUT", 60.0),
+        max_find_results=r.integer("DICOM_MAX_FIND_RESULTS", 1000, 1, 100_000),
     )
 
 

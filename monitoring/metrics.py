@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PROTOCOLS = ("mqtt", "hl7", "dicom")
+HL7_ACK_CODES = ("AA", "AE", "AR", "CA", "CE", "CR")
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -85,6 +86,13 @@ class Metrics:
         self.mllp_connections = Gauge(
             "qantara_mllp_connections", "Open MLLP connections.", registry=r
         )
+        self.hl7_ack_latency = Histogram(
+            "qantara_hl7_ack_latency_seconds",
+            "Time from a complete MLLP frame to its HL7 acknowledgement written, by MSA-1 code.",
+            ["code"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.dicom_associations = Gauge(
             "qantara_dicom_associations", "Open DICOM associations.", registry=r
         )
@@ -108,6 +116,30 @@ class Metrics:
             "Units with a per-unit series (bounded by the configured cap).",
             registry=r,
         )
+        self.dicom_stored_bytes = Counter(
+            "qantara_dicom_stored_bytes_total",
+            "Bytes of DICOM files stored and indexed for the first time.",
+            registry=r,
+        )
+        self.dicom_store_seconds = Histogram(
+            "qantara_dicom_store_seconds",
+            "C-STORE handling time, dataset received to status sent (file fsync and index commit).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.dicom_conflicts = Counter(
+            "qantara_dicom_conflicts_total",
+            "SOP Instance UIDs received again with other content (the first copy is kept).",
+            registry=r,
+        )
+        self.dicom_unavailable = Counter(
+            "qantara_dicom_unavailable_total",
+            "C-STORE answered 0xA700 (database or disk unavailable), by what failed.",
+            ["cause"],
+            registry=r,
+        )
+        for cause in ("database", "disk"):
+            self.dicom_unavailable.labels(cause)
         self.db_available.set(0)
         for protocol in PROTOCOLS:
             self.received.labels(protocol)
@@ -117,6 +149,8 @@ class Metrics:
             self.pending.labels(protocol)
         for kind in ("unavailable", "refused"):
             self.db_errors.labels(kind)
+        for code in HL7_ACK_CODES:
+            self.hl7_ack_latency.labels(code)
 
     def init_reasons(self, protocol: str, reasons: Iterable[str]) -> None:
         """Create the rejection series of known reasons, at zero."""

@@ -386,3 +386,227 @@ def _vital_record(row: Any) -> VitalRecord:
         device_kind=row["device_kind"],
         device_ident=row["device_ident"],
     )
+
+
+# --- lab results (HL7 ORU) --------------------------------------------------------------------
+#
+# Lab observations page in the same `(time, id)` order as vitals so that one Observation search
+# can merge both: a lab row's position is `(observed_at, -id)` (negative ids never meet a vital's).
+
+
+@dataclass(frozen=True, slots=True)
+class LabObservationRecord:
+    id: int
+    report_id: int
+    subject_id: int
+    value_type: str
+    code_system: str
+    code: str
+    code_display: str
+    value_numeric: float | None
+    comparator: str | None
+    value_text: str | None
+    value_code_system: str | None
+    value_code: str | None
+    value_display: str | None
+    unit: str
+    reference_range: str
+    reference_low: float | None
+    reference_high: float | None
+    abnormal_flags: tuple[str, ...]
+    status: str
+    observed_at: datetime
+    received_at: datetime
+
+    @property
+    def position(self) -> VitalPosition:
+        return VitalPosition(self.observed_at, -self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class LabQuery:
+    """Which lab observations: of any of `patient_ids`, matching any of `codes` (None: any),
+    observed in [start, end)."""
+
+    patient_ids: tuple[int, ...]
+    codes: tuple[CodeCriterion, ...] | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LabReportRecord:
+    id: int
+    subject_id: int
+    placer_id: str
+    filler_id: str
+    service_system: str
+    service_code: str
+    service_display: str
+    observed_at: datetime | None
+    issued_at: datetime | None
+    status: str
+    received_at: datetime
+    result_ids: tuple[int, ...]
+
+
+_LAB_COLUMNS = """o.id, o.report_id, coalesce(p.replaced_by, o.patient_id) AS subject_id,
+       o.value_type, o.code_system, o.code, o.code_display, o.value_numeric, o.comparator,
+       o.value_text, o.value_code_system, o.value_code, o.value_display, o.unit,
+       o.reference_range, o.reference_low, o.reference_high, o.abnormal_flags, o.status,
+       coalesce(o.observed_at, o.received_at) AS observed_at, o.received_at"""
+
+
+def _lab_conditions(query: LabQuery, after: VitalPosition | None, args: list[object]) -> list[str]:
+    def param(value: object, cast: str) -> str:
+        args.append(value)
+        return f"${len(args)}::{cast}"
+
+    conditions = [f"o.patient_id = ANY({param(list(query.patient_ids), 'bigint[]')})"]
+    if query.codes is not None:
+        systems = param([c.system for c in query.codes], "text[]")
+        codes = param([c.code for c in query.codes], "text[]")
+        conditions.append(
+            f"""EXISTS (SELECT 1 FROM unnest({systems}, {codes}) AS k(system, code)
+                       WHERE (k.system IS NULL OR o.code_system = k.system)
+                         AND (k.code IS NULL OR o.code = k.code))"""  # noqa: S608
+        )
+    when = "coalesce(o.observed_at, o.received_at)"
+    if query.start is not None:
+        conditions.append(f"{when} >= {param(query.start, 'timestamptz')}")
+    if query.end is not None:
+        conditions.append(f"{when} < {param(query.end, 'timestamptz')}")
+    if after is not None:
+        conditions.append(
+            f"({when}, -o.id) > ({param(after.time, 'timestamptz')}, {param(after.id, 'bigint')})"
+        )
+    return conditions
+
+
+async def search_lab_observations(
+    db: Executor, query: LabQuery, after: VitalPosition | None, limit: int
+) -> list[LabObservationRecord]:
+    """Up to `limit` lab observations matching `query` after `after`, in position order."""
+    if not query.patient_ids or limit <= 0 or (query.codes is not None and not query.codes):
+        return []
+    args: list[object] = []
+    conditions = _lab_conditions(query, after, args)
+    args.append(limit)
+    sql = f"""SELECT {_LAB_COLUMNS}
+       FROM lab_observation o JOIN patient p ON p.id = o.patient_id
+       WHERE {" AND ".join(conditions)}
+       ORDER BY coalesce(o.observed_at, o.received_at), o.id DESC
+       LIMIT ${len(args)}"""  # noqa: S608 - fixed fragments and numbered parameters only
+    return [_lab_record(r) for r in await _fetch(db, sql, *args)]
+
+
+async def count_lab_observations(db: Executor, query: LabQuery) -> int:
+    if not query.patient_ids or (query.codes is not None and not query.codes):
+        return 0
+    args: list[object] = []
+    conditions = _lab_conditions(query, None, args)
+    rows = await _fetch(
+        db,
+        f"SELECT count(*) AS n FROM lab_observation o WHERE {' AND '.join(conditions)}",  # noqa: S608
+        *args,
+    )
+    return int(rows[0]["n"])
+
+
+async def get_lab_observation(db: Executor, observation_id: int) -> LabObservationRecord | None:
+    rows = await _fetch(
+        db,
+        f"""SELECT {_LAB_COLUMNS} FROM lab_observation o JOIN patient p ON p.id = o.patient_id
+            WHERE o.id = $1""",  # noqa: S608 - fixed fragments only
+        observation_id,
+    )
+    return _lab_record(rows[0]) if rows else None
+
+
+def _lab_record(row: Any) -> LabObservationRecord:
+    return LabObservationRecord(
+        id=row["id"],
+        report_id=row["report_id"],
+        subject_id=row["subject_id"],
+        value_type=row["value_type"],
+        code_system=row["code_system"],
+        code=row["code"],
+        code_display=row["code_display"],
+        value_numeric=row["value_numeric"],
+        comparator=row["comparator"],
+        value_text=row["value_text"],
+        value_code_system=row["value_code_system"],
+        value_code=row["value_code"],
+        value_display=row["value_display"],
+        unit=row["unit"],
+        reference_range=row["reference_range"],
+        reference_low=row["reference_low"],
+        reference_high=row["reference_high"],
+        abnormal_flags=tuple(row["abnormal_flags"]),
+        status=row["status"],
+        observed_at=row["observed_at"],
+        received_at=row["received_at"],
+    )
+
+
+_REPORT_COLUMNS = """r.id, coalesce(p.replaced_by, r.patient_id) AS subject_id, r.placer_id,
+       r.filler_id, r.service_system, r.service_code, r.service_display, r.observed_at,
+       r.issued_at, r.status, r.received_at,
+       coalesce((SELECT array_agg(o.id ORDER BY o.set_id, o.id) FROM lab_observation o
+                 WHERE o.report_id = r.id), '{}') AS result_ids"""
+
+
+async def search_lab_reports(
+    db: Executor, patient_ids: Sequence[int], after_id: int | None, limit: int
+) -> list[LabReportRecord]:
+    """Up to `limit` reports of any of `patient_ids` with id above `after_id`, by id."""
+    if not patient_ids or limit <= 0:
+        return []
+    rows = await _fetch(
+        db,
+        f"""SELECT {_REPORT_COLUMNS} FROM lab_report r JOIN patient p ON p.id = r.patient_id
+            WHERE r.patient_id = ANY($1::bigint[]) AND r.id > $2
+            ORDER BY r.id LIMIT $3""",  # noqa: S608 - fixed fragments only
+        list(patient_ids),
+        after_id or 0,
+        limit,
+    )
+    return [_report_record(r) for r in rows]
+
+
+async def count_lab_reports(db: Executor, patient_ids: Sequence[int]) -> int:
+    if not patient_ids:
+        return 0
+    rows = await _fetch(
+        db,
+        "SELECT count(*) AS n FROM lab_report WHERE patient_id = ANY($1::bigint[])",
+        list(patient_ids),
+    )
+    return int(rows[0]["n"])
+
+
+async def get_lab_report(db: Executor, report_id: int) -> LabReportRecord | None:
+    rows = await _fetch(
+        db,
+        f"""SELECT {_REPORT_COLUMNS} FROM lab_report r JOIN patient p ON p.id = r.patient_id
+            WHERE r.id = $1""",  # noqa: S608 - fixed fragments only
+        report_id,
+    )
+    return _report_record(rows[0]) if rows else None
+
+
+def _report_record(row: Any) -> LabReportRecord:
+    return LabReportRecord(
+        id=row["id"],
+        subject_id=row["subject_id"],
+        placer_id=row["placer_id"],
+        filler_id=row["filler_id"],
+        service_system=row["service_system"],
+        service_code=row["service_code"],
+        service_display=row["service_display"],
+        observed_at=row["observed_at"],
+        issued_at=row["issued_at"],
+        status=row["status"],
+        received_at=row["received_at"],
+        result_ids=tuple(row["result_ids"]),
+    )

@@ -22,7 +22,9 @@ from ingest.errors import StorageUnavailable
 from ingest.records import (
     DeadLetter,
     DeadLetterKey,
+    DicomKey,
     Envelope,
+    Hl7Key,
     MqttKey,
     Outcome,
     OutcomeKind,
@@ -30,6 +32,8 @@ from ingest.records import (
     VitalsMessage,
 )
 from storage.pool import is_transient
+from storage.writer_dicom import write_dicom
+from storage.writer_hl7 import write_hl7
 
 _K = TypeVar("_K")
 
@@ -146,6 +150,16 @@ class BatchWriter:
                     fresh_vitals.append(i)
                     outcomes[i] = Outcome(OutcomeKind.STORED)
             await self._insert_vitals(conn, batch, fresh_vitals, unit_ids, pending)
+
+        hl7 = [i for i in firsts if isinstance(batch[i].key, Hl7Key)]
+        if hl7:
+            for i, hl7_outcome in zip(hl7, await write_hl7(conn, batch, hl7), strict=True):
+                outcomes[i] = hl7_outcome
+
+        dicom = [i for i, env in enumerate(batch) if isinstance(env.key, DicomKey)]
+        if dicom:
+            for i, dicom_outcome in (await write_dicom(conn, batch, dicom)).items():
+                outcomes[i] = dicom_outcome
 
         dead = [
             (i, letter)

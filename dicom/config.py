@@ -1,0 +1,27 @@
+"""The DICOM listener's slice of the settings: every limit of the SCP in one frozen dataclass.
+
+Built once by `gateway.settings.Settings.load`; imports no DICOM library so that settings can be
+read without pynetdicom.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class DicomSettings:
+    """`allowed_aes` empty means any calling AE title is accepted."""
+
+    port: int = 11112
+    ae_title: str = "QANTARA"
+    storage: Path = Path("./var/dicom")
+    allowed_aes: frozenset[str] = frozenset()
+    max_associations: int = 16
+    max_pdu: int = 1 << 20
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 120.0
+    store_timeout: float = 60.0  # waiting for the index commit before answering 0xA700
+    max_find_results: int = 1000

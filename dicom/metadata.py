@@ -1,0 +1,284 @@
+"""What the index needs from a received DICOM file, read without decoding pixel data.
+
+`read_metadata(path, ...)` parses the Part 10 file pynetdicom wrote while receiving (its File Meta
+carries the command's SOP Class/Instance UIDs and the accepted transfer syntax). Values larger
+than a few hundred bytes are not read (`defer_size`): a 1 GB instance costs the same memory as a
+1 MB one. Text is decoded by pydicom from the header's Specific Character Set (ISO_IR 100,
+ISO_IR 127, ISO_IR 192, ISO 2022 escapes...). A dataset that ends inside an element (truncated),
+cannot be parsed, lacks a required UID or carries an invalid one raises `DicomInputError` with a
+reason slug; nothing here writes or names a file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta, timezone
+from pathlib import Path
+from typing import Any, Final
+
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.valuerep import PersonName
+
+from ingest.errors import InputError
+from ingest.records import PatientName, PatientRef
+
+NATIONAL_ID_SYSTEM: Final = "CIN"
+"""Identifier system of the national id, as MQTT payloads and HL7 name it."""
+NATIONAL_ID_ISSUERS: Final = frozenset({"CIN", "MA-CIN", "CNIE"})
+"""Issuer of Patient ID values (upper-cased) that mean the Moroccan national id card number."""
+LOCAL_ID_PREFIX: Final = "dicom-ae/"
+"""A PatientID without an issuer belongs to the sender: its system is `dicom-ae/<calling AE>`."""
+
+_UID: Final = re.compile(r"[0-9]+(\.[0-9]+)*", re.ASCII)
+_UID_MAX: Final = 64
+_DEFER: Final = 512
+_DELIMITER: Final = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD) length 0, little endian
+_UNDEFINED: Final = 0xFFFFFFFF
+_TEXT_MAX: Final = 1024
+DEFLATED: Final = "1.2.840.10008.1.2.1.99"
+
+
+class DicomInputError(InputError):
+    """The dataset is refused; `reason` is one of `dicom.status.REASON_STATUS`."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceMetadata:
+    """The header fields the index keeps, decoded."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    charset: str
+    patient: tuple[PatientRef, ...]
+    patient_name: str
+    patient_names: tuple[PatientName, ...]
+    patient_birth_date: date | None
+    patient_sex: str
+    dicom_patient_id: str
+    issuer_of_patient_id: str
+    study_date: date | None
+    study_time: time | None
+    study_started: datetime | None
+    study_description: str
+    study_id: str
+    accession_number: str
+    referring_physician: str
+    series_number: int | None
+    series_description: str
+    modality: str
+    body_part: str
+    instance_number: int | None
+    content_date: date | None
+
+
+def valid_uid(value: str) -> bool:
+    return len(value) <= _UID_MAX and _UID.fullmatch(value) is not None
+
+
+def read_metadata(
+    path: Path,
+    *,
+    calling_ae: str,
+    command_sop_instance_uid: str | None = None,
+    command_sop_class_uid: str | None = None,
+) -> InstanceMetadata:
+    """Parse the header of the Part 10 file at `path`; raise `DicomInputError` when refused."""
+    try:
+        ds = dcmread(path, defer_size=_DEFER, force=True)
+        _check_complete(ds, path)
+        return _extract(ds, calling_ae, command_sop_instance_uid, command_sop_class_uid)
+    except (DicomInputError, OSError):
+        raise
+    except Exception as exc:  # pydicom raises many kinds of errors on malformed input
+        raise DicomInputError(
+            "unparseable", f"dataset cannot be parsed: {type(exc).__name__}"
+        ) from exc
+
+
+def _check_complete(ds: Dataset, path: Path) -> None:
+    """Refuse a dataset that ends inside its last element (a truncated transfer)."""
+    size = os.stat(path).st_size
+    elements = list(ds._dict.values())
+    if not elements:
+        raise DicomInputError("unparseable", "empty dataset")
+    if str(ds.file_meta.get("TransferSyntaxUID", "")) == DEFLATED:
+        return  # offsets are in the inflated stream; zlib itself refuses a cut stream
+    last = elements[-1]
+    if not isinstance(last, RawDataElement) or last.value_tell is None:
+        return
+    if last.length == _UNDEFINED:
+        with open(path, "rb") as f:
+            f.seek(max(0, size - len(_DELIMITER)))
+            if f.read() != _DELIMITER:
+                raise DicomInputError("unparseable", "dataset truncated inside a sequence")
+    elif last.value_tell + last.length > size:
+        raise DicomInputError("unparseable", "dataset truncated inside an element")
+
+
+def _extract(
+    ds: Dataset,
+    calling_ae: str,
+    command_instance: str | None,
+    command_class: str | None,
+) -> InstanceMetadata:
+    meta = ds.file_meta
+    sop_instance = _uid(ds, "SOPInstanceUID")
+    sop_class = _uid(ds, "SOPClassUID")
+    study = _uid(ds, "StudyInstanceUID")
+    series = _uid(ds, "SeriesInstanceUID")
+    if command_instance is not None and command_instance != sop_instance:
+        raise DicomInputError("uid-mismatch", "SOP Instance UID differs from the command's")
+    if command_class is not None and command_class != sop_class:
+        raise DicomInputError("uid-mismatch", "SOP Class UID differs from the command's")
+    transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "")
+    if not valid_uid(transfer_syntax):
+        raise DicomInputError("unparseable", "no valid transfer syntax in the file meta")
+
+    charset = _charset(ds)
+    pid = _text(ds, "PatientID")
+    issuer = _text(ds, "IssuerOfPatientID")
+    name_value = ds.get("PatientName")
+    name_text = str(name_value) if name_value is not None else ""
+    study_date = _date(ds.get("StudyDate"))
+    study_time = _time(ds.get("StudyTime"))
+    return InstanceMetadata(
+        sop_instance_uid=sop_instance,
+        sop_class_uid=sop_class,
+        study_uid=study,
+        series_uid=series,
+        transfer_syntax=transfer_syntax,
+        charset=charset,
+        patient=_identifiers(ds, pid, issuer, calling_ae),
+        patient_name=name_text[:_TEXT_MAX],
+        patient_names=_names(name_value),
+        patient_birth_date=_date(ds.get("PatientBirthDate")),
+        patient_sex=_text(ds, "PatientSex")[:16],
+        dicom_patient_id=pid,
+        issuer_of_patient_id=issuer,
+        study_date=study_date,
+        study_time=study_time,
+        study_started=_started(study_date, study_time, ds.get("TimezoneOffsetFromUTC")),
+        study_description=_text(ds, "StudyDescription"),
+        study_id=_text(ds, "StudyID"),
+        accession_number=_text(ds, "AccessionNumber"),
+        referring_physician=_text(ds, "ReferringPhysicianName"),
+        series_number=_int(ds.get("SeriesNumber")),
+        series_description=_text(ds, "SeriesDescription"),
+        modality=_text(ds, "Modality")[:16],
+        body_part=_text(ds, "BodyPartExamined"),
+        instance_number=_int(ds.get("InstanceNumber")),
+        content_date=_date(ds.get("ContentDate")),
+    )
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    text = str(value).strip().rstrip("\x00") if value is not None else ""
+    if not text:
+        raise DicomInputError("missing-uid", f"{keyword} is missing")
+    if not valid_uid(text):
+        raise DicomInputError("invalid-uid", f"{keyword} is not a valid UID")
+    return text
+
+
+def _charset(ds: Dataset) -> str:
+    value = ds.get("SpecificCharacterSet")
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return "\\".join(str(v) for v in value)
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if not isinstance(value, str) and hasattr(value, "__iter__"):
+        value = "\\".join(str(v) for v in value)
+    return str(value).strip()[:_TEXT_MAX]
+
+
+def _identifiers(ds: Dataset, pid: str, issuer: str, calling_ae: str) -> tuple[PatientRef, ...]:
+    refs: list[PatientRef] = []
+    if pid:
+        refs.append(PatientRef(_system(issuer, calling_ae), pid))
+    for item in ds.get("OtherPatientIDsSequence", None) or ():
+        other = _text(item, "PatientID")
+        if other:
+            refs.append(PatientRef(_system(_text(item, "IssuerOfPatientID"), calling_ae), other))
+    return tuple(dict.fromkeys(refs))
+
+
+def _system(issuer: str, calling_ae: str) -> str:
+    if issuer.upper() in NATIONAL_ID_ISSUERS:
+        return NATIONAL_ID_SYSTEM
+    return issuer or LOCAL_ID_PREFIX + calling_ae
+
+
+def _names(value: Any) -> tuple[PatientName, ...]:
+    if not isinstance(value, PersonName):
+        return ()
+    names = []
+    for group in value.components:
+        parts = group.split("^")
+        parts += [""] * (5 - len(parts))
+        family, given, middle, prefix, suffix = (p.strip() for p in parts[:5])
+        if not any((family, given, middle, prefix, suffix)):
+            continue
+        names.append(
+            PatientName(
+                family=family or None,
+                given=tuple(p for p in (given, middle) if p),
+                prefix=(prefix,) if prefix else (),
+                suffix=(suffix,) if suffix else (),
+            )
+        )
+    return tuple(names)
+
+
+def _date(value: Any) -> date | None:
+    text = str(value).strip() if value is not None else ""
+    if len(text) != 8 or not text.isdigit():
+        return None
+    try:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return None
+
+
+def _time(value: Any) -> time | None:
+    text = str(value).strip().replace(":", "") if value is not None else ""
+    digits = text.split(".")[0]
+    if len(digits) < 2 or not digits.isdigit():
+        return None
+    try:
+        return time(int(digits[:2]), int(digits[2:4] or 0), int(digits[4:6] or 0))
+    except ValueError:
+        return None
+
+
+def _started(day: date | None, at: time | None, offset: Any) -> datetime | None:
+    text = str(offset).strip() if offset is not None else ""
+    if day is None or len(text) != 5 or text[0] not in "+-" or not text[1:].isdigit():
+        return None
+    delta = timedelta(hours=int(text[1:3]), minutes=int(text[3:5]))
+    zone = timezone(-delta if text[0] == "-" else delta)
+    return datetime.combine(day, at or time(0), zone).astimezone(UTC)
+
+
+def _int(value: Any) -> int | None:
+    try:
+        number = int(str(value).strip()) if value is not None else None
+    except ValueError:
+        return None
+    if number is None or not -(2**31) <= number < 2**31:
+        return None
+    return number

@@ -1,0 +1,192 @@
+"""A radiology modality (CR, DX, US, CT) sending synthetic studies with C-STORE.
+
+Each study belongs to a patient drawn from `simulators.population` (Moroccan names, national id):
+the header names them in French under ISO_IR 100, or in Arabic under ISO_IR 127 or ISO_IR 192,
+with a facility PatientID (issuer `CHU-<province>`) and the national id in Other Patient IDs
+(issuer `CIN`), the way the gateway links imaging to vitals and labs. Images are valid datasets
+(pydicom) of the modality's storage SOP class with noise pixel data, explicit VR little endian.
+Everything is deterministic for a seed except the UIDs (new on each run, as on a real device).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Final
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+
+from simulators.population import REGIONS, Patient, Population, Sex
+
+SOP_CLASSES: Final = {
+    "CR": "1.2.840.10008.5.1.4.1.1.1",
+    "DX": "1.2.840.10008.5.1.4.1.1.1.1",
+    "US": "1.2.840.10008.5.1.4.1.1.6.1",
+    "CT": "1.2.840.10008.5.1.4.1.1.2",
+}
+IMAGES_PER_STUDY: Final = {"CR": 2, "DX": 2, "US": 4, "CT": 8}
+# (rows, columns, bits allocated): CR/DX 512x512x16 = 0.5 MB, CT 512x512x16, US 480x640x8.
+GEOMETRY: Final = {
+    "CR": (512, 512, 16),
+    "DX": (512, 512, 16),
+    "US": (480, 640, 8),
+    "CT": (512, 512, 16),
+}
+DESCRIPTIONS: Final = {
+    "CR": ("Thorax face", "Radiographie thoracique"),
+    "DX": ("Bassin face", "Genou face et profil"),
+    "US": ("Echographie abdominale", "Echographie obstetricale"),
+    "CT": ("TDM cerebrale sans injection", "TDM thoraco-abdominale"),
+}
+BODY_PARTS: Final = {"CR": "CHEST", "DX": "PELVIS", "US": "ABDOMEN", "CT": "HEAD"}
+CHARSETS: Final = ("ISO_IR 100", "ISO_IR 127", "ISO_IR 192")
+
+
+@dataclass(frozen=True, slots=True)
+class ModalityConfig:
+    host: str
+    port: int
+    called_ae: str = "QANTARA"
+    calling_ae: str = "SIM-MODALITY"
+    modality: str = "CR"
+    studies: int = 1
+    rate: float = 0.0  # instances per second; 0: as fast as the gateway answers
+    seed: int = 1
+    quiet: bool = False
+
+
+@dataclass(slots=True)
+class ModalityReport:
+    sent: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    refused: bool = False
+
+    def summary(self) -> str:
+        if self.refused:
+            return "association refused"
+        parts = ", ".join(f"{code}: {n}" for code, n in sorted(self.statuses.items()))
+        rate = self.sent / self.seconds if self.seconds else 0.0
+        return f"sent {self.sent} instance(s) in {self.seconds:.1f}s ({rate:.1f}/s); {parts}"
+
+    @property
+    def failed(self) -> int:
+        return sum(n for code, n in self.statuses.items() if not code.startswith("0x0000"))
+
+
+def _person_name(patient: Patient, charset: str) -> str:
+    if charset == "ISO_IR 100":
+        return f"{patient.family_name_fr.upper()}^{patient.given_name_fr}"
+    return f"{patient.family_name_ar}^{patient.given_name_ar}"
+
+
+def study_datasets(
+    patient: Patient, modality: str, charset: str, rng: random.Random, when: datetime
+) -> list[Dataset]:
+    """The instances of one study of `patient` (one series)."""
+    study_uid, series_uid = generate_uid(), generate_uid()
+    rows, columns, bits = GEOMETRY[modality]
+    description = rng.choice(DESCRIPTIONS[modality])
+    province = patient.province
+    facility = "CHU-" + "".join(c for c in province.name_fr.upper() if c.isascii() and c.isalpha())
+    datasets = []
+    for number in range(1, IMAGES_PER_STUDY[modality] + 1):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = UID(SOP_CLASSES[modality])
+        ds.SpecificCharacterSet = charset
+        ds.SOPClassUID = SOP_CLASSES[modality]
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.Modality = modality
+        ds.PatientName = _person_name(patient, charset)
+        digest = hashlib.sha256(f"{facility}|{patient.cin}".encode()).hexdigest()
+        ds.PatientID = f"IPP{int(digest[:12], 16) % 10**8:08d}"
+        ds.IssuerOfPatientID = facility[:64]
+        other = Dataset()
+        other.PatientID = patient.cin
+        other.IssuerOfPatientID = "CIN"
+        other.TypeOfPatientID = "TEXT"
+        ds.OtherPatientIDsSequence = [other]
+        ds.PatientBirthDate = patient.birth_date.strftime("%Y%m%d")
+        ds.PatientSex = "F" if patient.sex is Sex.FEMALE else "M"
+        ds.StudyDate = when.strftime("%Y%m%d")
+        ds.StudyTime = when.strftime("%H%M%S")
+        ds.TimezoneOffsetFromUTC = "+0000"
+        ds.ContentDate = ds.StudyDate
+        ds.AccessionNumber = f"A{rng.randrange(10**7, 10**8)}"
+        ds.StudyID = str(rng.randrange(1, 10**5))
+        ds.StudyDescription = description
+        ds.SeriesDescription = description
+        ds.SeriesNumber = 1
+        ds.InstanceNumber = number
+        ds.BodyPartExamined = BODY_PARTS[modality]
+        ds.InstitutionName = f"Hopital provincial {province.name_fr}"
+        ds.Manufacturer = "Qantara simulator"
+        ds.Rows, ds.Columns = rows, columns
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = bits
+        ds.BitsStored = bits if bits == 8 else 12
+        ds.HighBit = ds.BitsStored - 1
+        ds.PixelRepresentation = 0
+        ds.PixelData = rng.randbytes(rows * columns * bits // 8)
+        datasets.append(ds)
+    return datasets
+
+
+def _status(code: int | None) -> str:
+    if code is None:
+        return "no answer"
+    return f"0x{code:04X}"
+
+
+def run_modality(config: ModalityConfig) -> ModalityReport:
+    """Blocking: send `config.studies` studies on one association; statuses counted."""
+    if config.modality not in SOP_CLASSES:
+        raise ValueError(f"modality must be one of {', '.join(SOP_CLASSES)}")
+    rng = random.Random(config.seed)
+    population = Population(date.today())  # noqa: DTZ011 - birth dates relative to today
+    region = REGIONS[config.seed % len(REGIONS)]
+    ae = AE(ae_title=config.calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    ae.add_requested_context(SOP_CLASSES[config.modality], [ExplicitVRLittleEndian])
+    report = ModalityReport()
+    started = time.monotonic()
+    assoc = ae.associate(config.host, config.port, ae_title=config.called_ae)
+    if not assoc.is_established:
+        report.refused = True
+        return report
+    try:
+        for n in range(config.studies):
+            patient = population.patient(rng, rng.choice(region.provinces))
+            charset = CHARSETS[n % len(CHARSETS)]
+            for ds in study_datasets(patient, config.modality, charset, rng, datetime.now(UTC)):
+                if config.rate > 0:
+                    due = started + report.sent / config.rate
+                    time.sleep(max(0.0, due - time.monotonic()))
+                answer = assoc.send_c_store(ds)
+                code = int(answer.Status) if "Status" in answer else None
+                report.sent += 1
+                report.statuses[_status(code)] += 1
+                if not assoc.is_established:
+                    break
+            if not config.quiet:
+                print(f"\rstudies {n + 1}/{config.studies}", end="", file=sys.stderr)  # noqa: T201
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        report.seconds = time.monotonic() - started
+        if not config.quiet:
+            print(file=sys.stderr)  # noqa: T201
+    return report

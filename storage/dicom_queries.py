@@ -1,0 +1,271 @@
+"""The queries over the DICOM index: C-FIND matching at each level, and FHIR ImagingStudy reads.
+
+C-FIND criteria arrive as (keyword, value) pairs; each known keyword maps to one fixed column
+expression of its level and each value is a numbered parameter: single value, wildcard (`*`, `?`),
+a list of UIDs (`\\`-separated) or a date range (`A-B`, `A-`, `-B`). Unknown keywords and
+universal (empty) values match everything. Nothing of the request is ever spliced into SQL text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from typing import Any, Final
+
+from ingest.errors import StorageUnavailable
+from storage.pool import is_transient
+from storage.queries import Executor
+
+LEVELS: Final = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+
+
+@dataclass(frozen=True, slots=True)
+class FindRequest:
+    level: str
+    criteria: tuple[tuple[str, str], ...]
+    limit: int
+
+
+FindMatch = dict[str, Any]
+"""keyword → value (str, int, date, time or list of str) of one C-FIND match."""
+
+_TEXT: Final = "text"
+_DATE: Final = "date"
+_UIDS: Final = "uid"
+
+# keyword → (SQL expression, kind); the expressions use the aliases s (study), se (series), i.
+_PATIENT_KEYS: Final = {
+    "PatientID": ("s.dicom_patient_id", _TEXT),
+    "IssuerOfPatientID": ("s.issuer_of_patient_id", _TEXT),
+    "PatientName": ("s.patient_name", _TEXT),
+    "PatientBirthDate": ("s.patient_birth_date", _DATE),
+    "PatientSex": ("s.patient_sex", _TEXT),
+}
+_STUDY_KEYS: Final = {
+    **_PATIENT_KEYS,
+    "StudyInstanceUID": ("s.study_uid", _UIDS),
+    "StudyDate": ("s.study_date", _DATE),
+    "AccessionNumber": ("s.accession_number", _TEXT),
+    "StudyID": ("s.study_id", _TEXT),
+    "StudyDescription": ("s.description", _TEXT),
+    "ReferringPhysicianName": ("s.referring_physician", _TEXT),
+}
+_SERIES_KEYS: Final = {
+    **_STUDY_KEYS,
+    "SeriesInstanceUID": ("se.series_uid", _UIDS),
+    "Modality": ("se.modality", _TEXT),
+    "SeriesDescription": ("se.description", _TEXT),
+    "BodyPartExamined": ("se.body_part", _TEXT),
+}
+_IMAGE_KEYS: Final = {
+    **_SERIES_KEYS,
+    "SOPInstanceUID": ("i.sop_instance_uid", _UIDS),
+    "SOPClassUID": ("i.sop_class_uid", _UIDS),
+}
+_KEYS: Final = {
+    "PATIENT": _PATIENT_KEYS,
+    "STUDY": _STUDY_KEYS,
+    "SERIES": _SERIES_KEYS,
+    "IMAGE": _IMAGE_KEYS,
+}
+
+_SELECT: Final = {
+    "PATIENT": """SELECT s.dicom_patient_id AS "PatientID",
+                         s.issuer_of_patient_id AS "IssuerOfPatientID",
+                         max(s.patient_name) AS "PatientName",
+                         max(s.patient_birth_date) AS "PatientBirthDate",
+                         max(s.patient_sex) AS "PatientSex",
+                         count(*) AS "NumberOfPatientRelatedStudies"
+                  FROM dicom_study s WHERE {where}
+                  GROUP BY 1, 2 ORDER BY 1, 2 LIMIT {limit}""",
+    "STUDY": """SELECT s.dicom_patient_id AS "PatientID",
+                       s.issuer_of_patient_id AS "IssuerOfPatientID",
+                       s.patient_name AS "PatientName",
+                       s.patient_birth_date AS "PatientBirthDate", s.patient_sex AS "PatientSex",
+                       s.study_uid AS "StudyInstanceUID", s.study_date AS "StudyDate",
+                       s.study_time AS "StudyTime", s.accession_number AS "AccessionNumber",
+                       s.study_id AS "StudyID", s.description AS "StudyDescription",
+                       s.referring_physician AS "ReferringPhysicianName",
+                       (SELECT coalesce(array_agg(DISTINCT se.modality), '{{}}')
+                          FROM dicom_series se WHERE se.study_id = s.id) AS "ModalitiesInStudy",
+                       (SELECT count(*) FROM dicom_series se WHERE se.study_id = s.id)
+                           AS "NumberOfStudyRelatedSeries",
+                       (SELECT count(*) FROM dicom_series se
+                          JOIN dicom_instance i ON i.series_id = se.id
+                          WHERE se.study_id = s.id) AS "NumberOfStudyRelatedInstances"
+                FROM dicom_study s WHERE {where} ORDER BY s.id LIMIT {limit}""",
+    "SERIES": """SELECT s.dicom_patient_id AS "PatientID", s.study_uid AS "StudyInstanceUID",
+                        se.series_uid AS "SeriesInstanceUID", se.modality AS "Modality",
+                        se.series_number AS "SeriesNumber",
+                        se.description AS "SeriesDescription",
+                        se.body_part AS "BodyPartExamined",
+                        (SELECT count(*) FROM dicom_instance i WHERE i.series_id = se.id)
+                            AS "NumberOfSeriesRelatedInstances"
+                 FROM dicom_series se JOIN dicom_study s ON s.id = se.study_id
+                 WHERE {where} ORDER BY se.id LIMIT {limit}""",
+    "IMAGE": """SELECT s.dicom_patient_id AS "PatientID", s.study_uid AS "StudyInstanceUID",
+                       se.series_uid AS "SeriesInstanceUID", i.sop_instance_uid AS "SOPInstanceUID",
+                       i.sop_class_uid AS "SOPClassUID", i.instance_number AS "InstanceNumber"
+                FROM dicom_instance i JOIN dicom_series se ON se.id = i.series_id
+                     JOIN dicom_study s ON s.id = se.study_id
+                WHERE {where} ORDER BY i.id LIMIT {limit}""",
+}
+
+
+async def _fetch(db: Executor, sql: str, *args: object) -> list[Any]:
+    try:
+        return list(await db.fetch(sql, *args))
+    except Exception as exc:
+        if is_transient(exc):
+            raise StorageUnavailable(type(exc).__name__) from exc
+        raise
+
+
+class FindRequestError(ValueError):
+    """The query's level or a value is not usable (answered 0xA900 / 0xC000)."""
+
+
+def _like(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def _parse_date(text: str) -> date:
+    text = text.strip().replace("-", "").replace(".", "")
+    if len(text) != 8 or not text.isdigit():
+        raise FindRequestError("a date must be YYYYMMDD")
+    return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+
+
+def _conditions(request: FindRequest) -> tuple[str, list[object]]:
+    keys = _KEYS[request.level]
+    where: list[str] = []
+    args: list[object] = []
+
+    def param(value: object) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    for keyword, raw in request.criteria:
+        value = raw.strip()
+        if keyword not in keys or value in ("", "*"):
+            continue
+        column, kind = keys[keyword]
+        if kind == _DATE:
+            if "-" in value:
+                low, _, high = value.partition("-")
+                if low.strip():
+                    where.append(f"{column} >= {param(_parse_date(low))}")
+                if high.strip():
+                    where.append(f"{column} <= {param(_parse_date(high))}")
+            else:
+                where.append(f"{column} = {param(_parse_date(value))}")
+        elif kind == _UIDS and "\\" in value:
+            where.append(f"{column} = ANY({param([v.strip() for v in value.split(chr(92))])})")
+        elif "*" in value or "?" in value:
+            where.append(f"{column} LIKE {param(_like(value))}")
+        else:
+            where.append(f"{column} = {param(value)}")
+    return (" AND ".join(where) or "true"), args
+
+
+async def find(db: Executor, request: FindRequest) -> list[FindMatch]:
+    """The matches of a C-FIND at `request.level`, at most `request.limit` of them."""
+    if request.level not in _SELECT:
+        raise FindRequestError(f"unsupported query level {request.level!r}")
+    where, args = _conditions(request)
+    sql = _SELECT[request.level].format(where=where, limit=int(request.limit))
+    rows = await _fetch(db, sql, *args)
+    return [dict(r) for r in rows]
+
+
+# --- FHIR ImagingStudy ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesRecord:
+    uid: str
+    modality: str
+    number: int | None
+    description: str
+    body_part: str
+    instances: int
+
+
+@dataclass(frozen=True, slots=True)
+class ImagingStudyRecord:
+    id: int
+    subject_id: int
+    study_uid: str
+    started: datetime | None
+    study_date: date | None
+    study_time: time | None
+    description: str
+    accession_number: str
+    series: tuple[SeriesRecord, ...]
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(sorted({s.modality for s in self.series if s.modality}))
+
+    @property
+    def instances(self) -> int:
+        return sum(s.instances for s in self.series)
+
+
+async def count_imaging_studies(db: Executor, patient_ids: Sequence[int]) -> int:
+    rows = await _fetch(
+        db,
+        "SELECT count(*) AS n FROM dicom_study WHERE patient_id = ANY($1::bigint[])",
+        list(patient_ids),
+    )
+    return int(rows[0]["n"])
+
+
+async def search_imaging_studies(
+    db: Executor, patient_ids: Sequence[int], after_id: int | None, limit: int
+) -> list[ImagingStudyRecord]:
+    """Studies of these patients in id order, after `after_id`, at most `limit`."""
+    rows = await _fetch(
+        db,
+        """SELECT s.id, coalesce(p.replaced_by, p.id) AS subject_id, s.study_uid, s.started,
+                  s.study_date, s.study_time, s.description, s.accession_number,
+                  coalesce((SELECT array_agg(ARRAY[se.series_uid, se.modality,
+                                                   coalesce(se.series_number::text, ''),
+                                                   se.description, se.body_part,
+                                                   (SELECT count(*) FROM dicom_instance i
+                                                     WHERE i.series_id = se.id)::text]
+                                             ORDER BY se.series_number NULLS LAST, se.id)
+                            FROM dicom_series se WHERE se.study_id = s.id), '{}') AS series
+           FROM dicom_study s JOIN patient p ON p.id = s.patient_id
+           WHERE s.patient_id = ANY($1::bigint[]) AND s.id > $2
+           ORDER BY s.id LIMIT $3""",
+        list(patient_ids),
+        after_id or 0,
+        limit,
+    )
+    return [
+        ImagingStudyRecord(
+            id=r["id"],
+            subject_id=r["subject_id"],
+            study_uid=r["study_uid"],
+            started=r["started"],
+            study_date=r["study_date"],
+            study_time=r["study_time"],
+            description=r["description"],
+            accession_number=r["accession_number"],
+            series=tuple(
+                SeriesRecord(
+                    uid=s[0],
+                    modality=s[1],
+                    number=int(s[2]) if s[2] else None,
+                    description=s[3],
+                    body_part=s[4],
+                    instances=int(s[5]),
+                )
+                for s in r["series"]
+            ),
+        )
+        for r in rows
+    ]

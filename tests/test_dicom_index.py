@@ -1,0 +1,300 @@
+"""What the index makes of stored instances: decoded names, linked patients, C-FIND, ImagingStudy,
+and 0xA700 while the database is down."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_charset_files, get_testdata_file
+from pydicom.dataset import Dataset
+
+from dicom import status
+from dicom.config import DicomSettings
+from tests.conftest import PrivatePostgresFactory
+from tests.dicom_support import (
+    PATIENT_ROOT_FIND,
+    STUDY_ROOT_FIND,
+    RunningDicom,
+    c_find,
+    instance_row,
+    running_dicom,
+    store,
+    stored_files,
+    temp_files,
+)
+
+CHARSET_FILES = [
+    "chrArab.dcm",  # ISO_IR 127, Arabic
+    "chrFren.dcm",  # ISO_IR 100, French
+    "chrFrenMulti.dcm",  # ISO_IR 100 with several values
+    "chrGerm.dcm",  # ISO_IR 100
+    "chrX1.dcm",  # ISO_IR 192, UTF-8
+    "chrH31.dcm",  # ISO 2022 IR 87, Japanese with escapes
+]
+
+
+@pytest.fixture(scope="module")
+async def scp(
+    api_dsn: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningDicom]:
+    async with running_dicom(api_dsn, tmp_path_factory.mktemp("dicom-index")) as running:
+        yield running
+
+
+def renumbered(ds: Dataset) -> Dataset:
+    suffix = str(int(secrets.token_hex(6), 16))
+    ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.11.{suffix}"
+    ds.StudyInstanceUID = f"1.2.826.0.1.3680043.10.12.{suffix}"
+    ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.10.13.{suffix}"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+def charset_file(name: str) -> Dataset:
+    [path] = get_charset_files(name)
+    return dcmread(path)
+
+
+def ct(patient_id: str, **elements: object) -> Dataset:
+    path = get_testdata_file("CT_small.dcm")
+    assert path is not None
+    ds = renumbered(dcmread(path))
+    ds.PatientID = patient_id
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def other_ids(*pairs: tuple[str, str]) -> list[Dataset]:
+    items = []
+    for value, issuer in pairs:
+        item = Dataset()
+        item.PatientID = value
+        item.IssuerOfPatientID = issuer
+        items.append(item)
+    return items
+
+
+@pytest.mark.parametrize("name", CHARSET_FILES)
+async def test_patient_name_is_decoded_exactly_into_the_index(scp: RunningDicom, name: str) -> None:
+    original = str(charset_file(name).PatientName)
+    ds = renumbered(charset_file(name))
+    [code] = await asyncio.to_thread(store, scp.port, [ds])
+    assert code == status.SUCCESS
+    row = await instance_row(scp.pool, str(ds.SOPInstanceUID))
+    assert row["patient_name"] == original
+    assert row["charset"]
+
+
+async def test_arabic_name_reaches_fhir_patient_and_imaging_study(
+    scp: RunningDicom, client: httpx.AsyncClient, reader: dict[str, str]
+) -> None:
+    ds = renumbered(charset_file("chrArab.dcm"))
+    cin = f"AR{secrets.randbelow(10**6):06d}"
+    ds.PatientID = f"MRN-{secrets.token_hex(4)}"
+    ds.IssuerOfPatientID = "CHU-RABAT"
+    ds.OtherPatientIDsSequence = other_ids((cin, "CIN"))
+    [code] = await asyncio.to_thread(store, scp.port, [ds])
+    assert code == status.SUCCESS
+
+    found = await client.get("/fhir/Patient", params={"identifier": f"CIN|{cin}"}, headers=reader)
+    assert found.status_code == 200
+    [entry] = found.json()["entry"]
+    patient = entry["resource"]
+    assert patient["name"][0]["family"] == "قباني"
+    assert patient["name"][0]["given"] == ["لنزار"]
+    values = {i["value"] for i in patient["identifier"]}
+    assert {cin, str(ds.PatientID)} <= values
+
+    studies = await client.get(
+        "/fhir/ImagingStudy", params={"patient": patient["id"]}, headers=reader
+    )
+    assert studies.status_code == 200
+    body = studies.json()
+    assert body["total"] == 1
+    study = body["entry"][0]["resource"]
+    assert study["identifier"][0]["value"] == f"urn:oid:{ds.StudyInstanceUID}"
+    assert study["numberOfSeries"] == 1
+    assert study["numberOfInstances"] == 1
+    assert study["subject"] == {"reference": f"Patient/{patient['id']}"}
+
+
+async def test_national_id_links_imaging_to_the_patient_of_vitals_and_labs(
+    scp: RunningDicom,
+) -> None:
+    cin = f"LK{secrets.randbelow(10**6):06d}"
+    known = await scp.pool.fetchval("INSERT INTO patient (names) VALUES ('[]'::jsonb) RETURNING id")
+    await scp.pool.execute(
+        "INSERT INTO patient_identifier (system, value, patient_id) VALUES ('CIN', $1, $2)",
+        cin,
+        known,
+    )
+    first = ct(f"MRN-{secrets.token_hex(3)}", IssuerOfPatientID="CHU-FES")
+    first.OtherPatientIDsSequence = other_ids((cin, "CIN"))
+    second = ct(str(first.PatientID), IssuerOfPatientID="CHU-FES", Modality="CR")
+    codes = await asyncio.to_thread(store, scp.port, [first, second])
+    assert codes == [status.SUCCESS, status.SUCCESS]
+    linked = await scp.pool.fetch(
+        "SELECT DISTINCT patient_id FROM dicom_study WHERE study_uid = ANY($1::text[])",
+        [str(first.StudyInstanceUID), str(second.StudyInstanceUID)],
+    )
+    assert [r["patient_id"] for r in linked] == [known]
+    mrn_owner = await scp.pool.fetchval(
+        "SELECT patient_id FROM patient_identifier WHERE system = 'CHU-FES' AND value = $1",
+        str(first.PatientID),
+    )
+    assert mrn_owner == known
+
+
+async def test_patient_id_without_issuer_is_scoped_to_the_calling_ae(scp: RunningDicom) -> None:
+    ds = ct(f"LOCAL-{secrets.token_hex(3)}")
+    [code] = await asyncio.to_thread(store, scp.port, [ds])
+    assert code == status.SUCCESS
+    system = await scp.pool.fetchval(
+        "SELECT system FROM patient_identifier WHERE value = $1", str(ds.PatientID)
+    )
+    assert system == "dicom-ae/MODALITY"
+
+
+@pytest.fixture(scope="module")
+async def indexed(scp: RunningDicom) -> list[Dataset]:
+    """Two studies of one patient: a CT of two series (2 + 1 images) and a CR."""
+    pid = f"FIND-{secrets.token_hex(3)}"
+    a1 = ct(pid, PatientName="El Amrani^Fatima", StudyDate="20240301", AccessionNumber="ACC1")
+    a2 = ct(pid, PatientName="El Amrani^Fatima", StudyDate="20240301", AccessionNumber="ACC1")
+    a2.StudyInstanceUID, a2.SeriesInstanceUID = a1.StudyInstanceUID, a1.SeriesInstanceUID
+    a3 = ct(pid, PatientName="El Amrani^Fatima", StudyDate="20240301", AccessionNumber="ACC1")
+    a3.StudyInstanceUID = a1.StudyInstanceUID
+    b1 = ct(pid, PatientName="El Amrani^Fatima", StudyDate="20240415", Modality="CR")
+    datasets = [a1, a2, a3, b1]
+    codes = await asyncio.to_thread(store, scp.port, datasets)
+    assert codes == [status.SUCCESS] * 4
+    return datasets
+
+
+def query(level: str, **keys: object) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+async def test_find_at_patient_level_matches_by_patient_id(
+    scp: RunningDicom, indexed: list[Dataset]
+) -> None:
+    pid = str(indexed[0].PatientID)
+    found, final = await asyncio.to_thread(
+        c_find,
+        scp.port,
+        query("PATIENT", PatientID=pid, PatientName="", NumberOfPatientRelatedStudies=""),
+        PATIENT_ROOT_FIND,
+    )
+    assert final == status.SUCCESS
+    [match] = found
+    assert match.PatientID == pid
+    assert str(match.PatientName) == "El Amrani^Fatima"
+    assert int(match.NumberOfPatientRelatedStudies) == 2
+
+
+async def test_find_at_study_level_matches_dates_and_wildcards(
+    scp: RunningDicom, indexed: list[Dataset]
+) -> None:
+    pid = str(indexed[0].PatientID)
+    found, final = await asyncio.to_thread(
+        c_find,
+        scp.port,
+        query(
+            "STUDY",
+            PatientID=pid,
+            PatientName="El Amr*",
+            StudyDate="20240401-20240430",
+            StudyInstanceUID="",
+            ModalitiesInStudy="",
+        ),
+        STUDY_ROOT_FIND,
+    )
+    assert final == status.SUCCESS
+    [match] = found
+    assert match.StudyInstanceUID == indexed[3].StudyInstanceUID
+    assert list(match.ModalitiesInStudy) == ["CR"] or match.ModalitiesInStudy == "CR"
+
+
+async def test_find_at_series_level_counts_instances(
+    scp: RunningDicom, indexed: list[Dataset]
+) -> None:
+    found, final = await asyncio.to_thread(
+        c_find,
+        scp.port,
+        query(
+            "SERIES",
+            StudyInstanceUID=indexed[0].StudyInstanceUID,
+            SeriesInstanceUID="",
+            Modality="",
+            NumberOfSeriesRelatedInstances="",
+        ),
+        STUDY_ROOT_FIND,
+    )
+    assert final == status.SUCCESS
+    counts = sorted(int(m.NumberOfSeriesRelatedInstances) for m in found)
+    assert counts == [1, 2]
+
+
+async def test_find_at_image_level_matches_a_list_of_uids(
+    scp: RunningDicom, indexed: list[Dataset]
+) -> None:
+    wanted = [str(indexed[0].SOPInstanceUID), str(indexed[3].SOPInstanceUID)]
+    found, final = await asyncio.to_thread(
+        c_find,
+        scp.port,
+        query("IMAGE", SOPInstanceUID=wanted, SOPClassUID=""),
+        PATIENT_ROOT_FIND,
+    )
+    assert final == status.SUCCESS
+    assert sorted(str(m.SOPInstanceUID) for m in found) == sorted(wanted)
+
+
+async def test_find_with_an_unknown_level_is_refused(scp: RunningDicom) -> None:
+    found, final = await asyncio.to_thread(
+        c_find, scp.port, query("WARD", PatientID="x"), STUDY_ROOT_FIND
+    )
+    assert found == []
+    assert final == status.FIND_IDENTIFIER_INVALID
+
+
+async def test_database_down_answers_a700_and_a_resend_after_recovery_stores_once(
+    private_postgres: PrivatePostgresFactory, tmp_path: Path
+) -> None:
+    server = await private_postgres()
+    root = tmp_path / "store"
+    settings = DicomSettings(store_timeout=3.0)
+    async with running_dicom(server.dsn(), root, settings, pool_size=2) as scp:
+        ds = ct("DOWN-1")
+        await server.stop()
+        [down] = await asyncio.to_thread(store, scp.port, [ds])
+        assert down == status.OUT_OF_RESOURCES
+        assert temp_files(scp.root) == []
+        await server.start()
+        async with asyncio.timeout(60):
+            while True:
+                [again] = await asyncio.to_thread(store, scp.port, [ds])
+                if again != status.OUT_OF_RESOURCES:
+                    break
+        assert again == status.SUCCESS
+        conn = await asyncpg.connect(server.dsn())
+        try:
+            rows = await conn.fetchval(
+                "SELECT count(*) FROM dicom_instance WHERE sop_instance_uid = $1",
+                str(ds.SOPInstanceUID),
+            )
+        finally:
+            await conn.close()
+        assert rows == 1
+        assert len(stored_files(scp.root)) == 1

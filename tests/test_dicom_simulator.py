@@ -1,0 +1,46 @@
+"""The modality simulator against the DICOM listener."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.local_services import drop_database, ensure_database
+from simulators.modality import ModalityConfig, run_modality
+from tests.dicom_support import running_dicom
+
+
+@pytest.fixture
+async def dsn(postgres_server_dsn: str) -> AsyncIterator[str]:
+    name = f"qantara_dsim_{secrets.token_hex(5)}"
+    url = await ensure_database(postgres_server_dsn, name)
+    try:
+        yield url
+    finally:
+        await drop_database(postgres_server_dsn, name)
+
+
+@pytest.mark.parametrize("modality", ["CR", "US"])
+async def test_simulated_studies_are_all_stored_with_their_names_in_three_charsets(
+    dsn: str, tmp_path: Path, modality: str
+) -> None:
+    async with running_dicom(dsn, tmp_path / "store") as scp:
+        config = ModalityConfig(
+            host="127.0.0.1", port=scp.port, modality=modality, studies=3, quiet=True
+        )
+        report = await asyncio.to_thread(run_modality, config)
+        rows = await scp.pool.fetch("SELECT patient_name, charset FROM dicom_study ORDER BY id")
+        cins = await scp.pool.fetchval(
+            "SELECT count(*) FROM patient_identifier WHERE system = 'CIN'"
+        )
+    assert report.failed == 0
+    assert report.statuses["0x0000"] == report.sent > 0
+    assert [r["charset"] for r in rows] == ["ISO_IR 100", "ISO_IR 127", "ISO_IR 192"]
+    assert rows[0]["patient_name"].isascii() or "é" in rows[0]["patient_name"]
+    assert any("\u0600" <= c <= "\u06ff" for c in rows[1]["patient_name"])
+    assert any("\u0600" <= c <= "\u06ff" for c in rows[2]["patient_name"])
+    assert cins == 3

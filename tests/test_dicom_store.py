@@ -1,0 +1,265 @@
+"""The DICOM listener against pynetdicom as the modality: echo, storage, duplicates, statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import tempfile
+from collections.abc import AsyncIterator
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pynetdicom import _config
+
+from dicom import status
+from dicom.config import DicomSettings
+from gateway.local_services import drop_database, ensure_database
+from tests.dicom_support import (
+    RunningDicom,
+    echo,
+    instance_row,
+    running_dicom,
+    scu,
+    sha256_of,
+    store,
+    stored_files,
+    temp_files,
+)
+
+# (file, transfer syntax it carries) across SOP classes: CT, MR, secondary capture, RT.
+TEST_FILES = [
+    "CT_small.dcm",  # CT, explicit VR little endian
+    "MR_small_implicit.dcm",  # MR, implicit VR little endian
+    "MR_small_RLE.dcm",  # RLE lossless
+    "SC_rgb_jpeg_dcmtk.dcm",  # JPEG baseline
+    "JPEG2000.dcm",  # JPEG 2000
+    "MR_small_jp2klossless.dcm",  # JPEG 2000 lossless
+    "JPGExtended.dcm",  # JPEG extended
+    "image_dfl.dcm",  # deflated explicit VR little endian
+    "rtplan.dcm",  # RT Plan, no pixel data
+]
+
+
+@pytest.fixture(scope="module")
+async def dsn(postgres_server_dsn: str) -> AsyncIterator[str]:
+    name = f"qantara_dicom_{secrets.token_hex(5)}"
+    url = await ensure_database(postgres_server_dsn, name)
+    try:
+        yield url
+    finally:
+        await drop_database(postgres_server_dsn, name)
+
+
+@pytest.fixture(scope="module")
+async def scp(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningDicom]:
+    async with running_dicom(dsn, tmp_path_factory.mktemp("dicom-store")) as running:
+        yield running
+
+
+def load_test_file(name: str) -> Dataset:
+    path = get_testdata_file(name)
+    assert path is not None
+    return dcmread(path)
+
+
+def fresh(name: str = "CT_small.dcm") -> Dataset:
+    """A test file under new UIDs, so that each test stores its own instance."""
+    ds = load_test_file(name)
+    suffix = str(int(secrets.token_hex(6), 16))
+    ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.1.{suffix}"
+    ds.StudyInstanceUID = f"1.2.826.0.1.3680043.10.2.{suffix}"
+    ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.10.3.{suffix}"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+async def test_echo_is_answered_with_success(scp: RunningDicom) -> None:
+    accepted, code = await asyncio.to_thread(echo, scp.port)
+    assert accepted
+    assert code == status.SUCCESS
+
+
+@pytest.mark.parametrize("name", TEST_FILES)
+async def test_test_file_is_stored_as_received_and_indexed(scp: RunningDicom, name: str) -> None:
+    ds = fresh(name)  # several files share UIDs (one image in several transfer syntaxes)
+    [code] = await asyncio.to_thread(store, scp.port, [ds])
+    assert code == status.SUCCESS
+    row = await instance_row(scp.pool, str(ds.SOPInstanceUID))
+    assert row is not None
+    assert row["transfer_syntax"] == str(ds.file_meta.TransferSyntaxUID)
+    assert row["sop_class_uid"] == str(ds.SOPClassUID)
+    path = scp.root / row["file_path"]
+    assert sha256_of(path) == bytes(row["sha256"])
+    assert path.stat().st_size == row["size"]
+    kept = dcmread(path)
+    assert kept.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+    assert kept.SOPInstanceUID == ds.SOPInstanceUID
+    if "PixelData" in ds:
+        assert kept.PixelData == ds.PixelData  # no transcoding
+
+
+async def test_file_name_is_generated_from_content_not_from_uids(scp: RunningDicom) -> None:
+    ds = fresh()
+    [code] = await asyncio.to_thread(store, scp.port, [ds])
+    assert code == status.SUCCESS
+    row = await instance_row(scp.pool, str(ds.SOPInstanceUID))
+    digest = bytes(row["sha256"]).hex()
+    assert row["file_path"] == f"{digest[:2]}/{digest[2:4]}/{digest}.dcm"
+    assert str(ds.SOPInstanceUID) not in row["file_path"]
+
+
+async def test_same_instance_again_succeeds_without_a_second_file_or_row(
+    scp: RunningDicom,
+) -> None:
+    ds = fresh()
+    before = len(stored_files(scp.root))
+    first = await asyncio.to_thread(store, scp.port, [ds])
+    again = await asyncio.to_thread(store, scp.port, [ds, ds])
+    assert first == [status.SUCCESS]
+    assert again == [status.SUCCESS, status.SUCCESS]
+    assert len(stored_files(scp.root)) == before + 1
+    count = await scp.pool.fetchval(
+        "SELECT count(*) FROM dicom_instance WHERE sop_instance_uid = $1", str(ds.SOPInstanceUID)
+    )
+    assert count == 1
+    assert scp.metrics.sample("qantara_messages_duplicate_total", {"protocol": "dicom"}) >= 2
+
+
+async def test_same_uid_with_other_content_keeps_the_first_and_warns(scp: RunningDicom) -> None:
+    ds = fresh()
+    [first] = await asyncio.to_thread(store, scp.port, [ds])
+    original = await instance_row(scp.pool, str(ds.SOPInstanceUID))
+    files_before = len(stored_files(scp.root))
+    conflicts_before = scp.metrics.sample("qantara_dicom_conflicts_total") or 0.0
+    ds.PatientName = "Other^Content"
+    [second] = await asyncio.to_thread(store, scp.port, [ds])
+    assert first == status.SUCCESS
+    assert second == status.ELEMENTS_DISCARDED
+    after = await instance_row(scp.pool, str(ds.SOPInstanceUID))
+    assert bytes(after["sha256"]) == bytes(original["sha256"])
+    assert len(stored_files(scp.root)) == files_before
+    assert scp.metrics.sample("qantara_dicom_conflicts_total") == conflicts_before + 1
+    conflicts = await scp.pool.fetchval(
+        "SELECT count(*) FROM dicom_conflict WHERE sop_instance_uid = $1", str(ds.SOPInstanceUID)
+    )
+    assert conflicts == 1
+
+
+async def test_no_temp_file_is_left_after_stores(scp: RunningDicom) -> None:
+    await asyncio.to_thread(store, scp.port, [fresh(), fresh("MR_small.dcm")])
+    assert temp_files(scp.root) == []
+
+
+async def test_calling_ae_not_in_the_allowed_list_is_rejected(dsn: str, tmp_path: Path) -> None:
+    settings = DicomSettings(allowed_aes=frozenset({"CT01"}))
+    async with running_dicom(dsn, tmp_path / "store", settings) as limited:
+        refused, _ = await asyncio.to_thread(echo, limited.port, "INTRUDER")
+        allowed, code = await asyncio.to_thread(echo, limited.port, "CT01")
+    assert not refused
+    assert allowed
+    assert code == status.SUCCESS
+
+
+async def test_stored_bytes_and_latency_are_counted(scp: RunningDicom) -> None:
+    before = scp.metrics.sample("qantara_dicom_stored_bytes_total") or 0.0
+    count_before = scp.metrics.sample("qantara_dicom_store_seconds_count") or 0.0
+    await asyncio.to_thread(store, scp.port, [fresh()])
+    assert (scp.metrics.sample("qantara_dicom_stored_bytes_total") or 0.0) > before
+    assert scp.metrics.sample("qantara_dicom_store_seconds_count") == count_before + 1
+
+
+HOSTILE_UIDS = [
+    "../../../../etc/passwd",
+    "1.2.840/../../x",
+    "/tmp/qantara-hostile",
+    "1." * 99 + "1",  # 199 characters
+]
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+@pytest.mark.filterwarnings("ignore:The value length")
+@pytest.mark.parametrize("uid", HOSTILE_UIDS)
+async def test_hostile_sop_instance_uid_is_refused_and_writes_nothing_outside_the_store(
+    scp: RunningDicom, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uid: str
+) -> None:
+    # pynetdicom's SCU would refuse to send an over-long UID: let it, as a hostile peer would.
+    monkeypatch.setitem(_config.VALIDATORS, "UI", lambda value: (True, ""))
+    ds = fresh()
+    ds.SOPInstanceUID = uid
+    [code] = await asyncio.to_thread(store, scp.port, [ds])
+    assert code == status.INVALID_UID
+    assert await instance_row(scp.pool, uid) is None
+    assert not await asyncio.to_thread(Path("/tmp/qantara-hostile").exists)
+    assert not await asyncio.to_thread((scp.root.parent / "passwd").exists)
+    assert temp_files(scp.root) == []
+    accepted, echoed = await asyncio.to_thread(echo, scp.port)
+    assert (accepted, echoed) == (True, status.SUCCESS)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+async def test_hostile_study_uid_is_refused(scp: RunningDicom) -> None:
+    ds = fresh()
+    ds.StudyInstanceUID = "../../x"
+    [code] = await asyncio.to_thread(store, scp.port, [ds])
+    assert code == status.INVALID_UID
+    assert await instance_row(scp.pool, str(ds.SOPInstanceUID)) is None
+
+
+@pytest.mark.parametrize("keyword", ["StudyInstanceUID", "SeriesInstanceUID"])
+async def test_missing_uid_is_refused_and_dead_lettered(scp: RunningDicom, keyword: str) -> None:
+    ds = fresh()
+    delattr(ds, keyword)
+    before = scp.metrics.sample(
+        "qantara_messages_rejected_total", {"protocol": "dicom", "reason": "missing-uid"}
+    )
+    [code] = await asyncio.to_thread(store, scp.port, [ds])
+    assert code == status.MISSING_UID
+    assert await instance_row(scp.pool, str(ds.SOPInstanceUID)) is None
+    letters = await scp.pool.fetchval(
+        "SELECT count(*) FROM dead_letter WHERE protocol = 'dicom' AND reason = 'missing-uid'"
+    )
+    assert letters >= 1
+    after = scp.metrics.sample(
+        "qantara_messages_rejected_total", {"protocol": "dicom", "reason": "missing-uid"}
+    )
+    assert after == (before or 0.0) + 1
+    assert temp_files(scp.root) == []
+
+
+@pytest.mark.parametrize("cut", [1, 100, 2000])
+async def test_truncated_dataset_is_refused_and_leaves_nothing(
+    scp: RunningDicom, monkeypatch: pytest.MonkeyPatch, cut: int
+) -> None:
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send the bytes as cut
+    ds = fresh()
+    encoded = BytesIO()
+    ds.save_as(encoded, enforce_file_format=True)
+    whole = encoded.getvalue()
+    truncated = whole[: len(whole) - cut]
+    code = await asyncio.to_thread(store_raw, scp.port, ds, truncated)
+    assert code in (status.CANNOT_UNDERSTAND, status.MISSING_UID)
+    assert await instance_row(scp.pool, str(ds.SOPInstanceUID)) is None
+    assert temp_files(scp.root) == []
+    accepted, echoed = await asyncio.to_thread(echo, scp.port)
+    assert (accepted, echoed) == (True, status.SUCCESS)
+
+
+def store_raw(port: int, ds: Dataset, part10: bytes) -> int | None:
+    """C-STORE the dataset bytes of a Part 10 file as they are (cut or not), via a file."""
+    with tempfile.NamedTemporaryFile(suffix=".dcm") as f:
+        f.write(part10)
+        f.flush()
+        ae = scu()
+        ae.add_requested_context(str(ds.SOPClassUID), [str(ds.file_meta.TransferSyntaxUID)])
+        assoc = ae.associate("127.0.0.1", port, ae_title="QANTARA")
+        assert assoc.is_established
+        try:
+            answer = assoc.send_c_store(Path(f.name))
+            return int(answer.Status) if "Status" in answer else None
+        finally:
+            if assoc.is_established:
+                assoc.release()

@@ -1,0 +1,281 @@
+"""The MLLP server on port 0 with a real database: raw sockets in, acknowledgements out."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+
+import asyncpg
+import pytest
+
+from hl7.server import MllpServer, MllpSettings
+from ingest.pipeline import GroupCommitPipeline, PipelineSettings
+from monitoring.metrics import Metrics
+from storage.migrations import apply_migrations
+from storage.writer import BatchWriter
+from tests.hl7_support import (
+    MllpClient,
+    adt,
+    control_id,
+    encode,
+    frame,
+    new_id,
+    oru,
+)
+
+CHU = "CHU-RABAT"
+
+
+@pytest.fixture(scope="module")
+async def pool(postgres_dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(postgres_dsn, min_size=1, max_size=4)
+    async with pool.acquire() as conn:
+        await apply_migrations(conn)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture(scope="module")
+async def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture(scope="module")
+async def pipeline(pool: asyncpg.Pool, metrics: Metrics) -> AsyncIterator[GroupCommitPipeline]:
+    pipeline = GroupCommitPipeline(BatchWriter(pool), PipelineSettings(), metrics)
+    task = asyncio.create_task(pipeline.run())
+    yield pipeline
+    await pipeline.close()
+    await asyncio.wait_for(task, 10)
+
+
+ServerFactory = Callable[..., "asyncio.Future[MllpServer]"]
+
+
+@pytest.fixture
+async def start_server(
+    pipeline: GroupCommitPipeline, metrics: Metrics
+) -> AsyncIterator[Callable[..., object]]:
+    servers: list[tuple[MllpServer, asyncio.Task[None]]] = []
+
+    async def start(**overrides: object) -> MllpServer:
+        settings = dataclasses.replace(MllpSettings(port=0), **overrides)  # type: ignore[arg-type]
+        server = MllpServer(settings, pipeline, metrics)
+        task = asyncio.create_task(server.run())
+        await asyncio.wait_for(server.listening.wait(), 5)
+        servers.append((server, task))
+        return server
+
+    yield start
+    for server, task in servers:
+        server.stop()
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def server(start_server: Callable[..., object]) -> MllpServer:
+    started = await start_server()  # type: ignore[misc]
+    assert isinstance(started, MllpServer)
+    return started
+
+
+def connect(server: MllpServer) -> MllpClient:
+    assert server.port is not None
+    return MllpClient("127.0.0.1", server.port)
+
+
+async def count(pool: asyncpg.Pool, sql: str, *args: object) -> int:
+    return int(await pool.fetchval(sql, *args))
+
+
+async def observations_of(pool: asyncpg.Pool, control: str) -> int:
+    return await count(
+        pool,
+        """SELECT count(*) FROM lab_observation o JOIN lab_report r ON r.id = o.report_id
+           JOIN hl7_message m ON m.id = r.message_id WHERE m.control_id = $1""",
+        control,
+    )
+
+
+async def test_oru_gets_aa_echoing_msh10_once_committed(
+    server: MllpServer, pool: asyncpg.Pool
+) -> None:
+    control = control_id()
+    async with connect(server) as client:
+        ack = await client.request(encode(oru(control, f"{new_id()}^^^CIN^NI")))
+    assert (ack.code, ack.acknowledged) == ("AA", control)
+    assert await observations_of(pool, control) == 5
+
+
+async def test_resend_of_committed_message_gets_aa_and_stores_nothing(
+    server: MllpServer, pool: asyncpg.Pool, metrics: Metrics
+) -> None:
+    control = control_id()
+    message = encode(oru(control, f"{new_id()}^^^CIN^NI"))
+    before = metrics.sample("qantara_messages_duplicate_total", {"protocol": "hl7"}) or 0
+    async with connect(server) as client:
+        first = await client.request(message)
+        again = await client.request(message)
+    assert [first.code, again.code] == ["AA", "AA"]
+    assert await observations_of(pool, control) == 5
+    assert await count(pool, "SELECT count(*) FROM hl7_message WHERE control_id = $1", control) == 1
+    assert metrics.sample("qantara_messages_duplicate_total", {"protocol": "hl7"}) == before + 1
+
+
+async def test_non_numeric_nm_value_gets_ae_with_err_at_obx_5_and_a_dead_letter(
+    server: MllpServer, pool: asyncpg.Pool
+) -> None:
+    control = control_id()
+    bad = ["OBX|1|NM|718-7^Hemoglobin^LN||high|g/dL|12.0-16.0|H|||F"]
+    async with connect(server) as client:
+        ack = await client.request(encode(oru(control, f"{new_id()}^^^CIN^NI", obx=bad)))
+    assert (ack.code, ack.acknowledged, ack.error_code) == ("AE", control, "102")
+    assert b"OBX^1^5" in ack.raw
+    reasons = await pool.fetch(
+        "SELECT reason FROM dead_letter WHERE protocol = 'hl7' AND raw LIKE $1",
+        b"%" + control.encode() + b"%",
+    )
+    assert [r["reason"] for r in reasons] == ["obx-value-not-numeric"]
+    assert await count(pool, "SELECT count(*) FROM hl7_message WHERE control_id = $1", control) == 0
+
+
+async def test_oru_without_pid_gets_ae_required_field_missing(server: MllpServer) -> None:
+    control = control_id()
+    async with connect(server) as client:
+        ack = await client.request(encode(oru(control, "", include_pid=False)))
+    assert (ack.code, ack.error_code) == ("AE", "101")
+
+
+async def test_unsupported_version_gets_ar(server: MllpServer) -> None:
+    control = control_id()
+    async with connect(server) as client:
+        ack = await client.request(encode(oru(control, f"{new_id()}^^^CIN^NI", version="9.9")))
+    assert (ack.code, ack.acknowledged, ack.error_code) == ("AR", control, "203")
+
+
+async def test_unsupported_processing_id_gets_ar(server: MllpServer) -> None:
+    control = control_id()
+    text = oru(control, f"{new_id()}^^^CIN^NI").replace("|P|2.5.1", "|T|2.5.1", 1)
+    async with connect(server) as client:
+        ack = await client.request(encode(text))
+    assert (ack.code, ack.error_code) == ("AR", "202")
+
+
+async def test_enhanced_mode_gets_ca_after_commit(server: MllpServer, pool: asyncpg.Pool) -> None:
+    control = control_id()
+    text = oru(control, f"{new_id()}^^^CIN^NI", accept_ack="AL", app_ack="NE")
+    async with connect(server) as client:
+        ack = await client.request(encode(text))
+    assert (ack.code, ack.acknowledged) == ("CA", control)
+    assert await observations_of(pool, control) == 5
+
+
+async def test_frame_split_into_small_writes_gets_one_aa(server: MllpServer) -> None:
+    control = control_id()
+    data = frame(encode(oru(control, f"{new_id()}^^^CIN^NI")))
+    async with connect(server) as client:
+        for i in range(0, len(data), 7):
+            await client.write(data[i : i + 7])
+        ack = await client.read_ack()
+    assert (ack.code, ack.acknowledged) == ("AA", control)
+
+
+async def test_pipelined_messages_are_answered_in_order(server: MllpServer) -> None:
+    controls = [control_id() for _ in range(50)]
+    good = [encode(oru(c, f"{new_id()}^^^CIN^NI")) for c in controls]
+    good[10] = encode(oru(controls[10], f"{new_id()}^^^CIN^NI", version="9.9"))
+    async with connect(server) as client:
+        await client.write(b"".join(frame(m) for m in good))
+        acks = [await client.read_ack() for _ in controls]
+    assert [a.acknowledged for a in acks] == controls
+    assert [a.code for a in acks] == ["AA"] * 10 + ["AR"] + ["AA"] * 39
+
+
+async def test_oversize_message_closes_its_connection_while_another_gets_aa(
+    start_server: Callable[..., object],
+) -> None:
+    server = await start_server(max_message_bytes=4096)  # type: ignore[misc]
+    assert isinstance(server, MllpServer)
+    big_control = control_id()
+    filler = [f"OBX|{i}|ST|8251-1^Comment^LN||{'x' * 200}||||||F" for i in range(1, 40)]
+    big = encode(oru(big_control, f"{new_id()}^^^CIN^NI", obx=filler))
+    async with connect(server) as victim, connect(server) as other:
+        await victim.send(big)
+        ack = await victim.read_ack()
+        assert (ack.code, ack.acknowledged) == ("AR", big_control)
+        assert await victim.at_eof()
+        control = control_id()
+        fine = await other.request(encode(oru(control, f"{new_id()}^^^CIN^NI")))
+    assert (fine.code, fine.acknowledged) == ("AA", control)
+
+
+async def test_ack_of_an_arabic_8859_6_message_uses_its_charset(
+    server: MllpServer, pool: asyncpg.Pool
+) -> None:
+    control = control_id()
+    cin = new_id()
+    text = adt(control, "A01", f"{cin}^^^CIN^NI", "بنعلي^فاطمة", charset="8859/6")
+    async with connect(server) as client:
+        await client.send(encode(text, "8859/6"))
+        ack = await client.read_ack(charset="8859/6")
+    assert (ack.code, ack.charset) == ("AA", "8859/6")
+    names = await pool.fetchval(
+        """SELECT p.names::text FROM patient p JOIN patient_identifier i ON i.patient_id = p.id
+           WHERE i.system = 'CIN' AND i.value = $1""",
+        cin,
+    )
+    assert "بنعلي" in names
+    assert "فاطمة" in names
+
+
+async def test_identifiers_of_one_pid_link_to_one_patient(
+    server: MllpServer, pool: asyncpg.Pool
+) -> None:
+    cin, mrn = new_id(), new_id("M")
+    async with connect(server) as client:
+        ack = await client.request(encode(oru(control_id(), f"{mrn}^^^{CHU}^MR~{cin}^^^CIN^NI")))
+    assert ack.code == "AA"
+    rows = await pool.fetch(
+        "SELECT system, patient_id FROM patient_identifier WHERE value = ANY($1::text[])",
+        [cin, mrn],
+    )
+    assert {r["system"] for r in rows} == {"CIN", CHU}
+    assert len({r["patient_id"] for r in rows}) == 1
+
+
+async def test_idle_connection_is_closed(start_server: Callable[..., object]) -> None:
+    server = await start_server(idle_timeout=0.2)  # type: ignore[misc]
+    assert isinstance(server, MllpServer)
+    async with connect(server) as client:
+        assert await client.at_eof(timeout=5)
+
+
+async def test_connection_beyond_the_maximum_is_closed_at_once(
+    start_server: Callable[..., object],
+) -> None:
+    server = await start_server(max_connections=1)  # type: ignore[misc]
+    assert isinstance(server, MllpServer)
+    async with connect(server) as first:
+        ack = await first.request(encode(oru(control_id(), f"{new_id()}^^^CIN^NI")))
+        assert ack.code == "AA"
+        async with connect(server) as second:
+            assert await second.at_eof(timeout=5)
+
+
+async def test_junk_before_a_frame_gets_a_fallback_ar_and_closes(server: MllpServer) -> None:
+    async with connect(server) as client:
+        await client.write(b"GET / HTTP/1.1\r\n\r\n")
+        ack = await client.read_ack()
+        assert (ack.code, ack.acknowledged) == ("AR", "")
+        assert await client.at_eof()
+
+
+async def test_metrics_count_connections_and_ack_latency(
+    server: MllpServer, metrics: Metrics
+) -> None:
+    before = metrics.sample("qantara_hl7_ack_latency_seconds_count", {"code": "AA"}) or 0
+    async with connect(server) as client:
+        await client.request(encode(oru(control_id(), f"{new_id()}^^^CIN^NI")))
+        assert metrics.sample("qantara_mllp_connections") == 1
+    assert metrics.sample("qantara_hl7_ack_latency_seconds_count", {"code": "AA"}) == before + 1
