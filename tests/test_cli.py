@@ -1,0 +1,77 @@
+"""The `qantara` command as a user runs it: help, configuration errors, tokens."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+COMMANDS = (
+    [],
+    ["serve"],
+    ["migrate"],
+    ["up"],
+    ["simulate"],
+    ["simulate", "units"],
+    ["token"],
+    ["token", "create"],
+    ["token", "revoke"],
+)
+
+
+def qantara(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("QANTARA_")}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "qantara")
+def test_every_command_has_help(command: list[str]) -> None:
+    result = qantara(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage: qantara" in result.stdout
+
+
+def test_bad_setting_exits_with_one_line_naming_the_variable() -> None:
+    result = qantara("migrate", env={"QANTARA_HTTP_PORT": "eighty"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "QANTARA_HTTP_PORT" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_without_a_database_url_says_so() -> None:
+    result = qantara("serve")
+    assert result.returncode == 2
+    assert "QANTARA_DATABASE_URL" in result.stderr
+
+
+def test_token_create_prints_the_token_last_and_stores_only_its_hash(postgres_dsn: str) -> None:
+    env = {"QANTARA_DATABASE_URL": postgres_dsn}
+    result = qantara(
+        "token", "create", "--name", "cli-test", "--scope", "system/Observation.read", env=env
+    )
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip().splitlines()[-1]
+    assert token.startswith("qtk_")
+    listed = qantara("token", "list", env=env)
+    assert "cli-test\tactive\tsystem/Observation.read" in listed.stdout
+    assert token not in listed.stdout
+    assert qantara("token", "revoke", "cli-test", env=env).returncode == 0
+    assert "cli-test\trevoked" in qantara("token", "list", env=env).stdout
+
+
+def test_token_with_an_unknown_scope_is_refused(postgres_dsn: str) -> None:
+    env = {"QANTARA_DATABASE_URL": postgres_dsn}
+    result = qantara("token", "create", "--name", "bad-scope", "--scope", "everything", env=env)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr

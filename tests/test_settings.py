@@ -1,0 +1,79 @@
+"""Settings: read once from the environment (and TOML), each bad value named precisely."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.settings import Settings, parse_duration
+from ingest.errors import ConfigError
+
+
+def test_defaults_follow_the_design() -> None:
+    settings = Settings.load({})
+    assert settings.mqtt.url == "mqtt://127.0.0.1:1883"
+    assert settings.mqtt.client_id.startswith("qantara-")
+    assert settings.mqtt.max_payload == 256 * 1024
+    assert settings.mqtt.shared_group is None
+    assert settings.http.port == 8080
+    assert settings.bind == "127.0.0.1"
+    assert settings.database.url is None
+
+
+def test_shared_group_subscribes_through_share() -> None:
+    settings = Settings.load({"QANTARA_MQTT_SHARED_GROUP": "qantara"})
+    assert settings.mqtt.vitals_subscription == "$share/qantara/units/+/vitals"
+
+
+def test_without_shared_group_subscribes_to_every_unit() -> None:
+    assert Settings.load({}).mqtt.vitals_subscription == "units/+/vitals"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("QANTARA_HTTP_PORT", "http"),
+        ("QANTARA_HTTP_PORT", "70000"),
+        ("QANTARA_MQTT_URL", "http://broker"),
+        ("QANTARA_DATABASE_URL", "mysql://db"),
+        ("QANTARA_MQTT_MAX_PAYLOAD", "-1"),
+        ("QANTARA_SAMPLE_MAX_FUTURE", "tomorrow"),
+        ("QANTARA_MQTT_PROTOCOL", "4.0"),
+        ("QANTARA_MQTT_SHARED_GROUP", "a/b"),
+        ("QANTARA_LOG_LEVEL", "chatty"),
+    ],
+)
+def test_bad_value_is_refused_with_the_variable_named(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Settings.load({name: value})
+
+
+def test_environment_wins_over_the_toml_file(tmp_path: Path) -> None:
+    config = tmp_path / "qantara.toml"
+    config.write_text('mqtt_url = "mqtt://from-file:1883"\nQANTARA_HTTP_PORT = 9000\n')
+    settings = Settings.load({"QANTARA_MQTT_URL": "mqtt://from-env:1883"}, config)
+    assert settings.mqtt.url == "mqtt://from-env:1883"
+    assert settings.http.port == 9000
+
+
+def test_unreadable_toml_is_a_config_error(tmp_path: Path) -> None:
+    config = tmp_path / "broken.toml"
+    config.write_text("this is = = not toml")
+    with pytest.raises(ConfigError, match="QANTARA_CONFIG"):
+        Settings.load({}, config)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("30", timedelta(seconds=30)),
+        ("500ms", timedelta(milliseconds=500)),
+        ("15m", timedelta(minutes=15)),
+        ("24h", timedelta(hours=24)),
+        ("365d", timedelta(days=365)),
+    ],
+)
+def test_durations_accept_the_usual_units(text: str, expected: timedelta) -> None:
+    assert parse_duration(text) == expected
