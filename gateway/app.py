@@ -9,6 +9,7 @@ close, all under `shutdown_timeout`; whatever is still running then is cancelled
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Mapping
@@ -140,6 +141,7 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
             loop.add_signal_handler(sig, stop.set)
         stack.callback(_remove_signal_handlers, loop)
 
+        _tune_garbage_collector()
         async with asyncio.TaskGroup() as group:
             pipeline_task = group.create_task(pipeline.run(), name="pipeline")
             mqtt_task = group.create_task(mqtt.run(), name="mqtt")
@@ -169,6 +171,19 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
             for task in (pipeline_task, mqtt_task, http_task, mllp_task, upkeep, *extra_tasks):
                 task.cancel()
         logger.info("stopped")
+
+
+def _tune_garbage_collector() -> None:
+    """Fewer full collections on the hot path.
+
+    Ingest allocates many short-lived objects (paho messages, envelopes); with the default
+    threshold of 700 the collector took about a third of the CPU while draining a backlog.
+    Objects alive after start-up are frozen out of future collections, and the young
+    generation is collected every 50,000 allocations instead of 700.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 def _readiness(

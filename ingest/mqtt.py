@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 STATUS_TOPIC = "units/+/status"
 _RECONNECT_MAX = 30.0
+_WATERMARK_SLICE = 256
 
 
 class UnitGauges:
@@ -114,32 +115,39 @@ class MqttVitalsAdapter:
         self._stopping = True
 
     async def _serve(self, session: Session) -> None:
-        await session.subscribe(self._settings.vitals_subscription)
-        await session.subscribe(STATUS_TOPIC)
         self._session = session
         self.connected.set()
         self._metrics.mqtt_connected.set(1)
-        logger.info(
-            "MQTT connected to %s:%d as %s, subscribed to %s",
-            self._settings.host,
-            self._settings.port,
-            self._settings.client_id,
-            self._settings.vitals_subscription,
-        )
         # Publish the watermarks learnt before a reconnect, then follow new ones.
         self._published.clear()
         self._watermark_changed.set()
         async with asyncio.TaskGroup() as group:
             publisher = group.create_task(self._publish_watermarks(session))
+            # A resumed session delivers its queued messages before the SUBACKs: consume them
+            # while subscribing, or a full read window would hide the SUBACK forever.
+            reader = group.create_task(self._read(session))
             try:
-                async for message in session.messages():
-                    if self._stopping:
-                        # Left unacknowledged for the next session; the connection stays up
-                        # so the PUBACKs of what the pipeline is still committing go out.
-                        continue
-                    await self._handle(session, message)
+                await session.subscribe(self._settings.vitals_subscription)
+                await session.subscribe(STATUS_TOPIC)
+                logger.info(
+                    "MQTT connected to %s:%d as %s, subscribed to %s",
+                    self._settings.host,
+                    self._settings.port,
+                    self._settings.client_id,
+                    self._settings.vitals_subscription,
+                )
+                await reader
             finally:
                 publisher.cancel()
+                reader.cancel()
+
+    async def _read(self, session: Session) -> None:
+        async for message in session.messages():
+            if self._stopping:
+                # Left unacknowledged for the next session; the connection stays up so the
+                # PUBACKs of what the pipeline is still committing go out.
+                continue
+            await self._handle(session, message)
 
     async def _handle(self, session: Session, message: Received) -> None:
         topic = message.topic
@@ -153,6 +161,7 @@ class MqttVitalsAdapter:
         try:
             await self._pipeline.submit(envelope)
         except PipelineClosed:
+            session.release(message)
             return  # not acknowledged: the broker keeps it for the next session
         envelope.ack.add_done_callback(lambda future: self._resolved(future, message))
 
@@ -197,10 +206,12 @@ class MqttVitalsAdapter:
         )
 
     def _resolved(self, future: asyncio.Future[Outcome], message: Received) -> None:
+        session = self._session
         if future.cancelled() or future.exception() is not None:
+            if session is not None:
+                session.release(message)
             return  # not durable: no PUBACK, the broker redelivers
         outcome = future.result()
-        session = self._session
         if session is not None:
             session.ack(message)
         if outcome.watermark is not None:
@@ -221,11 +232,19 @@ class MqttVitalsAdapter:
                 for unit, seq in self._watermarks.items()
                 if self._published.get(unit) != seq
             ]
-            for unit, seq in changed:
-                await session.publish(
-                    f"units/{unit}/ack", json.dumps({"seq": seq}).encode(), retain=True
+            # Concurrently, in bounded slices: one PUBACK round trip per slice, not per unit.
+            for start in range(0, len(changed), _WATERMARK_SLICE):
+                part = changed[start : start + _WATERMARK_SLICE]
+                await asyncio.gather(
+                    *(
+                        session.publish(
+                            f"units/{unit}/ack", json.dumps({"seq": seq}).encode(), retain=True
+                        )
+                        for unit, seq in part
+                    )
                 )
-                self._published[unit] = seq
+                for unit, seq in part:
+                    self._published[unit] = seq
 
     def _on_status(self, message: Received) -> None:
         parts = message.topic.split("/")

@@ -3,9 +3,13 @@
 aiomqtt 2.5 lets paho send PUBACK as soon as a PUBLISH is read, before anything is durable, and
 drops messages from a full queue after they were acknowledged. Here paho's manual ack is switched
 on before CONNECT and the PUBACK of a message is sent by `ack()` only after its envelope is
-committed. The incoming queue is left unbounded on purpose: the broker never has more than
-Receive Maximum (MQTT 5) or its max_inflight_messages (3.1.1) unacknowledged messages in flight to
-us, so that bound is the real one and nothing is ever dropped after an acknowledgement.
+committed. aiomqtt's incoming queue is left unbounded (a bounded one drops messages) and the
+bound is ours instead: once `window` messages are read and not yet acknowledged, the session stops
+reading the socket, and reads again when half of them are acknowledged. TCP then keeps the rest
+in the broker. Receive Maximum (MQTT 5) alone is not enough: Mosquitto 2.0 was measured sending
+a new full window after each manual PUBACK, which grew the gateway's memory by the backlog.
+While reading is paused past the keep-alive, paho drops the connection; the broker then
+redelivers what was not acknowledged, and it is acknowledged as duplicate once committed.
 
 A message carries the generation of the connection it came on: a packet id is only meaningful on
 its own connection, so acknowledgements for a connection that has since dropped are skipped (the
@@ -15,13 +19,14 @@ broker redelivers those messages on the new one and they are acknowledged as dup
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from urllib.parse import urlsplit
 
 import aiomqtt
+import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -63,6 +68,61 @@ class MqttSettings:
         return f"$share/{self.shared_group}/{topic}" if self.shared_group else topic
 
 
+class _FlowControlledClient(aiomqtt.Client):
+    """aiomqtt's client, with socket reading paused while too many messages await their ack.
+
+    `_on_socket_open` repeats aiomqtt 2.5's own (a reader calling paho's `loop_read`) but keeps
+    the reader so that it can be removed and added again.
+    """
+
+    def __init__(self, *args: object, window: int, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._window = window
+        self._resume_below = max(1, window // 2)
+        self._unacked = 0
+        self._reader: Callable[[], None] | None = None
+        self._fd = -1
+        self._paused = False
+
+    def _on_socket_open(self, client: paho.Client, userdata: object, sock: object) -> None:
+        def read() -> None:
+            try:
+                while True:
+                    client.loop_read()
+                    pending = getattr(client._sock, "pending", None)  # TLS-buffered bytes
+                    if pending is not None and pending() > 0 and not self._paused:
+                        continue
+                    break
+            except Exception as exc:  # noqa: BLE001 - as aiomqtt: a read error ends the session
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        def register() -> None:
+            self._reader = read
+            self._fd = sock.fileno()  # type: ignore[attr-defined]
+            self._paused = False
+            self._loop.add_reader(self._fd, read)
+            self._misc_task = self._loop.create_task(self._misc_loop())
+
+        self._loop.call_soon_threadsafe(register)
+
+    def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        super()._on_message(client, userdata, message)
+        if message.qos > 0:
+            self._unacked += 1
+            if self._unacked >= self._window and not self._paused and self._fd >= 0:
+                self._paused = True
+                self._loop.remove_reader(self._fd)
+
+    def settled(self) -> None:
+        """One message read earlier was acknowledged or given up: maybe read again."""
+        self._unacked = max(0, self._unacked - 1)
+        if self._paused and self._unacked <= self._resume_below and self._reader is not None:
+            self._paused = False
+            if self._client.socket() is not None:
+                self._loop.add_reader(self._fd, self._reader)
+
+
 @dataclass(frozen=True, slots=True)
 class Received:
     """One PUBLISH from the broker, detached from aiomqtt's types."""
@@ -78,7 +138,7 @@ class Received:
 class Session:
     """A connected MQTT session with acknowledgements under our control."""
 
-    def __init__(self, client: aiomqtt.Client, generation: int) -> None:
+    def __init__(self, client: _FlowControlledClient, generation: int) -> None:
         self._client = client
         self.generation = generation
         self._open = True
@@ -107,7 +167,13 @@ class Session:
         if not self._open or message.generation != self.generation or message.qos == 0:
             return False
         self._client._client.ack(message.mid, message.qos)
+        self._client.settled()
         return True
+
+    def release(self, message: Received) -> None:
+        """A message that will not be acknowledged on this connection (the broker redelivers)."""
+        if self._open and message.generation == self.generation and message.qos > 0:
+            self._client.settled()
 
     def close(self) -> None:
         self._open = False
@@ -127,7 +193,7 @@ async def connect(settings: MqttSettings, generation: int) -> AsyncIterator[Sess
     tls_context: ssl.SSLContext | None = None
     if settings.tls:
         tls_context = ssl.create_default_context(cafile=settings.ca_file)
-    client = aiomqtt.Client(
+    client = _FlowControlledClient(
         settings.host,
         settings.port,
         identifier=settings.client_id,
@@ -140,7 +206,8 @@ async def connect(settings: MqttSettings, generation: int) -> AsyncIterator[Sess
         keepalive=30,
         timeout=10,
         tls_context=tls_context,
-        max_queued_incoming_messages=0,  # unbounded: the broker's in-flight window bounds it
+        max_queued_incoming_messages=0,  # unbounded: the read pause is the bound (see above)
+        window=settings.receive_maximum,
     )
     client._client.manual_ack_set(True)
     async with client:

@@ -13,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol as TypingProtocol
+
+from prometheus_client import Histogram
 
 from ingest.errors import StorageUnavailable
 from ingest.records import DeadLetter, Envelope, Outcome, OutcomeKind
@@ -54,6 +57,7 @@ class GroupCommitPipeline:
         self._queue: asyncio.Queue[Envelope | None] = asyncio.Queue(settings.max_pending)
         self._closing = False
         self._available = False
+        self._latency_children: dict[str, Histogram] = {}
 
     @property
     def available(self) -> bool:
@@ -192,21 +196,38 @@ class GroupCommitPipeline:
             return []
 
     def _resolve(self, batch: Sequence[Envelope], outcomes: Sequence[Outcome]) -> None:
+        """Resolve the futures in order; metrics are counted once per batch, not per envelope."""
         now = datetime.now(UTC)
+        settled: Counter[str] = Counter()
+        stored: Counter[str] = Counter()
+        duplicate: Counter[str] = Counter()
+        rejected: Counter[tuple[str, str]] = Counter()
         for env, outcome in zip(batch, outcomes, strict=True):
             protocol = env.protocol.value
-            self._metrics.pending.labels(protocol).dec()
+            settled[protocol] += 1
             if outcome.kind is OutcomeKind.STORED:
-                self._metrics.stored.labels(protocol).inc()
-                self._metrics.ingest_latency.labels(protocol).observe(
-                    max(0.0, (now - env.received_at).total_seconds())
-                )
+                stored[protocol] += 1
+                self._latency(protocol).observe(max(0.0, (now - env.received_at).total_seconds()))
             elif outcome.kind is OutcomeKind.DUPLICATE:
-                self._metrics.duplicate.labels(protocol).inc()
+                duplicate[protocol] += 1
             else:
-                self._metrics.rejected.labels(protocol, outcome.reason or "unknown").inc()
+                rejected[(protocol, outcome.reason or "unknown")] += 1
             if not env.ack.done():
                 env.ack.set_result(outcome)
+        for protocol, count in settled.items():
+            self._metrics.pending.labels(protocol).dec(count)
+        for protocol, count in stored.items():
+            self._metrics.stored.labels(protocol).inc(count)
+        for protocol, count in duplicate.items():
+            self._metrics.duplicate.labels(protocol).inc(count)
+        for (protocol, reason), count in rejected.items():
+            self._metrics.rejected.labels(protocol, reason).inc(count)
+
+    def _latency(self, protocol: str) -> Histogram:
+        child = self._latency_children.get(protocol)
+        if child is None:
+            child = self._latency_children[protocol] = self._metrics.ingest_latency.labels(protocol)
+        return child
 
     def _fail_queued(self) -> None:
         """On exit, envelopes never committed get `StorageUnavailable`: nobody acknowledges."""
