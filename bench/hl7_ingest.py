@@ -1,0 +1,305 @@
+"""HL7 ingest benchmark: ORU^R01 (10 OBX) over MLLP, end to end, against parse-only references.
+
+What it measures, in one run on this machine:
+
+1. end to end: `qantara serve` (a subprocess, its own fresh database) receives ORU^R01 with 10
+   OBX each over 4 concurrent connections with pipelining (up to `--window` messages in flight
+   per connection); the rate counts a message once its AA is back, i.e. once committed;
+2. latency: message → AA at a steady 200 msg/s (4 connections), p50/p99;
+3. references, parse only, on the same messages: python-hl7 (`hl7.parse`) in a virtual
+   environment of its own under /tmp (our package is named `hl7` too, so it runs in a
+   subprocess of that environment, created here with `python -m venv` and `pip install hl7`),
+   hl7apy (`parse_message`, which validates as it builds its tree) and our own tokenizer.
+
+Run: `.venv/bin/python bench/hl7_ingest.py [--messages 20000]`. Database: the server named by
+`QANTARA_BENCH_DATABASE_URL` (default postgresql://postgres@127.0.0.1:5432/postgres); a database
+is created for the run and dropped after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gateway.local_services import drop_database, ensure_database, free_port  # noqa: E402
+from hl7.er7 import parse_message  # noqa: E402
+from simulators.lab import CHARSET_CODECS, LabConfig, build_oru, population  # noqa: E402
+
+START, END = b"\x0b", b"\x1c\x0d"
+REFERENCE_VENV = Path("/tmp/qantara-bench-hl7")
+LISTENING = re.compile(r"listening mllp=\S+:(\d+)")
+REFERENCE_SCRIPT = """
+import json, sys, time
+import hl7
+texts = json.load(open(sys.argv[1], encoding="utf-8"))
+for t in texts[:200]:
+    hl7.parse(t)
+best = 0.0
+for _ in range(3):
+    started = time.perf_counter()
+    for t in texts:
+        hl7.parse(t)
+    best = max(best, len(texts) / (time.perf_counter() - started))
+print(json.dumps({"rate": best, "version": getattr(hl7, "__version__", "?")}))
+"""
+
+
+def make_messages(count: int, seed: int) -> list[bytes]:
+    """ORU^R01 CBC panels (10 OBX), Arabic/French/Latin names in their charsets."""
+    config = LabConfig(seed=seed, control_prefix=f"B{secrets.token_hex(3)}-")
+    people = population(seed, 2000)
+    rng = random.Random(seed)
+    return [build_oru(i * 3, people[rng.randrange(len(people))], config, rng) for i in range(count)]
+
+
+def texts_of(messages: list[bytes]) -> list[str]:
+    return [m.decode(CHARSET_CODECS[parse_message(m).encoding.charset]) for m in messages]
+
+
+def reference_python_hl7(texts: list[str]) -> tuple[float, str]:
+    python = REFERENCE_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(REFERENCE_VENV)], check=True)
+    probe = subprocess.run([str(python), "-c", "import hl7"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "hl7"], check=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, encoding="utf-8") as f:
+        json.dump(texts, f, ensure_ascii=False)
+        path = f.name
+    try:
+        out = subprocess.run(
+            [str(python), "-c", REFERENCE_SCRIPT, path],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd="/tmp",  # not our checkout: its `hl7` package must not shadow python-hl7
+        )
+    finally:
+        os.unlink(path)
+    result = json.loads(out.stdout)
+    return float(result["rate"]), str(result["version"])
+
+
+def reference_hl7apy(texts: list[str], seconds: float = 5.0) -> float:
+    from hl7apy.parser import parse_message as hl7apy_parse
+
+    done = 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds and done < len(texts):
+        hl7apy_parse(texts[done])
+        done += 1
+    return done / (time.perf_counter() - started)
+
+
+def our_tokenizer(messages: list[bytes]) -> float:
+    best = 0.0
+    for _ in range(3):
+        started = time.perf_counter()
+        for m in messages:
+            parse_message(m)
+        best = max(best, len(messages) / (time.perf_counter() - started))
+    return best
+
+
+@asynccontextmanager
+async def gateway(database_url: str) -> AsyncIterator[int]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QANTARA_")}
+    env.update(
+        {
+            "QANTARA_DATABASE_URL": database_url,
+            "QANTARA_MLLP_PORT": str(port),
+            "QANTARA_HTTP_PORT": "0",
+            "QANTARA_DICOM_PORT": "0",
+            "QANTARA_LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "serve",
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    if proc.stderr is None:
+        raise RuntimeError("no stderr pipe")
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                line = (await proc.stderr.readline()).decode("utf-8", "replace")
+                if not line:
+                    raise RuntimeError("the gateway exited before listening")
+                if LISTENING.search(line):
+                    break
+
+        async def drain(stream: asyncio.StreamReader) -> None:
+            while await stream.readline():
+                pass
+
+        drainer = asyncio.create_task(drain(proc.stderr))
+        yield port
+        drainer.cancel()
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def _connection(
+    port: int,
+    messages: list[bytes],
+    window: int,
+    schedule: list[float] | None,
+    latencies: list[float],
+    codes: dict[str, int],
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    slots = asyncio.Semaphore(window)
+    sent_at: list[float] = []
+
+    async def send() -> None:
+        for i, m in enumerate(messages):
+            await slots.acquire()
+            if schedule is not None:
+                delay = schedule[i] - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            sent_at.append(time.perf_counter())
+            writer.write(START + m + END)
+            await writer.drain()
+
+    async def receive() -> None:
+        buffer = b""
+        for i in range(len(messages)):
+            while END not in buffer:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    raise ConnectionError("the gateway closed the connection")
+                buffer += chunk
+            end = buffer.index(END)
+            ack = buffer[buffer.index(START) + 1 : end]
+            buffer = buffer[end + 2 :]
+            latencies.append(time.perf_counter() - sent_at[i])
+            code = ack.split(b"\rMSA|", 1)[1][:2].decode("ascii") if b"\rMSA|" in ack else "??"
+            codes[code] = codes.get(code, 0) + 1
+            slots.release()
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(send())
+            group.create_task(receive())
+    finally:
+        writer.close()
+
+
+async def end_to_end(
+    port: int, messages: list[bytes], connections: int, window: int, rate: float | None
+) -> tuple[float, list[float], dict[str, int]]:
+    shares = [messages[i::connections] for i in range(connections)]
+    latencies: list[float] = []
+    codes: dict[str, int] = {}
+    started = time.perf_counter()
+    schedules: list[list[float] | None] = [None] * connections
+    if rate is not None:
+        schedules = [
+            [started + (j * connections + i) / rate for j in range(len(share))]
+            for i, share in enumerate(shares)
+        ]
+    async with asyncio.TaskGroup() as group:
+        for share, schedule in zip(shares, schedules, strict=True):
+            group.create_task(_connection(port, share, window, schedule, latencies, codes))
+    return len(messages) / (time.perf_counter() - started), latencies, codes
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--steady-rate", type=float, default=200.0)
+    parser.add_argument("--steady-seconds", type=float, default=15.0)
+    args = parser.parse_args()
+
+    seed = secrets.randbelow(1_000_000)
+    messages = make_messages(args.messages, seed)
+    texts = texts_of(messages)
+    obx = sum(1 for s in texts[0].split("\r") if s.startswith("OBX"))
+    print(
+        f"messages: {len(messages)} ORU^R01, {obx} OBX each, "
+        f"{statistics.mean(len(m) for m in messages):.0f} bytes on average"
+    )
+
+    python_hl7, version = reference_python_hl7(texts)
+    hl7apy_rate = reference_hl7apy(texts)
+    tokenizer = our_tokenizer(messages)
+
+    server_dsn = os.environ.get(
+        "QANTARA_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
+    name = f"qantara_bench_hl7_{secrets.token_hex(4)}"
+    dsn = await ensure_database(server_dsn, name)
+    try:
+        async with gateway(dsn) as port:
+            warm = make_messages(500, seed + 1)
+            await end_to_end(port, warm, args.connections, args.window, None)
+            rate, _, codes = await end_to_end(port, messages, args.connections, args.window, None)
+            steady = make_messages(int(args.steady_rate * args.steady_seconds), seed + 2)
+            _, latencies, steady_codes = await end_to_end(
+                port, steady, args.connections, args.window, args.steady_rate
+            )
+    finally:
+        await drop_database(server_dsn, name)
+
+    print()
+    print("| measure | rate (msg/s) | vs python-hl7 parse |")
+    print("|---|---:|---:|")
+    print(
+        f"| Qantara end to end, message in -> AA out, committed "
+        f"({args.connections} connections, pipelined) | {rate:,.0f} | {rate / python_hl7:.2f} x |"
+    )
+    print(f"| python-hl7 {version} parse only | {python_hl7:,.0f} | 1.00 x |")
+    print(f"| hl7apy parse only | {hl7apy_rate:,.0f} | {hl7apy_rate / python_hl7:.3f} x |")
+    print(
+        f"| Qantara ER7 tokenizer parse only | {tokenizer:,.0f} | {tokenizer / python_hl7:.1f} x |"
+    )
+    print()
+    print(f"acks (throughput run): {codes}")
+    print(
+        f"steady {args.steady_rate:.0f} msg/s for {args.steady_seconds:.0f} s: message -> AA "
+        f"p50 {percentile(latencies, 0.5) * 1000:.1f} ms, "
+        f"p99 {percentile(latencies, 0.99) * 1000:.1f} ms, "
+        f"max {max(latencies) * 1000:.1f} ms; acks {steady_codes}"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
