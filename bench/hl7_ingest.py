@@ -11,6 +11,10 @@ What it measures, in one run on this machine:
    subprocess of that environment, created here with `python -m venv` and `pip install hl7`),
    hl7apy (`parse_message`, which validates as it builds its tree) and our own tokenizer.
 
+It also prints the CPU time per message of the gateway and of its PostgreSQL backends during
+the throughput run, the share of the machine that was busy (other work on a shared machine moves
+the wall-clock rates of both sides), and python-hl7's CPU time per message beside it.
+
 Run: `.venv/bin/python bench/hl7_ingest.py [--messages 20000]`. Database: the server named by
 `QANTARA_BENCH_DATABASE_URL` (default postgresql://postgres@127.0.0.1:5432/postgres); a database
 is created for the run and dropped after.
@@ -25,6 +29,7 @@ import os
 import random
 import re
 import secrets
+import shlex
 import statistics
 import subprocess
 import sys
@@ -32,6 +37,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,12 +57,14 @@ texts = json.load(open(sys.argv[1], encoding="utf-8"))
 for t in texts[:200]:
     hl7.parse(t)
 best = 0.0
+cpu = float("inf")
 for _ in range(3):
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for t in texts:
         hl7.parse(t)
     best = max(best, len(texts) / (time.perf_counter() - started))
-print(json.dumps({"rate": best, "version": getattr(hl7, "__version__", "?")}))
+    cpu = min(cpu, (time.process_time() - cpu_started) / len(texts))
+print(json.dumps({"rate": best, "cpu": cpu, "version": getattr(hl7, "__version__", "?")}))
 """
 
 
@@ -72,7 +80,8 @@ def texts_of(messages: list[bytes]) -> list[str]:
     return [m.decode(CHARSET_CODECS[parse_message(m).encoding.charset]) for m in messages]
 
 
-def reference_python_hl7(texts: list[str]) -> tuple[float, str]:
+def reference_python_hl7(texts: list[str]) -> tuple[float, float, str]:
+    """python-hl7's best parse rate (msg/s), its CPU seconds per message, its version."""
     python = REFERENCE_VENV / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(REFERENCE_VENV)], check=True)
@@ -93,7 +102,7 @@ def reference_python_hl7(texts: list[str]) -> tuple[float, str]:
     finally:
         os.unlink(path)
     result = json.loads(out.stdout)
-    return float(result["rate"]), str(result["version"])
+    return float(result["rate"]), float(result["cpu"]), str(result["version"])
 
 
 def reference_hl7apy(texts: list[str], seconds: float = 5.0) -> float:
@@ -117,8 +126,63 @@ def our_tokenizer(messages: list[bytes]) -> float:
     return best
 
 
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds (0 when it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def system_cpu() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs from /proc/stat."""
+    values = [float(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+async def backend_pids(dsn: str) -> list[int]:
+    """The PostgreSQL backends serving the gateway's database (the bench's own excluded)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await conn.close()
+    return [int(r["pid"]) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class CpuUse:
+    gateway_us_per_message: float
+    postgres_us_per_message: float
+    machine_busy_cores: float
+
+
+class CpuMeter:
+    """CPU of the gateway, of its PostgreSQL backends and of the whole machine over a phase."""
+
+    def __init__(self, gateway_pid: int, backends: list[int]) -> None:
+        self._pids = [gateway_pid, *backends]
+        self._start = [proc_cpu_seconds(p) for p in self._pids]
+        self._system = system_cpu()
+
+    def stop(self, messages: int) -> CpuUse:
+        used = [proc_cpu_seconds(p) - s for p, s in zip(self._pids, self._start, strict=True)]
+        busy, total = system_cpu()
+        cores = os.cpu_count() or 1
+        share = (busy - self._system[0]) / max(1.0, total - self._system[1])
+        return CpuUse(used[0] / messages * 1e6, sum(used[1:]) / messages * 1e6, share * cores)
+
+
 @asynccontextmanager
-async def gateway(database_url: str) -> AsyncIterator[int]:
+async def gateway(database_url: str, command: list[str]) -> AsyncIterator[tuple[int, int]]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("QANTARA_")}
     env.update(
@@ -132,10 +196,7 @@ async def gateway(database_url: str) -> AsyncIterator[int]:
         }
     )
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "serve",
+        *command,
         cwd=ROOT,
         env=env,
         stdout=asyncio.subprocess.DEVNULL,
@@ -143,12 +204,16 @@ async def gateway(database_url: str) -> AsyncIterator[int]:
     )
     if proc.stderr is None:
         raise RuntimeError("no stderr pipe")
+    print(f"gateway pid {proc.pid}", file=sys.stderr)
+    seen: list[str] = []
     try:
         async with asyncio.timeout(60):
             while True:
                 line = (await proc.stderr.readline()).decode("utf-8", "replace")
                 if not line:
-                    raise RuntimeError("the gateway exited before listening")
+                    tail = "".join(seen[-20:])
+                    raise RuntimeError(f"the gateway exited before listening:\n{tail}")
+                seen.append(line)
                 if LISTENING.search(line):
                     break
 
@@ -157,7 +222,7 @@ async def gateway(database_url: str) -> AsyncIterator[int]:
                 pass
 
         drainer = asyncio.create_task(drain(proc.stderr))
-        yield port
+        yield port, proc.pid
         drainer.cancel()
     finally:
         if proc.returncode is None:
@@ -247,6 +312,11 @@ async def main() -> None:
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--steady-rate", type=float, default=200.0)
     parser.add_argument("--steady-seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--gateway-cmd",
+        default=f"{sys.executable} -m gateway.cli serve",
+        help="the command that runs the gateway (e.g. under a profiler)",
+    )
     args = parser.parse_args()
 
     seed = secrets.randbelow(1_000_000)
@@ -258,7 +328,7 @@ async def main() -> None:
         f"{statistics.mean(len(m) for m in messages):.0f} bytes on average"
     )
 
-    python_hl7, version = reference_python_hl7(texts)
+    python_hl7, python_hl7_cpu, version = reference_python_hl7(texts)
     hl7apy_rate = reference_hl7apy(texts)
     tokenizer = our_tokenizer(messages)
 
@@ -268,14 +338,18 @@ async def main() -> None:
     name = f"qantara_bench_hl7_{secrets.token_hex(4)}"
     dsn = await ensure_database(server_dsn, name)
     try:
-        async with gateway(dsn) as port:
+        async with gateway(dsn, shlex.split(args.gateway_cmd)) as (port, pid):
             warm = make_messages(500, seed + 1)
             await end_to_end(port, warm, args.connections, args.window, None)
+            meter = CpuMeter(pid, await backend_pids(dsn))
             rate, _, codes = await end_to_end(port, messages, args.connections, args.window, None)
+            cpu = meter.stop(len(messages))
             steady = make_messages(int(args.steady_rate * args.steady_seconds), seed + 2)
+            steady_meter = CpuMeter(pid, [])
             _, latencies, steady_codes = await end_to_end(
                 port, steady, args.connections, args.window, args.steady_rate
             )
+            steady_cpu = steady_meter.stop(len(steady))
     finally:
         await drop_database(server_dsn, name)
 
@@ -294,10 +368,22 @@ async def main() -> None:
     print()
     print(f"acks (throughput run): {codes}")
     print(
+        f"CPU (throughput run): gateway {cpu.gateway_us_per_message:.0f} us/msg, its PostgreSQL "
+        f"backends {cpu.postgres_us_per_message:.0f} us/msg; whole machine "
+        f"{cpu.machine_busy_cores:.2f} of {os.cpu_count()} cores busy"
+    )
+    ours = cpu.gateway_us_per_message + cpu.postgres_us_per_message
+    print(
+        f"CPU per message, load-independent: python-hl7 parse {python_hl7_cpu * 1e6:.0f} us; "
+        f"Qantara gateway + PostgreSQL {ours:.0f} us "
+        f"(python-hl7 / Qantara = {python_hl7_cpu * 1e6 / ours:.2f} x)"
+    )
+    print(
         f"steady {args.steady_rate:.0f} msg/s for {args.steady_seconds:.0f} s: message -> AA "
         f"p50 {percentile(latencies, 0.5) * 1000:.1f} ms, "
         f"p99 {percentile(latencies, 0.99) * 1000:.1f} ms, "
-        f"max {max(latencies) * 1000:.1f} ms; acks {steady_codes}"
+        f"max {max(latencies) * 1000:.1f} ms; acks {steady_codes}; "
+        f"machine {steady_cpu.machine_busy_cores:.2f} of {os.cpu_count()} cores busy"
     )
 
 

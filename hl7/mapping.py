@@ -226,6 +226,22 @@ def _parts(raw: str, enc: Encoding) -> list[str]:
     return parts
 
 
+def _first(raw: str, enc: Encoding) -> str:
+    """The first component (first subcomponent) of a field's first repetition, decoded.
+
+    `_parts(raw, enc)[0]` without building the list: most OBX fields are plain text.
+    """
+    if enc.repetition in raw:
+        raw = raw.partition(enc.repetition)[0]
+    if enc.component in raw:
+        raw = raw.partition(enc.component)[0]
+    if enc.subcomponent in raw:
+        raw = raw.partition(enc.subcomponent)[0]
+    if enc.escape in raw:
+        return enc.unescape(raw)
+    return raw
+
+
 def _coded_parts(parts: list[str]) -> CodedValue:
     """CE/CWE from its components: identifier, text, system (else the alternate triple)."""
     parts = parts + [""] * (6 - len(parts)) if len(parts) < 6 else parts
@@ -240,7 +256,7 @@ def _observation(obx: Segment, seq: int, position: int, tz: tzinfo) -> LabObserv
     enc = obx.encoding
     if len(fields) < 15:
         fields = fields + ("",) * (15 - len(fields))
-    value_type = _parts(fields[2], enc)[0].upper()
+    value_type = _first(fields[2], enc).upper()
     code = _coded_parts(_parts(fields[3], enc))
     if not code.code and not code.display:
         raise MappingError(
@@ -259,14 +275,14 @@ def _observation(obx: Segment, seq: int, position: int, tz: tzinfo) -> LabObserv
     if not raw5 or raw5 == '""':
         pass
     elif value_type in _NUMERIC_TYPES:
-        numeric = _number(_parts(raw5, enc)[0].strip(), seq, value_type)
+        numeric = _number(_first(raw5, enc).strip(), seq, value_type)
     elif value_type == "SN":
         numeric, comparator, text = _structured_numeric(obx.field(5).repetition(1), seq)
     elif value_type in _CODED_TYPES:
         coded = _coded_parts(_parts(raw5, enc))
     else:  # ST, TX, FT; DT, TS, ID, IS... kept as text (repetitions are lines)
         text = "\n".join(r.value for r in obx.field(5).repetitions)
-    reference = _parts(fields[7], enc)[0].strip()
+    reference = _first(fields[7], enc).strip()
     low, high = _reference_bounds(reference)
     flags = fields[8]
     return LabObservation(
@@ -277,7 +293,7 @@ def _observation(obx: Segment, seq: int, position: int, tz: tzinfo) -> LabObserv
         comparator=comparator,
         text=text,
         coded=coded,
-        unit=_parts(fields[6], enc)[0].strip(),
+        unit=_first(fields[6], enc).strip(),
         reference_range=reference,
         reference_low=low,
         reference_high=high,
@@ -286,8 +302,8 @@ def _observation(obx: Segment, seq: int, position: int, tz: tzinfo) -> LabObserv
             if enc.repetition in flags or enc.escape in flags
             else ((flags.partition(enc.component)[0],) if flags else ())
         ),
-        status=_parts(fields[11], enc)[0],
-        observed_at=_time_text(_parts(fields[14], enc)[0], "OBX", seq, 14, tz),
+        status=_first(fields[11], enc),
+        observed_at=_time_text(_first(fields[14], enc), "OBX", seq, 14, tz),
     )
 
 

@@ -17,7 +17,9 @@ in the order the messages arrived, each once its outcome is known:
 
 A message beyond `max_message_bytes` is answered AR when its MSH segment could be read (else a
 fallback AR), then that connection alone is closed. Other framing errors close the connection
-after a fallback AR. `except Exception` only at the per-connection boundary.
+after a fallback AR. A connection beyond `max_connections` is not served: its first message is
+answered AR ("too many connections", ERR 207) and it is closed. `except Exception` only at the
+per-connection boundary.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ logger = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
 HEAD_BYTES = 8 * 1024  # what is kept of a frame's start, to answer an oversize message
+MAX_REFUSING = 16  # refused connections answered at once; beyond, closed without an answer
+TOO_MANY_CONNECTIONS = "too many connections to this gateway; retry later"
 REJECT_REASONS = (
     "unsupported-version",
     "unsupported-processing-id",
@@ -86,6 +90,7 @@ REJECT_REASONS = (
     "missing-obr",
     "obx-value-not-numeric",
     "storage-refused",
+    "too-many-connections",
 )
 Validator = Callable[[Hl7Message], Awaitable[str | None]]
 
@@ -99,6 +104,7 @@ class MllpSettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     idle_timeout: float = 300.0
     max_connections: int = 256
+    refusal_wait: float = 5.0  # beyond max_connections: how long the first message may take
     window: int = 64
     ack_timeout: float = 30.0
     tls_cert: Path | None = None
@@ -152,6 +158,7 @@ class MllpServer:
         self._validator = validator
         self._tz: tzinfo = ZoneInfo(settings.timezone)
         self._connections: set[_Connection] = set()
+        self._refusing = 0
         self._stopping = asyncio.Event()
         self._ack_ids = itertools.count(1)
         self._ack_prefix = f"Q{int(time.time()):x}"
@@ -202,13 +209,25 @@ class MllpServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = _peer(writer)
-        if len(self._connections) >= self._settings.max_connections or self._stopping.is_set():
+        if self._stopping.is_set():
+            writer.close()
+            return
+        if len(self._connections) >= self._settings.max_connections:
             logger.warning(
                 "mllp connection from %s refused: %d connections open (the maximum)",
                 peer,
                 len(self._connections),
             )
-            writer.close()
+            self._metrics.rejected.labels(Protocol.HL7.value, "too-many-connections").inc()
+            try:
+                if self._refusing < MAX_REFUSING:
+                    self._refusing += 1
+                    try:
+                        await self._refuse(reader, writer)
+                    finally:
+                        self._refusing -= 1
+            finally:
+                writer.close()
             return
         connection = _Connection(self, reader, writer, peer)
         self._connections.add(connection)
@@ -226,6 +245,51 @@ class MllpServer:
             for callback in connection.closed_callbacks:
                 callback()
             logger.debug("mllp connection from %s closed", peer)
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer the first message of a connection beyond the maximum with AR, stores nothing.
+
+        The AR echoes MSH-10 (ERR 207, "too many connections"); the caller then closes. A peer
+        that sends no frame within `refusal_wait` seconds is closed unanswered.
+        """
+        framer = MllpFramer(HEAD_BYTES)
+        head = b""
+        try:
+            async with asyncio.timeout(self._settings.refusal_wait):
+                while True:
+                    data = await reader.read(READ_CHUNK)
+                    if len(head) < HEAD_BYTES:
+                        head += data[: HEAD_BYTES - len(head)]
+                    try:
+                        events = framer.receive_data(data)
+                    except FramingError:
+                        break  # beyond the head: answer from what the head shows
+                    if events or not data:
+                        break
+        except (TimeoutError, ConnectionError, ssl.SSLError):
+            return
+        start = head.find(b"\x0b")
+        if start < 0:
+            return
+        header = _header_of(head[start + 1 :])
+        error = AckError(ErrorCode.APPLICATION_INTERNAL_ERROR, TOO_MANY_CONNECTIONS)
+        now = datetime.now(UTC)
+        if header is None:
+            ack = build_fallback_ack(error, now=now, control_id=self.next_control_id())
+        else:
+            ack = build_ack(
+                header,
+                AckCode.APPLICATION_REJECT,
+                error=error,
+                now=now,
+                control_id=self.next_control_id(),
+            )
+        try:
+            writer.write(framer.frame(ack))
+            async with asyncio.timeout(self._settings.refusal_wait):
+                await writer.drain()
+        except (TimeoutError, ConnectionError, ssl.SSLError):
+            return
 
     # --- one message: bytes to a pending answer ---------------------------------------------
 
@@ -362,8 +426,11 @@ class MllpServer:
         error = pending.error
         if pending.future is not None:
             try:
-                async with asyncio.timeout(self._settings.ack_timeout):
-                    stored = await asyncio.shield(pending.future)
+                if pending.future.done():  # the usual case behind the oldest: no timer needed
+                    stored = pending.future.result()
+                else:
+                    async with asyncio.timeout(self._settings.ack_timeout):
+                        stored = await asyncio.shield(pending.future)
             except (TimeoutError, StorageUnavailable, asyncio.CancelledError) as exc:
                 if isinstance(exc, asyncio.CancelledError) and not pending.future.cancelled():
                     raise

@@ -6,8 +6,13 @@
    known identifier points to, national id first, else a new one) and every unknown identifier
    is linked to it. Bulk: one select, one insert of new patients, one of identifiers, and a
    re-select that is the truth when another replica raced us.
-3. Demographics (ADT replaces, in MSH-7 order; ORU fills what is missing), merges (A40),
-   then lab reports and observations with binary COPY (ids drawn from their sequences first).
+3. Demographics (ADT replaces, in MSH-7 order; ORU fills what is missing, and only patients
+   the identifier select showed to miss something are updated), merges (A40), then lab reports
+   and observations: one statement draws the report ids and inserts reports and observations
+   for a small batch; a big batch inserts the reports, then copies the observations (binary COPY).
+
+Round trips of a small batch of new ORU^R01 for known patients: ledger, patient select, reports
+with observations (plus BEGIN and COMMIT around them); before, ten.
 """
 
 from __future__ import annotations
@@ -33,20 +38,6 @@ from ingest.records import (
     RawMessage,
 )
 
-_REPORT_COLUMNS = (
-    "id",
-    "message_id",
-    "patient_id",
-    "placer_id",
-    "filler_id",
-    "service_system",
-    "service_code",
-    "service_display",
-    "observed_at",
-    "issued_at",
-    "status",
-    "received_at",
-)
 _OBSERVATION_COLUMNS = (
     "report_id",
     "patient_id",
@@ -171,23 +162,27 @@ async def _write_content(conn: asyncpg.Connection, fresh: list[_Fresh]) -> None:
                 groups.extend((record.survivor, record.prior))
     if not groups:
         return
-    patients = await resolve_patient_groups(conn, groups)
+    gaps: dict[int, _Gaps] = {}
+    patients = await resolve_patient_groups(conn, groups, gaps)
 
-    await _apply_demographics(conn, fresh, patients)
+    await _apply_demographics(conn, fresh, patients, gaps)
     await _apply_merges(conn, fresh, patients)
     await _insert_reports(conn, fresh, patients)
 
 
 async def resolve_patient_groups(
-    conn: asyncpg.Connection, groups: Sequence[Group]
+    conn: asyncpg.Connection, groups: Sequence[Group], gaps: dict[int, _Gaps] | None = None
 ) -> dict[Group, int]:
     """The patient id of each group of identifiers seen together, creating what is missing.
 
     A known identifier resolves to its surviving patient (merged patients to their survivor);
     the first identifier of a group that resolves decides (national id first, as mapped).
+    `gaps`, when given, receives what each resolved patient lacks (names, birth date, sex).
     """
     refs = sorted({(r.system, r.value) for g in groups for r in g})
-    known = await _select(conn, refs)
+    if gaps is None:
+        gaps = {}
+    known = await _select(conn, refs, gaps)
     assigned: dict[tuple[str, str], int] = dict(known)  # new patients: -1, -2, ...
     new_count = 0
     links: list[tuple[str, str, int]] = []
@@ -220,7 +215,7 @@ async def resolve_patient_groups(
             [owner if owner > 0 else new_ids[-owner - 1] for _, _, owner in links],
         )
         # Another replica may have linked some identifiers meanwhile: what is committed wins.
-        known = await _select(conn, refs)
+        known = await _select(conn, refs, gaps)
         used = set(known.values())
         orphans = [pid for pid in new_ids if pid not in used]
         if orphans:
@@ -231,17 +226,30 @@ async def resolve_patient_groups(
     return result
 
 
+@dataclass(frozen=True, slots=True)
+class _Gaps:
+    """What a stored patient lacks, as the identifier select saw it (ORU fills only these)."""
+
+    names: bool
+    birth_date: bool
+    gender: bool
+
+
 async def _select(
-    conn: asyncpg.Connection, keys: list[tuple[str, str]]
+    conn: asyncpg.Connection, keys: list[tuple[str, str]], gaps: dict[int, _Gaps]
 ) -> dict[tuple[str, str], int]:
     rows = await conn.fetch(
-        """SELECT pi.system, pi.value, coalesce(p.replaced_by, pi.patient_id) AS patient_id
+        """SELECT pi.system, pi.value, s.id AS patient_id, s.names = '[]'::jsonb AS no_names,
+                  s.birth_date IS NULL AS no_birth_date, s.gender IS NULL AS no_gender
            FROM unnest($1::text[], $2::text[]) AS k(system, value)
            JOIN patient_identifier pi USING (system, value)
-           JOIN patient p ON p.id = pi.patient_id""",
+           JOIN patient p ON p.id = pi.patient_id
+           JOIN patient s ON s.id = coalesce(p.replaced_by, p.id)""",
         [k[0] for k in keys],
         [k[1] for k in keys],
     )
+    for r in rows:
+        gaps[r["patient_id"]] = _Gaps(r["no_names"], r["no_birth_date"], r["no_gender"])
     return {(r["system"], r["value"]): r["patient_id"] for r in rows}
 
 
@@ -264,7 +272,10 @@ def _names_json(names: Sequence[PatientName]) -> str:
 
 
 async def _apply_demographics(
-    conn: asyncpg.Connection, fresh: list[_Fresh], patients: dict[Group, int]
+    conn: asyncpg.Connection,
+    fresh: list[_Fresh],
+    patients: dict[Group, int],
+    gaps: dict[int, _Gaps],
 ) -> None:
     # Per patient: the newest authoritative (ADT) demographics, and the first fill-in (ORU).
     replace: dict[int, tuple[PatientDemographics, datetime | None]] = {}
@@ -281,6 +292,9 @@ async def _apply_demographics(
                     replace[pid] = (record, stamp)
             elif pid not in fill and (record.names or record.birth_date or record.gender):
                 fill[pid] = record
+    # A fill-in that changes nothing is skipped (the common case: a known, complete patient);
+    # an ADT of this batch may change what is missing, so those patients are always filled.
+    fill = {pid: d for pid, d in fill.items() if pid in replace or _fills_a_gap(d, gaps.get(pid))}
     if replace:
         items = sorted(replace.items())
         await conn.execute(
@@ -316,6 +330,17 @@ async def _apply_demographics(
         )
 
 
+def _fills_a_gap(record: PatientDemographics, gaps: _Gaps | None) -> bool:
+    """Whether an ORU's demographics would change the patient (unknown gaps: assume so)."""
+    if gaps is None:
+        return bool(record.names or record.birth_date or record.gender)
+    return bool(
+        (gaps.names and record.names)
+        or (gaps.birth_date and record.birth_date)
+        or (gaps.gender and record.gender)
+    )
+
+
 async def _apply_merges(
     conn: asyncpg.Connection, fresh: list[_Fresh], patients: dict[Group, int]
 ) -> None:
@@ -349,9 +374,69 @@ async def _survivor(conn: asyncpg.Connection, patient_id: int) -> int:
     return int(value)
 
 
+_REPORTS_CTE = """
+WITH ids AS MATERIALIZED (
+    SELECT n, nextval(pg_get_serial_sequence('lab_report', 'id')) AS id
+    FROM generate_series(1, $1) AS n
+), inserted AS (
+    INSERT INTO lab_report (id, message_id, patient_id, placer_id, filler_id, service_system,
+                            service_code, service_display, observed_at, issued_at, status,
+                            received_at)
+    SELECT ids.id, r.message_id, r.patient_id, r.placer_id, r.filler_id, r.service_system,
+           r.service_code, r.service_display, r.observed_at, r.issued_at, r.status, r.received_at
+    FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[],
+                $8::text[], $9::timestamptz[], $10::timestamptz[], $11::text[], $12::timestamptz[])
+         WITH ORDINALITY AS r(message_id, patient_id, placer_id, filler_id, service_system,
+                              service_code, service_display, observed_at, issued_at, status,
+                              received_at, n)
+    JOIN ids USING (n)
+)
+"""
+# The reports, then their ids in the reports' order (for the COPY of the observations).
+_REPORTS_SQL = _REPORTS_CTE + "SELECT id FROM ids ORDER BY n"  # noqa: S608 - constant SQL
+# The reports and their observations in one statement; an observation names its report by
+# position (n). OBX-8 flags travel joined by U+001F: NULL for none, '' for one empty flag.
+_REPORTS_AND_OBSERVATIONS_SQL = (
+    _REPORTS_CTE
+    + """
+INSERT INTO lab_observation (report_id, patient_id, set_id, value_type, code_system, code,
+                             code_display, value_numeric, comparator, value_text,
+                             value_code_system, value_code, value_display, unit, reference_range,
+                             reference_low, reference_high, abnormal_flags, status, observed_at,
+                             received_at)
+SELECT ids.id, o.patient_id, o.set_id, o.value_type, o.code_system, o.code, o.code_display,
+       o.value_numeric, o.comparator, o.value_text, o.value_code_system, o.value_code,
+       o.value_display, o.unit, o.reference_range, o.reference_low, o.reference_high,
+       CASE WHEN o.flags IS NULL THEN '{}'::text[]
+            WHEN o.flags = '' THEN '{""}'::text[]
+            ELSE string_to_array(o.flags, chr(31)) END,
+       o.status, o.observed_at, o.received_at
+FROM unnest($13::int[], $14::bigint[], $15::int[], $16::text[], $17::text[], $18::text[],
+            $19::text[], $20::float8[], $21::text[], $22::text[], $23::text[], $24::text[],
+            $25::text[], $26::text[], $27::text[], $28::float8[], $29::float8[], $30::text[],
+            $31::text[], $32::timestamptz[], $33::timestamptz[])
+     AS o(n, patient_id, set_id, value_type, code_system, code, code_display, value_numeric,
+          comparator, value_text, value_code_system, value_code, value_display, unit,
+          reference_range, reference_low, reference_high, flags, status, observed_at,
+          received_at)
+JOIN ids USING (n)
+"""
+)
+_FLAG_SEPARATOR = "\x1f"
+# Up to this many observations (about 20 ORU^R01 of 10 OBX: light load, where round trips are
+# the latency) reports and observations go in one statement; beyond, binary COPY is cheaper.
+SINGLE_STATEMENT_MAX_OBSERVATIONS = 200
+
+
 async def _insert_reports(
     conn: asyncpg.Connection, fresh: list[_Fresh], patients: dict[Group, int]
 ) -> None:
+    """Reports and observations: one statement for a small batch, else reports then COPY.
+
+    A small batch (light load) saves the round trips; a big one is cheaper per row with binary
+    COPY. An OBX-8 flag holding U+001F itself (only a \\X1F\\ escape can put it there) also
+    takes the COPY way, since the one statement joins flags with that character.
+    """
     reports = [
         (item, record)
         for item in fresh
@@ -360,64 +445,68 @@ async def _insert_reports(
     ]
     if not reports:
         return
-    ids = [
-        r["id"]
-        for r in await conn.fetch(
-            "SELECT nextval(pg_get_serial_sequence('lab_report', 'id')) AS id"
-            " FROM generate_series(1, $1)",
-            len(reports),
-        )
-    ]
-    report_rows = []
-    observation_rows = []
-    for report_id, (item, report) in zip(ids, reports, strict=True):
+    report_columns: tuple[list[object], ...] = tuple([] for _ in range(11))
+    obs_columns: tuple[list[object], ...] = tuple([] for _ in range(len(_OBSERVATION_COLUMNS)))
+    flag_lists: list[list[str]] = []
+    joinable = True
+    for n, (item, report) in enumerate(reports, 1):
         patient_id = patients[report.patient]
         received = item.env.received_at
-        report_rows.append(
-            (
-                report_id,
-                item.message_id,
-                patient_id,
-                report.placer_id,
-                report.filler_id,
-                report.service.system,
-                report.service.code,
-                report.service.display,
-                report.observed_at,
-                report.issued_at,
-                report.status,
-                received,
-            )
+        report_values = (
+            item.message_id,
+            patient_id,
+            report.placer_id,
+            report.filler_id,
+            report.service.system,
+            report.service.code,
+            report.service.display,
+            report.observed_at,
+            report.issued_at,
+            report.status,
+            received,
         )
+        for column, report_value in zip(report_columns, report_values, strict=True):
+            column.append(report_value)
         for obs in report.observations:
             coded = obs.coded
-            observation_rows.append(
-                (
-                    report_id,
-                    patient_id,
-                    obs.set_id,
-                    obs.value_type,
-                    obs.code.system,
-                    obs.code.code,
-                    obs.code.display,
-                    obs.numeric,
-                    obs.comparator,
-                    obs.text,
-                    coded.system if coded else None,
-                    coded.code if coded else None,
-                    coded.display if coded else None,
-                    obs.unit,
-                    obs.reference_range,
-                    obs.reference_low,
-                    obs.reference_high,
-                    list(obs.abnormal_flags),
-                    obs.status,
-                    obs.observed_at or report.observed_at,
-                    received,
-                )
+            flags = obs.abnormal_flags
+            if any(_FLAG_SEPARATOR in f for f in flags):
+                joinable = False
+            flag_lists.append(list(flags))
+            values: tuple[object, ...] = (
+                n,
+                patient_id,
+                obs.set_id,
+                obs.value_type,
+                obs.code.system,
+                obs.code.code,
+                obs.code.display,
+                obs.numeric,
+                obs.comparator,
+                obs.text,
+                coded.system if coded else None,
+                coded.code if coded else None,
+                coded.display if coded else None,
+                obs.unit,
+                obs.reference_range,
+                obs.reference_low,
+                obs.reference_high,
+                _FLAG_SEPARATOR.join(flags) if flags else None,
+                obs.status,
+                obs.observed_at or report.observed_at,
+                received,
             )
-    await conn.copy_records_to_table("lab_report", records=report_rows, columns=_REPORT_COLUMNS)
-    if observation_rows:
-        await conn.copy_records_to_table(
-            "lab_observation", records=observation_rows, columns=_OBSERVATION_COLUMNS
+            for column, value in zip(obs_columns, values, strict=True):
+                column.append(value)
+    if joinable and len(flag_lists) <= SINGLE_STATEMENT_MAX_OBSERVATIONS:
+        await conn.execute(
+            _REPORTS_AND_OBSERVATIONS_SQL, len(reports), *report_columns, *obs_columns
         )
+        return
+    ids = [r["id"] for r in await conn.fetch(_REPORTS_SQL, len(reports), *report_columns)]
+    rows: list[tuple[object, ...]] = []
+    for i, row in enumerate(zip(*obs_columns, strict=True)):
+        position = row[0]
+        assert isinstance(position, int)  # noqa: S101 - the first column is the report's n
+        rows.append((ids[position - 1], *row[1:17], flag_lists[i], *row[18:]))
+    await conn.copy_records_to_table("lab_observation", records=rows, columns=_OBSERVATION_COLUMNS)

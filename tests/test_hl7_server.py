@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 import pytest
 
+from hl7.er7 import parse_message
 from hl7.server import MllpServer, MllpSettings
+from hl7.validation import validate_structure
 from ingest.pipeline import GroupCommitPipeline, PipelineSettings
 from monitoring.metrics import Metrics
 from storage.migrations import apply_migrations
@@ -251,16 +258,37 @@ async def test_idle_connection_is_closed(start_server: Callable[..., object]) ->
         assert await client.at_eof(timeout=5)
 
 
-async def test_connection_beyond_the_maximum_is_closed_at_once(
-    start_server: Callable[..., object],
+async def test_connection_beyond_the_maximum_gets_ar_for_its_message_and_is_closed(
+    start_server: Callable[..., object], pool: asyncpg.Pool
 ) -> None:
     server = await start_server(max_connections=1)  # type: ignore[misc]
     assert isinstance(server, MllpServer)
     async with connect(server) as first:
         ack = await first.request(encode(oru(control_id(), f"{new_id()}^^^CIN^NI")))
         assert ack.code == "AA"
+        control = control_id()
+        async with connect(server) as second:
+            refused = await second.request(encode(oru(control, f"{new_id()}^^^CIN^NI")))
+            assert (refused.code, refused.acknowledged, refused.error_code) == (
+                "AR",
+                control,
+                "207",
+            )
+            assert "too many connections" in refused.error_text
+            assert await second.at_eof(timeout=5)
+    assert await count(pool, "SELECT count(*) FROM hl7_message WHERE control_id = $1", control) == 0
+
+
+async def test_silent_connection_beyond_the_maximum_is_closed_after_the_refusal_wait(
+    start_server: Callable[..., object],
+) -> None:
+    server = await start_server(max_connections=1, refusal_wait=0.2)  # type: ignore[misc]
+    assert isinstance(server, MllpServer)
+    async with connect(server) as first:
+        assert (await first.request(encode(oru(control_id(), f"{new_id()}^^^CIN^NI")))).code == "AA"
         async with connect(server) as second:
             assert await second.at_eof(timeout=5)
+            assert await second.read_frame(timeout=1) is None
 
 
 async def test_junk_before_a_frame_gets_a_fallback_ar_and_closes(server: MllpServer) -> None:
@@ -279,3 +307,193 @@ async def test_metrics_count_connections_and_ack_latency(
         await client.request(encode(oru(control_id(), f"{new_id()}^^^CIN^NI")))
         assert metrics.sample("qantara_mllp_connections") == 1
     assert metrics.sample("qantara_hl7_ack_latency_seconds_count", {"code": "AA"}) == before + 1
+
+
+# --- TLS: certificates made by the test with the openssl CLI -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _openssl(*args: str | Path, cwd: Path) -> None:
+    subprocess.run(
+        ["openssl", *map(str, args)], cwd=cwd, check=True, capture_output=True, timeout=60
+    )
+
+
+EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
+
+def _issue(directory: Path, name: str, usage: str) -> tuple[Path, Path]:
+    """A P-256 key and a certificate for 127.0.0.1 signed by the test CA."""
+    key, csr, cert, ext = (directory / f"{name}.{x}" for x in ("key", "csr", "pem", "ext"))
+    ext.write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n"
+        f"extendedKeyUsage={usage}\nsubjectAltName=IP:127.0.0.1\n"
+    )
+    _openssl(
+        "req", "-new", *EC_KEY, "-keyout", key, "-out", csr, "-subj", f"/CN={name}", cwd=directory
+    )
+    signing = ("-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1")
+    _openssl("x509", "-req", "-in", csr, *signing, "-out", cert, "-extfile", ext, cwd=directory)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make test certificates")
+    directory = tmp_path_factory.mktemp("pki")
+    ca_extensions = (
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+    )  # fmt: skip
+    _openssl("req", "-x509", *EC_KEY, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+             "-subj", "/CN=Qantara test CA", *ca_extensions, cwd=directory)  # fmt: skip
+    server_cert, server_key = _issue(directory, "server", "serverAuth")
+    client_cert, client_key = _issue(directory, "client", "clientAuth")
+    return Pki(directory / "ca.pem", server_cert, server_key, client_cert, client_key)
+
+
+def client_context(pki: Pki, *, with_certificate: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=pki.ca)
+    if with_certificate:
+        context.load_cert_chain(pki.client_cert, pki.client_key)
+    return context
+
+
+async def test_tls_listener_answers_aa_to_a_client_that_verifies_its_certificate(
+    start_server: Callable[..., object], pki: Pki, pool: asyncpg.Pool
+) -> None:
+    server = await start_server(tls_cert=pki.server_cert, tls_key=pki.server_key)  # type: ignore[misc]
+    assert isinstance(server, MllpServer)
+    assert server.port is not None
+    control = control_id()
+    context = client_context(pki, with_certificate=False)
+    async with MllpClient("127.0.0.1", server.port, ssl_context=context) as client:
+        ack = await client.request(encode(oru(control, f"{new_id()}^^^CIN^NI")))
+    assert (ack.code, ack.acknowledged) == ("AA", control)
+    assert await observations_of(pool, control) == 5
+
+
+async def test_tls_listener_requiring_client_certificates_answers_a_client_with_one(
+    start_server: Callable[..., object], pki: Pki
+) -> None:
+    server = await start_server(  # type: ignore[misc]
+        tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca
+    )
+    assert isinstance(server, MllpServer)
+    assert server.port is not None
+    control = control_id()
+    context = client_context(pki, with_certificate=True)
+    async with MllpClient("127.0.0.1", server.port, ssl_context=context) as client:
+        ack = await client.request(encode(oru(control, f"{new_id()}^^^CIN^NI")))
+    assert (ack.code, ack.acknowledged) == ("AA", control)
+
+
+async def test_tls_listener_requiring_client_certificates_drops_a_client_without_one(
+    start_server: Callable[..., object], pki: Pki, pool: asyncpg.Pool
+) -> None:
+    server = await start_server(  # type: ignore[misc]
+        tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca
+    )
+    assert isinstance(server, MllpServer)
+    assert server.port is not None
+    control = control_id()
+    context = client_context(pki, with_certificate=False)
+    answer: bytes | None = b"?"
+    try:  # TLS 1.3: the client finishes its handshake before the server checks it
+        async with MllpClient("127.0.0.1", server.port, ssl_context=context) as client:
+            await client.send(encode(oru(control, f"{new_id()}^^^CIN^NI")))
+            answer = await client.read_frame(timeout=5)
+    except (ssl.SSLError, ConnectionError):
+        answer = None
+    assert answer is None
+    assert await count(pool, "SELECT count(*) FROM hl7_message WHERE control_id = $1", control) == 0
+
+
+# --- strict validation through the server (hl7apy in a worker thread) ----------------------------
+
+
+def misplaced_pv1(control: str, app: str) -> str:
+    """An ORU our mapping accepts (PV1 ignored) that breaks ORU_R01's structure for hl7apy."""
+    return oru(control, f"{new_id()}^^^CIN^NI", app=app) + "PV1|1|O\r"
+
+
+async def test_strict_sender_gets_ae_with_hl7apy_text_for_a_structurally_invalid_message(
+    start_server: Callable[..., object], pool: asyncpg.Pool
+) -> None:
+    server = await start_server(strict_senders=frozenset({"STRICTLAB"}))  # type: ignore[misc]
+    assert isinstance(server, MllpServer)
+    control = control_id()
+    text = misplaced_pv1(control, "STRICTLAB")
+    expected = await validate_structure(parse_message(encode(text)))
+    assert expected is not None
+    async with connect(server) as client:
+        ack = await client.request(encode(text), timeout=30)
+    assert (ack.code, ack.acknowledged, ack.error_text) == ("AE", control, expected)
+    assert await count(pool, "SELECT count(*) FROM hl7_message WHERE control_id = $1", control) == 0
+
+
+async def test_non_strict_sender_gets_aa_for_the_same_structurally_invalid_message(
+    start_server: Callable[..., object], pool: asyncpg.Pool
+) -> None:
+    server = await start_server(strict_senders=frozenset({"STRICTLAB"}))  # type: ignore[misc]
+    assert isinstance(server, MllpServer)
+    control = control_id()
+    async with connect(server) as client:
+        ack = await client.request(encode(misplaced_pv1(control, "LAB")))
+    assert (ack.code, ack.acknowledged) == ("AA", control)
+    assert await observations_of(pool, control) == 5
+
+
+# --- what the writer stores ----------------------------------------------------------------------
+
+
+async def test_oru_fills_only_the_demographics_a_known_patient_lacks(
+    server: MllpServer, pool: asyncpg.Pool
+) -> None:
+    cin = new_id()
+    async with connect(server) as client:
+        known = adt(
+            control_id(), "A28", f"{cin}^^^CIN^NI", "Alaoui^Karim", birth="19700101", sex=""
+        )
+        assert (await client.request(encode(known))).code == "AA"
+        # The ORU's PID says Benali^Fatima, born 1980-02-14, F: only the sex is missing.
+        assert (await client.request(encode(oru(control_id(), f"{cin}^^^CIN^NI")))).code == "AA"
+    row = await pool.fetchrow(
+        """SELECT p.names::text AS names, p.birth_date::text AS birth, p.gender
+           FROM patient p JOIN patient_identifier i ON i.patient_id = p.id
+           WHERE i.system = 'CIN' AND i.value = $1""",
+        cin,
+    )
+    assert row is not None
+    assert (row["birth"], row["gender"]) == ("1970-01-01", "female")
+    assert "Alaoui" in row["names"]
+    assert "Benali" not in row["names"]
+
+
+async def test_abnormal_flags_are_stored_as_sent_also_one_holding_the_unit_separator(
+    server: MllpServer, pool: asyncpg.Pool
+) -> None:
+    plain, odd = control_id(), control_id()
+    obx_plain = ["OBX|1|NM|718-7^Hemoglobin^LN||17.2|g/dL|12.0-16.0|H~A|||F"]
+    obx_odd = ["OBX|1|NM|718-7^Hemoglobin^LN||9.1|g/dL|12.0-16.0|L\\X1F\\X|||F"]
+    async with connect(server) as client:
+        for control, obx in ((plain, obx_plain), (odd, obx_odd)):
+            ack = await client.request(encode(oru(control, f"{new_id()}^^^CIN^NI", obx=obx)))
+            assert ack.code == "AA"
+    rows = await pool.fetch(
+        """SELECT m.control_id, o.abnormal_flags FROM lab_observation o
+           JOIN lab_report r ON r.id = o.report_id JOIN hl7_message m ON m.id = r.message_id
+           WHERE m.control_id = ANY($1::text[])""",
+        [plain, odd],
+    )
+    flags = {r["control_id"]: r["abnormal_flags"] for r in rows}
+    assert flags == {plain: ["H", "A"], odd: ["L\x1fX"]}
