@@ -1,8 +1,14 @@
 """C-STORE throughput: dcmtk `storescp` (reference) vs `qantara serve` (fsync + index), same run.
 
 200 CR instances of 0.5 MB (simulators.modality), sent by dcmtk `storescu` on one association and
-on 4 concurrent ones; `TCP_NODELAY=1` for dcmtk as modalities are configured. The gateway runs as
-a subprocess with a fresh database; its peak RSS (VmHWM) is read from /proc.
+on 4 concurrent ones; `TCP_NODELAY=1` for dcmtk as modalities are configured. Three receivers,
+one after the other, each a subprocess:
+
+- dcmtk `storescp` writing to disk (no fsync): the reference of the goal;
+- a minimal pynetdicom SCP (chunked receive, the handler renames the file and fsyncs it): the
+  ceiling of the library the gateway is built on;
+- `qantara serve` with a fresh database (fsync of file and folder, index committed before
+  0x0000); its peak RSS (VmHWM) and CPU time are read from /proc.
 
     .venv/bin/python bench/dicom_store.py [--instances 200] [--database postgresql://...]
 """
@@ -108,7 +114,65 @@ def bench_storescp(files: list[Path], work: Path, streams: int) -> float:
         proc.wait(timeout=10)
 
 
-def bench_gateway(files: list[Path], work: Path, dsn: str, streams: int) -> tuple[float, float]:
+def bench_pynetdicom(files: list[Path], work: Path, streams: int) -> float:
+    out = work / f"pynetdicom-{streams}"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--pynetdicom-scp", str(port), str(out)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port)
+        return send(port, files, "BARE", streams)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def pynetdicom_scp(port: int, out: Path) -> None:
+    """The minimal pynetdicom storage SCP: chunked receive, rename into `out`, fsync, 0x0000."""
+    import signal
+
+    from pydicom.uid import AllTransferSyntaxes
+    from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+
+    _config.STORE_RECV_CHUNKED_DATASET = True
+
+    def on_store(event: evt.Event) -> int:
+        target = out / secrets.token_hex(16)
+        os.rename(event.dataset_path, target)
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return 0x0000
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # for sigwait, in every thread
+    ae = AE(ae_title="BARE")
+    ae.maximum_pdu_size = 1 << 20
+    for context in AllStoragePresentationContexts:
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(context.abstract_syntax, list(AllTransferSyntaxes))
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    signal.sigwait({signal.SIGTERM})
+    if server is not None:
+        server.shutdown()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_gateway(
+    files: list[Path], work: Path, dsn: str, streams: int
+) -> tuple[float, float, float]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("QANTARA_")}
     env.update(
@@ -120,6 +184,9 @@ def bench_gateway(files: list[Path], work: Path, dsn: str, streams: int) -> tupl
             "QANTARA_DICOM_PORT": str(port),
             "QANTARA_DICOM_STORAGE": str(work / f"gateway-{streams}"),
             "QANTARA_LOG_LEVEL": "WARNING",
+            # The default client id is per host: another gateway on this machine would take
+            # the MQTT session over and over.
+            "QANTARA_MQTT_CLIENT_ID": f"bench-dicom-{secrets.token_hex(4)}",
         }
     )
     proc = subprocess.Popen(
@@ -131,8 +198,9 @@ def bench_gateway(files: list[Path], work: Path, dsn: str, streams: int) -> tupl
     )
     try:
         wait_port(port)
+        cpu = cpu_seconds(proc.pid)
         seconds = send(port, files, "QANTARA", streams)
-        return seconds, peak_rss_mib(proc.pid)
+        return seconds, peak_rss_mib(proc.pid), cpu_seconds(proc.pid) - cpu
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -142,7 +210,13 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--database", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument(
+        "--pynetdicom-scp", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
+    if args.pynetdicom_scp:
+        pynetdicom_scp(int(args.pynetdicom_scp[0]), Path(args.pynetdicom_scp[1]))
+        return
     if shutil.which("storescu") is None:
         raise SystemExit("needs dcmtk (storescu, storescp)")
     with tempfile.TemporaryDirectory(prefix="qantara-bench-") as tmp:
@@ -155,16 +229,23 @@ async def main() -> None:
         for streams in (1, 4):
             name = f"qantara_bench_{secrets.token_hex(4)}"
             dsn = await ensure_database(args.database, name)
+            load = os.getloadavg()[0]
             try:
                 reference = bench_storescp(files, work, streams)
-                gateway, rss = await asyncio.to_thread(bench_gateway, files, work, dsn, streams)
+                bare = await asyncio.to_thread(bench_pynetdicom, files, work, streams)
+                gateway, rss, cpu = await asyncio.to_thread(
+                    bench_gateway, files, work, dsn, streams
+                )
             finally:
                 await drop_database(args.database, name)
-            ref_rate, gw_rate = len(files) / reference, len(files) / gateway
+            n = len(files)
+            ref_rate, bare_rate, gw_rate = n / reference, n / bare, n / gateway
             print(
-                f"{streams} association(s): dcmtk storescp {ref_rate:7.1f}/s | "
-                f"qantara (fsync + index) {gw_rate:7.1f}/s | ratio {gw_rate / ref_rate:.2f} | "
-                f"gateway peak RSS {rss:.0f} MiB"
+                f"{streams} association(s), load {load:.1f}: dcmtk storescp {ref_rate:6.1f}/s | "
+                f"bare pynetdicom + fsync {bare_rate:6.1f}/s | "
+                f"qantara (fsync + index) {gw_rate:6.1f}/s | "
+                f"ratio {gw_rate / ref_rate:.2f} (of bare pynetdicom {gw_rate / bare_rate:.2f}) | "
+                f"gateway CPU {1000 * cpu / n:.1f} ms/instance, peak RSS {rss:.0f} MiB"
             )
 
 

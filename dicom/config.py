@@ -25,3 +25,6 @@ class DicomSettings:
     network_timeout: float = 120.0
     store_timeout: float = 60.0  # waiting for the index commit before answering 0xA700
     max_find_results: int = 1000
+    orphan_age: float = 600.0  # a final file no index row names is removed after this long
+    orphan_lookback: float = 2 * 86400.0  # the start-up scan looks at files this recent
+    sweep_interval: float = 600.0  # stale temp files and suspected orphans checked this often

@@ -1,15 +1,21 @@
-"""The DICOM object store: files under names we generate, durable before they are indexed.
+"""The DICOM object store: files under names we generate, durable before they are acknowledged.
 
-A received file is staged in `<root>/tmp/` under a random name (moved there when it is on the
-same filesystem, copied otherwise), hashed and fsynced. Committing it renames it to
-`<root>/<h[0:2]>/<h[2:4]>/<h>.dcm`, `h` being the SHA-256 of its bytes, and fsyncs the folder:
-no UID or any other received string ever becomes part of a path. Only then is the index row
-committed and the sender told 0x0000.
+A received file is in `<root>/tmp/` under a random name: written there by pynetdicom through
+`dicom.spool` (digest computed while it arrived), or staged there by `stage`/`stage_bytes`.
+Committing it links it to `<root>/<h[0:2]>/<h[2:4]>/<h>.dcm`, `h` being the SHA-256 of its
+bytes; `make_durable` then fsyncs the file and the folders whose entries changed, before the
+listener submits the index row. No UID or any other received string ever becomes part of a
+path. The sender is told 0x0000 only once the file and its name are durable and the index row is
+committed.
 
-Content naming makes a resend of the same bytes land on the same name (no second file), and a
-crash at any point leaves either a temp file (swept at the next start) or a complete, fsynced file
-that the index does not name yet and that a resend will find again. Nothing half-written is ever
-under a final name.
+Content naming makes a resend of the same bytes land on the same name (no second file). A crash
+of the process leaves a temp file (swept: `sweep_temp`) or a complete file under its final name
+that the index may not name; a resend puts its own copy there again, and `orphans` +
+`quarantine` let the listener remove those that stay unnamed (`DicomServer.sweep_orphans`).
+A file is complete before it gets its final name, but its data reaches the disk only at
+`make_durable`: after a power loss (not a process crash), a final name that was never
+acknowledged may hold a cut file; a resend replaces it with an fsynced copy, the sweep removes it
+when no index row names it. An acknowledged file is never replaced by an unsynced one.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import secrets
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,28 +39,52 @@ CHUNK: Final = 1 << 20
 TMP_DIR: Final = "tmp"
 TMP_SUFFIX: Final = ".part"
 STALE_TEMP_SECONDS: Final = 3600.0
+ORPHAN_SUFFIX: Final = ".orphan"
+_SHARD: Final = re.compile(r"[0-9a-f]{2}")
+_NAME: Final = re.compile(r"[0-9a-f]{64}\.dcm")
 
 
 @dataclass(frozen=True, slots=True)
 class StagedFile:
-    """A received file in the temp folder, fsynced, with its digest and size."""
+    """A received file in the temp folder with its digest and size; `durable`: already fsynced."""
 
     path: Path
     sha256: bytes
     size: int
+    durable: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class StoredFile:
-    """A file under its final name; `relative` is what the index stores."""
+    """A file under its final name; `relative` is what the index stores. `folders`: the folders
+    whose entries changed and still need an fsync, `synced`: whether the file's data was
+    (`FileStore.make_durable` does what is left)."""
 
     relative: str
     sha256: bytes
     size: int
+    folders: tuple[Path, ...] = ()
+    synced: bool = True  # the file's data is fsynced
 
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_and_close(fd: int) -> None:
+    """Fsync an open file (a duplicate descriptor handed to a worker) and close it."""
     try:
         os.fsync(fd)
     finally:
@@ -65,18 +97,29 @@ class FileStore:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.tmp = self.root / TMP_DIR
+        self._folders: set[Path] = set()  # shard folders known to be durable, both levels
 
     def open(self, stale_after: float = STALE_TEMP_SECONDS) -> int:
         """Create the folders; remove temp files older than `stale_after` seconds (left by a
-        crash; replicas sharing the store keep their recent ones). Returns how many went."""
+        crash or an aborted transfer; replicas sharing the store keep their recent ones).
+        Returns how many went."""
         self.tmp.mkdir(parents=True, exist_ok=True)
         fsync_dir(self.root)
+        return self.sweep_temp(stale_after)
+
+    def sweep_temp(self, stale_after: float = STALE_TEMP_SECONDS) -> int:
+        """Remove our temp files (`.part`, `.orphan`) older than `stale_after` seconds."""
         removed = 0
         limit = time.time() - stale_after
-        for entry in self.tmp.iterdir():
-            if entry.name.endswith(TMP_SUFFIX) and entry.stat().st_mtime < limit:
-                entry.unlink(missing_ok=True)
-                removed += 1
+        for entry in os.scandir(self.tmp):
+            if not entry.name.endswith((TMP_SUFFIX, ORPHAN_SUFFIX)):
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime < limit:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
         if removed:
             fsync_dir(self.tmp)
             logger.info("removed %d stale temp file(s) from the DICOM store", removed)
@@ -88,6 +131,12 @@ class FileStore:
         if not path.is_relative_to(self.root) or path.parent == self.tmp:
             raise ValueError("not a path of this store")
         return path
+
+    def adopt(self, path: Path, sha256: bytes, size: int) -> StagedFile:
+        """A file already written in the temp folder (by `dicom.spool`), not yet fsynced."""
+        if path.parent != self.tmp:
+            return self.stage(path)
+        return StagedFile(path, sha256, size, durable=False)
 
     def stage(self, source: Path) -> StagedFile:
         """Move (or copy) `source` into the temp folder, hash it and fsync it.
@@ -128,27 +177,57 @@ class FileStore:
             raise
         return StagedFile(target, hashlib.sha256(data).digest(), len(data))
 
-    def commit(self, staged: StagedFile) -> StoredFile:
-        """Give a staged file its final name and make the rename durable.
+    def commit(self, staged: StagedFile, *, durable: bool = True) -> StoredFile:
+        """Give a staged file its final name.
 
-        The same bytes already stored: the staged copy is dropped, the stored one kept.
-        Raises OSError; the staged file is then removed.
+        A new name is linked without waiting for the data's fsync (no-clobber); `make_durable`
+        then fsyncs the file and the folders whose entries changed: the caller submits the index
+        row only after it. A name that already exists (the same
+        bytes stored before, or a leftover) is replaced only by a copy whose data is fsynced
+        first, so an acknowledged file is never swapped for one a power loss could cut. Either
+        way the name then points at a fresh file (a new mtime), which `quarantine` relies on.
+        With `durable`, `make_durable` runs here. Raises OSError; the staged file is then removed.
         """
         hexdigest = staged.sha256.hex()
         relative = f"{hexdigest[:2]}/{hexdigest[2:4]}/{hexdigest}.dcm"
         final = self.root / relative
+        synced = staged.durable
         try:
-            self._make_dirs(final.parent)
-            if final.exists() and final.stat().st_size == staged.size:
-                staged.path.unlink()
-            else:
+            folders = (final.parent, *self._make_dirs(final.parent))
+            try:
+                os.link(staged.path, final)
+            except FileExistsError:
+                if not synced:
+                    fsync_file(staged.path)
+                    synced = True
                 os.replace(staged.path, final)
-                fsync_dir(final.parent)
+            else:
+                os.unlink(staged.path)
             # The temp folder is not fsynced: a temp name resurrected by a crash is swept.
         except BaseException:
             staged.path.unlink(missing_ok=True)
             raise
-        return StoredFile(relative, staged.sha256, staged.size)
+        stored = StoredFile(relative, staged.sha256, staged.size, folders, synced)
+        if durable:
+            self.make_durable(stored)
+        return stored
+
+    def make_durable(self, stored: StoredFile) -> None:
+        """Fsync a committed file (unless its data already was) and the folders of its name,
+        deepest first. On ext4 the first fsync commits the journal with the link and the
+        folders; the others find little left to write."""
+        if not stored.synced:
+            fsync_file(self.root / stored.relative)
+        for folder in stored.folders:
+            fsync_dir(folder)
+        if stored.folders:
+            with _lock:
+                self._folders.add(stored.folders[0])
+                if len(stored.folders) > 2:
+                    self._folders.add(stored.folders[1])
+
+    def exists(self, stored: StoredFile) -> bool:
+        return (self.root / stored.relative).exists()
 
     def discard(self, staged: StagedFile) -> None:
         with _quiet():
@@ -161,15 +240,72 @@ class FileStore:
             path.unlink(missing_ok=True)
             fsync_dir(path.parent)
 
-    def _make_dirs(self, folder: Path) -> None:
-        missing = []
-        current = folder
-        while not current.exists():
-            missing.append(current)
-            current = current.parent
-        for path in reversed(missing):
-            path.mkdir(exist_ok=True)
-            fsync_dir(path.parent)
+    # --- files no index row names ------------------------------------------------------------
+
+    def orphans(self, older_than: float, newer_than: float | None = None) -> list[str]:
+        """Relative names of final files last modified more than `older_than` seconds ago (and
+        less than `newer_than` seconds ago when given): candidates for an index lookup."""
+        now = time.time()
+        upper = now - older_than
+        lower = now - newer_than if newer_than is not None else 0.0
+        found: list[str] = []
+        for first in os.scandir(self.root):
+            if not (first.is_dir(follow_symlinks=False) and _SHARD.fullmatch(first.name)):
+                continue
+            for second in os.scandir(first.path):
+                if not (second.is_dir(follow_symlinks=False) and _SHARD.fullmatch(second.name)):
+                    continue
+                for entry in os.scandir(second.path):
+                    if not _NAME.fullmatch(entry.name):
+                        continue
+                    try:
+                        mtime = entry.stat(follow_symlinks=False).st_mtime
+                    except FileNotFoundError:
+                        continue
+                    if lower <= mtime < upper:
+                        found.append(f"{first.name}/{second.name}/{entry.name}")
+        return found
+
+    def quarantine(self, relative: str, older_than: float) -> Path | None:
+        """Move a final file aside into the temp folder, atomically, and keep it there only if
+        the file moved is still older than `older_than` seconds; a file a store has just
+        (re)placed under that name is put back. Returns the aside path, or None."""
+        final = self.path_of(relative)
+        aside = self.tmp / (secrets.token_hex(16) + ORPHAN_SUFFIX)
+        try:
+            os.rename(final, aside)
+        except FileNotFoundError:
+            return None
+        if os.stat(aside).st_mtime >= time.time() - older_than:
+            self.restore(aside, relative)
+            return None
+        return aside
+
+    def restore(self, aside: Path, relative: str) -> None:
+        """Put a quarantined file back (the same bytes: replacing a newer copy is harmless)."""
+        final = self.path_of(relative)
+        os.replace(aside, final)
+        fsync_dir(final.parent)
+
+    def drop(self, aside: Path, relative: str) -> None:
+        """Delete a quarantined file for good and make its name's removal durable."""
+        with _quiet():
+            aside.unlink(missing_ok=True)
+            fsync_dir(self.path_of(relative).parent)
+
+    def _make_dirs(self, folder: Path) -> list[Path]:
+        """Create the shard folders (`root/aa/bb`); returns the folders whose entries must be
+        fsynced besides `folder` itself: the parent of each level not yet known to be durable
+        (also when another store created it and may not have synced it yet)."""
+        with _lock:
+            known = folder in self._folders, folder.parent in self._folders
+        if known[0]:
+            return []
+        folder.mkdir(parents=True, exist_ok=True)
+        return [folder.parent] if known[1] else [folder.parent, self.root]
+
+
+_lock = threading.Lock()
 
 
 class _quiet:

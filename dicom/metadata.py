@@ -133,6 +133,8 @@ def _extract(
     sop_class = _uid(ds, "SOPClassUID")
     study = _uid(ds, "StudyInstanceUID")
     series = _uid(ds, "SeriesInstanceUID")
+    if command_instance == "" or command_class == "":
+        raise DicomInputError("missing-uid", "the C-STORE command lacks an Affected SOP UID")
     if command_instance is not None and command_instance != sop_instance:
         raise DicomInputError("uid-mismatch", "SOP Instance UID differs from the command's")
     if command_class is not None and command_class != sop_class:

@@ -269,3 +269,13 @@ async def search_imaging_studies(
         )
         for r in rows
     ]
+
+
+async def indexed_files(db: Executor, file_paths: Sequence[str]) -> set[str]:
+    """Which of these file locations (relative to the DICOM store) an instance row names."""
+    rows = await _fetch(
+        db,
+        "SELECT file_path FROM dicom_instance WHERE file_path = ANY($1::text[])",
+        list(file_paths),
+    )
+    return {r["file_path"] for r in rows}

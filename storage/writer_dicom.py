@@ -6,6 +6,10 @@ natural key: a UID already indexed (or indexed earlier in the same batch) is a d
 SHA-256 differs from the first copy's, the outcome carries `reason="content-conflict"` and a
 `dicom_conflict` row records it. The first copy is always the one kept.
 
+The statements run server-side in one call per batch, `dicom_index_instances` (migration 0007):
+one round trip instead of about ten, since a single modality's association commits one instance
+per batch.
+
 Patients: the identifiers of one header (PatientID with its issuer, the national id from Other
 Patient IDs) are linked to one patient, the one that already carries any of them, else a new
 one. Names, birth date and sex fill a patient's demographics only where they are still empty:
@@ -16,11 +20,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import date, datetime, time
 from typing import Final
 
 import asyncpg
 
-from ingest.records import DicomInstance, DicomKey, Envelope, Outcome, OutcomeKind, PatientRef
+from ingest.records import DicomInstance, DicomKey, Envelope, Outcome, OutcomeKind
 
 CONFLICT: Final = "content-conflict"
 """`Outcome.reason` of a duplicate whose content differs from the first copy's."""
@@ -51,29 +56,14 @@ async def write_dicom(
     if not firsts:
         return outcomes
 
-    known = {
-        r["sop_instance_uid"]: bytes(r["sha256"])
-        for r in await conn.fetch(
-            "SELECT sop_instance_uid, sha256 FROM dicom_instance"
-            " WHERE sop_instance_uid = ANY($1::text[])",
-            sorted(firsts),
-        )
-    }
-    fresh = [i for uid, i in sorted(firsts.items()) if uid not in known]
-    if fresh:
-        inserted = await _insert(conn, batch, fresh)
-        raced = [i for i in fresh if _uid(batch[i]) not in inserted]
-        if raced:  # another replica indexed them between our SELECT and INSERT
-            for r in await conn.fetch(
-                "SELECT sop_instance_uid, sha256 FROM dicom_instance"
-                " WHERE sop_instance_uid = ANY($1::text[])",
-                [_uid(batch[i]) for i in raced],
-            ):
-                known[r["sop_instance_uid"]] = bytes(r["sha256"])
-        for i in fresh:
-            if _uid(batch[i]) in inserted:
-                outcomes[i] = Outcome(OutcomeKind.STORED)
-                known[_uid(batch[i])] = _instance(batch[i]).sha256
+    known: dict[str, bytes] = {}
+    for r in await conn.fetch(
+        "SELECT uid, inserted, stored_sha256 FROM dicom_index_instances($1::jsonb)",
+        json.dumps([_item(batch[i]) for _, i in sorted(firsts.items())], ensure_ascii=False),
+    ):
+        known[r["uid"]] = bytes(r["stored_sha256"])
+        if r["inserted"]:
+            outcomes[firsts[r["uid"]]] = Outcome(OutcomeKind.STORED)
 
     conflicts: list[DicomInstance] = []
     for i in indexes:
@@ -104,144 +94,9 @@ def _instance(env: Envelope) -> DicomInstance:
     return instance
 
 
-def _uid(env: Envelope) -> str:
-    return _instance(env).sop_instance_uid
-
-
-async def _insert(
-    conn: asyncpg.Connection, batch: Sequence[Envelope], fresh: list[int]
-) -> set[str]:
-    instances = [_instance(batch[i]) for i in fresh]
-    patients: dict[tuple[PatientRef, ...], int] = {}
-    for instance in instances:
-        if instance.patient and instance.patient not in patients:
-            patients[instance.patient] = await _link_patient(conn, instance)
-
-    studies: dict[str, DicomInstance] = {}
-    for instance in instances:
-        studies.setdefault(instance.study_uid, instance)
-    await conn.executemany(
-        """INSERT INTO dicom_study
-               (study_uid, patient_id, dicom_patient_id, issuer_of_patient_id, patient_name,
-                patient_birth_date, patient_sex, study_date, study_time, started, study_id,
-                accession_number, description, referring_physician, charset)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
-           ON CONFLICT (study_uid) DO NOTHING""",
-        [
-            (
-                s.study_uid,
-                patients.get(s.patient),
-                s.dicom_patient_id,
-                s.issuer_of_patient_id,
-                s.patient_name,
-                s.patient_birth_date,
-                s.patient_sex,
-                s.study_date,
-                s.study_time,
-                s.study_started,
-                s.study_id,
-                s.accession_number,
-                s.study_description,
-                s.referring_physician,
-                s.charset,
-            )
-            for _, s in sorted(studies.items())
-        ],
-    )
-    study_ids = {
-        r["study_uid"]: r["id"]
-        for r in await conn.fetch(
-            "SELECT id, study_uid FROM dicom_study WHERE study_uid = ANY($1::text[])",
-            sorted(studies),
-        )
-    }
-
-    series: dict[str, DicomInstance] = {}
-    for instance in instances:
-        series.setdefault(instance.series_uid, instance)
-    await conn.executemany(
-        """INSERT INTO dicom_series
-               (study_id, series_uid, modality, series_number, description, body_part)
-           VALUES ($1, $2, $3, $4, $5, $6)
-           ON CONFLICT (series_uid) DO NOTHING""",
-        [
-            (
-                study_ids[s.study_uid],
-                s.series_uid,
-                s.modality,
-                s.series_number,
-                s.series_description,
-                s.body_part,
-            )
-            for _, s in sorted(series.items())
-        ],
-    )
-    series_ids = {
-        r["series_uid"]: r["id"]
-        for r in await conn.fetch(
-            "SELECT id, series_uid FROM dicom_series WHERE series_uid = ANY($1::text[])",
-            sorted(series),
-        )
-    }
-
-    columns: tuple[list[object], ...] = tuple([] for _ in range(11))
-    for i, instance in zip(fresh, instances, strict=True):
-        values = (
-            series_ids[instance.series_uid],
-            instance.sop_instance_uid,
-            instance.sop_class_uid,
-            instance.instance_number,
-            instance.content_date,
-            instance.transfer_syntax,
-            instance.file_path,
-            instance.size,
-            instance.sha256,
-            instance.calling_ae,
-            batch[i].received_at,
-        )
-        for column, value in zip(columns, values, strict=True):
-            column.append(value)
-    rows = await conn.fetch(
-        """INSERT INTO dicom_instance
-               (series_id, sop_instance_uid, sop_class_uid, instance_number, content_date,
-                transfer_syntax, file_path, size, sha256, calling_ae, received_at)
-           SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::date[],
-                                $6::text[], $7::text[], $8::bigint[], $9::bytea[], $10::text[],
-                                $11::timestamptz[])
-           ON CONFLICT (sop_instance_uid) DO NOTHING
-           RETURNING sop_instance_uid""",
-        *columns,
-    )
-    return {r["sop_instance_uid"] for r in rows}
-
-
-async def _link_patient(conn: asyncpg.Connection, instance: DicomInstance) -> int:
-    """The patient carrying any of the header's identifiers (a new one if none); every
-    identifier of the header is linked to it, and empty demographics are filled."""
-    refs = sorted({(r.system, r.value) for r in instance.patient})
-    rows = await conn.fetch(
-        """SELECT coalesce(p.replaced_by, p.id) AS id
-           FROM unnest($1::text[], $2::text[]) AS k(system, value)
-           JOIN patient_identifier pi USING (system, value)
-           JOIN patient p ON p.id = pi.patient_id
-           ORDER BY 1 LIMIT 1""",
-        [r[0] for r in refs],
-        [r[1] for r in refs],
-    )
-    if rows:
-        patient_id = int(rows[0]["id"])
-    else:
-        patient_id = int(
-            await conn.fetchval("INSERT INTO patient (names) VALUES ('[]'::jsonb) RETURNING id")
-        )
-    await conn.execute(
-        """INSERT INTO patient_identifier (system, value, patient_id)
-           SELECT s, v, $3 FROM unnest($1::text[], $2::text[]) AS k(s, v)
-           ON CONFLICT (system, value) DO NOTHING""",
-        [r[0] for r in refs],
-        [r[1] for r in refs],
-        patient_id,
-    )
+def _item(env: Envelope) -> dict[str, object]:
+    """One instance as `dicom_index_instances` (storage/sql/0007_dicom_perf.sql) reads it."""
+    i = _instance(env)
     names = [
         {
             k: v
@@ -254,23 +109,46 @@ async def _link_patient(conn: asyncpg.Connection, instance: DicomInstance) -> in
             )
             if v
         }
-        for n, name in enumerate(instance.patient_names)
+        for n, name in enumerate(i.patient_names)
     ]
-    first = instance.patient_names[0] if instance.patient_names else None
-    await conn.execute(
-        """UPDATE patient SET
-               names = CASE WHEN names = '[]'::jsonb THEN $2::jsonb ELSE names END,
-               family = coalesce(family, $3),
-               given = coalesce(given, $4::text[]),
-               birth_date = coalesce(birth_date, $5),
-               gender = coalesce(gender, $6),
-               updated_at = now()
-           WHERE id = $1""",
-        patient_id,
-        json.dumps(names, ensure_ascii=False),
-        first.family if first else None,
-        list(first.given) if first and first.given else None,
-        instance.patient_birth_date,
-        _GENDERS.get(instance.patient_sex.upper()),
-    )
-    return patient_id
+    first = i.patient_names[0] if i.patient_names else None
+    return {
+        "uid": i.sop_instance_uid,
+        "sop_class_uid": i.sop_class_uid,
+        "study_uid": i.study_uid,
+        "series_uid": i.series_uid,
+        "transfer_syntax": i.transfer_syntax,
+        "file_path": i.file_path,
+        "size": i.size,
+        "sha256": i.sha256.hex(),
+        "calling_ae": i.calling_ae,
+        "received_at": env.received_at.isoformat(),
+        "refs": sorted([r.system, r.value] for r in set(i.patient)),
+        "names": names,
+        "family": first.family if first else None,
+        "given": list(first.given) if first and first.given else None,
+        "birth_date": _iso(i.patient_birth_date),
+        "gender": _GENDERS.get(i.patient_sex.upper()),
+        "patient_name": i.patient_name,
+        "patient_sex": i.patient_sex,
+        "dicom_patient_id": i.dicom_patient_id,
+        "issuer_of_patient_id": i.issuer_of_patient_id,
+        "charset": i.charset,
+        "study_date": _iso(i.study_date),
+        "study_time": _iso(i.study_time),
+        "study_started": _iso(i.study_started),
+        "study_id": i.study_id,
+        "accession_number": i.accession_number,
+        "study_description": i.study_description,
+        "referring_physician": i.referring_physician,
+        "series_number": i.series_number,
+        "series_description": i.series_description,
+        "modality": i.modality,
+        "body_part": i.body_part,
+        "instance_number": i.instance_number,
+        "content_date": _iso(i.content_date),
+    }
+
+
+def _iso(value: date | time | datetime | None) -> str | None:
+    return None if value is None else value.isoformat()

@@ -10,23 +10,29 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.pdu import P_DATA_TF
 
 from dicom.config import DicomSettings
 from dicom.filestore import FileStore
 from dicom.scp import DicomServer
 from ingest.pipeline import GroupCommitPipeline, PipelineSettings
 from monitoring.metrics import Metrics
-from storage.dicom_queries import find
+from storage.dicom_queries import find, indexed_files
 from storage.migrations import apply_migrations
 from storage.writer import BatchWriter
 
@@ -70,6 +76,7 @@ async def running_dicom(
             store=FileStore(root),
             finder=lambda request: find(pool, request),
             metrics=metrics,
+            indexed=lambda paths: indexed_files(pool, paths),
         )
         task = asyncio.create_task(pipeline.run())
         await server.start()
@@ -213,3 +220,73 @@ def outside(root: Path, base: Path) -> list[Path]:
             if not path.resolve().is_relative_to(root.resolve()):
                 found.append(path)
     return found
+
+
+# --- raw C-STORE requests a well-behaved SCU would not send -----------------------------------
+
+
+def store_pdus(
+    context_id: int, ds: Dataset, *, with_instance_uid: bool = True, max_pdu: int = 16384
+) -> list[bytes]:
+    """The P-DATA-TF PDUs of a C-STORE-RQ of `ds` (its own transfer syntax), encoded."""
+    syntax = ds.file_meta.TransferSyntaxUID
+    encoded = encode(ds, syntax.is_implicit_VR, syntax.is_little_endian)
+    assert encoded is not None
+    primitive = C_STORE()
+    primitive.MessageID = 1
+    primitive.AffectedSOPClassUID = ds.SOPClassUID
+    primitive.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    primitive.Priority = 2
+    primitive.DataSet = BytesIO(encoded)
+    message = C_STORE_RQ()
+    message.primitive_to_message(primitive)
+    if not with_instance_uid:
+        del message.command_set.AffectedSOPInstanceUID
+    pdus = []
+    for p_data in message.encode_msg(context_id, max_pdu):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(p_data)
+        pdus.append(pdu.encode())
+    return pdus
+
+
+def associate_for(port: int, ds: Dataset, ae_title: str = "MODALITY") -> Any:
+    """An established association with one context for `ds` (pynetdicom's Association)."""
+    ae = scu(ae_title)
+    ae.add_requested_context(str(ds.SOPClassUID), [str(ds.file_meta.TransferSyntaxUID)])
+    assoc = ae.associate("127.0.0.1", port, ae_title=SCP_AE)
+    if not assoc.is_established:
+        raise ConnectionError("association refused")
+    return assoc
+
+
+def send_raw_store(
+    port: int, ds: Dataset, *, with_instance_uid: bool = True, pdus: int | None = None
+) -> tuple[int | None, Any]:
+    """Send the PDUs of a C-STORE-RQ by hand (all, or the first `pdus` and then A-ABORT).
+
+    Returns the status of the C-STORE-RSP that came back (None: none within 10 s, or aborted)
+    and the association, released or aborted."""
+    assoc = associate_for(port, ds)
+    answers: list[int] = []
+
+    def on_recv(event: Any) -> None:
+        command = event.message.command_set
+        if "Status" in command:
+            answers.append(int(command.Status))
+
+    assoc.bind(evt.EVT_DIMSE_RECV, on_recv)
+    encoded = store_pdus(
+        assoc.accepted_contexts[0].context_id, ds, with_instance_uid=with_instance_uid
+    )
+    for pdu in encoded[:pdus]:
+        assoc.dul.socket.send(pdu)
+    if pdus is not None:
+        assoc.abort()
+        return None, assoc
+    deadline = time.monotonic() + 10
+    while not answers and assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if assoc.is_established:
+        assoc.release()
+    return (answers[0] if answers else None), assoc

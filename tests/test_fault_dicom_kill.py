@@ -48,7 +48,7 @@ async def fault_dsn(postgres_server_dsn: str) -> AsyncIterator[str]:
 def instances() -> list[Dataset]:
     path = get_testdata_file("CT_small.dcm")
     assert path is not None
-    result = []
+    result: list[Dataset] = []
     for _ in range(INSTANCES):
         ds = dcmread(path)
         suffix = str(int(secrets.token_hex(6), 16))

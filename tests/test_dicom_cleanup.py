@@ -1,0 +1,170 @@
+"""What the DICOM store leaves behind: spool files of unfinished transfers, files no index row
+names, and C-STORE commands a well-behaved SCU would not send."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from dicom import spool, status
+from dicom.filestore import FileStore
+from gateway.local_services import drop_database, ensure_database
+from tests.dicom_support import (
+    RunningDicom,
+    associate_for,
+    echo,
+    instance_row,
+    running_dicom,
+    send_raw_store,
+    store,
+    temp_files,
+)
+from tests.services_support import wait_until
+from tests.test_dicom_store import fresh
+
+HOUR = 3600.0
+
+
+@pytest.fixture(scope="module")
+async def dsn(postgres_server_dsn: str) -> AsyncIterator[str]:
+    name = f"qantara_dicom_{secrets.token_hex(5)}"
+    url = await ensure_database(postgres_server_dsn, name)
+    try:
+        yield url
+    finally:
+        await drop_database(postgres_server_dsn, name)
+
+
+@pytest.fixture(scope="module")
+async def scp(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningDicom]:
+    async with running_dicom(dsn, tmp_path_factory.mktemp("dicom-cleanup")) as running:
+        yield running
+
+
+def orphan(root: Path, age: float) -> Path:
+    """A complete file under a final (content) name that no index row names, `age` seconds old."""
+    name = secrets.token_hex(32)
+    path = root / name[:2] / name[2:4] / f"{name}.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * 128 + b"DICM")
+    then = time.time() - age
+    os.utime(path, (then, then))
+    return path
+
+
+def age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+async def test_received_dataset_is_spooled_in_the_store_not_the_system_temp_folder(
+    scp: RunningDicom, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    ds = fresh()
+    [code] = await asyncio.to_thread(store, scp.port, [ds])
+    assert code == status.SUCCESS
+    assert list(system_tmp.iterdir()) == []
+    assert temp_files(scp.root) == []
+    assert spool.pending() == 0
+
+
+async def test_transfer_aborted_mid_dataset_leaves_no_temp_file(scp: RunningDicom) -> None:
+    ds = fresh("CT_small.dcm")  # command, then three dataset fragments of up to 16 KiB
+    # The command and only the first fragment: MR_small would fit whole in two PDUs, and its
+    # store could then complete before the abort arrived.
+    _, assoc = await asyncio.to_thread(send_raw_store, scp.port, ds, pdus=2)
+    assert assoc.is_aborted
+    await wait_until(lambda: spool.pending() == 0 and not temp_files(scp.root), timeout=10)
+    assert await instance_row(scp.pool, str(ds.SOPInstanceUID)) is None
+    assert await asyncio.to_thread(echo, scp.port) == (True, status.SUCCESS)
+
+
+async def test_c_store_command_without_sop_instance_uid_gets_c001_and_the_association_goes_on(
+    scp: RunningDicom,
+) -> None:
+    other = await asyncio.to_thread(associate_for, scp.port, fresh())  # open meanwhile
+    try:
+        ds = fresh()
+        code, assoc = await asyncio.to_thread(send_raw_store, scp.port, ds, with_instance_uid=False)
+        assert code == status.MISSING_UID
+        assert assoc.is_released  # answered, then released normally: not aborted
+        assert await instance_row(scp.pool, str(ds.SOPInstanceUID)) is None
+        letters = await scp.pool.fetchval(
+            "SELECT count(*) FROM dead_letter WHERE protocol = 'dicom' AND reason = 'missing-uid'"
+        )
+        assert letters >= 1
+        assert temp_files(scp.root) == []
+        second = fresh()
+        answer = await asyncio.to_thread(other.send_c_store, second)
+        assert int(answer.Status) == status.SUCCESS
+    finally:
+        await asyncio.to_thread(other.release)
+    assert await asyncio.to_thread(echo, scp.port) == (True, status.SUCCESS)
+
+
+async def test_orphan_sweep_removes_old_unindexed_files_and_keeps_the_rest(
+    scp: RunningDicom,
+) -> None:
+    ds = fresh()
+    [code] = await asyncio.to_thread(store, scp.port, [ds])
+    assert code == status.SUCCESS
+    row = await instance_row(scp.pool, str(ds.SOPInstanceUID))
+    indexed = scp.root / row["file_path"]
+    age(indexed, HOUR)  # old, but named by the index
+    old = orphan(scp.root, HOUR)
+    young = orphan(scp.root, 10.0)  # maybe a store between rename and commit
+    removed = await scp.server.sweep_orphans()
+    assert removed == 1
+    assert not old.exists()
+    assert indexed.exists()
+    assert young.exists()
+    assert temp_files(scp.root) == []
+    assert (scp.metrics.sample("qantara_dicom_orphans_removed_total") or 0.0) >= 1
+
+
+async def test_orphans_left_by_a_crash_are_removed_at_start(dsn: str, tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    left = orphan(root, HOUR)
+    leftover_temp = root / "tmp" / f"{secrets.token_hex(16)}.part"
+    leftover_temp.parent.mkdir(parents=True)
+    leftover_temp.write_bytes(b"cut")
+    age(leftover_temp, 2 * HOUR)
+    async with running_dicom(dsn, root):
+        await wait_until(lambda: not left.exists(), timeout=10)
+    assert not leftover_temp.exists()
+
+
+def test_quarantine_puts_back_a_file_a_store_has_just_placed(tmp_path: Path) -> None:
+    store_ = FileStore(tmp_path)
+    store_.open()
+    fresh_copy = orphan(store_.root, 0.0)  # a resend of the same bytes has just renamed it there
+    relative = str(fresh_copy.relative_to(store_.root))
+    assert store_.quarantine(relative, older_than=600.0) is None
+    assert fresh_copy.exists()
+    stale = orphan(store_.root, HOUR)
+    aside = store_.quarantine(str(stale.relative_to(store_.root)), older_than=600.0)
+    assert aside is not None
+    assert not stale.exists()
+    store_.restore(aside, str(stale.relative_to(store_.root)))
+    assert stale.exists()
+
+
+def test_orphan_candidates_are_final_names_only(tmp_path: Path) -> None:
+    store_ = FileStore(tmp_path)
+    store_.open()
+    old = orphan(store_.root, HOUR)
+    (store_.root / "notes.txt").write_text("not ours")
+    (store_.root / "tmp" / "x.part").write_bytes(b"")
+    found = store_.orphans(older_than=600.0, newer_than=2 * HOUR)
+    assert found == [str(old.relative_to(store_.root))]
+    assert store_.orphans(older_than=600.0, newer_than=60.0) == []
