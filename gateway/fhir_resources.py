@@ -16,6 +16,7 @@ from gateway.fhir_outcome import JsonObject
 from gateway.fhir_search import OBSERVATION_CATEGORY_SYSTEM
 from ingest.codes import UCUM_SYSTEM, category_for, display_for
 from storage.queries import (
+    DeviceRecord,
     LabObservationRecord,
     LabReportRecord,
     PatientRecord,
@@ -324,3 +325,19 @@ def diagnostic_report_resource(record: LabReportRecord) -> JsonObject:
             {"reference": f"Observation/{lab_observation_id(i)}"} for i in record.result_ids
         ]
     return resource
+
+
+DEVICE_ID_PREFIX: Final = "d-"
+UNIT_SYSTEM_PREFIX: Final = "urn:qantara:unit:"
+
+
+def device_resource(record: DeviceRecord) -> JsonObject:
+    """A unit's device: identified by its id within the unit (`urn:qantara:unit:<unit>`)."""
+    return {
+        "resourceType": "Device",
+        "id": f"{DEVICE_ID_PREFIX}{record.id}",
+        "identifier": [{"system": UNIT_SYSTEM_PREFIX + record.unit, "value": record.ident}],
+        "status": "active",
+        "deviceName": [{"name": record.ident, "type": "user-friendly-name"}],
+        "type": {"text": record.kind},
+    }

@@ -260,6 +260,32 @@ def parse_dates(parameter: str, raws: Sequence[str]) -> TimeRange:
     return result
 
 
+@dataclass(frozen=True, slots=True)
+class DateFilter:
+    """Repeated date parameters: inside `range` and outside every `excluded` range (`ne`)."""
+
+    range: TimeRange = TimeRange()
+    excluded: tuple[TimeRange, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return self.range.empty
+
+
+def parse_date_filter(parameter: str, raws: Sequence[str]) -> DateFilter:
+    """Repeated date parameters with any prefix of `eq ne gt lt ge le sa eb`; all must hold."""
+    result = TimeRange()
+    excluded: list[TimeRange] = []
+    for raw in raws:
+        if raw.startswith("ne"):
+            _check_text(parameter, raw)
+            low, high = _date_range(parameter, raw[2:].replace(" ", "+"))
+            excluded.append(TimeRange(low, high))
+        else:
+            result = result.intersect(parse_date(parameter, raw))
+    return DateFilter(result, tuple(excluded))
+
+
 def _date_range(parameter: str, value: str) -> tuple[datetime, datetime]:
     """The implicit range [low, high) of a date, dateTime or instant at its given precision."""
     match = _DATE.fullmatch(value)
@@ -324,49 +350,229 @@ def _step(low: datetime, parts: dict[str, str | None], fraction: str) -> datetim
 
 CURSOR_PARAMETER: Final = "_cursor"
 _IGNORED_FORMATS: Final = frozenset({"json", "application/json", "application/fhir+json"})
+COMMON_PARAMETERS: Final = frozenset({"_count", "_summary", "_format", CURSOR_PARAMETER})
+"""Parameters every search accepts."""
+
+PATIENT_PARAMETERS: Final = frozenset(
+    {"identifier", "name", "birthdate", "gender", "_id"} | COMMON_PARAMETERS
+)
+OBSERVATION_PARAMETERS: Final = frozenset(
+    {
+        "patient",
+        "patient:identifier",
+        "subject",
+        "subject:identifier",
+        "code",
+        "category",
+        "date",
+        "_sort",
+        "_elements",
+    }
+    | COMMON_PARAMETERS
+)
+LASTN_PARAMETERS: Final = frozenset(
+    {"patient", "patient:identifier", "subject", "subject:identifier", "code", "category", "max"}
+    | {"_format", "_elements"}
+)
+REPORT_PARAMETERS: Final = frozenset(
+    {"patient", "patient:identifier", "subject", "subject:identifier", "code", "date"}
+    | COMMON_PARAMETERS
+)
+IMAGING_PARAMETERS: Final = frozenset(
+    {
+        "patient",
+        "patient:identifier",
+        "subject",
+        "subject:identifier",
+        "started",
+        "modality",
+        "identifier",
+    }
+    | COMMON_PARAMETERS
+)
+DEVICE_PARAMETERS: Final = frozenset({"identifier"} | COMMON_PARAMETERS)
+AUDIT_PARAMETERS: Final = frozenset(
+    {"patient", "patient:identifier", "date", "agent"} | COMMON_PARAMETERS
+)
+GENDERS: Final = frozenset({"male", "female", "other", "unknown"})
+MAX_LASTN: Final = 100
+
+
+def strict_handling(prefer: str | None) -> bool:
+    """Whether a `Prefer` header asks for `handling=strict` (default: lenient)."""
+    if not prefer:
+        return False
+    for part in prefer.split(","):
+        for token in part.split(";"):
+            name, _, value = token.strip().partition("=")
+            if name.strip().lower() == "handling" and value.strip().strip('"').lower() == "strict":
+                return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class PatientCriterion:
+    """Whose data: patients by id, or surviving patients by identifier (exactly one is set)."""
+
+    ids: tuple[int, ...] | None
+    identifiers: tuple[Token, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Paging:
+    count: int
+    summary_count: bool
+    cursor: str | None
 
 
 @dataclass(frozen=True, slots=True)
 class ObservationSearch:
-    patient_ids: tuple[int, ...] | None
-    patient_identifiers: tuple[Token, ...] | None
+    patient: PatientCriterion
     codes: tuple[Token, ...] | None
     categories: frozenset[str] | None
-    time: TimeRange
-    count: int
-    summary_count: bool
-    cursor: str | None
+    dates: DateFilter
+    descending: bool
+    elements: tuple[str, ...] | None
+    paging: Paging
+
+    @property
+    def time(self) -> TimeRange:
+        return self.dates.range
+
+    @property
+    def count(self) -> int:
+        return self.paging.count
+
+    @property
+    def summary_count(self) -> bool:
+        return self.paging.summary_count
+
+    @property
+    def cursor(self) -> str | None:
+        return self.paging.cursor
+
+    @property
+    def patient_ids(self) -> tuple[int, ...] | None:
+        return self.patient.ids
+
+    @property
+    def patient_identifiers(self) -> tuple[Token, ...] | None:
+        return self.patient.identifiers
 
     def digest(self) -> bytes:
-        """What a cursor is bound to: the criteria, not the page size nor the cursor."""
+        """What a cursor is bound to: the criteria and the order, not the page size."""
         return _digest(
             "Observation",
-            self.patient_ids,
-            self.patient_identifiers,
+            self.patient,
             self.codes,
             sorted(self.categories) if self.categories is not None else None,
-            self.time,
+            self.dates,
+            self.descending,
         )
 
 
 @dataclass(frozen=True, slots=True)
+class LastnSearch:
+    patient: PatientCriterion
+    codes: tuple[Token, ...] | None
+    categories: frozenset[str] | None
+    max: int
+    elements: tuple[str, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
 class PatientSearch:
-    identifiers: tuple[Token, ...]
-    count: int
-    summary_count: bool
-    cursor: str | None
+    identifiers: tuple[Token, ...] | None
+    names: tuple[str, ...] | None
+    birthdate: DateFilter | None
+    genders: frozenset[str] | None
+    ids: tuple[int, ...] | None
+    paging: Paging
+
+    @property
+    def count(self) -> int:
+        return self.paging.count
+
+    @property
+    def summary_count(self) -> bool:
+        return self.paging.summary_count
+
+    @property
+    def cursor(self) -> str | None:
+        return self.paging.cursor
 
     def digest(self) -> bytes:
-        return _digest("Patient", self.identifiers)
+        return _digest(
+            "Patient",
+            self.identifiers,
+            self.names,
+            self.birthdate,
+            sorted(self.genders) if self.genders is not None else None,
+            self.ids,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ReportSearch:
+    patient: PatientCriterion
+    codes: tuple[Token, ...] | None
+    dates: DateFilter
+    paging: Paging
+
+    def digest(self) -> bytes:
+        return _digest("DiagnosticReport", self.patient, self.codes, self.dates)
+
+
+@dataclass(frozen=True, slots=True)
+class ImagingSearch:
+    patient: PatientCriterion | None
+    started: DateFilter
+    modalities: frozenset[str] | None
+    study_uids: tuple[str, ...] | None
+    paging: Paging
+
+    def digest(self) -> bytes:
+        return _digest(
+            "ImagingStudy",
+            self.patient,
+            self.started,
+            sorted(self.modalities) if self.modalities is not None else None,
+            self.study_uids,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSearch:
+    identifiers: tuple[Token, ...]
+    paging: Paging
+
+    def digest(self) -> bytes:
+        return _digest("Device", self.identifiers)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSearch:
+    patient: PatientCriterion | None
+    dates: DateFilter
+    agents: tuple[str, ...] | None
+    paging: Paging
+
+    def digest(self) -> bytes:
+        return _digest("AuditEvent", self.patient, self.dates, self.agents)
 
 
 def _digest(*criteria: object) -> bytes:
     return hashlib.sha256(repr(criteria).encode("utf-8", "backslashreplace")).digest()
 
 
-def _collect(
-    params: Sequence[tuple[str, str]], allowed: frozenset[str], repeatable: frozenset[str]
+def collect(
+    params: Sequence[tuple[str, str]],
+    allowed: frozenset[str],
+    repeatable: frozenset[str] = frozenset(),
+    *,
+    strict: bool = False,
 ) -> dict[str, list[str]]:
+    """Parameters by name. Unknown names are ignored (lenient handling) unless `strict`."""
     found: dict[str, list[str]] = {}
     for name, value in params:
         if name == "_format":
@@ -374,10 +580,12 @@ def _collect(
                 raise SearchParameterError(name, "only JSON is supported")
             continue
         if name not in allowed:
-            raise SearchParameterError(_safe_name(name), "not a supported search parameter")
+            if strict:
+                raise SearchParameterError(_safe_name(name), "not a supported search parameter")
+            continue
         values = found.setdefault(name, [])
         if values and name not in repeatable:
-            raise SearchParameterError(name, "given more than once")
+            raise SearchParameterError(_safe_name(name), "given more than once")
         values.append(value)
     return found
 
@@ -393,67 +601,279 @@ def _one(found: dict[str, list[str]], name: str) -> str | None:
     return values[0] if values else None
 
 
-_OBSERVATION_PARAMETERS: Final = frozenset(
-    {
-        "patient",
-        "patient:identifier",
-        "code",
-        "category",
-        "date",
-        "_count",
-        "_summary",
-        CURSOR_PARAMETER,
-    }
-)
-
-
-def parse_observation_search(
-    params: Sequence[tuple[str, str]], *, default_count: int, max_count: int
-) -> ObservationSearch:
-    """`GET /fhir/Observation` parameters; a patient (by reference or identifier) is required."""
-    found = _collect(params, _OBSERVATION_PARAMETERS, frozenset({"date"}))
-    patient = _one(found, "patient")
-    by_identifier = _one(found, "patient:identifier")
-    if patient is None and by_identifier is None:
-        raise SearchParameterError("patient", "patient or patient:identifier is required")
-    if patient is not None and by_identifier is not None:
-        raise SearchParameterError("patient", "give patient or patient:identifier, not both")
-    code = _one(found, "code")
-    category = _one(found, "category")
+def _paging(found: dict[str, list[str]], default_count: int, max_count: int) -> Paging:
     count = _one(found, "_count")
     summary = _one(found, "_summary")
-    return ObservationSearch(
-        patient_ids=parse_patient_references("patient", patient) if patient is not None else None,
-        patient_identifiers=(
-            parse_identifiers("patient:identifier", by_identifier)
-            if by_identifier is not None
-            else None
-        ),
-        codes=parse_tokens("code", code) if code is not None else None,
-        categories=parse_categories("category", category) if category is not None else None,
-        time=parse_dates("date", found.get("date", [])),
+    return Paging(
         count=parse_count("_count", count, max_count) if count is not None else default_count,
         summary_count=parse_summary("_summary", summary) if summary is not None else False,
         cursor=_one(found, CURSOR_PARAMETER),
     )
 
 
-_PATIENT_PARAMETERS: Final = frozenset({"identifier", "_count", "_summary", CURSOR_PARAMETER})
+def _patient_criterion(found: dict[str, list[str]], *, required: bool) -> PatientCriterion | None:
+    given = [
+        name
+        for name in ("patient", "patient:identifier", "subject", "subject:identifier")
+        if name in found
+    ]
+    if not given:
+        if required:
+            raise SearchParameterError("patient", "patient or patient:identifier is required")
+        return None
+    if len(given) > 1:
+        raise SearchParameterError(given[1], f"give one of patient or subject, not {given[0]} too")
+    name = given[0]
+    value = found[name][0]
+    if name.endswith(":identifier"):
+        return PatientCriterion(None, parse_identifiers(name, value))
+    return PatientCriterion(parse_patient_references(name, value), None)
+
+
+def parse_sort(parameter: str, raw: str) -> bool:
+    """`_sort`: True for `-date` (newest first), False for `date`."""
+    if raw == "date":
+        return False
+    if raw == "-date":
+        return True
+    raise SearchParameterError(parameter, "only 'date' and '-date' are supported")
+
+
+_ELEMENT = re.compile(r"[a-z][A-Za-z0-9]{0,63}(\[x\])?", re.ASCII)
+
+
+def parse_elements(parameter: str, raw: str) -> tuple[str, ...]:
+    """`_elements`: top-level element names, comma-separated."""
+    names = []
+    for value in _alternatives(parameter, raw):
+        value = value.strip()
+        if not _ELEMENT.fullmatch(value):
+            raise SearchParameterError(parameter, "expected element names separated by commas")
+        names.append(value)
+    return tuple(names)
+
+
+def parse_names(parameter: str, raw: str) -> tuple[str, ...]:
+    """`name`: prefixes of any part of a name, comma = OR."""
+    values = tuple(_unescape(v).strip() for v in _alternatives(parameter, raw))
+    if any(not v for v in values):
+        raise SearchParameterError(parameter, "empty value")
+    return values
+
+
+def parse_genders(parameter: str, raw: str) -> frozenset[str]:
+    found = set()
+    for token in (parse_token(parameter, value) for value in _alternatives(parameter, raw)):
+        if token.system not in (None, "http://hl7.org/fhir/administrative-gender"):
+            raise SearchParameterError(parameter, "unknown gender system")
+        if token.code not in GENDERS:
+            raise SearchParameterError(parameter, "expected male, female, other or unknown")
+        found.add(token.code)
+    return frozenset(found)
+
+
+def parse_ids(parameter: str, raw: str) -> tuple[int, ...]:
+    """`_id` of a Patient: numeric ids, comma = OR."""
+    ids = []
+    for value in _alternatives(parameter, raw):
+        if not _NUMERIC_ID.fullmatch(value) or int(value) == 0:
+            raise SearchParameterError(parameter, "expected a numeric id")
+        ids.append(int(value))
+    return tuple(ids)
+
+
+def parse_max(parameter: str, raw: str) -> int:
+    """`max` of `$lastn`: 1 to MAX_LASTN."""
+    _check_text(parameter, raw)
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_LASTN:
+        raise SearchParameterError(parameter, f"expected an integer from 1 to {MAX_LASTN}")
+    return int(raw)
+
+
+_MODALITY = re.compile(r"[A-Z0-9]{1,16}", re.ASCII)
+_DICOM_UID = re.compile(r"[0-9]+(\.[0-9]+)*", re.ASCII)
+
+
+def parse_modalities(parameter: str, raw: str) -> frozenset[str]:
+    found = set()
+    for token in (parse_token(parameter, value) for value in _alternatives(parameter, raw)):
+        if token.system not in (None, "http://dicom.nema.org/resources/ontology/DCM"):
+            raise SearchParameterError(parameter, "unknown modality system")
+        if token.code is None or not _MODALITY.fullmatch(token.code):
+            raise SearchParameterError(parameter, "expected a DICOM modality code (CT, MR...)")
+        found.add(token.code)
+    return frozenset(found)
+
+
+def parse_study_uids(parameter: str, raw: str) -> tuple[str, ...]:
+    """`identifier` of an ImagingStudy: `urn:dicom:uid|urn:oid:<UID>` or a bare UID."""
+    uids = []
+    for token in (parse_identifier(parameter, value) for value in _alternatives(parameter, raw)):
+        if token.system not in (None, "urn:dicom:uid"):
+            raise SearchParameterError(parameter, "studies are identified in urn:dicom:uid")
+        assert token.code is not None  # noqa: S101 - parse_identifier requires a value
+        uid = token.code.removeprefix("urn:oid:")
+        if len(uid) > 64 or not _DICOM_UID.fullmatch(uid):
+            raise SearchParameterError(parameter, "expected urn:oid:<DICOM UID>")
+        uids.append(uid)
+    return tuple(uids)
+
+
+def _elements(found: dict[str, list[str]]) -> tuple[str, ...] | None:
+    raw = _one(found, "_elements")
+    return parse_elements("_elements", raw) if raw is not None else None
+
+
+def parse_observation_search(
+    params: Sequence[tuple[str, str]],
+    *,
+    default_count: int,
+    max_count: int,
+    strict: bool = False,
+) -> ObservationSearch:
+    """`GET /fhir/Observation` parameters; a patient (by reference or identifier) is required."""
+    found = collect(params, OBSERVATION_PARAMETERS, frozenset({"date"}), strict=strict)
+    patient = _patient_criterion(found, required=True)
+    assert patient is not None  # noqa: S101 - required
+    code = _one(found, "code")
+    category = _one(found, "category")
+    sort = _one(found, "_sort")
+    return ObservationSearch(
+        patient=patient,
+        codes=parse_tokens("code", code) if code is not None else None,
+        categories=parse_categories("category", category) if category is not None else None,
+        dates=parse_date_filter("date", found.get("date", [])),
+        descending=parse_sort("_sort", sort) if sort is not None else False,
+        elements=_elements(found),
+        paging=_paging(found, default_count, max_count),
+    )
+
+
+def parse_lastn_search(params: Sequence[tuple[str, str]], *, strict: bool = False) -> LastnSearch:
+    """`GET /fhir/Observation/$lastn` parameters; `max` defaults to 1."""
+    found = collect(params, LASTN_PARAMETERS, strict=strict)
+    patient = _patient_criterion(found, required=True)
+    assert patient is not None  # noqa: S101 - required
+    code = _one(found, "code")
+    category = _one(found, "category")
+    most = _one(found, "max")
+    return LastnSearch(
+        patient=patient,
+        codes=parse_tokens("code", code) if code is not None else None,
+        categories=parse_categories("category", category) if category is not None else None,
+        max=parse_max("max", most) if most is not None else 1,
+        elements=_elements(found),
+    )
 
 
 def parse_patient_search(
-    params: Sequence[tuple[str, str]], *, default_count: int, max_count: int
+    params: Sequence[tuple[str, str]],
+    *,
+    default_count: int,
+    max_count: int,
+    strict: bool = False,
 ) -> PatientSearch:
-    """`GET /fhir/Patient` parameters; an identifier is required."""
-    found = _collect(params, _PATIENT_PARAMETERS, frozenset())
+    """`GET /fhir/Patient` parameters; at least one of identifier, name, birthdate, _id."""
+    found = collect(params, PATIENT_PARAMETERS, frozenset({"birthdate"}), strict=strict)
+    if not any(name in found for name in ("identifier", "name", "birthdate", "_id")):
+        raise SearchParameterError(
+            "identifier", "give identifier, name, birthdate or _id (gender alone is too wide)"
+        )
+    identifier = _one(found, "identifier")
+    name = _one(found, "name")
+    gender = _one(found, "gender")
+    ids = _one(found, "_id")
+    return PatientSearch(
+        identifiers=parse_identifiers("identifier", identifier) if identifier is not None else None,
+        names=parse_names("name", name) if name is not None else None,
+        birthdate=(
+            parse_date_filter("birthdate", found["birthdate"]) if "birthdate" in found else None
+        ),
+        genders=parse_genders("gender", gender) if gender is not None else None,
+        ids=parse_ids("_id", ids) if ids is not None else None,
+        paging=_paging(found, default_count, max_count),
+    )
+
+
+def parse_report_search(
+    params: Sequence[tuple[str, str]],
+    *,
+    default_count: int,
+    max_count: int,
+    strict: bool = False,
+) -> ReportSearch:
+    """`GET /fhir/DiagnosticReport`: a patient (by reference or identifier) is required."""
+    found = collect(params, REPORT_PARAMETERS, frozenset({"date"}), strict=strict)
+    patient = _patient_criterion(found, required=True)
+    assert patient is not None  # noqa: S101 - required
+    code = _one(found, "code")
+    return ReportSearch(
+        patient=patient,
+        codes=parse_tokens("code", code) if code is not None else None,
+        dates=parse_date_filter("date", found.get("date", [])),
+        paging=_paging(found, default_count, max_count),
+    )
+
+
+def parse_imaging_search(
+    params: Sequence[tuple[str, str]],
+    *,
+    default_count: int,
+    max_count: int,
+    strict: bool = False,
+) -> ImagingSearch:
+    """`GET /fhir/ImagingStudy`: a patient or a study identifier is required."""
+    found = collect(params, IMAGING_PARAMETERS, frozenset({"started"}), strict=strict)
+    patient = _patient_criterion(found, required=False)
+    identifier = _one(found, "identifier")
+    if patient is None and identifier is None:
+        raise SearchParameterError("patient", "patient or identifier is required")
+    modality = _one(found, "modality")
+    return ImagingSearch(
+        patient=patient,
+        started=parse_date_filter("started", found.get("started", [])),
+        modalities=parse_modalities("modality", modality) if modality is not None else None,
+        study_uids=parse_study_uids("identifier", identifier) if identifier is not None else None,
+        paging=_paging(found, default_count, max_count),
+    )
+
+
+def parse_device_search(
+    params: Sequence[tuple[str, str]],
+    *,
+    default_count: int,
+    max_count: int,
+    strict: bool = False,
+) -> DeviceSearch:
+    found = collect(params, DEVICE_PARAMETERS, strict=strict)
     identifier = _one(found, "identifier")
     if identifier is None:
         raise SearchParameterError("identifier", "identifier is required")
-    count = _one(found, "_count")
-    summary = _one(found, "_summary")
-    return PatientSearch(
+    return DeviceSearch(
         identifiers=parse_identifiers("identifier", identifier),
-        count=parse_count("_count", count, max_count) if count is not None else default_count,
-        summary_count=parse_summary("_summary", summary) if summary is not None else False,
-        cursor=_one(found, CURSOR_PARAMETER),
+        paging=_paging(found, default_count, max_count),
+    )
+
+
+def parse_audit_search(
+    params: Sequence[tuple[str, str]],
+    *,
+    default_count: int,
+    max_count: int,
+    strict: bool = False,
+) -> AuditSearch:
+    """`GET /fhir/AuditEvent`: by patient, date, agent (token name), any of them."""
+    found = collect(params, AUDIT_PARAMETERS, frozenset({"date"}), strict=strict)
+    patient = _patient_criterion(found, required=False)
+    agent = _one(found, "agent")
+    agents = None
+    if agent is not None:
+        agents = tuple(_unescape(v) for v in _alternatives("agent", agent))
+        if any(not a for a in agents):
+            raise SearchParameterError("agent", "empty value")
+    return AuditSearch(
+        patient=patient,
+        dates=parse_date_filter("date", found.get("date", [])),
+        agents=agents,
+        paging=_paging(found, default_count, max_count),
     )

@@ -11,13 +11,16 @@ type and location only (its message may carry patient data) and answered with a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any, Final
 
 import asyncpg
@@ -31,12 +34,23 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.auth import Interaction, authenticate, authorize
+from gateway.dicomweb import DicomWeb
+from gateway.fhir_audit import audit_event_resource, query_shape
 from gateway.fhir_bundle import page_url, searchset
+from gateway.fhir_capability import capability_statement, openapi_document
 from gateway.fhir_identifiers import stored_systems
-from gateway.fhir_imaging import imaging_study_endpoint
-from gateway.fhir_outcome import FhirError, JsonObject, ResourceNotFound, operation_outcome
-from gateway.fhir_paging import CursorPosition, decode_cursor, encode_cursor
+from gateway.fhir_imaging import imaging_study_resource
+from gateway.fhir_outcome import (
+    FhirError,
+    Forbidden,
+    JsonObject,
+    ResourceNotFound,
+    operation_outcome,
+)
+from gateway.fhir_paging import CursorCodec, CursorPosition
 from gateway.fhir_resources import (
+    UNIT_SYSTEM_PREFIX,
+    device_resource,
     diagnostic_report_resource,
     lab_observation_resource,
     observation_resource,
@@ -47,30 +61,49 @@ from gateway.fhir_resources import (
     patient_resource,
 )
 from gateway.fhir_search import (
-    CURSOR_PARAMETER,
-    ObservationSearch,
+    DateFilter,
+    PatientCriterion,
     SearchParameterError,
     Token,
-    parse_count,
-    parse_identifiers,
+    parse_audit_search,
+    parse_device_search,
+    parse_imaging_search,
+    parse_lastn_search,
     parse_observation_search,
-    parse_patient_references,
     parse_patient_search,
-    parse_summary,
+    parse_report_search,
+    strict_handling,
 )
 from ingest.codes import category_for
 from ingest.errors import InputError, StorageUnavailable
 from monitoring.health import is_ready
 from monitoring.metrics import Metrics
+from storage.audit import (
+    OUTCOME_MINOR_FAILURE,
+    OUTCOME_SUCCESS,
+    AuditEntry,
+    AuditQuery,
+    count_access,
+    record_access,
+    search_access,
+)
+from storage.pool import is_transient
 from storage.queries import (
     CodeCriterion,
+    Executor,
+    ImagingQuery,
     LabObservationRecord,
     LabQuery,
+    PatientQuery,
+    ReportQuery,
     VitalPosition,
     VitalQuery,
     VitalRecord,
+    count_devices,
     count_lab_observations,
     count_lab_reports,
+    count_patients,
+    count_studies,
     count_vital_observations,
     find_concepts,
     find_patients_by_identifier,
@@ -79,11 +112,17 @@ from storage.queries import (
     get_patient,
     get_patients,
     get_vital,
+    lastn_labs,
+    lastn_vitals,
     patient_group,
+    search_devices,
     search_lab_observations,
     search_lab_reports,
+    search_patient_ids,
+    search_studies,
     search_vital_observations,
 )
+from storage.tokens import TokenGrant
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("gateway.http.access")
@@ -95,11 +134,14 @@ RETRY_AFTER_SECONDS: Final = 5
 @dataclass(frozen=True, slots=True)
 class ApiSettings:
     """Limits of the FHIR API. `base_url` (e.g. `https://qantara.example/`) is the public root
-    used in Bundle links and fullUrls; None takes it from each request."""
+    used in Bundle links and fullUrls; None takes it from each request. `cursor_secret` signs
+    paging cursors: replicas behind one load balancer must share it; None draws a random one per
+    process (cursors then die with the process)."""
 
     default_count: int = 50
     max_count: int = 1000
     base_url: str | None = None
+    cursor_secret: bytes | None = None
 
     def __post_init__(self) -> None:
         if self.max_count < 1:
@@ -270,264 +312,527 @@ def _readyz(readiness: Callable[[], Mapping[str, bool]]) -> Callable[[Request], 
     return readyz
 
 
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What a handler answers: the response, and the patients whose data it carries (audited)."""
+
+    response: Response
+    patient_ids: tuple[int, ...]
+
+
+Handler = Callable[[Request, bool], Awaitable[Served]]
+"""`(request, strict)` → `Served`; `strict` is the `Prefer: handling=strict` of the request."""
+
+_SUBSETTED: Final = {
+    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+    "code": "SUBSETTED",
+}
+_ALWAYS_KEPT: Final = frozenset({"resourceType", "id", "meta", "status", "code", "subject"})
+
+
+def _patient_number(reference: object) -> int | None:
+    if isinstance(reference, str) and reference.startswith("Patient/"):
+        tail = reference[len("Patient/") :]
+        if tail.isascii() and tail.isdigit():
+            return int(tail)
+    return None
+
+
+def patients_in(body: JsonObject) -> tuple[int, ...]:
+    """The patients whose data a resource or a Bundle's entries carry (ascending, distinct)."""
+    if body.get("resourceType") == "Bundle":
+        resources = [e["resource"] for e in body.get("entry", [])]
+    else:
+        resources = [body]
+    found: set[int] = set()
+    for resource in resources:
+        if resource.get("resourceType") == "Patient":
+            found.add(int(resource["id"]))
+        subject = _patient_number(resource.get("subject", {}).get("reference"))
+        if subject is not None:
+            found.add(subject)
+        for entity in resource.get("entity", []):
+            what = _patient_number(entity.get("what", {}).get("reference"))
+            if what is not None:
+                found.add(what)
+    return tuple(sorted(found))
+
+
+def _subset(resource: JsonObject, elements: Sequence[str] | None) -> JsonObject:
+    """`_elements`: the requested top-level elements and the mandatory ones, tagged SUBSETTED."""
+    if elements is None:
+        return resource
+    wanted = set(elements) | _ALWAYS_KEPT
+    choices = tuple(e.removesuffix("[x]") for e in elements)
+    kept = {
+        k: v
+        for k, v in resource.items()
+        if k in wanted or any(k.startswith(c) and k[len(c) : len(c) + 1].isupper() for c in choices)
+    }
+    meta = dict(kept.get("meta", {}))
+    meta["tag"] = [*meta.get("tag", []), dict(_SUBSETTED)]
+    kept["meta"] = meta
+    return kept
+
+
+def _ranges(dates: DateFilter) -> tuple[tuple[datetime | None, datetime | None], ...]:
+    return tuple((r.start, r.end) for r in dates.excluded)
+
+
+def _day_floor(value: datetime | None) -> date | None:
+    return value.astimezone(UTC).date() if value is not None else None
+
+
+def _day_ceiling(value: datetime | None) -> date | None:
+    if value is None:
+        return None
+    utc = value.astimezone(UTC)
+    if utc.time() == datetime.min.time() or utc.date() == date.max:
+        return utc.date()
+    return utc.date() + timedelta(days=1)
+
+
+_REQUEST_DB: ContextVar[Executor] = ContextVar("qantara_request_db")
+
+
+def request_db() -> Executor:
+    """The database connection of the request being answered (set by `_request_connection`)."""
+    return _REQUEST_DB.get()
+
+
+@asynccontextmanager
+async def _request_connection(pool: asyncpg.Pool) -> AsyncIterator[None]:
+    """One pooled connection for all the statements of a request, released when it is answered.
+
+    A connection per statement costs a reset round trip at each release: a search of seven
+    statements would pay seven more. A database that cannot be reached is `StorageUnavailable`.
+    """
+    try:
+        connection = await pool.acquire()
+    except Exception as exc:
+        if is_transient(exc) or isinstance(exc, OSError | TimeoutError):
+            raise StorageUnavailable(type(exc).__name__) from exc
+        raise
+    token = _REQUEST_DB.set(connection)
+    try:
+        yield
+    finally:
+        _REQUEST_DB.reset(token)
+        await pool.release(connection)
+
+
 class _FhirApi:
-    """The FHIR endpoints over one pool."""
+    """The FHIR endpoints over one pool: authenticate, authorize, answer, audit."""
 
     def __init__(self, pool: asyncpg.Pool, api: ApiSettings) -> None:
         self._pool = pool
         self._api = api
+        self._cursors = CursorCodec(api.cursor_secret)
+
+    @property
+    def _db(self) -> Executor:
+        return request_db()
 
     def _base(self, request: Request) -> str:
         root = self._api.base_url or str(request.base_url)
         return root.rstrip("/") + "/fhir"
 
-    async def _grant(self, request: Request, resource_type: str, interaction: Interaction) -> None:
-        grant = await authenticate(self._pool, request.headers.get("authorization"))
-        authorize(grant, resource_type, interaction)
+    # --- the shell every endpoint runs in ---
 
-    async def read_patient(self, request: Request) -> Response:
-        await self._grant(request, "Patient", Interaction.READ)
-        patient_id = parse_patient_id(request.path_params["id"])
-        record = await get_patient(self._pool, patient_id) if patient_id is not None else None
-        if record is None:
-            raise ResourceNotFound("no Patient with this id")
-        return FhirResponse(patient_resource(record))
+    def endpoint(
+        self, resource_type: str, interaction: Interaction, action: str, handler: Handler
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """Bearer token → scope → handler → audit row committed → response.
 
-    async def search_patients(self, request: Request) -> Response:
-        await self._grant(request, "Patient", Interaction.SEARCH)
-        params = request.query_params.multi_items()
-        search = parse_patient_search(
-            params, default_count=self._api.default_count, max_count=self._api.max_count
-        )
-        after = (
-            decode_cursor(search.cursor, search.digest(), timed=False)
-            if search.cursor is not None
-            else None
-        )
-        survivors = await self._patients_by_identifiers(search.identifiers)
-        base = self._base(request)
-        self_url = page_url(f"{base}/Patient", params, search.cursor)
-        if search.summary_count or search.count == 0:
-            return FhirResponse(self._bundle([], base, len(survivors), self_url, None))
-        remaining = [p for p in survivors if after is None or p > after.id]
-        page = remaining[: search.count]
-        next_url = None
-        if len(remaining) > search.count:
-            cursor = encode_cursor(search.digest(), CursorPosition(None, page[-1]))
-            next_url = page_url(f"{base}/Patient", params, cursor)
-        records = await get_patients(self._pool, page)
-        resources = [patient_resource(r) for r in records]
-        return FhirResponse(self._bundle(resources, base, len(survivors), self_url, next_url))
+        A refused scope is audited too (outcome 4); a missing or unknown token is not (there is
+        no one to name) and an error before data is returned leaves no row.
+        """
 
-    async def read_observation(self, request: Request) -> Response:
-        await self._grant(request, "Observation", Interaction.READ)
-        text = request.path_params["id"]
-        lab_id = parse_lab_observation_id(text)
-        if lab_id is not None:
-            lab = await get_lab_observation(self._pool, lab_id)
-            if lab is None:
-                raise ResourceNotFound("no Observation with this id")
-            return FhirResponse(lab_observation_resource(lab))
-        vital_id = parse_observation_id(text)
-        record = await get_vital(self._pool, vital_id) if vital_id is not None else None
-        if record is None:
-            raise ResourceNotFound("no Observation with this id")
-        return FhirResponse(observation_resource(record))
+        async def serve(request: Request) -> Response:
+            async with _request_connection(self._pool):
+                return await answer(request)
 
-    async def search_observations(self, request: Request) -> Response:
-        await self._grant(request, "Observation", Interaction.SEARCH)
-        params = request.query_params.multi_items()
-        search = parse_observation_search(
-            params, default_count=self._api.default_count, max_count=self._api.max_count
-        )
-        after = None
-        if search.cursor is not None:
-            position = decode_cursor(search.cursor, search.digest(), timed=True)
-            assert position.time is not None  # noqa: S101 - timed cursors carry a time
-            after = VitalPosition(position.time, position.id)
-        query = await self._vital_query(search)
-        # Lab results (HL7) share the category `laboratory` and the (time, id) order.
-        labs = search.categories is None or "laboratory" in search.categories
-        lab_query = LabQuery(
-            patient_ids=query.patient_ids,
-            codes=(
-                tuple(CodeCriterion(t.system, t.code) for t in search.codes)
-                if search.codes is not None
-                else None
-            ),
-            start=query.start,
-            end=query.end,
-        )
-        base = self._base(request)
-        self_url = page_url(f"{base}/Observation", params, search.cursor)
-        total = await count_vital_observations(self._pool, query)
-        if labs:
-            total += await count_lab_observations(self._pool, lab_query)
-        if search.summary_count or search.count == 0:
-            return FhirResponse(self._bundle([], base, total, self_url, None))
-        rows: list[VitalRecord | LabObservationRecord] = []
-        rows.extend(await search_vital_observations(self._pool, query, after, search.count + 1))
-        if labs:
-            rows.extend(
-                await search_lab_observations(self._pool, lab_query, after, search.count + 1)
+        async def answer(request: Request) -> Response:
+            grant = await authenticate(self._db, request.headers.get("authorization"))
+            try:
+                authorize(grant, resource_type, interaction)
+            except Forbidden:
+                await self._audit(
+                    request, grant, action, resource_type, (), OUTCOME_MINOR_FAILURE, 403
+                )
+                raise
+            served = await handler(request, strict_handling(request.headers.get("prefer")))
+            await self._audit(
+                request,
+                grant,
+                action,
+                resource_type,
+                served.patient_ids,
+                OUTCOME_SUCCESS,
+                served.response.status_code,
             )
-        rows.sort(key=lambda r: (r.position.time, r.position.id))
-        page = rows[: search.count]
-        next_url = None
-        if len(rows) > search.count:
-            last = page[-1].position
-            cursor = encode_cursor(search.digest(), CursorPosition(last.time, last.id))
-            next_url = page_url(f"{base}/Observation", params, cursor)
-        resources = [
-            lab_observation_resource(r)
-            if isinstance(r, LabObservationRecord)
-            else observation_resource(r)
-            for r in page
-        ]
-        return FhirResponse(self._bundle(resources, base, total, self_url, next_url))
+            return served.response
 
-    async def read_diagnostic_report(self, request: Request) -> Response:
-        await self._grant(request, "DiagnosticReport", Interaction.READ)
-        report_id = parse_lab_report_id(request.path_params["id"])
-        record = await get_lab_report(self._pool, report_id) if report_id is not None else None
-        if record is None:
-            raise ResourceNotFound("no DiagnosticReport with this id")
-        return FhirResponse(diagnostic_report_resource(record))
+        return serve
 
-    async def search_diagnostic_reports(self, request: Request) -> Response:
-        await self._grant(request, "DiagnosticReport", Interaction.SEARCH)
-        params = request.query_params.multi_items()
-        search = _parse_report_search(
-            params, default_count=self._api.default_count, max_count=self._api.max_count
+    async def _audit(
+        self,
+        request: Request,
+        grant: TokenGrant,
+        action: str,
+        resource_type: str,
+        patient_ids: tuple[int, ...],
+        outcome: str,
+        status: int,
+    ) -> None:
+        await record_access(
+            self._db,
+            AuditEntry(
+                token_name=grant.name,
+                action=action,
+                resource_type=resource_type,
+                query_shape=query_shape(
+                    request.method,
+                    _route_template(request.scope),
+                    request.query_params.multi_items(),
+                ),
+                patient_ids=patient_ids,
+                outcome=outcome,
+                status=status,
+            ),
         )
-        after = (
-            decode_cursor(search.cursor, search.digest(), timed=False)
-            if search.cursor is not None
-            else None
-        )
-        if search.patient_ids is not None:
-            patients = await patient_group(self._pool, search.patient_ids)
-        else:
-            assert search.patient_identifiers is not None  # noqa: S101 - one of the two is set
-            survivors = await self._patients_by_identifiers(search.patient_identifiers)
-            patients = await patient_group(self._pool, survivors)
-        base = self._base(request)
-        self_url = page_url(f"{base}/DiagnosticReport", params, search.cursor)
-        total = await count_lab_reports(self._pool, patients)
-        if search.summary_count or search.count == 0:
-            return FhirResponse(self._bundle([], base, total, self_url, None))
-        rows = await search_lab_reports(
-            self._pool, patients, after.id if after is not None else None, search.count + 1
-        )
-        page = rows[: search.count]
-        next_url = None
-        if len(rows) > search.count:
-            cursor = encode_cursor(search.digest(), CursorPosition(None, page[-1].id))
-            next_url = page_url(f"{base}/DiagnosticReport", params, cursor)
-        resources = [diagnostic_report_resource(r) for r in page]
-        return FhirResponse(self._bundle(resources, base, total, self_url, next_url))
 
     @staticmethod
+    def _fhir(body: JsonObject) -> Served:
+        return Served(FhirResponse(body), patients_in(body))
+
     def _bundle(
+        self,
+        request: Request,
         resources: Sequence[JsonObject],
-        base: str,
         total: int,
-        self_url: str,
-        next_url: str | None,
-    ) -> JsonObject:
-        return searchset(
-            resources=resources,
-            resource_base=base,
-            total=total,
-            self_url=self_url,
-            next_url=next_url,
+        cursor: str | None,
+        next_cursor: str | None,
+    ) -> Served:
+        base = self._base(request)
+        route = f"{base}{request.url.path.removeprefix('/fhir')}"
+        params = request.query_params.multi_items()
+        return self._fhir(
+            searchset(
+                resources=resources,
+                resource_base=base,
+                total=total,
+                self_url=page_url(route, params, cursor),
+                next_url=page_url(route, params, next_cursor) if next_cursor is not None else None,
+            )
         )
+
+    def _after_id(self, cursor: str | None, digest: bytes) -> int | None:
+        if cursor is None:
+            return None
+        return self._cursors.decode(cursor, digest, timed=False).id
+
+    def _next_id(self, digest: bytes, last_id: int) -> str:
+        return self._cursors.encode(digest, CursorPosition(None, last_id))
 
     async def _patients_by_identifiers(self, identifiers: Sequence[Token]) -> list[int]:
         found: set[int] = set()
         for token in identifiers:
             assert token.code is not None  # noqa: S101 - parse_identifier requires a value
             systems = stored_systems(token.system) if token.system is not None else None
-            found.update(await find_patients_by_identifier(self._pool, token.code, systems))
+            found.update(await find_patients_by_identifier(self._db, token.code, systems))
         return sorted(found)
 
-    async def _vital_query(self, search: ObservationSearch) -> VitalQuery:
-        if search.patient_ids is not None:
-            patients = await patient_group(self._pool, search.patient_ids)
-        else:
-            assert search.patient_identifiers is not None  # noqa: S101 - one of the two is set
-            survivors = await self._patients_by_identifiers(search.patient_identifiers)
-            patients = await patient_group(self._pool, survivors)
-        concept_ids: tuple[int, ...] | None = None
-        if search.codes is not None or search.categories is not None:
+    async def _whose(self, criterion: PatientCriterion) -> list[int]:
+        """The patients whose rows a criterion selects: survivors and all they replaced."""
+        if criterion.ids is not None:
+            return await patient_group(self._db, criterion.ids)
+        assert criterion.identifiers is not None  # noqa: S101 - one of the two is set
+        survivors = await self._patients_by_identifiers(criterion.identifiers)
+        return await patient_group(self._db, survivors)
+
+    def _limits(self) -> dict[str, int]:
+        return {"default_count": self._api.default_count, "max_count": self._api.max_count}
+
+    # --- Patient ---
+
+    async def read_patient(self, request: Request, strict: bool) -> Served:
+        patient_id = parse_patient_id(request.path_params["id"])
+        record = await get_patient(self._db, patient_id) if patient_id is not None else None
+        if record is None:
+            raise ResourceNotFound("no Patient with this id")
+        return self._fhir(patient_resource(record))
+
+    async def search_patients(self, request: Request, strict: bool) -> Served:
+        search = parse_patient_search(
+            request.query_params.multi_items(), strict=strict, **self._limits()
+        )
+        digest = search.digest()
+        after = self._after_id(search.cursor, digest)
+        survivors = None
+        if search.identifiers is not None:
+            survivors = tuple(await self._patients_by_identifiers(search.identifiers))
+        birth = search.birthdate
+        query = PatientQuery(
+            ids=search.ids,
+            survivor_ids=survivors,
+            name_prefixes=search.names,
+            birth_start=_day_floor(birth.range.start) if birth else None,
+            birth_end=_day_ceiling(birth.range.end) if birth else None,
+            birth_excluded=(
+                tuple((_day_floor(r.start), _day_ceiling(r.end)) for r in birth.excluded)
+                if birth
+                else ()
+            ),
+            genders=tuple(sorted(search.genders)) if search.genders is not None else None,
+        )
+        total = await count_patients(self._db, query)
+        if search.summary_count or search.count == 0:
+            return self._bundle(request, [], total, search.cursor, None)
+        ids = await search_patient_ids(self._db, query, after, search.count + 1)
+        page = ids[: search.count]
+        next_cursor = self._next_id(digest, page[-1]) if len(ids) > search.count else None
+        records = await get_patients(self._db, page)
+        resources = [patient_resource(r) for r in records]
+        return self._bundle(request, resources, total, search.cursor, next_cursor)
+
+    # --- Observation ---
+
+    async def read_observation(self, request: Request, strict: bool) -> Served:
+        text = request.path_params["id"]
+        lab_id = parse_lab_observation_id(text)
+        if lab_id is not None:
+            lab = await get_lab_observation(self._db, lab_id)
+            if lab is None:
+                raise ResourceNotFound("no Observation with this id")
+            return self._fhir(lab_observation_resource(lab))
+        vital_id = parse_observation_id(text)
+        record = await get_vital(self._db, vital_id) if vital_id is not None else None
+        if record is None:
+            raise ResourceNotFound("no Observation with this id")
+        return self._fhir(observation_resource(record))
+
+    async def _concepts(
+        self, codes: tuple[Token, ...] | None, categories: frozenset[str] | None
+    ) -> tuple[int, ...] | None:
+        """Concept ids for code and category criteria; None when neither is given."""
+        if codes is None and categories is None:
+            return None
+        criteria = [CodeCriterion(t.system, t.code) for t in codes] if codes is not None else None
+        concepts = await find_concepts(self._db, criteria)
+        if categories is not None:
+            concepts = [c for c in concepts if category_for(c.code) in categories]
+        return tuple(c.id for c in concepts)
+
+    async def search_observations(self, request: Request, strict: bool) -> Served:
+        search = parse_observation_search(
+            request.query_params.multi_items(), strict=strict, **self._limits()
+        )
+        digest = search.digest()
+        after = None
+        if search.cursor is not None:
+            position = self._cursors.decode(search.cursor, digest, timed=True)
+            assert position.time is not None  # noqa: S101 - timed cursors carry a time
+            after = VitalPosition(position.time, position.id)
+        patients = tuple(await self._whose(search.patient))
+        excluded = _ranges(search.dates)
+        query = VitalQuery(
+            patient_ids=patients,
+            concept_ids=await self._concepts(search.codes, search.categories),
+            start=search.time.start,
+            end=search.time.end,
+            excluded=excluded,
+            descending=search.descending,
+        )
+        # Lab results (HL7) share the category `laboratory` and the (time, id) order.
+        labs = search.categories is None or "laboratory" in search.categories
+        lab_query = LabQuery(
+            patient_ids=patients,
+            codes=(
+                tuple(CodeCriterion(t.system, t.code) for t in search.codes)
+                if search.codes is not None
+                else None
+            ),
+            start=search.time.start,
+            end=search.time.end,
+            excluded=excluded,
+            descending=search.descending,
+        )
+        total = await count_vital_observations(self._db, query)
+        if labs:
+            total += await count_lab_observations(self._db, lab_query)
+        if search.summary_count or search.count == 0:
+            return self._bundle(request, [], total, search.cursor, None)
+        rows: list[VitalRecord | LabObservationRecord] = []
+        rows.extend(await search_vital_observations(self._db, query, after, search.count + 1))
+        if labs:
+            rows.extend(await search_lab_observations(self._db, lab_query, after, search.count + 1))
+        rows.sort(key=lambda r: (r.position.time, r.position.id), reverse=search.descending)
+        page = rows[: search.count]
+        next_cursor = None
+        if len(rows) > search.count:
+            last = page[-1].position
+            next_cursor = self._cursors.encode(digest, CursorPosition(last.time, last.id))
+        resources = [_subset(_observation(r), search.elements) for r in page]
+        return self._bundle(request, resources, total, search.cursor, next_cursor)
+
+    async def lastn(self, request: Request, strict: bool) -> Served:
+        search = parse_lastn_search(request.query_params.multi_items(), strict=strict)
+        patients = await self._whose(search.patient)
+        concepts = await self._concepts(search.codes, search.categories)
+        if concepts is None:
+            concepts = tuple(c.id for c in await find_concepts(self._db, None))
+        rows: list[VitalRecord | LabObservationRecord] = []
+        rows.extend(await lastn_vitals(self._db, patients, concepts, search.max))
+        if search.categories is None or "laboratory" in search.categories:
             criteria = (
                 [CodeCriterion(t.system, t.code) for t in search.codes]
                 if search.codes is not None
                 else None
             )
-            concepts = await find_concepts(self._pool, criteria)
-            if search.categories is not None:
-                concepts = [c for c in concepts if category_for(c.code) in search.categories]
-            concept_ids = tuple(c.id for c in concepts)
-        return VitalQuery(
-            patient_ids=tuple(patients),
-            concept_ids=concept_ids,
-            start=search.time.start,
-            end=search.time.end,
+            rows.extend(await lastn_labs(self._db, patients, criteria, search.max))
+        resources = [_subset(_observation(r), search.elements) for r in rows]
+        return self._bundle(request, resources, len(resources), None, None)
+
+    # --- DiagnosticReport ---
+
+    async def read_diagnostic_report(self, request: Request, strict: bool) -> Served:
+        report_id = parse_lab_report_id(request.path_params["id"])
+        record = await get_lab_report(self._db, report_id) if report_id is not None else None
+        if record is None:
+            raise ResourceNotFound("no DiagnosticReport with this id")
+        return self._fhir(diagnostic_report_resource(record))
+
+    async def search_diagnostic_reports(self, request: Request, strict: bool) -> Served:
+        search = parse_report_search(
+            request.query_params.multi_items(), strict=strict, **self._limits()
         )
+        digest = search.digest()
+        after = self._after_id(search.paging.cursor, digest)
+        query = ReportQuery(
+            patient_ids=tuple(await self._whose(search.patient)),
+            codes=(
+                tuple(CodeCriterion(t.system, t.code) for t in search.codes)
+                if search.codes is not None
+                else None
+            ),
+            start=search.dates.range.start,
+            end=search.dates.range.end,
+            excluded=_ranges(search.dates),
+        )
+        paging = search.paging
+        total = await count_lab_reports(self._db, query)
+        if paging.summary_count or paging.count == 0:
+            return self._bundle(request, [], total, paging.cursor, None)
+        rows = await search_lab_reports(self._db, query, after, paging.count + 1)
+        page = rows[: paging.count]
+        next_cursor = self._next_id(digest, page[-1].id) if len(rows) > paging.count else None
+        resources = [diagnostic_report_resource(r) for r in page]
+        return self._bundle(request, resources, total, paging.cursor, next_cursor)
+
+    # --- ImagingStudy, Device ---
+
+    async def search_imaging_studies(self, request: Request, strict: bool) -> Served:
+        search = parse_imaging_search(
+            request.query_params.multi_items(), strict=strict, **self._limits()
+        )
+        digest = search.digest()
+        after = self._after_id(search.paging.cursor, digest)
+        query = ImagingQuery(
+            patient_ids=(
+                tuple(await self._whose(search.patient)) if search.patient is not None else None
+            ),
+            study_uids=search.study_uids,
+            start=search.started.range.start,
+            end=search.started.range.end,
+            excluded=_ranges(search.started),
+            modalities=tuple(sorted(search.modalities)) if search.modalities is not None else None,
+        )
+        paging = search.paging
+        total = await count_studies(self._db, query)
+        if paging.summary_count or paging.count == 0:
+            return self._bundle(request, [], total, paging.cursor, None)
+        rows = await search_studies(self._db, query, after, paging.count + 1)
+        page = rows[: paging.count]
+        next_cursor = self._next_id(digest, page[-1].id) if len(rows) > paging.count else None
+        resources = [imaging_study_resource(r) for r in page]
+        return self._bundle(request, resources, total, paging.cursor, next_cursor)
+
+    async def search_devices(self, request: Request, strict: bool) -> Served:
+        search = parse_device_search(
+            request.query_params.multi_items(), strict=strict, **self._limits()
+        )
+        digest = search.digest()
+        after = self._after_id(search.paging.cursor, digest)
+        idents: list[tuple[str | None, str]] = []
+        for token in search.identifiers:
+            assert token.code is not None  # noqa: S101 - parse_identifier requires a value
+            if token.system is None:
+                idents.append((None, token.code))
+            elif token.system.startswith(UNIT_SYSTEM_PREFIX):
+                idents.append((token.system[len(UNIT_SYSTEM_PREFIX) :], token.code))
+        paging = search.paging
+        total = await count_devices(self._db, idents)
+        if paging.summary_count or paging.count == 0:
+            return self._bundle(request, [], total, paging.cursor, None)
+        rows = await search_devices(self._db, idents, after, paging.count + 1)
+        page = rows[: paging.count]
+        next_cursor = self._next_id(digest, page[-1].id) if len(rows) > paging.count else None
+        resources = [device_resource(r) for r in page]
+        return self._bundle(request, resources, total, paging.cursor, next_cursor)
+
+    # --- AuditEvent ---
+
+    async def search_audit_events(self, request: Request, strict: bool) -> Served:
+        search = parse_audit_search(
+            request.query_params.multi_items(), strict=strict, **self._limits()
+        )
+        digest = search.digest()
+        after = self._after_id(search.paging.cursor, digest)
+        if search.dates.excluded:
+            raise SearchParameterError("date", "prefix 'ne' is not supported for AuditEvent")
+        query = AuditQuery(
+            patient_ids=(
+                tuple(await self._whose(search.patient)) if search.patient is not None else None
+            ),
+            agents=search.agents,
+            start=search.dates.range.start,
+            end=search.dates.range.end,
+        )
+        paging = search.paging
+        total = await count_access(self._db, query)
+        if paging.summary_count or paging.count == 0:
+            return self._bundle(request, [], total, paging.cursor, None)
+        rows = await search_access(self._db, query, after, paging.count + 1)
+        page = rows[: paging.count]
+        next_cursor = self._next_id(digest, page[-1].id) if len(rows) > paging.count else None
+        resources = [audit_event_resource(r) for r in page]
+        return self._bundle(request, resources, total, paging.cursor, next_cursor)
+
+    # --- public documents ---
+
+    async def metadata(self, request: Request) -> Response:
+        return FhirResponse(capability_statement(self._base(request)))
 
 
-@dataclass(frozen=True, slots=True)
-class _ReportSearch:
-    patient_ids: tuple[int, ...] | None
-    patient_identifiers: tuple[Token, ...] | None
-    count: int
-    summary_count: bool
-    cursor: str | None
+def _served(
+    handler: Callable[[Request, bool], Awaitable[tuple[Response, tuple[int, ...]]]],
+) -> Handler:
+    async def served(request: Request, strict: bool) -> Served:
+        response, patients = await handler(request, strict)
+        return Served(response, patients)
 
-    def digest(self) -> bytes:
-        criteria = repr(("DiagnosticReport", self.patient_ids, self.patient_identifiers))
-        return hashlib.sha256(criteria.encode("utf-8", "backslashreplace")).digest()
+    return served
 
 
-_REPORT_PARAMETERS: Final = frozenset(
-    {"patient", "patient:identifier", "_count", "_summary", CURSOR_PARAMETER}
-)
+def _observation(row: VitalRecord | LabObservationRecord) -> JsonObject:
+    if isinstance(row, LabObservationRecord):
+        return lab_observation_resource(row)
+    return observation_resource(row)
 
 
-def _parse_report_search(
-    params: Sequence[tuple[str, str]], *, default_count: int, max_count: int
-) -> _ReportSearch:
-    """`GET /fhir/DiagnosticReport`: a patient (by reference or identifier) is required."""
-    found: dict[str, str] = {}
-    for name, value in params:
-        if name == "_format" and value in ("json", "application/json", "application/fhir+json"):
-            continue
-        if name not in _REPORT_PARAMETERS:
-            raise SearchParameterError(
-                "".join(c if c.isprintable() else "?" for c in name[:40]) or "?",
-                "not a supported search parameter",
-            )
-        if name in found:
-            raise SearchParameterError(name, "given more than once")
-        found[name] = value
-    patient = found.get("patient")
-    by_identifier = found.get("patient:identifier")
-    if (patient is None) == (by_identifier is None):
-        raise SearchParameterError("patient", "give patient or patient:identifier (one of them)")
-    count = found.get("_count")
-    summary = found.get("_summary")
-    return _ReportSearch(
-        patient_ids=parse_patient_references("patient", patient) if patient is not None else None,
-        patient_identifiers=(
-            parse_identifiers("patient:identifier", by_identifier)
-            if by_identifier is not None
-            else None
-        ),
-        count=parse_count("_count", count, max_count) if count is not None else default_count,
-        summary_count=parse_summary("_summary", summary) if summary is not None else False,
-        cursor=found.get(CURSOR_PARAMETER),
-    )
+async def _openapi(request: Request) -> Response:
+    return JSONResponse(openapi_document())
 
 
 def create_app(
@@ -536,9 +841,17 @@ def create_app(
     metrics: Metrics,
     readiness: Callable[[], Mapping[str, bool]],
     api: ApiSettings,
+    dicom_storage: Path | None = None,
 ) -> Starlette:
-    """The HTTP application: `/healthz`, `/readyz`, `/metrics` (no token) and `/fhir/...`."""
+    """The HTTP application: `/healthz`, `/readyz`, `/metrics`, `/fhir/metadata`, `/openapi.json`
+    (no token), `/fhir/...` and, given the DICOM store's folder, `/dicomweb/...` (bearer token,
+    audited)."""
     fhir = _FhirApi(pool, api)
+    read, search = Interaction.READ, Interaction.SEARCH
+
+    def route(path: str, resource: str, interaction: Interaction, action: str, h: Handler) -> Route:
+        return Route(path, fhir.endpoint(resource, interaction, action, h), methods=["GET"])
+
     routes = [
         Route("/healthz", _healthz, methods=["GET"]),
         Route("/readyz", _readyz(readiness), methods=["GET"]),
@@ -547,23 +860,46 @@ def create_app(
             _AsgiEndpoint(make_asgi_app(registry=metrics.registry)),
             methods=["GET"],
         ),
-        Route("/fhir/Patient", fhir.search_patients, methods=["GET"]),
-        Route("/fhir/Patient/{id}", fhir.read_patient, methods=["GET"]),
-        Route("/fhir/Observation", fhir.search_observations, methods=["GET"]),
-        Route("/fhir/Observation/{id}", fhir.read_observation, methods=["GET"]),
-        Route(
-            "/fhir/ImagingStudy",
-            imaging_study_endpoint(
-                pool,
-                default_count=api.default_count,
-                max_count=api.max_count,
-                base_url=api.base_url,
-            ),
-            methods=["GET"],
+        Route("/openapi.json", _openapi, methods=["GET"]),
+        Route("/fhir/metadata", fhir.metadata, methods=["GET"]),
+        route("/fhir/Patient", "Patient", search, "search-type", fhir.search_patients),
+        route("/fhir/Patient/{id}", "Patient", read, "read", fhir.read_patient),
+        route("/fhir/Observation", "Observation", search, "search-type", fhir.search_observations),
+        route("/fhir/Observation/$lastn", "Observation", search, "operation", fhir.lastn),
+        route("/fhir/Observation/{id}", "Observation", read, "read", fhir.read_observation),
+        route(
+            "/fhir/ImagingStudy", "ImagingStudy", search, "search-type", fhir.search_imaging_studies
         ),
-        Route("/fhir/DiagnosticReport", fhir.search_diagnostic_reports, methods=["GET"]),
-        Route("/fhir/DiagnosticReport/{id}", fhir.read_diagnostic_report, methods=["GET"]),
+        route(
+            "/fhir/DiagnosticReport",
+            "DiagnosticReport",
+            search,
+            "search-type",
+            fhir.search_diagnostic_reports,
+        ),
+        route(
+            "/fhir/DiagnosticReport/{id}",
+            "DiagnosticReport",
+            read,
+            "read",
+            fhir.read_diagnostic_report,
+        ),
+        route("/fhir/Device", "Device", search, "search-type", fhir.search_devices),
+        route("/fhir/AuditEvent", "AuditEvent", search, "search-type", fhir.search_audit_events),
     ]
+    if dicom_storage is not None:
+        web = DicomWeb(request_db, dicom_storage, api.base_url)
+        study = "/dicomweb/studies/{study}"
+        instance = study + "/series/{series}/instances/{instance}"
+        for path, action, handler in (
+            ("/dicomweb/studies", "search-type", web.studies),
+            (study + "/series", "search-type", web.series),
+            (study + "/series/{series}/instances", "search-type", web.instances),
+            (instance, "read", web.retrieve),
+            (instance + "/metadata", "read", web.metadata),
+        ):
+            interaction = Interaction.READ if action == "read" else Interaction.SEARCH
+            routes.append(route(path, "ImagingStudy", interaction, action, _served(handler)))
     return Starlette(
         routes=routes,
         middleware=[

@@ -14,13 +14,16 @@ rows recorded under every patient it replaced.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import date, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ingest.errors import StorageUnavailable
 from storage.pool import is_transient
+
+if TYPE_CHECKING:
+    from storage.dicom_queries import ImagingStudyRecord
 
 
 class Executor(Protocol):
@@ -102,6 +105,10 @@ class VitalQuery:
     concept_ids: tuple[int, ...] | None = None
     start: datetime | None = None
     end: datetime | None = None
+    excluded: tuple[tuple[datetime | None, datetime | None], ...] = ()
+    """Ranges [start, end) left out (FHIR `ne`)."""
+    descending: bool = False
+    """Newest first: `(time, id)` descending."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,11 +318,33 @@ def _vital_conditions(
         conditions.append(f"time >= {param(query.start, 'timestamptz')}")
     if query.end is not None:
         conditions.append(f"time < {param(query.end, 'timestamptz')}")
+    conditions.extend(_exclusions("time", query.excluded, param))
     if after is not None:
         after_time = param(after.time, "timestamptz")
         # The plain bound prunes partitions; the row comparison is the exact keyset position.
-        conditions.append(f"time >= {after_time}")
-        conditions.append(f"(time, id) > ({after_time}, {param(after.id, 'bigint')})")
+        if query.descending:
+            conditions.append(f"time <= {after_time}")
+            conditions.append(f"(time, id) < ({after_time}, {param(after.id, 'bigint')})")
+        else:
+            conditions.append(f"time >= {after_time}")
+            conditions.append(f"(time, id) > ({after_time}, {param(after.id, 'bigint')})")
+    return conditions
+
+
+def _exclusions(
+    column: str,
+    excluded: Sequence[tuple[datetime | None, datetime | None]],
+    param: Callable[[object, str], str],
+) -> list[str]:
+    """`NOT (column in [start, end))` for each excluded range."""
+    conditions = []
+    for start, end in excluded:
+        inside = []
+        if start is not None:
+            inside.append(f"{column} >= {param(start, 'timestamptz')}")
+        if end is not None:
+            inside.append(f"{column} < {param(end, 'timestamptz')}")
+        conditions.append(f"NOT ({' AND '.join(inside) or 'true'})")
     return conditions
 
 
@@ -329,16 +358,17 @@ async def search_vital_observations(
     conditions = _vital_conditions(query, after, "k.patient_id", args)
     args.append(limit)
     limit_param = f"${len(args)}"
+    order = "DESC" if query.descending else "ASC"
     sql = f"""SELECT {_VITAL_COLUMNS}
        FROM (SELECT r.* FROM unnest($1::bigint[]) AS k(patient_id)
              CROSS JOIN LATERAL (
                  SELECT id, patient_id, time, received_at, concept_id, device_id, value
                  FROM vital
                  WHERE {" AND ".join(conditions)}
-                 ORDER BY time, id LIMIT {limit_param}) AS r
-             ORDER BY r.time, r.id LIMIT {limit_param}) AS v
+                 ORDER BY time {order}, id {order} LIMIT {limit_param}) AS r
+             ORDER BY r.time {order}, r.id {order} LIMIT {limit_param}) AS v
        {_VITAL_JOINS}
-       ORDER BY v.time, v.id"""  # noqa: S608 - fixed fragments and numbered parameters only
+       ORDER BY v.time {order}, v.id {order}"""  # noqa: S608 - fixed fragments, numbered parameters
     rows = await _fetch(db, sql, *args)
     return [_vital_record(r) for r in rows]
 
@@ -432,6 +462,8 @@ class LabQuery:
     codes: tuple[CodeCriterion, ...] | None = None
     start: datetime | None = None
     end: datetime | None = None
+    excluded: tuple[tuple[datetime | None, datetime | None], ...] = ()
+    descending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,9 +508,12 @@ def _lab_conditions(query: LabQuery, after: VitalPosition | None, args: list[obj
         conditions.append(f"{when} >= {param(query.start, 'timestamptz')}")
     if query.end is not None:
         conditions.append(f"{when} < {param(query.end, 'timestamptz')}")
+    conditions.extend(_exclusions(when, query.excluded, param))
     if after is not None:
+        compare = "<" if query.descending else ">"
         conditions.append(
-            f"({when}, -o.id) > ({param(after.time, 'timestamptz')}, {param(after.id, 'bigint')})"
+            f"({when}, -o.id) {compare} "
+            f"({param(after.time, 'timestamptz')}, {param(after.id, 'bigint')})"
         )
     return conditions
 
@@ -495,7 +530,8 @@ async def search_lab_observations(
     sql = f"""SELECT {_LAB_COLUMNS}
        FROM lab_observation o JOIN patient p ON p.id = o.patient_id
        WHERE {" AND ".join(conditions)}
-       ORDER BY coalesce(o.observed_at, o.received_at), o.id DESC
+       ORDER BY coalesce(o.observed_at, o.received_at) {"DESC" if query.descending else "ASC"},
+                o.id {"ASC" if query.descending else "DESC"}
        LIMIT ${len(args)}"""  # noqa: S608 - fixed fragments and numbered parameters only
     return [_lab_record(r) for r in await _fetch(db, sql, *args)]
 
@@ -556,31 +592,75 @@ _REPORT_COLUMNS = """r.id, coalesce(p.replaced_by, r.patient_id) AS subject_id, 
                  WHERE o.report_id = r.id), '{}') AS result_ids"""
 
 
+@dataclass(frozen=True, slots=True)
+class ReportQuery:
+    """Which reports: of any of `patient_ids`, of any service `codes` (None: any), effective
+    (observed, else received) in [start, end) and outside every `excluded` range."""
+
+    patient_ids: tuple[int, ...]
+    codes: tuple[CodeCriterion, ...] | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+    excluded: tuple[tuple[datetime | None, datetime | None], ...] = ()
+
+
+def _report_conditions(query: ReportQuery, after_id: int | None, args: list[object]) -> list[str]:
+    def param(value: object, cast: str) -> str:
+        args.append(value)
+        return f"${len(args)}::{cast}"
+
+    conditions = [f"r.patient_id = ANY({param(list(query.patient_ids), 'bigint[]')})"]
+    if query.codes is not None:
+        systems = param([c.system for c in query.codes], "text[]")
+        codes = param([c.code for c in query.codes], "text[]")
+        conditions.append(
+            f"""EXISTS (SELECT 1 FROM unnest({systems}, {codes}) AS k(system, code)
+                       WHERE (k.system IS NULL OR r.service_system = k.system)
+                         AND (k.code IS NULL OR r.service_code = k.code))"""  # noqa: S608
+        )
+    when = "coalesce(r.observed_at, r.received_at)"
+    if query.start is not None:
+        conditions.append(f"{when} >= {param(query.start, 'timestamptz')}")
+    if query.end is not None:
+        conditions.append(f"{when} < {param(query.end, 'timestamptz')}")
+    conditions.extend(_exclusions(when, query.excluded, param))
+    if after_id is not None:
+        conditions.append(f"r.id > {param(after_id, 'bigint')}")
+    return conditions
+
+
+def _no_reports(query: ReportQuery) -> bool:
+    return not query.patient_ids or (query.codes is not None and not query.codes)
+
+
 async def search_lab_reports(
-    db: Executor, patient_ids: Sequence[int], after_id: int | None, limit: int
+    db: Executor, query: ReportQuery, after_id: int | None, limit: int
 ) -> list[LabReportRecord]:
-    """Up to `limit` reports of any of `patient_ids` with id above `after_id`, by id."""
-    if not patient_ids or limit <= 0:
+    """Up to `limit` reports matching `query` with id above `after_id`, by id."""
+    if _no_reports(query) or limit <= 0:
         return []
+    args: list[object] = []
+    conditions = _report_conditions(query, after_id, args)
+    args.append(limit)
     rows = await _fetch(
         db,
         f"""SELECT {_REPORT_COLUMNS} FROM lab_report r JOIN patient p ON p.id = r.patient_id
-            WHERE r.patient_id = ANY($1::bigint[]) AND r.id > $2
-            ORDER BY r.id LIMIT $3""",  # noqa: S608 - fixed fragments only
-        list(patient_ids),
-        after_id or 0,
-        limit,
+            WHERE {" AND ".join(conditions)}
+            ORDER BY r.id LIMIT ${len(args)}""",  # noqa: S608 - fixed fragments only
+        *args,
     )
     return [_report_record(r) for r in rows]
 
 
-async def count_lab_reports(db: Executor, patient_ids: Sequence[int]) -> int:
-    if not patient_ids:
+async def count_lab_reports(db: Executor, query: ReportQuery) -> int:
+    if _no_reports(query):
         return 0
+    args: list[object] = []
+    conditions = _report_conditions(query, None, args)
     rows = await _fetch(
         db,
-        "SELECT count(*) AS n FROM lab_report WHERE patient_id = ANY($1::bigint[])",
-        list(patient_ids),
+        f"SELECT count(*) AS n FROM lab_report r WHERE {' AND '.join(conditions)}",  # noqa: S608
+        *args,
     )
     return int(rows[0]["n"])
 
@@ -610,3 +690,550 @@ def _report_record(row: Any) -> LabReportRecord:
         received_at=row["received_at"],
         result_ids=tuple(row["result_ids"]),
     )
+
+
+# --- $lastn -------------------------------------------------------------------------------------
+
+
+async def lastn_vitals(
+    db: Executor, patient_ids: Sequence[int], concept_ids: Sequence[int], most: int
+) -> list[VitalRecord]:
+    """The `most` newest vitals of each concept among `patient_ids`, by concept then newest first.
+
+    One backward index range per (patient, concept) on `vital (patient_id, concept_id, time)`.
+    """
+    if not patient_ids or not concept_ids or most <= 0:
+        return []
+    rows = await _fetch(
+        db,
+        f"""SELECT {_VITAL_COLUMNS}
+            FROM (SELECT r.*, row_number() OVER (PARTITION BY r.concept_id
+                                                 ORDER BY r.time DESC, r.id DESC) AS rank
+                  FROM unnest($1::bigint[]) AS k(patient_id)
+                  CROSS JOIN unnest($2::int[]) AS q(concept_id)
+                  CROSS JOIN LATERAL (
+                      SELECT id, patient_id, time, received_at, concept_id, device_id, value
+                      FROM vital
+                      WHERE patient_id = k.patient_id AND concept_id = q.concept_id
+                      ORDER BY time DESC, id DESC LIMIT $3) AS r) AS v
+            {_VITAL_JOINS}
+            WHERE v.rank <= $3
+            ORDER BY c.system, c.code, c.unit, v.time DESC, v.id DESC""",  # noqa: S608
+        list(patient_ids),
+        list(concept_ids),
+        most,
+    )
+    return [_vital_record(r) for r in rows]
+
+
+async def lastn_labs(
+    db: Executor, patient_ids: Sequence[int], codes: Sequence[CodeCriterion] | None, most: int
+) -> list[LabObservationRecord]:
+    """The `most` newest lab observations of each code among `patient_ids`, newest first."""
+    if not patient_ids or most <= 0 or (codes is not None and not codes):
+        return []
+    args: list[object] = []
+    conditions = _lab_conditions(
+        LabQuery(tuple(patient_ids), tuple(codes) if codes else None), None, args
+    )
+    args.append(most)
+    rows = await _fetch(
+        db,
+        f"""SELECT * FROM (
+                SELECT {_LAB_COLUMNS}, row_number() OVER (
+                    PARTITION BY o.code_system, o.code
+                    ORDER BY coalesce(o.observed_at, o.received_at) DESC, o.id ASC) AS rank
+                FROM lab_observation o JOIN patient p ON p.id = o.patient_id
+                WHERE {" AND ".join(conditions)}) AS ranked
+            WHERE rank <= ${len(args)}
+            ORDER BY code_system, code, observed_at DESC, id""",  # noqa: S608 - fixed fragments
+        *args,
+    )
+    return [_lab_record(r) for r in rows]
+
+
+# --- patient search -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PatientQuery:
+    """Patients matching all given criteria. `ids` may name merged patients; the other criteria
+    match surviving patients only. Name prefixes are folded in SQL (`qantara_fold`, one short
+    statement first) exactly as the indexed name parts are."""
+
+    ids: tuple[int, ...] | None = None
+    survivor_ids: tuple[int, ...] | None = None
+    name_prefixes: tuple[str, ...] | None = None
+    birth_start: date | None = None
+    birth_end: date | None = None
+    birth_excluded: tuple[tuple[date | None, date | None], ...] = ()
+    genders: tuple[str, ...] | None = None
+
+
+def _patient_conditions(query: PatientQuery, after_id: int | None, args: list[object]) -> list[str]:
+    def param(value: object, cast: str) -> str:
+        args.append(value)
+        return f"${len(args)}::{cast}"
+
+    conditions = []
+    if query.ids is not None:
+        conditions.append(f"p.id = ANY({param(list(query.ids), 'bigint[]')})")
+    else:
+        conditions.append("p.replaced_by IS NULL")
+    if query.survivor_ids is not None:
+        conditions.append(f"p.id = ANY({param(list(query.survivor_ids), 'bigint[]')})")
+    if query.name_prefixes is not None:
+        # Folded prefixes (`_fold_prefixes`) as plain bounds: each one an index range on the
+        # name parts' primary key, whose selectivity the planner can estimate.
+        ranges = " OR ".join(
+            f"(n.part >= {param(prefix, 'text')} AND n.part < {param(prefix + _TOP, 'text')})"
+            for prefix in query.name_prefixes
+        )
+        conditions.append(
+            f"p.id IN (SELECT n.patient_id FROM patient_name_part n WHERE {ranges})"  # noqa: S608
+        )
+    if query.birth_start is not None:
+        conditions.append(f"p.birth_date >= {param(query.birth_start, 'date')}")
+    if query.birth_end is not None:
+        conditions.append(f"p.birth_date < {param(query.birth_end, 'date')}")
+    for start, end in query.birth_excluded:
+        inside = []
+        if start is not None:
+            inside.append(f"p.birth_date >= {param(start, 'date')}")
+        if end is not None:
+            inside.append(f"p.birth_date < {param(end, 'date')}")
+        conditions.append(f"p.birth_date IS NOT NULL AND NOT ({' AND '.join(inside) or 'true'})")
+    if query.genders is not None:
+        conditions.append(f"p.gender = ANY({param(list(query.genders), 'text[]')})")
+    if after_id is not None:
+        conditions.append(f"p.id > {param(after_id, 'bigint')}")
+    return conditions
+
+
+_TOP = chr(0x10FFFF)
+"""Above every character: `[p, p + _TOP)` holds the strings starting with `p` (byte order)."""
+
+
+async def _fold_prefixes(db: Executor, query: PatientQuery) -> PatientQuery:
+    """`query` with its name prefixes folded as the indexed parts are (`qantara_fold`)."""
+    if not query.name_prefixes:
+        return query
+    rows = await _fetch(
+        db,
+        "SELECT array_agg(qantara_fold(v) ORDER BY o) AS folded "
+        "FROM unnest($1::text[]) WITH ORDINALITY AS u(v, o)",
+        list(query.name_prefixes),
+    )
+    return replace(query, name_prefixes=tuple(rows[0]["folded"]))
+
+
+def _no_patients(query: PatientQuery) -> bool:
+    return any(
+        v is not None and not v
+        for v in (query.ids, query.survivor_ids, query.name_prefixes, query.genders)
+    )
+
+
+async def search_patient_ids(
+    db: Executor, query: PatientQuery, after_id: int | None, limit: int
+) -> list[int]:
+    """Up to `limit` ids of patients matching `query` above `after_id`, ascending."""
+    if _no_patients(query) or limit <= 0:
+        return []
+    query = await _fold_prefixes(db, query)
+    args: list[object] = []
+    conditions = _patient_conditions(query, after_id, args)
+    args.append(limit)
+    rows = await _fetch(
+        db,
+        f"""SELECT p.id FROM patient p WHERE {" AND ".join(conditions)}
+            ORDER BY p.id LIMIT ${len(args)}""",  # noqa: S608 - fixed fragments only
+        *args,
+    )
+    return [r["id"] for r in rows]
+
+
+async def count_patients(db: Executor, query: PatientQuery) -> int:
+    if _no_patients(query):
+        return 0
+    query = await _fold_prefixes(db, query)
+    args: list[object] = []
+    conditions = _patient_conditions(query, None, args)
+    rows = await _fetch(
+        db,
+        f"SELECT count(*) AS n FROM patient p WHERE {' AND '.join(conditions)}",  # noqa: S608
+        *args,
+    )
+    return int(rows[0]["n"])
+
+
+# --- devices ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    id: int
+    unit: str
+    ident: str
+    kind: str
+
+
+async def search_devices(
+    db: Executor,
+    idents: Sequence[tuple[str | None, str]],
+    after_id: int | None,
+    limit: int,
+) -> list[DeviceRecord]:
+    """Devices whose `(unit, ident)` match any of `idents` (unit None: any unit), by id."""
+    if not idents or limit <= 0:
+        return []
+    rows = await _fetch(
+        db,
+        """SELECT d.id, u.name AS unit, d.ident, d.kind
+           FROM device d JOIN unit u ON u.id = d.unit_id
+           WHERE EXISTS (SELECT 1 FROM unnest($1::text[], $2::text[]) AS k(unit, ident)
+                         WHERE d.ident = k.ident AND (k.unit IS NULL OR u.name = k.unit))
+             AND d.id > $3
+           ORDER BY d.id LIMIT $4""",
+        [u for u, _ in idents],
+        [i for _, i in idents],
+        after_id or 0,
+        limit,
+    )
+    return [DeviceRecord(r["id"], r["unit"], r["ident"], r["kind"]) for r in rows]
+
+
+# --- imaging studies (FHIR ImagingStudy) ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ImagingQuery:
+    """Studies of any of `patient_ids` (None: any patient), with any of `study_uids` (None: any),
+    started in [start, end) outside every `excluded` range (the start is `started`, else the
+    study date at 00:00 UTC), with a series of any of `modalities` (None: any)."""
+
+    patient_ids: tuple[int, ...] | None = None
+    study_uids: tuple[str, ...] | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+    excluded: tuple[tuple[datetime | None, datetime | None], ...] = ()
+    modalities: tuple[str, ...] | None = None
+
+
+def _imaging_conditions(query: ImagingQuery, after_id: int | None, args: list[object]) -> list[str]:
+    def param(value: object, cast: str) -> str:
+        args.append(value)
+        return f"${len(args)}::{cast}"
+
+    conditions = ["s.patient_id IS NOT NULL"]
+    if query.patient_ids is not None:
+        conditions.append(f"s.patient_id = ANY({param(list(query.patient_ids), 'bigint[]')})")
+    if query.study_uids is not None:
+        conditions.append(f"s.study_uid = ANY({param(list(query.study_uids), 'text[]')})")
+    when = "coalesce(s.started, s.study_date::timestamp AT TIME ZONE 'UTC')"
+    if query.start is not None:
+        conditions.append(f"{when} >= {param(query.start, 'timestamptz')}")
+    if query.end is not None:
+        conditions.append(f"{when} < {param(query.end, 'timestamptz')}")
+    conditions.extend(_exclusions(when, query.excluded, param))
+    if query.modalities is not None:
+        conditions.append(
+            f"""EXISTS (SELECT 1 FROM dicom_series m WHERE m.study_id = s.id
+                       AND m.modality = ANY({param(list(query.modalities), "text[]")}))"""  # noqa: S608
+        )
+    if after_id is not None:
+        conditions.append(f"s.id > {param(after_id, 'bigint')}")
+    return conditions
+
+
+def _no_studies(query: ImagingQuery) -> bool:
+    return any(
+        v is not None and not v for v in (query.patient_ids, query.study_uids, query.modalities)
+    )
+
+
+async def search_studies(
+    db: Executor, query: ImagingQuery, after_id: int | None, limit: int
+) -> list[ImagingStudyRecord]:
+    """Up to `limit` studies matching `query` with id above `after_id`, by id."""
+    # dicom_queries imports this module (Executor): its record types are imported late.
+    from storage.dicom_queries import ImagingStudyRecord, SeriesRecord
+
+    if _no_studies(query) or limit <= 0:
+        return []
+    args: list[object] = []
+    conditions = _imaging_conditions(query, after_id, args)
+    args.append(limit)
+    rows = await _fetch(
+        db,
+        f"""SELECT s.id, coalesce(p.replaced_by, p.id) AS subject_id, s.study_uid, s.started,
+                  s.study_date, s.study_time, s.description, s.accession_number,
+                  coalesce((SELECT array_agg(ARRAY[se.series_uid, se.modality,
+                                                   coalesce(se.series_number::text, ''),
+                                                   se.description, se.body_part,
+                                                   (SELECT count(*) FROM dicom_instance i
+                                                     WHERE i.series_id = se.id)::text]
+                                             ORDER BY se.series_number NULLS LAST, se.id)
+                            FROM dicom_series se WHERE se.study_id = s.id), '{{}}') AS series
+           FROM dicom_study s JOIN patient p ON p.id = s.patient_id
+           WHERE {" AND ".join(conditions)}
+           ORDER BY s.id LIMIT ${len(args)}""",  # noqa: S608 - fixed fragments only
+        *args,
+    )
+    return [
+        ImagingStudyRecord(
+            id=r["id"],
+            subject_id=r["subject_id"],
+            study_uid=r["study_uid"],
+            started=r["started"],
+            study_date=r["study_date"],
+            study_time=r["study_time"],
+            description=r["description"],
+            accession_number=r["accession_number"],
+            series=tuple(
+                SeriesRecord(
+                    uid=x[0],
+                    modality=x[1],
+                    number=int(x[2]) if x[2] else None,
+                    description=x[3],
+                    body_part=x[4],
+                    instances=int(x[5]),
+                )
+                for x in r["series"]
+            ),
+        )
+        for r in rows
+    ]
+
+
+async def count_studies(db: Executor, query: ImagingQuery) -> int:
+    if _no_studies(query):
+        return 0
+    args: list[object] = []
+    conditions = _imaging_conditions(query, None, args)
+    rows = await _fetch(
+        db,
+        f"SELECT count(*) AS n FROM dicom_study s WHERE {' AND '.join(conditions)}",  # noqa: S608
+        *args,
+    )
+    return int(rows[0]["n"])
+
+
+async def count_devices(db: Executor, idents: Sequence[tuple[str | None, str]]) -> int:
+    if not idents:
+        return 0
+    rows = await _fetch(
+        db,
+        """SELECT count(*) AS n FROM device d JOIN unit u ON u.id = d.unit_id
+           WHERE EXISTS (SELECT 1 FROM unnest($1::text[], $2::text[]) AS k(unit, ident)
+                         WHERE d.ident = k.ident AND (k.unit IS NULL OR u.name = k.unit))""",
+        [u for u, _ in idents],
+        [i for _, i in idents],
+    )
+    return int(rows[0]["n"])
+
+
+# --- DICOMweb (QIDO-RS, WADO-RS) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StudyQuery:
+    """QIDO-RS study criteria; None matches anything. Dates are inclusive."""
+
+    dicom_patient_id: str | None = None
+    study_uid: str | None = None
+    date_from: date | None = None
+    date_to: date | None = None
+    modality: str | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class QidoStudy:
+    id: int
+    subject_id: int | None
+    study_uid: str
+    dicom_patient_id: str
+    patient_name: str
+    patient_birth_date: date | None
+    patient_sex: str
+    study_date: date | None
+    study_time: Any
+    accession_number: str
+    study_id: str
+    description: str
+    modalities: tuple[str, ...]
+    series: int
+    instances: int
+
+
+@dataclass(frozen=True, slots=True)
+class QidoSeries:
+    study_uid: str
+    subject_id: int | None
+    series_uid: str
+    modality: str
+    number: int | None
+    description: str
+    instances: int
+
+
+@dataclass(frozen=True, slots=True)
+class QidoInstance:
+    study_uid: str
+    series_uid: str
+    subject_id: int | None
+    sop_instance_uid: str
+    sop_class_uid: str
+    number: int | None
+    transfer_syntax: str
+    file_path: str
+    size: int
+
+
+async def qido_studies(db: Executor, query: StudyQuery) -> list[QidoStudy]:
+    """Studies matching `query`, by id, `limit` of them after skipping `offset`."""
+    args: list[object] = []
+
+    def param(value: object, cast: str) -> str:
+        args.append(value)
+        return f"${len(args)}::{cast}"
+
+    conditions = ["true"]
+    if query.dicom_patient_id is not None:
+        conditions.append(f"s.dicom_patient_id = {param(query.dicom_patient_id, 'text')}")
+    if query.study_uid is not None:
+        conditions.append(f"s.study_uid = {param(query.study_uid, 'text')}")
+    if query.date_from is not None:
+        conditions.append(f"s.study_date >= {param(query.date_from, 'date')}")
+    if query.date_to is not None:
+        conditions.append(f"s.study_date <= {param(query.date_to, 'date')}")
+    if query.modality is not None:
+        conditions.append(
+            f"""EXISTS (SELECT 1 FROM dicom_series m WHERE m.study_id = s.id
+                       AND m.modality = {param(query.modality, "text")})"""  # noqa: S608
+        )
+    limit = param(query.limit, "int")
+    offset = param(query.offset, "int")
+    rows = await _fetch(
+        db,
+        f"""SELECT s.id, coalesce(p.replaced_by, p.id) AS subject_id, s.study_uid,
+                   s.dicom_patient_id, s.patient_name, s.patient_birth_date, s.patient_sex,
+                   s.study_date, s.study_time, s.accession_number, s.study_id, s.description,
+                   coalesce((SELECT array_agg(DISTINCT se.modality) FROM dicom_series se
+                             WHERE se.study_id = s.id AND se.modality <> ''), '{{}}')
+                       AS modalities,
+                   (SELECT count(*) FROM dicom_series se WHERE se.study_id = s.id) AS series,
+                   (SELECT count(*) FROM dicom_series se JOIN dicom_instance i
+                       ON i.series_id = se.id WHERE se.study_id = s.id) AS instances
+            FROM dicom_study s LEFT JOIN patient p ON p.id = s.patient_id
+            WHERE {" AND ".join(conditions)}
+            ORDER BY s.id LIMIT {limit} OFFSET {offset}""",  # noqa: S608 - fixed fragments
+        *args,
+    )
+    return [
+        QidoStudy(
+            id=r["id"],
+            subject_id=r["subject_id"],
+            study_uid=r["study_uid"],
+            dicom_patient_id=r["dicom_patient_id"],
+            patient_name=r["patient_name"],
+            patient_birth_date=r["patient_birth_date"],
+            patient_sex=r["patient_sex"],
+            study_date=r["study_date"],
+            study_time=r["study_time"],
+            accession_number=r["accession_number"],
+            study_id=r["study_id"],
+            description=r["description"],
+            modalities=tuple(r["modalities"]),
+            series=r["series"],
+            instances=r["instances"],
+        )
+        for r in rows
+    ]
+
+
+async def qido_series(
+    db: Executor, study_uid: str, limit: int, offset: int
+) -> list[QidoSeries] | None:
+    """The series of a study (None when the study is unknown), by id."""
+    study = await _fetch(
+        db,
+        """SELECT s.id, coalesce(p.replaced_by, p.id) AS subject_id
+           FROM dicom_study s LEFT JOIN patient p ON p.id = s.patient_id
+           WHERE s.study_uid = $1""",
+        study_uid,
+    )
+    if not study:
+        return None
+    rows = await _fetch(
+        db,
+        """SELECT se.series_uid, se.modality, se.series_number, se.description,
+                  (SELECT count(*) FROM dicom_instance i WHERE i.series_id = se.id) AS instances
+           FROM dicom_series se WHERE se.study_id = $1
+           ORDER BY se.id LIMIT $2 OFFSET $3""",
+        study[0]["id"],
+        limit,
+        offset,
+    )
+    return [
+        QidoSeries(
+            study_uid=study_uid,
+            subject_id=study[0]["subject_id"],
+            series_uid=r["series_uid"],
+            modality=r["modality"],
+            number=r["series_number"],
+            description=r["description"],
+            instances=r["instances"],
+        )
+        for r in rows
+    ]
+
+
+async def qido_instances(
+    db: Executor,
+    study_uid: str,
+    series_uid: str,
+    sop_instance_uid: str | None,
+    limit: int,
+    offset: int,
+) -> list[QidoInstance] | None:
+    """The instances of a series (None when the series is not in that study), by id."""
+    series = await _fetch(
+        db,
+        """SELECT se.id, coalesce(p.replaced_by, p.id) AS subject_id
+           FROM dicom_series se JOIN dicom_study s ON s.id = se.study_id
+                LEFT JOIN patient p ON p.id = s.patient_id
+           WHERE s.study_uid = $1 AND se.series_uid = $2""",
+        study_uid,
+        series_uid,
+    )
+    if not series:
+        return None
+    rows = await _fetch(
+        db,
+        """SELECT sop_instance_uid, sop_class_uid, instance_number, transfer_syntax, file_path,
+                  size
+           FROM dicom_instance
+           WHERE series_id = $1 AND ($2::text IS NULL OR sop_instance_uid = $2::text)
+           ORDER BY id LIMIT $3 OFFSET $4""",
+        series[0]["id"],
+        sop_instance_uid,
+        limit,
+        offset,
+    )
+    return [
+        QidoInstance(
+            study_uid=study_uid,
+            series_uid=series_uid,
+            subject_id=series[0]["subject_id"],
+            sop_instance_uid=r["sop_instance_uid"],
+            sop_class_uid=r["sop_class_uid"],
+            number=r["instance_number"],
+            transfer_syntax=r["transfer_syntax"],
+            file_path=r["file_path"],
+            size=r["size"],
+        )
+        for r in rows
+    ]

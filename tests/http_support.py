@@ -13,12 +13,17 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
+from fhir.resources.R4B.auditevent import AuditEvent
 from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.device import Device
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.imagingstudy import ImagingStudy
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.patient import Patient
@@ -34,7 +39,11 @@ from storage.writer import BatchWriter
 BASE_URL = "http://qantara.test"
 CIN_URI = "https://qantara.ma/fhir/sid/cin"
 _MODELS: dict[str, Any] = {
+    "AuditEvent": AuditEvent,
     "Bundle": Bundle,
+    "Device": Device,
+    "DiagnosticReport": DiagnosticReport,
+    "ImagingStudy": ImagingStudy,
     "Observation": Observation,
     "OperationOutcome": OperationOutcome,
     "Patient": Patient,
@@ -139,12 +148,17 @@ async def make_client(
     """Factory of clients of an app over the test database (`api=` for other limits)."""
     clients: list[httpx.AsyncClient] = []
 
-    def make(api: ApiSettings | None = None, metrics: Metrics | None = None) -> httpx.AsyncClient:
+    def make(
+        api: ApiSettings | None = None,
+        metrics: Metrics | None = None,
+        dicom_storage: Path | None = None,
+    ) -> httpx.AsyncClient:
         app = create_app(
             pool=api_pool,
             metrics=metrics or Metrics(),
             readiness=lambda: dict(readiness_checks),
             api=api or ApiSettings(),
+            dicom_storage=dicom_storage,
         )
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE_URL)
         clients.append(client)

@@ -12,19 +12,36 @@ from hypothesis import strategies as st
 
 from gateway.auth import Interaction, InvalidScope, allows, bearer_token, parse_scope
 from gateway.fhir_identifiers import stored_systems, system_uri
-from gateway.fhir_paging import CursorPosition, decode_cursor, encode_cursor
+from gateway.fhir_paging import CursorCodec, CursorPosition
 from gateway.fhir_search import (
     END_OF_TIME,
+    OBSERVATION_PARAMETERS,
     SearchParameterError,
     TimeRange,
     Token,
+    parse_audit_search,
     parse_count,
     parse_date,
+    parse_date_filter,
     parse_dates,
+    parse_device_search,
+    parse_elements,
+    parse_genders,
     parse_identifier,
+    parse_ids,
+    parse_imaging_search,
+    parse_lastn_search,
+    parse_max,
+    parse_modalities,
+    parse_names,
     parse_observation_search,
     parse_patient_reference,
+    parse_patient_search,
+    parse_report_search,
+    parse_sort,
+    parse_study_uids,
     parse_token,
+    strict_handling,
 )
 
 
@@ -162,7 +179,7 @@ def test_observation_search_without_patient_is_refused() -> None:
         parse_observation_search([("code", "8867-4")], default_count=50, max_count=1000)
 
 
-def test_unknown_search_parameter_is_refused_by_name() -> None:
+def test_patient_and_subject_together_are_refused_naming_the_second() -> None:
     with pytest.raises(SearchParameterError, match="'subject'"):
         parse_observation_search(
             [("patient", "1"), ("subject", "Patient/1")], default_count=50, max_count=1000
@@ -177,6 +194,15 @@ _PARSERS: list[Callable[[str], object]] = [
     lambda raw: parse_token("code", raw),
     lambda raw: parse_patient_reference("patient", raw),
     lambda raw: parse_count("_count", raw, 1000),
+    lambda raw: parse_date_filter("date", [raw]),
+    lambda raw: parse_names("name", raw),
+    lambda raw: parse_genders("gender", raw),
+    lambda raw: parse_ids("_id", raw),
+    lambda raw: parse_max("max", raw),
+    lambda raw: parse_modalities("modality", raw),
+    lambda raw: parse_study_uids("identifier", raw),
+    lambda raw: parse_elements("_elements", raw),
+    lambda raw: parse_sort("_sort", raw),
 ]
 
 _DATE_LIKE = st.from_regex(
@@ -234,9 +260,97 @@ def test_an_instant_always_falls_in_the_day_that_contains_it(instant: datetime) 
     assert exact.start == instant
 
 
+_NAMES = st.sampled_from(
+    [
+        *sorted(OBSERVATION_PARAMETERS | {"max", "name", "gender", "birthdate", "_id", "started"}),
+        *("modality", "identifier", "agent", "x-unknown", "_format"),
+    ]
+)
+_SEARCHES: list[Callable[..., object]] = [
+    parse_observation_search,
+    parse_patient_search,
+    parse_report_search,
+    parse_imaging_search,
+    parse_device_search,
+    parse_audit_search,
+]
+
+
+@given(
+    params=st.lists(st.tuples(_NAMES, st.text(max_size=30) | _DATE_LIKE), max_size=6),
+    which=st.integers(0, len(_SEARCHES) - 1),
+    strict=st.booleans(),
+)
+def test_whole_search_parsers_return_or_raise_only_search_parameter_error(
+    params: list[tuple[str, str]], which: int, strict: bool
+) -> None:
+    with contextlib.suppress(SearchParameterError):
+        _SEARCHES[which](params, default_count=50, max_count=1000, strict=strict)
+
+
+@given(params=st.lists(st.tuples(_NAMES, st.text(max_size=30)), max_size=6), strict=st.booleans())
+def test_lastn_parser_returns_or_raises_only_search_parameter_error(
+    params: list[tuple[str, str]], strict: bool
+) -> None:
+    with contextlib.suppress(SearchParameterError):
+        parse_lastn_search(params, strict=strict)
+
+
+@given(name=st.text(min_size=1, max_size=20).filter(lambda n: n not in OBSERVATION_PARAMETERS))
+def test_unknown_parameter_is_ignored_leniently_and_refused_strictly(name: str) -> None:
+    params = [("patient", "1"), (name, "x")]
+    if name != "_format":
+        lenient = parse_observation_search(params, default_count=50, max_count=1000)
+        assert lenient.patient_ids == (1,)
+        with pytest.raises(SearchParameterError, match="not a supported search parameter"):
+            parse_observation_search(params, default_count=50, max_count=1000, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("prefer", "strict"),
+    [
+        (None, False),
+        ("handling=strict", True),
+        ("return=minimal, handling=strict", True),
+        ("handling=lenient", False),
+        ('handling="strict"', True),
+        ("respond-async", False),
+    ],
+)
+def test_prefer_header_selects_strict_handling(prefer: str | None, strict: bool) -> None:
+    assert strict_handling(prefer) is strict
+
+
+@given(
+    day=st.dates(min_value=datetime(1900, 1, 1).date(), max_value=datetime(2200, 1, 1).date())  # noqa: DTZ001
+)
+def test_ne_excludes_exactly_the_range_eq_selects(day: object) -> None:
+    text = str(day)
+    equal = parse_date_filter("date", [text])
+    not_equal = parse_date_filter("date", ["ne" + text])
+    assert not_equal.range == TimeRange()
+    assert not_equal.excluded == (equal.range,)
+
+
+def test_repeated_dates_intersect_and_collect_exclusions() -> None:
+    found = parse_date_filter("date", ["ge2026-11", "lt2026-12", "ne2026-11-15"])
+    assert found.range == TimeRange(utc(2026, 11, 1), utc(2026, 12, 1))
+    assert found.excluded == (TimeRange(utc(2026, 11, 15), utc(2026, 11, 16)),)
+
+
+def test_study_uid_takes_the_urn_oid_form_and_a_bare_uid() -> None:
+    assert parse_study_uids("identifier", "urn:dicom:uid|urn:oid:1.2.3,1.2.4") == (
+        "1.2.3",
+        "1.2.4",
+    )
+
+
 # --- cursors ---
 
 _DIGEST = bytes(range(32))
+_CODEC = CursorCodec(b"a cursor secret of the tests....")
+encode_cursor = _CODEC.encode
+decode_cursor = _CODEC.decode
 
 
 def test_cursor_round_trips_its_position() -> None:
@@ -262,6 +376,26 @@ def test_cursor_of_another_search_is_refused() -> None:
     cursor = encode_cursor(_DIGEST, CursorPosition(utc(2026, 11, 27), 42))
     with pytest.raises(SearchParameterError, match="another search"):
         decode_cursor(cursor, bytes(32), timed=True)
+
+
+def test_cursor_signed_with_another_secret_is_refused() -> None:
+    cursor = CursorCodec(b"the secret of another server...").encode(
+        _DIGEST, CursorPosition(utc(2026, 11, 27), 42)
+    )
+    with pytest.raises(SearchParameterError, match="not a cursor of this server"):
+        decode_cursor(cursor, _DIGEST, timed=True)
+
+
+def test_replicas_sharing_a_secret_follow_each_others_cursors() -> None:
+    position = CursorPosition(utc(2026, 11, 27), 42)
+    secret = b"shared by every replica of a region"
+    cursor = CursorCodec(secret).encode(_DIGEST, position)
+    assert CursorCodec(secret).decode(cursor, _DIGEST, timed=True) == position
+
+
+def test_short_cursor_secret_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        CursorCodec(b"short")
 
 
 # --- identifier systems ---

@@ -1,0 +1,94 @@
+"""Audit rows as FHIR R4 `AuditEvent` resources, and the query shape an audit row records.
+
+One AuditEvent per row: type `rest` with the interaction as subtype, action `R` for a read and `E`
+for a search or operation, the token's name as the requesting agent (`agent.who.display`), each
+patient whose data was returned as an entity (`what` = `Patient/{id}`, role patient), and the
+query's shape (parameter names, never values) as a query entity.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from typing import Final
+
+from gateway.fhir_outcome import JsonObject
+from gateway.fhir_resources import instant
+from storage.audit import AuditRecord
+
+AUDIT_ID_PREFIX: Final = "a-"
+_DATE_PREFIXES: Final = frozenset({"eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap"})
+_DATE_PARAMETERS: Final = frozenset({"date", "birthdate", "started"})
+_ACTION: Final = {"read": "R", "search-type": "E", "operation": "E"}
+_OUTCOME_TEXT: Final = {"0": "success", "4": "refused", "8": "failed", "12": "failed"}
+
+
+def query_shape(method: str, route: str, params: Sequence[tuple[str, str]]) -> str:
+    """`GET /fhir/Observation?patient&date=ge&date=lt`: names (and date prefixes), no values."""
+    names = []
+    for name, value in params:
+        safe = "".join(
+            c if c.isascii() and c.isprintable() and c not in "&=?" else "?" for c in name[:40]
+        )
+        if name in _DATE_PARAMETERS and value[:2] in _DATE_PREFIXES:
+            safe += "=" + value[:2]
+        names.append(safe)
+    return f"{method} {route}" + ("?" + "&".join(names) if names else "")
+
+
+def audit_event_resource(record: AuditRecord) -> JsonObject:
+    entities: list[JsonObject] = [
+        {
+            "what": {"reference": f"Patient/{patient_id}"},
+            "type": {
+                "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                "code": "1",
+                "display": "Person",
+            },
+            "role": {
+                "system": "http://terminology.hl7.org/CodeSystem/object-role",
+                "code": "1",
+                "display": "Patient",
+            },
+        }
+        for patient_id in record.patient_ids
+    ]
+    entities.append(
+        {
+            "type": {
+                "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                "code": "2",
+                "display": "System Object",
+            },
+            "role": {
+                "system": "http://terminology.hl7.org/CodeSystem/object-role",
+                "code": "24",
+                "display": "Query",
+            },
+            "name": record.resource_type,
+            "description": record.query_shape,
+            "query": base64.b64encode(record.query_shape.encode("utf-8")).decode("ascii"),
+        }
+    )
+    return {
+        "resourceType": "AuditEvent",
+        "id": f"{AUDIT_ID_PREFIX}{record.id}",
+        "type": {
+            "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+            "code": "rest",
+            "display": "RESTful Operation",
+        },
+        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": record.action}],
+        "action": _ACTION.get(record.action, "E"),
+        "recorded": instant(record.recorded_at),
+        "outcome": record.outcome,
+        "outcomeDesc": f"HTTP {record.status} ({_OUTCOME_TEXT.get(record.outcome, 'failed')})",
+        "agent": [
+            {
+                "who": {"display": record.token_name},
+                "requestor": True,
+            }
+        ],
+        "source": {"observer": {"display": "qantara"}},
+        "entity": entities,
+    }
