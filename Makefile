@@ -5,9 +5,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEV    := $(VENV)/.installed-dev
 # Debian packages the tests use: mosquitto (private brokers for fault tests), promtool
-# (prometheus) to check /metrics and the alert rules, dcmtk as a DICOM peer.
-DEBIAN_PACKAGES := mosquitto prometheus dcmtk
-DEBIAN_COMMANDS := mosquitto promtool storescu
+# (prometheus) to check /metrics and the alert rules, dcmtk as a DICOM peer, docker-compose to
+# validate docker-compose.yml (no Docker daemon is needed for `config -q`).
+DEBIAN_PACKAGES := mosquitto prometheus dcmtk docker-compose
+DEBIAN_COMMANDS := mosquitto promtool storescu docker-compose
 
 .PHONY: up test lint format install install-dev system-deps bench clean
 
@@ -59,3 +60,13 @@ bench: install-dev
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+
+# Production shape (docker-compose.yml): generates the private CA, TLS certificates, the broker's
+# password file (one user per unit of UNITS, plus the gateways') into deploy/secrets/ (git-ignored)
+# and writes .env from deploy/secrets/compose.env when there is none. Re-run to add units.
+UNITS ?=
+.PHONY: certs
+certs: system-deps
+	UNITS="$(UNITS)" bash deploy/make_secrets.sh deploy/secrets
+	@if [ -f .env ]; then echo ".env exists: left as is (new values in deploy/secrets/compose.env)"; \
+	else cp deploy/secrets/compose.env .env && chmod 600 .env && echo "wrote .env"; fi
