@@ -36,6 +36,7 @@ from monitoring.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 STATUS_TOPIC = "units/+/status"
+ACK_TOPIC = "units/+/ack"
 _RECONNECT_MAX = 30.0
 _WATERMARK_SLICE = 256
 
@@ -83,6 +84,7 @@ class MqttVitalsAdapter:
         self._generation = 0
         self._watermarks: dict[str, int] = {}
         self._published: dict[str, int] = {}
+        self._stale: set[str] = set()  # units whose retained ack another replica set lower
         self._watermark_changed = asyncio.Event()
         self._stopping = False
         self.connected = asyncio.Event()
@@ -129,6 +131,11 @@ class MqttVitalsAdapter:
             try:
                 await session.subscribe(self._settings.vitals_subscription)
                 await session.subscribe(STATUS_TOPIC)
+                if self._settings.shared_group:
+                    # Replicas race to publish a unit's retained ack: the one that knows the
+                    # higher watermark watches the topic and publishes it again when another
+                    # replica's older value lands last (see _on_ack_seen).
+                    await session.subscribe(ACK_TOPIC)
                 logger.info(
                     "MQTT connected to %s:%d as %s, subscribed to %s",
                     self._settings.host,
@@ -153,6 +160,10 @@ class MqttVitalsAdapter:
         topic = message.topic
         if topic.endswith("/status"):
             self._on_status(message)
+            session.ack(message)
+            return
+        if topic.endswith("/ack"):
+            self._on_ack_seen(message)
             session.ack(message)
             return
         received_at = datetime.now(UTC)
@@ -230,8 +241,10 @@ class MqttVitalsAdapter:
             changed = [
                 (unit, seq)
                 for unit, seq in self._watermarks.items()
-                if self._published.get(unit) != seq
+                if self._published.get(unit) != seq or unit in self._stale
             ]
+            # Taken now: an older value seen while these are in flight asks for one more round.
+            self._stale.clear()
             # Concurrently, in bounded slices: one PUBACK round trip per slice, not per unit.
             for start in range(0, len(changed), _WATERMARK_SLICE):
                 part = changed[start : start + _WATERMARK_SLICE]
@@ -245,6 +258,26 @@ class MqttVitalsAdapter:
                 )
                 for unit, seq in part:
                     self._published[unit] = seq
+
+    def _on_ack_seen(self, message: Received) -> None:
+        """Another replica's ack may be older than ours and have arrived last: restore ours.
+
+        Two replicas commit a unit's batches one after the other (the unit row lock), so the
+        later commit knows the higher watermark, but their PUBLISHes of the retained ack travel
+        on different connections and can reach the broker in the other order. Watermarks only
+        grow, so the highest known one wins after at most one more publish per live replica.
+        """
+        parts = message.topic.split("/")
+        if len(parts) != 3 or parts[1] not in self._watermarks or not message.payload:
+            return  # an empty retained payload is a deliberate clear: leave it
+        try:
+            body = json.loads(message.payload.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return
+        seen = body.get("seq") if isinstance(body, dict) else None
+        if isinstance(seen, int) and seen < self._watermarks[parts[1]]:
+            self._stale.add(parts[1])
+            self._watermark_changed.set()
 
     def _on_status(self, message: Received) -> None:
         parts = message.topic.split("/")

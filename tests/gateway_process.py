@@ -848,3 +848,31 @@ async def ledger_total(conn: asyncpg.Connection, units: Iterable[str]) -> int:
         list(units),
     )
     return int(count)
+
+
+# --- listeners --------------------------------------------------------------------------------
+
+
+def listening_port(gateway: GatewayProcess, listener: str) -> int:
+    """The port a running gateway logged for `listener` (`http`, `mllp`, `dicom`)."""
+    pattern = re.compile(rf"listening {re.escape(listener)}=\S+:(\d+)")
+    for line in reversed(gateway.log_lines):
+        match = pattern.search(line)
+        if match:
+            return int(match.group(1))
+    raise AssertionError(f"no 'listening {listener}=' line in the gateway's log")
+
+
+async def wait_listening(
+    gateway: GatewayProcess,
+    listener: str,
+    timeout: float = 30.0,  # noqa: ASYNC109
+) -> int:
+    """Wait (bounded) for the gateway's `listening {listener}=` line; its port."""
+    needle = f"listening {listener}="
+    await wait_until(
+        lambda: any(needle in line for line in gateway.log_lines),
+        timeout,
+        message=f"no {needle!r} line within {timeout} s\n{gateway.log_tail()}",
+    )
+    return listening_port(gateway, listener)
