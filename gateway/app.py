@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -31,8 +32,10 @@ from ingest.errors import StorageUnavailable
 from ingest.mqtt import MqttVitalsAdapter
 from ingest.mqtt_payload import RejectReason
 from ingest.pipeline import GroupCommitPipeline
+from monitoring.health import record_readiness, record_storage_usage
 from monitoring.metrics import Metrics
 from storage.dicom_queries import find as find_dicom
+from storage.dicom_queries import indexed_files as dicom_indexed_files
 from storage.migrations import apply_migrations
 from storage.pool import PoolSettings, create_pool
 from storage.writer import BatchWriter, ensure_partitions
@@ -40,6 +43,7 @@ from storage.writer import BatchWriter, ensure_partitions
 logger = logging.getLogger(__name__)
 
 HEALTH_CHECK_INTERVAL = 2.0
+STORAGE_CHECK_INTERVAL = 30.0
 PARTITION_INTERVAL = 6 * 3600.0
 # Samples older than this land in the default partition (a replayed backlog of a long outage).
 PARTITIONS_BEHIND = timedelta(days=28)
@@ -89,6 +93,17 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
             )
         )
         stack.push_async_callback(pool.close)
+        # The read API has a pool of its own: a shorter statement timeout, and slow searches
+        # cannot starve the ingest pipeline of connections.
+        api_pool = await create_pool(
+            PoolSettings(
+                dsn=settings.database.url,
+                max_size=settings.http.pool_size,
+                statement_timeout_ms=settings.http.statement_timeout_ms,
+                application_name="qantara-api",
+            )
+        )
+        stack.push_async_callback(api_pool.close)
         if migrate:
             async with pool.acquire() as conn:
                 await apply_migrations(conn)
@@ -109,22 +124,28 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
             store=FileStore(settings.dicom.storage),
             finder=lambda request: find_dicom(pool, request),
             metrics=metrics,
+            indexed=lambda paths: dicom_indexed_files(pool, paths),
         )
         stack.push_async_callback(dicom.stop)
         gateway = Gateway(metrics=metrics, pool=pool)
+
+        def readiness() -> dict[str, bool]:
+            checks = {**_readiness(pipeline, mqtt, server, mllp), "dicom": dicom.listening}
+            record_readiness(metrics, checks)  # /metrics shows what /readyz answers
+            return checks
+
         server = _EmbeddedServer(
             uvicorn.Config(
                 create_app(
-                    pool=pool,
+                    pool=api_pool,
                     metrics=metrics,
-                    readiness=lambda: {
-                        **_readiness(pipeline, mqtt, server, mllp),
-                        "dicom": dicom.listening,
-                    },
+                    readiness=readiness,
                     api=ApiSettings(
                         default_count=settings.http.default_count,
                         max_count=settings.http.max_count,
+                        cursor_secret=settings.http.cursor_secret,
                     ),
+                    dicom_storage=settings.dicom.storage,
                 ),
                 host=settings.bind,
                 port=settings.http.port,
@@ -147,8 +168,11 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
             mqtt_task = group.create_task(mqtt.run(), name="mqtt")
             http_task = group.create_task(server.serve(), name="http")
             mllp_task = group.create_task(mllp.run(), name="mllp")
-            upkeep = group.create_task(_upkeep(pool, pipeline, settings), name="upkeep")
+            upkeep = group.create_task(_upkeep(pool, pipeline, settings, readiness), name="upkeep")
             await _start_dicom(dicom, gateway, settings)
+            storage_watch = group.create_task(  # after start: the store's folder exists
+                _watch_storage(metrics, settings.dicom.storage), name="storage-watch"
+            )
             await _announce_mllp(mllp, gateway, settings)
             await _announce(server, gateway, settings)
             extra_tasks = [group.create_task(extra(gateway)) for extra in extras]
@@ -168,7 +192,15 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
                     await asyncio.sleep(0.2)  # let the last PUBACKs leave the socket
             except TimeoutError:
                 logger.warning("shutdown timeout: cancelling what is left")
-            for task in (pipeline_task, mqtt_task, http_task, mllp_task, upkeep, *extra_tasks):
+            for task in (
+                pipeline_task,
+                mqtt_task,
+                http_task,
+                mllp_task,
+                upkeep,
+                storage_watch,
+                *extra_tasks,
+            ):
                 task.cancel()
         logger.info("stopped")
 
@@ -231,17 +263,34 @@ async def _start_dicom(dicom: DicomServer, gateway: Gateway, settings: Settings)
     logger.info("listening dicom=%s:%d", settings.bind, port)
 
 
-async def _upkeep(pool: asyncpg.Pool, pipeline: GroupCommitPipeline, settings: Settings) -> None:
-    """Database health for readiness, and partitions created ahead."""
+async def _upkeep(
+    pool: asyncpg.Pool,
+    pipeline: GroupCommitPipeline,
+    settings: Settings,
+    readiness: Callable[[], Mapping[str, bool]],
+) -> None:
+    """Database health for readiness (and its gauges), and partitions created ahead."""
     last_partitions = asyncio.get_running_loop().time()
     while True:
         await asyncio.sleep(HEALTH_CHECK_INTERVAL)
         await pipeline.check_database()
+        readiness()  # sets qantara_ready and qantara_readiness_check{check}
         loop_time = asyncio.get_running_loop().time()
         if loop_time - last_partitions > PARTITION_INTERVAL and pipeline.available:
             with suppress(StorageUnavailable, OSError, asyncpg.PostgresError):
                 await _ensure_partitions(pool, settings)
                 last_partitions = loop_time
+
+
+async def _watch_storage(metrics: Metrics, path: Path) -> None:
+    """The DICOM store's free and total bytes, measured now and every 30 s.
+
+    In a thread and in its own task: a network file system may answer slowly, and must not hold
+    the upkeep of readiness.
+    """
+    while True:
+        await asyncio.to_thread(record_storage_usage, metrics, path)
+        await asyncio.sleep(STORAGE_CHECK_INTERVAL)
 
 
 async def _ensure_partitions(pool: asyncpg.Pool, settings: Settings) -> None:

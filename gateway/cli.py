@@ -146,6 +146,44 @@ def build_parser() -> argparse.ArgumentParser:
     modality.add_argument("--calling-ae", default="SIM-MODALITY", help="our AE title")
     modality.add_argument("--quiet", action="store_true", help="no progress line")
 
+    fleet = targets.add_parser(
+        "fleet",
+        help="a region's senders at once: units (MQTT), lab analyzers (MLLP), modalities (DICOM)",
+        description="Run N mobile units (flaky links, outboxes), lab analyzers and radiology "
+        "modalities against one gateway (QANTARA_MQTT_URL, QANTARA_BIND, QANTARA_MLLP_PORT, "
+        "QANTARA_DICOM_PORT) in one task group, with a progress line; then drain the units and "
+        "print sent, acked, lost and duplicated (read from the gateway's database with "
+        "--database-url, else from the acknowledgements). Exit status 1 unless lost = 0 and "
+        "duplicated = 0.",
+    )
+    fleet.add_argument("--units", type=int, default=100, help="mobile units (100)")
+    fleet.add_argument("--labs", type=int, default=10, help="lab analyzers (10)")
+    fleet.add_argument("--modalities", type=int, default=5, help="modalities (5)")
+    fleet.add_argument("--duration", type=float, default=60.0, help="seconds of sending (60)")
+    fleet.add_argument("--unit-rate", type=float, default=1.0, help="messages/s per unit hub (1.0)")
+    fleet.add_argument(
+        "--flaky", type=float, default=0.01, metavar="P", help="link drop probability/s (0.01)"
+    )
+    fleet.add_argument("--lab-rate", type=float, default=0.2, help="ORU/s per analyzer (0.2)")
+    fleet.add_argument(
+        "--study-interval", type=float, default=60.0, help="seconds between studies (60)"
+    )
+    fleet.add_argument(
+        "--database-url", default=None, help="the gateway's database, to count lost/duplicated"
+    )
+    fleet.add_argument("--host", default=None, help="MLLP/DICOM host (QANTARA_BIND)")
+    fleet.add_argument("--mllp-port", type=int, default=None, help="(QANTARA_MLLP_PORT)")
+    fleet.add_argument("--dicom-port", type=int, default=None, help="(QANTARA_DICOM_PORT)")
+    fleet.add_argument(
+        "--state-dir", default="./var/simulator/fleet", help="outboxes (./var/simulator/fleet)"
+    )
+    fleet.add_argument("--seed", type=int, default=1, help="random seed (1)")
+    fleet.add_argument(
+        "--drain-timeout", type=float, default=120.0, help="seconds to wait for acks (120)"
+    )
+    fleet.add_argument("--prefix", default="UMMC-", help="unit id prefix (UMMC-)")
+    fleet.add_argument("--quiet", action="store_true", help="no progress line")
+
     token = commands.add_parser("token", help="manage API bearer tokens")
     token_commands = token.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = token_commands.add_parser(
@@ -204,6 +242,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await commands.simulate_lab(settings, args)
     if args.command == "simulate" and args.target == "modality":
         return await commands.simulate_modality(settings, args)
+    if args.command == "simulate" and args.target == "fleet":
+        return await commands.simulate_fleet(settings, args)
     if args.command == "simulate":
         return await commands.simulate_units(settings, args)
     if args.command == "token":

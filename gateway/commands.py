@@ -167,6 +167,41 @@ async def simulate_modality(settings: Settings, args: argparse.Namespace) -> int
     return 0 if not report.refused and report.failed == 0 else 1
 
 
+async def simulate_fleet(settings: Settings, args: argparse.Namespace) -> int:
+    from simulators.fleet import FleetConfig, run_fleet
+
+    host = args.host or settings.bind
+    if host == "0.0.0.0":  # noqa: S104 - a listen address; connect locally
+        host = "127.0.0.1"
+    report = await run_fleet(
+        FleetConfig(
+            mqtt_url=settings.mqtt.url,
+            host=host,
+            mllp_port=args.mllp_port if args.mllp_port is not None else settings.mllp.port,
+            dicom_port=args.dicom_port if args.dicom_port is not None else settings.dicom.port,
+            called_ae=settings.dicom.ae_title,
+            units=args.units,
+            labs=args.labs,
+            modalities=args.modalities,
+            duration=args.duration,
+            unit_rate=args.unit_rate,
+            flaky=args.flaky,
+            lab_rate=args.lab_rate,
+            study_interval=args.study_interval,
+            database_url=args.database_url,
+            state_dir=Path(args.state_dir),
+            seed=args.seed,
+            drain_timeout=args.drain_timeout,
+            unit_prefix=args.prefix,
+            quiet=args.quiet,
+        )
+    )
+    if report.integrity is not None:
+        print(f"database: {report.integrity.detail}")  # noqa: T201
+    print(report.summary())  # noqa: T201
+    return 0 if report.ok else 1
+
+
 async def up(settings: Settings, *, simulate: int, rate: float, data_dir: str) -> int:
     """Everything on one machine; embedded services only where none is configured."""
     base = Path(data_dir)

@@ -42,6 +42,11 @@ class HttpSettings:
     port: int
     default_count: int
     max_count: int
+    cursor_secret: bytes | None = None
+    """Signs FHIR paging cursors; replicas must share it. None: random per process."""
+    statement_timeout_ms: int = 5_000
+    """Statement timeout of the API's own connection pool."""
+    pool_size: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +218,11 @@ def _build(r: _Reader) -> Settings:
         port=r.port("HTTP_PORT", 8080),
         default_count=r.integer("API_DEFAULT_COUNT", 50, 1, 1000),
         max_count=r.integer("API_MAX_COUNT", 1000, 1, 10_000),
+        cursor_secret=_cursor_secret(r.optional("API_CURSOR_SECRET")),
+        statement_timeout_ms=int(
+            r.duration("API_STATEMENT_TIMEOUT", timedelta(seconds=5)).total_seconds() * 1000
+        ),
+        pool_size=r.integer("API_DB_POOL_SIZE", 10, 1, 1000),
     )
     return Settings(
         bind=r.text("BIND", "127.0.0.1"),
@@ -231,6 +241,16 @@ def _build(r: _Reader) -> Settings:
         shutdown_timeout=r.duration("SHUTDOWN_TIMEOUT", timedelta(seconds=30)).total_seconds(),
         log_level=r.get("LOG_LEVEL", "INFO", _log_level, "must be DEBUG, INFO, WARNING or ERROR"),
     )
+
+
+def _cursor_secret(text: str | None) -> bytes | None:
+    """The cursor secret; an error never quotes it."""
+    if text is None:
+        return None
+    secret = text.encode("utf-8")
+    if len(secret) < 16:
+        raise ConfigError(f"{PREFIX}API_CURSOR_SECRET: must be at least 16 bytes (value not shown)")
+    return secret
 
 
 def _time_zone(text: str) -> str:

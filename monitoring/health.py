@@ -9,8 +9,10 @@ takes as `readiness`.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from monitoring.metrics import Metrics
 
@@ -66,3 +68,32 @@ def metric_is_one(metrics: Metrics, name: str) -> Check:
         return metrics.sample(name) == 1.0
 
     return check
+
+
+def record_readiness(metrics: Metrics, checks: Mapping[str, bool]) -> bool:
+    """Publish one readiness evaluation as `qantara_ready` and `qantara_readiness_check{check}`.
+
+    The gateway calls it at each `/readyz` probe and from its upkeep loop, so that Prometheus,
+    which scrapes `/metrics` and not `/readyz`, can alert on a replica that is up but not ready.
+    """
+    ready = is_ready(checks)
+    for name, ok in checks.items():
+        metrics.readiness_check.labels(name).set(1 if ok else 0)
+    metrics.ready.set(1 if ready else 0)
+    return ready
+
+
+def record_storage_usage(metrics: Metrics, path: Path) -> bool:
+    """Set the DICOM store's free and total bytes from its file system; False if unreadable.
+
+    Free is what an unprivileged process may still write (`statvfs` `f_bavail`), the figure
+    that matters to the gateway's non-root user. Blocking: call it from a thread.
+    """
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError as exc:
+        logger.warning("cannot measure the DICOM store's file system: %s", exc.strerror)
+        return False
+    metrics.dicom_storage_free.set(usage.free)
+    metrics.dicom_storage_total.set(usage.total)
+    return True

@@ -140,6 +140,33 @@ class Metrics:
         )
         for cause in ("database", "disk"):
             self.dicom_unavailable.labels(cause)
+        self.dicom_orphans_removed = Counter(
+            "qantara_dicom_orphans_removed_total",
+            "Complete DICOM files no index row named, removed by the orphan sweep.",
+            registry=r,
+        )
+        self.ready = Gauge(
+            "qantara_ready",
+            "1 while every readiness check holds (what /readyz answers 200 for), else 0.",
+            registry=r,
+        )
+        self.readiness_check = Gauge(
+            "qantara_readiness_check",
+            "1 while the named readiness check holds (database, mqtt, http, mllp, dicom), else 0.",
+            ["check"],
+            registry=r,
+        )
+        self.dicom_storage_free = Gauge(
+            "qantara_dicom_storage_free_bytes",
+            "Bytes available to the gateway on the file system of the DICOM store.",
+            registry=r,
+        )
+        self.dicom_storage_total = Gauge(
+            "qantara_dicom_storage_total_bytes",
+            "Size in bytes of the file system of the DICOM store.",
+            registry=r,
+        )
+        self.ready.set(0)
         self.db_available.set(0)
         for protocol in PROTOCOLS:
             self.received.labels(protocol)
