@@ -225,7 +225,7 @@ def _log_tail(path: Path) -> str:
     try:
         with path.open("rb") as log:
             log.seek(max(0, path.stat().st_size - _LOG_TAIL_BYTES))
-            return log.read().decode(errors="replace")
+            return log.read().decode(errors="backslashreplace")
     except OSError:
         return ""
 

@@ -214,63 +214,6 @@ class ImagingStudyRecord:
         return sum(s.instances for s in self.series)
 
 
-async def count_imaging_studies(db: Executor, patient_ids: Sequence[int]) -> int:
-    rows = await _fetch(
-        db,
-        "SELECT count(*) AS n FROM dicom_study WHERE patient_id = ANY($1::bigint[])",
-        list(patient_ids),
-    )
-    return int(rows[0]["n"])
-
-
-async def search_imaging_studies(
-    db: Executor, patient_ids: Sequence[int], after_id: int | None, limit: int
-) -> list[ImagingStudyRecord]:
-    """Studies of these patients in id order, after `after_id`, at most `limit`."""
-    rows = await _fetch(
-        db,
-        """SELECT s.id, coalesce(p.replaced_by, p.id) AS subject_id, s.study_uid, s.started,
-                  s.study_date, s.study_time, s.description, s.accession_number,
-                  coalesce((SELECT array_agg(ARRAY[se.series_uid, se.modality,
-                                                   coalesce(se.series_number::text, ''),
-                                                   se.description, se.body_part,
-                                                   (SELECT count(*) FROM dicom_instance i
-                                                     WHERE i.series_id = se.id)::text]
-                                             ORDER BY se.series_number NULLS LAST, se.id)
-                            FROM dicom_series se WHERE se.study_id = s.id), '{}') AS series
-           FROM dicom_study s JOIN patient p ON p.id = s.patient_id
-           WHERE s.patient_id = ANY($1::bigint[]) AND s.id > $2
-           ORDER BY s.id LIMIT $3""",
-        list(patient_ids),
-        after_id or 0,
-        limit,
-    )
-    return [
-        ImagingStudyRecord(
-            id=r["id"],
-            subject_id=r["subject_id"],
-            study_uid=r["study_uid"],
-            started=r["started"],
-            study_date=r["study_date"],
-            study_time=r["study_time"],
-            description=r["description"],
-            accession_number=r["accession_number"],
-            series=tuple(
-                SeriesRecord(
-                    uid=s[0],
-                    modality=s[1],
-                    number=int(s[2]) if s[2] else None,
-                    description=s[3],
-                    body_part=s[4],
-                    instances=int(s[5]),
-                )
-                for s in r["series"]
-            ),
-        )
-        for r in rows
-    ]
-
-
 async def indexed_files(db: Executor, file_paths: Sequence[str]) -> set[str]:
     """Which of these file locations (relative to the DICOM store) an instance row names."""
     rows = await _fetch(
