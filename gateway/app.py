@@ -149,6 +149,8 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
                 ),
                 host=settings.bind,
                 port=settings.http.port,
+                ssl_certfile=_optional_path(settings.http.tls_cert),
+                ssl_keyfile=_optional_path(settings.http.tls_key),
                 log_config=None,
                 access_log=False,
                 lifespan="off",
@@ -205,6 +207,10 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
         logger.info("stopped")
 
 
+def _optional_path(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
 def _tune_garbage_collector() -> None:
     """Fewer full collections on the hot path.
 
@@ -240,6 +246,8 @@ async def _announce(server: uvicorn.Server, gateway: Gateway, settings: Settings
     sockets = [s for srv in server.servers for s in srv.sockets]
     gateway.ports["http"] = int(sockets[0].getsockname()[1])
     gateway.ready.set()
+    if settings.http.tls_cert is not None:
+        logger.info("HTTP listener speaks TLS only")
     logger.info("listening http=%s:%d", settings.bind, gateway.ports["http"])
 
 

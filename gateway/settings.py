@@ -47,6 +47,9 @@ class HttpSettings:
     statement_timeout_ms: int = 5_000
     """Statement timeout of the API's own connection pool."""
     pool_size: int = 10
+    tls_cert: Path | None = None
+    """PEM certificate (chain) of the HTTP listener; with `tls_key`, HTTPS only."""
+    tls_key: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +226,11 @@ def _build(r: _Reader) -> Settings:
             r.duration("API_STATEMENT_TIMEOUT", timedelta(seconds=5)).total_seconds() * 1000
         ),
         pool_size=r.integer("API_DB_POOL_SIZE", 10, 1, 1000),
+        tls_cert=r.get("HTTP_TLS_CERT", None, _file, "must name a readable PEM certificate file"),
+        tls_key=r.get("HTTP_TLS_KEY", None, _file, "must name a readable PEM private key file"),
     )
+    if (http.tls_cert is None) != (http.tls_key is None):
+        raise ConfigError(f"{PREFIX}HTTP_TLS_CERT: must be set together with HTTP_TLS_KEY")
     return Settings(
         bind=r.text("BIND", "127.0.0.1"),
         http=http,

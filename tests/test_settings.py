@@ -77,3 +77,15 @@ def test_unreadable_toml_is_a_config_error(tmp_path: Path) -> None:
 )
 def test_durations_accept_the_usual_units(text: str, expected: timedelta) -> None:
     assert parse_duration(text) == expected
+
+
+def test_http_tls_needs_both_certificate_and_key(tmp_path: Path) -> None:
+    cert = tmp_path / "gateway.crt"
+    cert.write_text("not checked here")
+    with pytest.raises(ConfigError, match="QANTARA_HTTP_TLS_CERT"):
+        Settings.load({"QANTARA_HTTP_TLS_CERT": str(cert)})
+
+
+def test_http_tls_file_that_does_not_exist_is_named() -> None:
+    with pytest.raises(ConfigError, match="QANTARA_HTTP_TLS_KEY"):
+        Settings.load({"QANTARA_HTTP_TLS_KEY": "/nowhere/gateway.key"})
