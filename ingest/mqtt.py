@@ -6,6 +6,11 @@ envelope (vitals, or a dead letter with its reason), and when the envelope's fut
 `units/{unit}/ack` watermark. Reading stops while the pipeline's queue is full (backpressure).
 `units/{unit}/status` (retained, last will `{"online": false}`) feeds the unit gauges.
 Broker loss: reconnect with backoff; the broker redelivers what was not acknowledged.
+
+Once a vitals message is committed (stored for the first time), its delivery delay, receive time
+minus the payload's `sent_at`, sets the unit's backlog age and feeds the fleet's histogram; a
+`sent_at` later than the receipt (the unit's clock is ahead) counts as 0, and as clock skew beyond
+`clock_skew_tolerance`.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import hashlib
 import json
 import logging
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from ingest.errors import InputError
 from ingest.mqtt_payload import PayloadLimits, extract_seq, parse_vitals, unit_from_topic
@@ -28,8 +33,10 @@ from ingest.records import (
     Key,
     MqttKey,
     Outcome,
+    OutcomeKind,
     Protocol,
     Record,
+    VitalsMessage,
 )
 from monitoring.metrics import Metrics
 
@@ -39,10 +46,14 @@ STATUS_TOPIC = "units/+/status"
 ACK_TOPIC = "units/+/ack"
 _RECONNECT_MAX = 30.0
 _WATERMARK_SLICE = 256
+# A unit's `sent_at` after our receipt by more than this is counted as clock skew (the gateway's
+# own clock and the broker's transit make a few seconds normal).
+CLOCK_SKEW_TOLERANCE = timedelta(seconds=60)
 
 
 class UnitGauges:
-    """Per-unit last-seen and online series, capped so label cardinality stays bounded."""
+    """Per-unit series (last seen, online, backlog age, clock skew), capped so that label
+    cardinality stays bounded: a unit beyond the cap gets no series at all."""
 
     def __init__(self, metrics: Metrics, cap: int) -> None:
         self._metrics = metrics
@@ -66,12 +77,26 @@ class UnitGauges:
         if self._tracked(unit):
             self._metrics.unit_online.labels(unit).set(1 if online else 0)
 
+    def backlog(self, unit: str, age: float, *, skewed: bool) -> None:
+        """The delivery delay of the unit's latest committed message (clamped at 0)."""
+        if self._tracked(unit):
+            self._metrics.unit_backlog_age.labels(unit).set(age)
+            skew = self._metrics.unit_clock_skew.labels(unit)  # at 0 first: `increase()` sees 1
+            if skewed:
+                skew.inc()
+
 
 class MqttVitalsAdapter:
     def __init__(
-        self, settings: MqttSettings, pipeline: GroupCommitPipeline, metrics: Metrics
+        self,
+        settings: MqttSettings,
+        pipeline: GroupCommitPipeline,
+        metrics: Metrics,
+        *,
+        clock_skew_tolerance: timedelta = CLOCK_SKEW_TOLERANCE,
     ) -> None:
         self._settings = settings
+        self._skew_tolerance = clock_skew_tolerance.total_seconds()
         self._pipeline = pipeline
         self._metrics = metrics
         self._limits = PayloadLimits(
@@ -174,7 +199,7 @@ class MqttVitalsAdapter:
         except PipelineClosed:
             session.release(message)
             return  # not acknowledged: the broker keeps it for the next session
-        envelope.ack.add_done_callback(lambda future: self._resolved(future, message))
+        envelope.ack.add_done_callback(lambda future: self._resolved(future, message, envelope))
 
     def _envelope(self, message: Received, received_at: datetime) -> Envelope:
         loop = asyncio.get_running_loop()
@@ -216,13 +241,17 @@ class MqttVitalsAdapter:
             raw=payload,
         )
 
-    def _resolved(self, future: asyncio.Future[Outcome], message: Received) -> None:
+    def _resolved(
+        self, future: asyncio.Future[Outcome], message: Received, envelope: Envelope
+    ) -> None:
         session = self._session
         if future.cancelled() or future.exception() is not None:
             if session is not None:
                 session.release(message)
             return  # not durable: no PUBACK, the broker redelivers
         outcome = future.result()
+        if outcome.kind is OutcomeKind.STORED:
+            self._delivered(envelope)
         if session is not None:
             session.ack(message)
         if outcome.watermark is not None:
@@ -233,6 +262,17 @@ class MqttVitalsAdapter:
             if outcome.watermark > self._watermarks.get(unit, 0):
                 self._watermarks[unit] = outcome.watermark
                 self._watermark_changed.set()
+
+    def _delivered(self, envelope: Envelope) -> None:
+        """Backlog age and delivery delay of a committed vitals message with a `sent_at`."""
+        vitals = next((r for r in envelope.records if isinstance(r, VitalsMessage)), None)
+        if vitals is None or vitals.sent_at is None:
+            return
+        delay = (envelope.received_at - vitals.sent_at).total_seconds()
+        skewed = delay < -self._skew_tolerance
+        if not skewed:  # a clock far ahead says nothing about the delay
+            self._metrics.mqtt_delivery_delay.observe(max(0.0, delay))
+        self._units.backlog(vitals.unit_id, max(0.0, delay), skewed=skewed)
 
     async def _publish_watermarks(self, session: Session) -> None:
         while True:

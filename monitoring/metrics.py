@@ -15,6 +15,26 @@ PROTOCOLS = ("mqtt", "hl7", "dicom")
 HL7_ACK_CODES = ("AA", "AE", "AR", "CA", "CE", "CR")
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Sent to received, for units on 2G/3G links that drop for hours: 1 s to 2 days.
+_DELIVERY_BUCKETS = (
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+    7200.0,
+    14400.0,
+    28800.0,
+    57600.0,
+    86400.0,
+    172800.0,
+)
 
 
 class Metrics:
@@ -109,6 +129,29 @@ class Metrics:
             "qantara_unit_online",
             "1 when the unit's retained status says online, 0 after its last will.",
             ["unit"],
+            registry=r,
+        )
+        self.unit_backlog_age = Gauge(
+            "qantara_unit_backlog_age_seconds",
+            "Receive time minus the payload's sent_at of the unit's latest committed vitals"
+            " message: how far behind real time its replay is (about 0 when live, never"
+            " negative).",
+            ["unit"],
+            registry=r,
+        )
+        self.unit_clock_skew = Counter(
+            "qantara_unit_clock_skew_total",
+            "Committed vitals messages whose sent_at was later than their receipt by more than"
+            " the clock-skew tolerance: the unit's clock is ahead.",
+            ["unit"],
+            registry=r,
+        )
+        self.mqtt_delivery_delay = Histogram(
+            "qantara_mqtt_delivery_delay_seconds",
+            "Committed vitals messages by the time from the payload's sent_at to their receipt"
+            " (store-and-forward delay); messages from a clock ahead beyond the tolerance are"
+            " left out.",
+            buckets=_DELIVERY_BUCKETS,
             registry=r,
         )
         self.units_tracked = Gauge(

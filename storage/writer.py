@@ -5,6 +5,11 @@ comes back is new, the rest are duplicates), dictionary ids (units, devices, con
 are resolved in bulk, vitals go in with binary COPY, dead letters are kept, and each unit's
 contiguous ack watermark is advanced. The outcomes are returned only once COMMIT has succeeded;
 dictionary ids learnt in a transaction enter the in-memory caches only after its COMMIT.
+
+An MQTT `(unit, seq)` at or below the unit's committed watermark (`unit.ack_seq`, read under the
+unit's row lock that this transaction holds until COMMIT) is a duplicate without a look at the
+ledger: every seq up to the watermark is handled, and the watermark never goes down. So the ledger
+rows at or below it are not needed for deduplication, and `storage.ledger` prunes them.
 """
 
 from __future__ import annotations
@@ -135,8 +140,15 @@ class BatchWriter:
 
         unit_ids: dict[str, int] = {}
         if mqtt:
-            unit_ids = await self._touch_units(conn, {_mqtt_key(batch[i]).unit_id for i in mqtt})
-            new_keys = await self._insert_ledger(conn, batch, mqtt, unit_ids)
+            unit_ids, committed = await self._touch_units(
+                conn, {_mqtt_key(batch[i]).unit_id for i in mqtt}
+            )
+            # At or below the committed watermark: handled before, whether or not its ledger
+            # row is still there (pruned). Above it, the ledger decides.
+            above = [
+                i for i in mqtt if _mqtt_key(batch[i]).seq > committed[_mqtt_key(batch[i]).unit_id]
+            ]
+            new_keys = await self._insert_ledger(conn, batch, above, unit_ids) if above else set()
             fresh_vitals: list[int] = []
             for i in mqtt:
                 key = _mqtt_key(batch[i])
@@ -191,15 +203,23 @@ class BatchWriter:
             result.append(outcome)
         return result
 
-    async def _touch_units(self, conn: asyncpg.Connection, names: set[str]) -> dict[str, int]:
+    async def _touch_units(
+        self, conn: asyncpg.Connection, names: set[str]
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """Lock the units' rows until COMMIT; their ids and committed watermarks, by name.
+
+        The row lock serialises the batches of one unit across replicas, so the `ack_seq`
+        returned (the latest committed version: `DO UPDATE` waits for a concurrent writer and
+        returns its result) stays the unit's watermark until this transaction advances it.
+        """
         # Sorted so that two replicas lock unit rows in the same order (no deadlock).
         rows = await conn.fetch(
             """INSERT INTO unit (name) SELECT unnest($1::text[])
                ON CONFLICT (name) DO UPDATE SET last_seen = now()
-               RETURNING id, name""",
+               RETURNING id, name, ack_seq""",
             sorted(names),
         )
-        return {r["name"]: r["id"] for r in rows}
+        return {r["name"]: r["id"] for r in rows}, {r["name"]: r["ack_seq"] for r in rows}
 
     async def _insert_ledger(
         self,

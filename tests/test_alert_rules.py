@@ -71,6 +71,7 @@ def test_the_issue_s_alerts_are_all_defined() -> None:
         "QantaraRejectionRateHigh",
         "QantaraDeadLettersGrowing",
         "QantaraUnitSilent",
+        "QantaraUnitBacklogOld",
         "QantaraMqttDisconnected",
         "QantaraListenerDown",
         "QantaraDicomStorageLow",

@@ -94,6 +94,8 @@ def test_the_dashboard_covers_the_operations_views() -> None:
         "qantara_db_commit_seconds_bucket",
         "qantara_pipeline_pending",
         "qantara_unit_last_seen_timestamp_seconds",
+        "qantara_unit_backlog_age_seconds",
+        "qantara_mqtt_delivery_delay_seconds_bucket",
         "qantara_db_available",
         "qantara_mqtt_connected",
         "qantara_mllp_connections",

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 from prometheus_client import generate_latest
 
+from ingest.mqtt import UnitGauges
 from monitoring.metrics import PROTOCOLS, Metrics
 
 DESIGN_METRICS = (
@@ -52,6 +53,9 @@ def test_exposition_passes_promtool_check_metrics() -> None:
     metrics.init_reasons("mqtt", ["not-json", "unknown-code"])
     metrics.ingest_latency.labels("mqtt").observe(0.01)
     metrics.unit_last_seen.labels("UMMC-FM-001").set(1.0)
+    metrics.unit_backlog_age.labels("UMMC-FM-001").set(3600.0)
+    metrics.unit_clock_skew.labels("UMMC-FM-001").inc()
+    metrics.mqtt_delivery_delay.observe(3600.0)
     result = subprocess.run(
         [promtool, "check", "metrics"],
         input=exposition(metrics).encode(),
@@ -60,3 +64,15 @@ def test_exposition_passes_promtool_check_metrics() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_a_unit_past_the_cap_gets_no_backlog_age_or_clock_skew_series() -> None:
+    metrics = Metrics()
+    units = UnitGauges(metrics, cap=1)
+    units.backlog("UMMC-FM-001", 5.0, skewed=False)
+    units.backlog("UMMC-FM-002", 0.0, skewed=True)
+    assert metrics.sample("qantara_unit_backlog_age_seconds", {"unit": "UMMC-FM-001"}) == 5.0
+    assert metrics.sample("qantara_unit_clock_skew_total", {"unit": "UMMC-FM-001"}) == 0
+    assert metrics.sample("qantara_unit_backlog_age_seconds", {"unit": "UMMC-FM-002"}) is None
+    assert metrics.sample("qantara_unit_clock_skew_total", {"unit": "UMMC-FM-002"}) is None
+    assert metrics.sample("qantara_units_tracked") == 1

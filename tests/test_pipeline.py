@@ -26,8 +26,10 @@ from ingest.records import (
     VitalsMessage,
 )
 from monitoring.metrics import Metrics
+from storage.ledger import LEDGER_LOCK_KEY, LedgerPruning, prune_ledger, run_ledger_pruning
 from storage.migrations import apply_migrations
 from storage.writer import BatchWriter, ensure_partitions
+from tests.services_support import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -251,3 +253,157 @@ async def test_unreachable_database_raises_storage_unavailable_and_holds_futures
     with pytest.raises(asyncio.CancelledError):
         await runner
     await unreachable.close()
+
+
+# --- the ledger: duplicates by watermark, pruning ------------------------------------------------
+
+PRUNE_ALL = LedgerPruning(keep_seqs=0, batch_rows=3, pause=0.0)
+
+
+async def ledger_seqs(pool: asyncpg.Pool, unit: str) -> list[int]:
+    rows = await pool.fetch(
+        """SELECT m.seq FROM mqtt_message m JOIN unit u ON u.id = m.unit_id
+           WHERE u.name = $1 ORDER BY m.seq""",
+        unit,
+    )
+    return [r["seq"] for r in rows]
+
+
+async def test_replay_of_a_pruned_seq_is_a_duplicate_and_stores_nothing(
+    pool: asyncpg.Pool,
+) -> None:
+    unit = unit_name()
+    writer = BatchWriter(pool)
+    await writer.write([mqtt(unit, seq) for seq in range(1, 6)])
+    await prune_ledger(pool, PRUNE_ALL)
+    assert await ledger_seqs(pool, unit) == []
+
+    outcomes = await writer.write([mqtt(unit, 3), mqtt(unit, 5)])
+
+    assert outcomes == [Outcome(OutcomeKind.DUPLICATE, watermark=5)] * 2
+    assert await vital_count(pool, unit) == 10
+    assert await ledger_seqs(pool, unit) == []  # not written back either
+
+
+async def test_pruning_never_deletes_above_the_watermark(pool: asyncpg.Pool) -> None:
+    unit = unit_name()
+    writer = BatchWriter(pool)
+    await writer.write([mqtt(unit, seq) for seq in (1, 2, 3, 5, 6)])  # watermark 3: 4 is missing
+
+    await prune_ledger(pool, PRUNE_ALL)
+
+    assert await ledger_seqs(pool, unit) == [5, 6]
+    [filled] = await writer.write([mqtt(unit, 4)])  # the run above the gap is still known
+    assert filled == Outcome(OutcomeKind.STORED, watermark=6)
+
+
+async def test_pruning_keeps_the_newest_rows_below_the_watermark(pool: asyncpg.Pool) -> None:
+    unit = unit_name()
+    await BatchWriter(pool).write([mqtt(unit, seq) for seq in range(1, 11)])
+
+    deleted = await prune_ledger(pool, LedgerPruning(keep_seqs=4, batch_rows=3, pause=0.0))
+
+    assert deleted >= 6
+    assert await ledger_seqs(pool, unit) == [7, 8, 9, 10]
+
+
+async def test_the_pruning_task_prunes_each_interval_until_cancelled(pool: asyncpg.Pool) -> None:
+    unit = unit_name()
+    await BatchWriter(pool).write([mqtt(unit, seq) for seq in range(1, 4)])
+    pruning = LedgerPruning(keep_seqs=1, interval=0.05, pause=0.0)
+    task = asyncio.create_task(run_ledger_pruning(pool, pruning))
+    try:
+
+        async def pruned() -> bool:
+            return await ledger_seqs(pool, unit) == [3]
+
+        await wait_until(pruned, 10)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_replica_finding_another_pruning_skips_its_round(pool: asyncpg.Pool) -> None:
+    unit = unit_name()
+    await BatchWriter(pool).write([mqtt(unit, seq) for seq in range(1, 4)])
+    async with pool.acquire() as other, other.transaction():
+        await other.execute("SELECT pg_advisory_xact_lock($1)", LEDGER_LOCK_KEY)
+        assert await prune_ledger(pool, PRUNE_ALL) == 0
+    assert await ledger_seqs(pool, unit) == [1, 2, 3]
+
+
+async def test_a_writer_waiting_on_the_unit_row_sees_the_watermark_committed_meanwhile(
+    pool: asyncpg.Pool, postgres_dsn: str
+) -> None:
+    """Replica A holds the unit's row (its batch of seqs 4-5 in flight, their rows since pruned);
+    replica B's replay of seq 4 waits, then must see A's committed watermark, not the old one."""
+    unit = unit_name()
+    await BatchWriter(pool).write([mqtt(unit, seq) for seq in range(1, 4)])
+    other = await asyncpg.create_pool(postgres_dsn, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as replica_a:
+            async with replica_a.transaction():
+                await replica_a.execute(
+                    """INSERT INTO unit (name) VALUES ($1)
+                       ON CONFLICT (name) DO UPDATE SET last_seen = now()""",
+                    unit,
+                )
+                await replica_a.execute("UPDATE unit SET ack_seq = 5 WHERE name = $1", unit)
+                replay = asyncio.create_task(BatchWriter(other).write([mqtt(unit, 4)]))
+
+                async def replay_waits_for_the_row_lock() -> bool:
+                    waiting = await pool.fetchval(
+                        """SELECT count(*) FROM pg_stat_activity
+                           WHERE datname = current_database() AND wait_event_type = 'Lock'"""
+                    )
+                    return bool(waiting)
+
+                await wait_until(replay_waits_for_the_row_lock, 10)
+            async with asyncio.timeout(10):
+                [outcome] = await replay
+    finally:
+        await other.close()
+
+    assert outcome == Outcome(OutcomeKind.DUPLICATE, watermark=5)
+    assert await ledger_seqs(pool, unit) == [1, 2, 3]
+    assert await vital_count(pool, unit) == 6
+
+
+async def test_two_replicas_writing_one_unit_while_pruning_store_every_seq_once(
+    pool: asyncpg.Pool, postgres_dsn: str
+) -> None:
+    """Two writers (their own pools, as two replicas) get the same seqs in different batches,
+    the second one late (redeliveries), while the ledger is pruned as hard as it can be."""
+    unit, total = unit_name(), 300
+    other = await asyncpg.create_pool(postgres_dsn, min_size=1, max_size=2)
+    first, second = BatchWriter(pool), BatchWriter(other)
+    seqs = list(range(1, total + 1))
+    writing = True
+
+    async def replica(writer: BatchWriter, order: list[int], size: int) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for start in range(0, len(order), size):
+            outcomes += await writer.write([mqtt(unit, seq) for seq in order[start : start + size]])
+        return outcomes
+
+    async def pruner() -> None:
+        while writing:
+            await prune_ledger(pool, PRUNE_ALL)
+            await asyncio.sleep(0)
+
+    try:
+        pruning = asyncio.create_task(pruner())
+        ones, twos = await asyncio.gather(
+            replica(first, seqs, 7), replica(second, seqs[::-1][:150] + seqs[:150], 11)
+        )
+        writing = False
+        await pruning
+    finally:
+        await other.close()
+
+    stored = [o for o in ones + twos if o.kind is OutcomeKind.STORED]
+    assert len(stored) == total
+    assert await vital_count(pool, unit) == 2 * total  # two samples a message, each once
+    [replayed] = await first.write([mqtt(unit, 1)])
+    assert replayed == Outcome(OutcomeKind.DUPLICATE, watermark=total)
