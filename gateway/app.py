@@ -1,6 +1,7 @@
 """The gateway process: every listener and the pipeline as tasks of one TaskGroup, one loop.
 
-Start: pool, migrations (under an advisory lock, unless disabled), partitions ahead, then the
+Start: pool, migrations (under an advisory lock, as the migrate URL's user, unless disabled;
+`MigrationError` when some are pending and cannot be applied), partitions ahead, then the
 pipeline, the MQTT adapter, the HTTP server and upkeep tasks. SIGTERM or SIGINT: stop reading
 (MQTT) and accepting (HTTP), let the pipeline commit what it holds so its PUBACKs go out, then
 close, all under `shutdown_timeout`; whatever is still running then is cancelled.
@@ -36,8 +37,15 @@ from monitoring.health import record_readiness, record_storage_usage
 from monitoring.metrics import Metrics
 from storage.dicom_queries import find as find_dicom
 from storage.dicom_queries import indexed_files as dicom_indexed_files
-from storage.migrations import apply_migrations
-from storage.pool import PoolSettings, create_pool
+from storage.ledger import LedgerPruning, run_ledger_pruning
+from storage.migrations import (
+    MigrationError,
+    apply_migrations,
+    describe_pending,
+    pending_migrations,
+)
+from storage.pool import PoolSettings, create_pool, is_transient
+from storage.roles import GroupRoles
 from storage.writer import BatchWriter, ensure_partitions
 
 logger = logging.getLogger(__name__)
@@ -97,16 +105,14 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
         # cannot starve the ingest pipeline of connections.
         api_pool = await create_pool(
             PoolSettings(
-                dsn=settings.database.url,
+                dsn=settings.database.api_dsn or settings.database.url,
                 max_size=settings.http.pool_size,
                 statement_timeout_ms=settings.http.statement_timeout_ms,
                 application_name="qantara-api",
             )
         )
         stack.push_async_callback(api_pool.close)
-        if migrate:
-            async with pool.acquire() as conn:
-                await apply_migrations(conn)
+        await _prepare_schema(pool, settings, migrate=migrate)
         await _ensure_partitions(pool, settings)
 
         metrics = Metrics()
@@ -151,6 +157,7 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
                 port=settings.http.port,
                 ssl_certfile=_optional_path(settings.http.tls_cert),
                 ssl_keyfile=_optional_path(settings.http.tls_key),
+                http="httptools",  # C parser; the loop stays asyncio's (MQTT, MLLP, DICOM share it)
                 log_config=None,
                 access_log=False,
                 lifespan="off",
@@ -171,6 +178,9 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
             http_task = group.create_task(server.serve(), name="http")
             mllp_task = group.create_task(mllp.run(), name="mllp")
             upkeep = group.create_task(_upkeep(pool, pipeline, settings, readiness), name="upkeep")
+            ledger_pruning = group.create_task(
+                run_ledger_pruning(pool, LedgerPruning()), name="ledger-pruning"
+            )
             await _start_dicom(dicom, gateway, settings)
             storage_watch = group.create_task(  # after start: the store's folder exists
                 _watch_storage(metrics, settings.dicom.storage), name="storage-watch"
@@ -200,11 +210,42 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
                 http_task,
                 mllp_task,
                 upkeep,
+                ledger_pruning,
                 storage_watch,
                 *extra_tasks,
             ):
                 task.cancel()
         logger.info("stopped")
+
+
+async def _prepare_schema(pool: asyncpg.Pool, settings: Settings, *, migrate: bool) -> None:
+    """Apply pending migrations (as the migrate URL's user), or refuse to run on an old schema.
+
+    Without QANTARA_MIGRATE_DATABASE_URL the runtime URL's user tries, as before roles existed;
+    a runtime role that may not (least privilege) gets through only when nothing is pending.
+    """
+    roles = GroupRoles.with_prefix(settings.database.role_prefix)
+    if migrate:
+        dsn = settings.database.migrate_dsn or settings.database.url
+        assert dsn is not None  # noqa: S101 - run() checked the URL
+        try:
+            conn = await asyncpg.connect(dsn, timeout=10)
+        except Exception as exc:
+            if is_transient(exc):
+                raise StorageUnavailable(f"migrate: cannot connect: {type(exc).__name__}") from exc
+            raise
+        try:
+            await apply_migrations(conn, roles)
+        finally:
+            await conn.close()
+        return
+    async with pool.acquire() as conn:
+        pending = await pending_migrations(conn)
+    if pending:
+        raise MigrationError(
+            f"{describe_pending(pending)} pending and serve was started with --no-migrate: "
+            "run `qantara migrate` first"
+        )
 
 
 def _optional_path(path: Path | None) -> str | None:

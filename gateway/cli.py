@@ -1,7 +1,9 @@
-"""The `qantara` command: serve, migrate, up, simulate, token.
+"""The `qantara` command: serve, migrate, db roles, up, simulate, token.
 
 Configuration comes from the environment (see README, "Configuration"); a bad value ends the
-command with one line naming the variable, exit status 2, never a traceback.
+command with one line naming the variable, exit status 2, never a traceback. Exit status 3: the
+database is unreachable; 4: its schema cannot be brought up to date (pending migrations that this
+database user may not apply) or roles cannot be created.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from collections.abc import Sequence
 
 from gateway.settings import Settings
 from ingest.errors import ConfigError, StorageUnavailable
+from storage.migrations import MigrationError
+from storage.roles import RoleError
 
 logger = logging.getLogger("qantara")
 
 EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 3
+EXIT_SCHEMA = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,16 +45,49 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the gateway (QANTARA_DATABASE_URL required)",
         description="Run the gateway: MQTT adapter, pipeline and HTTP API in one process. "
-        "Pending migrations are applied at start under an advisory lock.",
+        "Ingest uses QANTARA_DATABASE_URL, the HTTP API QANTARA_API_DATABASE_URL (default: the "
+        "same). Pending migrations are applied at start under an advisory lock, as the user of "
+        "QANTARA_MIGRATE_DATABASE_URL (default: QANTARA_DATABASE_URL); when that user may not "
+        "apply them (a runtime role of least privilege), or with --no-migrate, serve refuses "
+        "to start on a schema with pending migrations (exit status 4).",
     )
     serve.add_argument(
-        "--no-migrate", action="store_true", help="do not apply pending migrations at start"
+        "--no-migrate",
+        action="store_true",
+        help="do not apply migrations at start; refuse to start if some are pending",
     )
 
     commands.add_parser(
         "migrate",
         help="apply pending database migrations and exit",
-        description="Apply pending SQL migrations to QANTARA_DATABASE_URL, in order, and exit.",
+        description="Apply pending SQL migrations, in order, as the user of "
+        "QANTARA_MIGRATE_DATABASE_URL (default: QANTARA_DATABASE_URL), and exit. When the "
+        "group roles exist (qantara db roles), migrations run as <prefix>_owner "
+        "(QANTARA_DB_ROLE_PREFIX, default qantara) and the grants of storage/sql/privileges.sql "
+        "are applied again.",
+    )
+
+    db = commands.add_parser("db", help="database administration: least-privilege roles")
+    db_commands = db.add_subparsers(dest="action", required=True, metavar="ACTION")
+    db_roles = db_commands.add_parser(
+        "roles",
+        help="create the owner, writer and reader group roles and grant them (idempotent)",
+        description="Create the NOLOGIN group roles <prefix>_owner (owns the schema), "
+        "<prefix>_writer (the gateway's runtime) and <prefix>_reader (the HTTP API), prefix "
+        "QANTARA_DB_ROLE_PREFIX (default qantara); give the owner role the schema's existing "
+        "objects; apply the grants of storage/sql/privileges.sql. Connects as "
+        "QANTARA_ADMIN_DATABASE_URL (default: QANTARA_MIGRATE_DATABASE_URL, then "
+        "QANTARA_DATABASE_URL): a user with CREATEROLE that owns the database (the admin user "
+        "of a managed PostgreSQL; no SUPERUSER needed). Without --create-logins, prints how to "
+        "create the login roles.",
+    )
+    db_roles.add_argument(
+        "--create-logins",
+        action="store_true",
+        help="also create (or set the password of) the login roles named by "
+        "QANTARA_MIGRATE_DATABASE_URL (member of owner), QANTARA_DATABASE_URL (writer; also "
+        "reader unless the API has its own URL) and QANTARA_API_DATABASE_URL (reader), with "
+        "the passwords of those URLs",
     )
 
     up = commands.add_parser(
@@ -223,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StorageUnavailable as exc:
         print(f"qantara: database unavailable: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_UNAVAILABLE
+    except (MigrationError, RoleError) as exc:
+        print(f"qantara: database schema: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_SCHEMA
     except KeyboardInterrupt:
         return 130
 
@@ -234,6 +275,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await commands.serve(settings, migrate=not args.no_migrate)
     if args.command == "migrate":
         return await commands.migrate(settings)
+    if args.command == "db":
+        return await commands.db_roles(settings, create_logins=args.create_logins)
     if args.command == "up":
         return await commands.up(
             settings, simulate=args.simulate, rate=args.rate, data_dir=args.data_dir

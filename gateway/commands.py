@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
@@ -26,8 +27,9 @@ from gateway.local_services import (
 from gateway.settings import Settings
 from ingest.errors import ConfigError, StorageUnavailable
 from storage import tokens
-from storage.migrations import apply_migrations
+from storage.migrations import apply_migrations, pending_migrations
 from storage.pool import is_transient
+from storage.roles import GroupRoles, create_group_roles, ensure_login
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +42,16 @@ def _database_url(settings: Settings) -> str:
     return settings.database.url
 
 
+def _roles(settings: Settings) -> GroupRoles:
+    return GroupRoles.with_prefix(settings.database.role_prefix)
+
+
 @asynccontextmanager
-async def _connection(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+async def _connection(
+    settings: Settings, dsn: str | None = None
+) -> AsyncIterator[asyncpg.Connection]:
     try:
-        conn = await asyncpg.connect(_database_url(settings), timeout=10)
+        conn = await asyncpg.connect(dsn or _database_url(settings), timeout=10)
     except Exception as exc:
         if is_transient(exc):
             raise StorageUnavailable(f"cannot connect: {type(exc).__name__}") from exc
@@ -61,15 +69,133 @@ async def serve(settings: Settings, *, migrate: bool) -> int:
 
 
 async def migrate(settings: Settings) -> int:
-    async with _connection(settings) as conn:
-        done = await apply_migrations(conn)
+    _database_url(settings)
+    async with _connection(settings, settings.database.migrate_dsn) as conn:
+        done = await apply_migrations(conn, _roles(settings), grant=True)
     print(f"applied {len(done)} migration(s)")  # noqa: T201
     return 0
 
 
-async def token_create(settings: Settings, name: str, scopes: list[str]) -> int:
+async def _migrated(settings: Settings) -> None:
+    """Apply what is pending, as the migrate URL's user (tokens need the current schema)."""
     async with _connection(settings) as conn:
-        await apply_migrations(conn)
+        if not await pending_migrations(conn):
+            return
+    async with _connection(settings, settings.database.migrate_dsn) as conn:
+        await apply_migrations(conn, _roles(settings))
+
+
+async def db_roles(settings: Settings, *, create_logins: bool) -> int:
+    """Create the group roles, hand them the schema, grant; optionally the login roles."""
+    roles = _roles(settings)
+    database = settings.database
+    if database.admin_dsn is None:
+        raise ConfigError(
+            "QANTARA_ADMIN_DATABASE_URL: must be set (or QANTARA_MIGRATE_DATABASE_URL, or "
+            "QANTARA_DATABASE_URL): a user with CREATEROLE that owns the database"
+        )
+    async with _connection(settings, database.admin_dsn) as conn:
+        admin = str(await conn.fetchval("SELECT current_user"))
+        report = await create_group_roles(conn, roles)
+        for name in report.created:
+            print(f"created group role {name}")  # noqa: T201
+        if report.reassigned:
+            print(f"gave {len(report.reassigned)} existing object(s) to {roles.owner}")  # noqa: T201
+        print(  # noqa: T201
+            f"group roles {', '.join(roles.names)} ready; grants of storage/sql/privileges.sql "
+            "applied"
+        )
+        logins = _logins(settings, roles)
+        if not create_logins:
+            print(_login_instructions(logins, admin))  # noqa: T201
+            return 0
+        for login in logins:
+            if login.url is None or login.user is None:
+                continue
+            if login.user == admin:
+                print(f"login {login.user}: the admin user itself, left as it is")  # noqa: T201
+                continue
+            result = await ensure_login(conn, login.user, login.password, login.groups)
+            state = "created" if result.created else "updated"
+            groups = ", ".join(login.groups)
+            print(f"login {login.user} ({login.setting}): {state}, member of {groups}")  # noqa: T201
+            if result.superuser:
+                print(  # noqa: T201
+                    f"warning: {login.user} is a superuser, which overrides every grant: "
+                    f"ALTER ROLE {login.user} NOSUPERUSER",
+                    file=sys.stderr,
+                )
+        owner = await conn.fetchval(
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()"
+        )
+        if owner in {
+            login.user for login in logins if login.setting != "QANTARA_MIGRATE_DATABASE_URL"
+        }:
+            print(  # noqa: T201
+                f"warning: {owner} owns the database (and so may create in schema public): "
+                f"ALTER DATABASE ... OWNER TO {admin}",
+                file=sys.stderr,
+            )
+    return 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Login:
+    setting: str
+    url: str | None
+    default_name: str
+    groups: tuple[str, ...]
+
+    @property
+    def user(self) -> str | None:
+        if self.url is None:
+            return None
+        name = urlsplit(self.url).username
+        return unquote(name) if name else None
+
+    @property
+    def password(self) -> str | None:
+        secret = urlsplit(self.url).password if self.url is not None else None
+        return unquote(secret) if secret else None
+
+
+def _logins(settings: Settings, roles: GroupRoles) -> list[_Login]:
+    """The login roles the URLs name: migrate → owner, runtime → writer (+ reader), API → reader."""
+    database = settings.database
+    prefix = database.role_prefix
+    runtime_groups = (roles.writer,) if database.api_url else (roles.writer, roles.reader)
+    return [
+        _Login(
+            "QANTARA_MIGRATE_DATABASE_URL",
+            database.migrate_url,
+            f"{prefix}_migrate",
+            (roles.owner,),
+        ),
+        _Login("QANTARA_DATABASE_URL", database.url, f"{prefix}_app", runtime_groups),
+        _Login("QANTARA_API_DATABASE_URL", database.api_url, f"{prefix}_api", (roles.reader,)),
+    ]
+
+
+def _login_instructions(logins: list[_Login], admin: str) -> str:
+    lines = [
+        "Login roles: run `qantara db roles --create-logins` with the URLs set (user and password",
+        "are taken from them), or as an administrator in psql, with passwords from",
+        "deploy/secrets/compose.env (`make certs`); never commit them:",
+    ]
+    for login in logins:
+        # A URL naming the admin itself (one URL for everything, today): a login of its own.
+        name = login.user if login.user and login.user != admin else login.default_name
+        groups = ", ".join(login.groups)
+        lines.append(
+            f"  CREATE ROLE {name} LOGIN PASSWORD :'password' IN ROLE {groups};  -- {login.setting}"
+        )
+    lines.append("Rotate a password: ALTER ROLE <name> PASSWORD ... (docs/operations.md).")
+    return "\n".join(lines)
+
+
+async def token_create(settings: Settings, name: str, scopes: list[str]) -> int:
+    await _migrated(settings)
+    async with _connection(settings) as conn:
         try:
             secret = await issue_token(conn, name, scopes)
         except (InvalidScope, tokens.TokenNameTaken) as exc:
@@ -232,9 +358,13 @@ async def up(settings: Settings, *, simulate: int, rate: float, data_dir: str) -
             mqtt=mqtt,
             database=dataclasses.replace(settings.database, url=database_url),
         )
+        conn = await asyncpg.connect(settings.database.migrate_dsn or database_url, timeout=30)
+        try:
+            await apply_migrations(conn, _roles(settings))
+        finally:
+            await conn.close()
         conn = await asyncpg.connect(database_url, timeout=30)
         try:
-            await apply_migrations(conn)
             name = f"local-read-{free_port()}"
             secret = await issue_token(conn, name, list(LOCAL_READ_SCOPES))
         finally:

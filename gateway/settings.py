@@ -35,6 +35,26 @@ class DatabaseSettings:
     pool_size: int
     statement_timeout_ms: int
     partitions_ahead: timedelta
+    migrate_url: str | None = None
+    """Migrations (`migrate`, serve's start-up): a member of the owner role. None: `url`."""
+    api_url: str | None = None
+    """The HTTP API's pool: a member of the reader role. None: `url`."""
+    admin_url: str | None = None
+    """`qantara db roles`: CREATEROLE, owner of the database. None: the migrate URL."""
+    role_prefix: str = "qantara"
+    """Group roles `<prefix>_owner`, `<prefix>_writer`, `<prefix>_reader`."""
+
+    @property
+    def migrate_dsn(self) -> str | None:
+        return self.migrate_url or self.url
+
+    @property
+    def api_dsn(self) -> str | None:
+        return self.api_url or self.url
+
+    @property
+    def admin_dsn(self) -> str | None:
+        return self.admin_url or self.migrate_dsn
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +167,25 @@ def _database_url(text: str) -> str:
     return text
 
 
+def _database_url_setting(r: _Reader, name: str) -> str | None:
+    """A connection URL; an error names the variable, never the value (it may hold a password)."""
+    text = r.optional(name)
+    if text is None:
+        return None
+    try:
+        return _database_url(text)
+    except ValueError:
+        raise ConfigError(
+            f"{PREFIX}{name}: must be a postgresql://... connection URL (value not shown)"
+        ) from None
+
+
+def _role_prefix(text: str) -> str:
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,40}", text):
+        raise ValueError(text)
+    return text
+
+
 def _protocol(text: str) -> int:
     versions = {"5": 5, "5.0": 5, "3.1.1": 4, "4": 4, "311": 4}
     if text not in versions:
@@ -206,12 +245,21 @@ def _build(r: _Reader) -> Settings:
         unit_metrics_max=r.integer("UNIT_METRICS_MAX", 1000, 0, 1_000_000),
     )
     database = DatabaseSettings(
-        url=r.get("DATABASE_URL", None, _database_url, "must be a postgresql://... connection URL"),
+        url=_database_url_setting(r, "DATABASE_URL"),
         pool_size=r.integer("DB_POOL_SIZE", 10, 2, 1000),
         statement_timeout_ms=int(
             r.duration("DB_STATEMENT_TIMEOUT", timedelta(seconds=30)).total_seconds() * 1000
         ),
         partitions_ahead=r.duration("PARTITIONS_AHEAD", timedelta(days=14)),
+        migrate_url=_database_url_setting(r, "MIGRATE_DATABASE_URL"),
+        api_url=_database_url_setting(r, "API_DATABASE_URL"),
+        admin_url=_database_url_setting(r, "ADMIN_DATABASE_URL"),
+        role_prefix=r.get(
+            "DB_ROLE_PREFIX",
+            "qantara",
+            _role_prefix,
+            "must be 1 to 41 characters of lower-case letters, digits and '_', not a digit first",
+        ),
     )
     pipeline = PipelineSettings(
         max_pending=r.integer("PIPELINE_MAX_PENDING", 20_000, 1, 10_000_000),

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
 import subprocess
 import sys
 
 import pytest
 
-COMMANDS = (
+from gateway.local_services import drop_database, ensure_database
+
+COMMANDS: tuple[list[str], ...] = (
     [],
     ["serve"],
     ["migrate"],
+    ["db"],
+    ["db", "roles"],
     ["up"],
     ["simulate"],
     ["simulate", "units"],
@@ -75,3 +81,37 @@ def test_token_with_an_unknown_scope_is_refused(postgres_dsn: str) -> None:
     result = qantara("token", "create", "--name", "bad-scope", "--scope", "everything", env=env)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
+
+
+def test_serve_and_migrate_help_name_the_database_url_settings() -> None:
+    serve = qantara("serve", "--help").stdout
+    roles = qantara("db", "roles", "--help").stdout
+    for name in ("QANTARA_DATABASE_URL", "QANTARA_API_DATABASE_URL"):
+        assert name in serve
+    assert "QANTARA_MIGRATE_DATABASE_URL" in qantara("migrate", "--help").stdout
+    for name in ("QANTARA_ADMIN_DATABASE_URL", "QANTARA_DB_ROLE_PREFIX"):
+        assert name in " ".join(roles.split())
+
+
+def test_serve_with_no_migrate_refuses_a_database_with_pending_migrations(
+    postgres_server_dsn: str,
+) -> None:
+    dbname = f"qantara_test_{secrets.token_hex(6)}"
+    dsn = asyncio.run(ensure_database(postgres_server_dsn, dbname))
+    try:
+        result = qantara(
+            "serve",
+            "--no-migrate",
+            env={
+                "QANTARA_DATABASE_URL": dsn,
+                "QANTARA_HTTP_PORT": "0",
+                "QANTARA_MLLP_PORT": "0",
+                "QANTARA_DICOM_PORT": "0",
+            },
+        )
+    finally:
+        asyncio.run(drop_database(postgres_server_dsn, dbname))
+    assert result.returncode == 4, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "pending" in last
+    assert "qantara migrate" in last

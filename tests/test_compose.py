@@ -66,6 +66,8 @@ def test_compose_config_validates_with_docker_compose() -> None:
     env = {
         **os.environ,
         "QANTARA_DB_PASSWORD": "test-only",
+        "QANTARA_DB_ADMIN_PASSWORD": "test-only",
+        "QANTARA_DB_API_PASSWORD": "test-only",
         "QANTARA_MQTT_PASSWORD": "test-only",
         "GRAFANA_ADMIN_PASSWORD": "test-only",
     }

@@ -43,6 +43,11 @@ def test_without_shared_group_subscribes_to_every_unit() -> None:
         ("QANTARA_MQTT_PROTOCOL", "4.0"),
         ("QANTARA_MQTT_SHARED_GROUP", "a/b"),
         ("QANTARA_LOG_LEVEL", "chatty"),
+        ("QANTARA_MIGRATE_DATABASE_URL", "mysql://db"),
+        ("QANTARA_API_DATABASE_URL", "http://db"),
+        ("QANTARA_ADMIN_DATABASE_URL", "db"),
+        ("QANTARA_DB_ROLE_PREFIX", "Qantara-Prod"),
+        ("QANTARA_DB_ROLE_PREFIX", "9lives"),
     ],
 )
 def test_bad_value_is_refused_with_the_variable_named(name: str, value: str) -> None:
@@ -89,3 +94,42 @@ def test_http_tls_needs_both_certificate_and_key(tmp_path: Path) -> None:
 def test_http_tls_file_that_does_not_exist_is_named() -> None:
     with pytest.raises(ConfigError, match="QANTARA_HTTP_TLS_KEY"):
         Settings.load({"QANTARA_HTTP_TLS_KEY": "/nowhere/gateway.key"})
+
+
+def test_migrate_and_api_urls_default_to_the_database_url() -> None:
+    database = Settings.load({"QANTARA_DATABASE_URL": "postgresql://app@db/qantara"}).database
+    assert database.migrate_dsn == "postgresql://app@db/qantara"
+    assert database.api_dsn == "postgresql://app@db/qantara"
+    assert database.admin_dsn == "postgresql://app@db/qantara"
+    assert database.role_prefix == "qantara"
+
+
+def test_each_database_url_is_used_for_its_own_job() -> None:
+    database = Settings.load(
+        {
+            "QANTARA_DATABASE_URL": "postgresql://app@db/qantara",
+            "QANTARA_MIGRATE_DATABASE_URL": "postgresql://migrate@db/qantara",
+            "QANTARA_API_DATABASE_URL": "postgresql://api@db/qantara",
+            "QANTARA_ADMIN_DATABASE_URL": "postgresql://admin@db/qantara",
+        }
+    ).database
+    assert database.url == "postgresql://app@db/qantara"
+    assert database.migrate_dsn == "postgresql://migrate@db/qantara"
+    assert database.api_dsn == "postgresql://api@db/qantara"
+    assert database.admin_dsn == "postgresql://admin@db/qantara"
+
+
+def test_admin_url_falls_back_to_the_migrate_url() -> None:
+    database = Settings.load(
+        {
+            "QANTARA_DATABASE_URL": "postgresql://app@db/qantara",
+            "QANTARA_MIGRATE_DATABASE_URL": "postgresql://migrate@db/qantara",
+        }
+    ).database
+    assert database.admin_dsn == "postgresql://migrate@db/qantara"
+
+
+def test_a_bad_database_url_is_named_without_showing_its_password() -> None:
+    with pytest.raises(ConfigError, match="QANTARA_MIGRATE_DATABASE_URL") as raised:
+        Settings.load({"QANTARA_MIGRATE_DATABASE_URL": "mysql://root:hunter2@db/qantara"})
+    assert "hunter2" not in str(raised.value)
