@@ -178,9 +178,7 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
             http_task = group.create_task(server.serve(), name="http")
             mllp_task = group.create_task(mllp.run(), name="mllp")
             upkeep = group.create_task(_upkeep(pool, pipeline, settings, readiness), name="upkeep")
-            ledger_pruning = group.create_task(
-                run_ledger_pruning(pool, LedgerPruning()), name="ledger-pruning"
-            )
+            ledger_pruning = group.create_task(_prune_ledger(pool, settings), name="ledger-pruning")
             await _start_dicom(dicom, gateway, settings)
             storage_watch = group.create_task(  # after start: the store's folder exists
                 _watch_storage(metrics, settings.dicom.storage), name="storage-watch"
@@ -246,6 +244,14 @@ async def _prepare_schema(pool: asyncpg.Pool, settings: Settings, *, migrate: bo
             f"{describe_pending(pending)} pending and serve was started with --no-migrate: "
             "run `qantara migrate` first"
         )
+
+
+async def _prune_ledger(pool: asyncpg.Pool, settings: Settings) -> None:
+    """The MQTT ledger pruning rounds (storage.ledger); an interval of 0 turns them off."""
+    if settings.ledger_prune_interval <= 0:
+        return
+    pruning = LedgerPruning(keep_seqs=settings.ledger_keep, interval=settings.ledger_prune_interval)
+    await run_ledger_pruning(pool, pruning)
 
 
 def _optional_path(path: Path | None) -> str | None:

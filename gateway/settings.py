@@ -87,6 +87,8 @@ class Settings:
     mllp: MllpSettings
     shutdown_timeout: float
     log_level: str
+    ledger_keep: int = 10_000  # MQTT ledger rows kept below each unit's watermark
+    ledger_prune_interval: float = 600.0  # seconds between pruning rounds; 0 = never prune
 
     @classmethod
     def load(cls, environ: Mapping[str, str], toml_path: str | Path | None = None) -> Settings:
@@ -295,6 +297,10 @@ def _build(r: _Reader) -> Settings:
         mllp=_mllp(r),
         shutdown_timeout=r.duration("SHUTDOWN_TIMEOUT", timedelta(seconds=30)).total_seconds(),
         log_level=r.get("LOG_LEVEL", "INFO", _log_level, "must be DEBUG, INFO, WARNING or ERROR"),
+        ledger_keep=r.integer("MQTT_LEDGER_KEEP", 10_000, 0, 1_000_000_000),
+        ledger_prune_interval=r.duration(
+            "MQTT_LEDGER_PRUNE_INTERVAL", timedelta(minutes=10)
+        ).total_seconds(),
     )
 
 

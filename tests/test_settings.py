@@ -48,6 +48,8 @@ def test_without_shared_group_subscribes_to_every_unit() -> None:
         ("QANTARA_ADMIN_DATABASE_URL", "db"),
         ("QANTARA_DB_ROLE_PREFIX", "Qantara-Prod"),
         ("QANTARA_DB_ROLE_PREFIX", "9lives"),
+        ("QANTARA_MQTT_LEDGER_KEEP", "-5"),
+        ("QANTARA_MQTT_LEDGER_PRUNE_INTERVAL", "often"),
     ],
 )
 def test_bad_value_is_refused_with_the_variable_named(name: str, value: str) -> None:
@@ -68,6 +70,11 @@ def test_unreadable_toml_is_a_config_error(tmp_path: Path) -> None:
     config.write_text("this is = = not toml")
     with pytest.raises(ConfigError, match="QANTARA_CONFIG"):
         Settings.load({}, config)
+
+
+def test_ledger_pruning_runs_every_ten_minutes_unless_set_to_zero() -> None:
+    assert Settings.load({}).ledger_prune_interval == 600.0
+    assert Settings.load({"QANTARA_MQTT_LEDGER_PRUNE_INTERVAL": "0"}).ledger_prune_interval == 0.0
 
 
 @pytest.mark.parametrize(
