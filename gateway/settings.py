@@ -386,6 +386,9 @@ def _dicom(r: _Reader) -> DicomSettings:
         network_timeout=seconds("DICOM_NETWORK_TIMEOUT", 120.0),
         store_timeout=seconds("DICOM_STORE_TIMEOUT", 60.0),
         max_find_results=r.integer("DICOM_MAX_FIND_RESULTS", 1000, 1, 100_000),
+        orphan_age=seconds("DICOM_ORPHAN_AGE", 600.0),
+        orphan_lookback=seconds("DICOM_ORPHAN_LOOKBACK", 2 * 86400.0),
+        sweep_interval=seconds("DICOM_SWEEP_INTERVAL", 600.0),
     )
 
 

@@ -77,6 +77,17 @@ def test_ledger_pruning_runs_every_ten_minutes_unless_set_to_zero() -> None:
     assert Settings.load({"QANTARA_MQTT_LEDGER_PRUNE_INTERVAL": "0"}).ledger_prune_interval == 0.0
 
 
+def test_dicom_orphan_sweep_timings_are_settings() -> None:
+    dicom = Settings.load(
+        {
+            "QANTARA_DICOM_ORPHAN_AGE": "30m",
+            "QANTARA_DICOM_ORPHAN_LOOKBACK": "7d",
+            "QANTARA_DICOM_SWEEP_INTERVAL": "1m",
+        }
+    ).dicom
+    assert (dicom.orphan_age, dicom.orphan_lookback, dicom.sweep_interval) == (1800, 604800, 60)
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
