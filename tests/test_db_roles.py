@@ -16,6 +16,7 @@ import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -151,31 +152,31 @@ async def cluster(postgres_server_dsn: str) -> AsyncIterator[Cluster]:
             await conn.close()
 
 
-@pytest.fixture
-async def as_app(cluster: Cluster) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(cluster.url(cluster.app))
+@asynccontextmanager
+async def _connected(url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(url)
     try:
         yield conn
     finally:
         await conn.close()
+
+
+@pytest.fixture
+async def as_app(cluster: Cluster) -> AsyncIterator[asyncpg.Connection]:
+    async with _connected(cluster.url(cluster.app)) as conn:
+        yield conn
 
 
 @pytest.fixture
 async def as_api(cluster: Cluster) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(cluster.url(cluster.api))
-    try:
+    async with _connected(cluster.url(cluster.api)) as conn:
         yield conn
-    finally:
-        await conn.close()
 
 
 @pytest.fixture
 async def as_superuser(cluster: Cluster) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(cluster.superuser_url)
-    try:
+    async with _connected(cluster.superuser_url) as conn:
         yield conn
-    finally:
-        await conn.close()
 
 
 @pytest.fixture(scope="module")
