@@ -24,6 +24,7 @@ from storage.tokens import (
     create_token,
     hash_token,
     lookup_token,
+    lookup_token_and_group,
 )
 
 MAX_TOKEN_LENGTH: Final = 256
@@ -95,8 +96,8 @@ def bearer_token(authorization: str | None) -> str | None:
     return credentials.strip()
 
 
-async def authenticate(db: Executor, authorization: str | None) -> TokenGrant:
-    """The grant of the request's bearer token; raises `Unauthenticated` (401)."""
+def _well_formed(authorization: str | None) -> str:
+    """The bearer token of the header, checked for shape; raises `Unauthenticated` (401)."""
     token = bearer_token(authorization)
     if token is None:
         raise Unauthenticated("a bearer token is required", token_given=False)
@@ -106,10 +107,30 @@ async def authenticate(db: Executor, authorization: str | None) -> TokenGrant:
         or not _TOKEN68.fullmatch(token)
     ):
         raise Unauthenticated("the bearer token is not valid", token_given=True)
-    grant = await lookup_token(db, hash_token(token))
+    return token
+
+
+async def authenticate(db: Executor, authorization: str | None) -> TokenGrant:
+    """The grant of the request's bearer token; raises `Unauthenticated` (401)."""
+    grant = await lookup_token(db, hash_token(_well_formed(authorization)))
     if grant is None:
         raise Unauthenticated("the bearer token is unknown or revoked", token_given=True)
     return grant
+
+
+async def authenticate_with_group(
+    db: Executor, authorization: str | None, patient_ids: Sequence[int]
+) -> tuple[TokenGrant, tuple[int, ...]]:
+    """`authenticate`, and the patient group of `patient_ids` read in the same round trip.
+
+    The group may be used only after `authorize` accepts the grant.
+    """
+    grant, group = await lookup_token_and_group(
+        db, hash_token(_well_formed(authorization)), patient_ids
+    )
+    if grant is None:
+        raise Unauthenticated("the bearer token is unknown or revoked", token_given=True)
+    return grant, group
 
 
 def authorize(grant: TokenGrant, resource_type: str, interaction: Interaction) -> None:

@@ -93,7 +93,7 @@ RESOURCES: Final = (
     ),
     ResourceCapability(
         "Device",
-        read=False,
+        read=True,
         scope="system/Device.read",
         params=(SearchParam("identifier", "token", "[urn:qantara:unit:<unit>|]<device id>"),),
     ),

@@ -6,6 +6,7 @@ passed through untouched. Displays and categories come from `ingest.codes`, the 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from datetime import UTC, datetime
@@ -25,6 +26,8 @@ from storage.queries import (
 )
 
 VITAL_ID_PREFIX: Final = "v-"
+DEVICE_ID_PREFIX: Final = "d-"
+DEVICE_REFERENCE_PREFIX: Final = f"Device/{DEVICE_ID_PREFIX}"
 _VITAL_ID = re.compile(r"v-([0-9]{1,18})", re.ASCII)
 _PATIENT_ID = re.compile(r"[0-9]{1,18}", re.ASCII)
 _CATEGORY_DISPLAY: Final = {"vital-signs": "Vital Signs", "laboratory": "Laboratory"}
@@ -35,7 +38,9 @@ _NAME_USES: Final = frozenset(
 
 def instant(value: datetime) -> str:
     """An RFC 3339 instant in UTC (`...Z`), microseconds when present."""
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if value.tzinfo is not UTC:  # asyncpg's timestamptz values are in UTC already
+        value = value.astimezone(UTC)
+    return value.isoformat().replace("+00:00", "Z")
 
 
 def observation_id(vital_id: int) -> str:
@@ -98,47 +103,64 @@ def patient_resource(record: PatientRecord) -> JsonObject:
     return resource
 
 
-def observation_resource(record: VitalRecord) -> JsonObject:
-    category = category_for(record.code)
-    coding: JsonObject = {"system": record.system, "code": record.code}
-    display = display_for(record.code)
+@functools.lru_cache(maxsize=1024)
+def _vital_concept(system: str, code: str) -> tuple[list[JsonObject], JsonObject]:
+    """The `category` and `code` elements of a vital's concept: built once per concept (a page
+    of 50 Observations has a handful), shared by the resources; nothing mutates them."""
+    category = category_for(code)
+    coding: JsonObject = {"system": system, "code": code}
+    display = display_for(code)
     if display:
         coding["display"] = display
+    categories: list[JsonObject] = [
+        {
+            "coding": [
+                {
+                    "system": OBSERVATION_CATEGORY_SYSTEM,
+                    "code": str(category),
+                    "display": _CATEGORY_DISPLAY.get(category, str(category)),
+                }
+            ]
+        }
+    ]
+    return categories, {"coding": [coding]}
+
+
+_VALUE_ERROR: Final[JsonObject] = {
+    "coding": [
+        {"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "error"}
+    ]
+}
+
+
+def observation_resource(record: VitalRecord) -> JsonObject:
+    categories, code = _vital_concept(record.system, record.code)
     resource: JsonObject = {
         "resourceType": "Observation",
-        "id": observation_id(record.id),
+        "id": f"{VITAL_ID_PREFIX}{record.id}",
         "status": "final",
-        "category": [
-            {
-                "coding": [
-                    {
-                        "system": OBSERVATION_CATEGORY_SYSTEM,
-                        "code": str(category),
-                        "display": _CATEGORY_DISPLAY.get(category, str(category)),
-                    }
-                ]
-            }
-        ],
-        "code": {"coding": [coding]},
+        "category": categories,
+        "code": code,
         "subject": {"reference": f"Patient/{record.subject_id}"},
         "effectiveDateTime": instant(record.time),
         "issued": instant(record.received_at),
     }
     if math.isfinite(record.value):
-        quantity: JsonObject = {"value": record.value}
         if record.unit:
-            quantity.update({"unit": record.unit, "system": UCUM_SYSTEM, "code": record.unit})
-        resource["valueQuantity"] = quantity
+            resource["valueQuantity"] = {
+                "value": record.value,
+                "unit": record.unit,
+                "system": UCUM_SYSTEM,
+                "code": record.unit,
+            }
+        else:
+            resource["valueQuantity"] = {"value": record.value}
     else:
-        resource["dataAbsentReason"] = {
-            "coding": [
-                {
-                    "system": "http://terminology.hl7.org/CodeSystem/data-absent-reason",
-                    "code": "error",
-                }
-            ]
-        }
-    resource["device"] = {"display": f"{record.device_kind} {record.device_ident}"}
+        resource["dataAbsentReason"] = _VALUE_ERROR
+    resource["device"] = {
+        "reference": f"{DEVICE_REFERENCE_PREFIX}{record.device_id}",
+        "display": f"{record.device_kind} {record.device_ident}",
+    }
     return resource
 
 
@@ -279,9 +301,9 @@ def lab_observation_resource(record: LabObservationRecord) -> JsonObject:
             {"coding": [{"system": INTERPRETATION_SYSTEM, "code": f.upper()}]} for f in flags
         ]
     reference: JsonObject = {}
-    if record.reference_low is not None:
+    if record.reference_low is not None and math.isfinite(record.reference_low):
         reference["low"] = _quantity(record.reference_low, record.unit)
-    if record.reference_high is not None:
+    if record.reference_high is not None and math.isfinite(record.reference_high):
         reference["high"] = _quantity(record.reference_high, record.unit)
     if record.reference_range:
         reference["text"] = record.reference_range
@@ -327,8 +349,14 @@ def diagnostic_report_resource(record: LabReportRecord) -> JsonObject:
     return resource
 
 
-DEVICE_ID_PREFIX: Final = "d-"
 UNIT_SYSTEM_PREFIX: Final = "urn:qantara:unit:"
+_DEVICE_ID = re.compile(r"d-([0-9]{1,18})", re.ASCII)
+
+
+def parse_device_id(text: str) -> int | None:
+    """The device id behind a Device id `d-<n>`, or None when it is not one of ours."""
+    match = _DEVICE_ID.fullmatch(text)
+    return int(match.group(1)) if match else None
 
 
 def device_resource(record: DeviceRecord) -> JsonObject:

@@ -11,7 +11,6 @@ type and location only (its message may carry patient data) and answered with a 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import traceback
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import asyncpg
+import orjson
 from prometheus_client import make_asgi_app
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.auth import Interaction, authenticate, authorize
+from gateway.auth import Interaction, authenticate_with_group, authorize
 from gateway.dicomweb import DicomWeb
 from gateway.fhir_audit import audit_event_resource, query_shape
 from gateway.fhir_bundle import page_url, searchset
@@ -54,6 +54,7 @@ from gateway.fhir_resources import (
     diagnostic_report_resource,
     lab_observation_resource,
     observation_resource,
+    parse_device_id,
     parse_lab_observation_id,
     parse_lab_report_id,
     parse_observation_id,
@@ -61,6 +62,13 @@ from gateway.fhir_resources import (
     patient_resource,
 )
 from gateway.fhir_search import (
+    AUDIT_PARAMETERS,
+    DEVICE_PARAMETERS,
+    IMAGING_PARAMETERS,
+    LASTN_PARAMETERS,
+    OBSERVATION_PARAMETERS,
+    PATIENT_PARAMETERS,
+    REPORT_PARAMETERS,
     DateFilter,
     PatientCriterion,
     SearchParameterError,
@@ -70,6 +78,7 @@ from gateway.fhir_search import (
     parse_imaging_search,
     parse_lastn_search,
     parse_observation_search,
+    parse_patient_references,
     parse_patient_search,
     parse_report_search,
     strict_handling,
@@ -100,13 +109,13 @@ from storage.queries import (
     VitalQuery,
     VitalRecord,
     count_devices,
-    count_lab_observations,
     count_lab_reports,
+    count_observations,
     count_patients,
     count_studies,
-    count_vital_observations,
     find_concepts,
     find_patients_by_identifier,
+    get_device,
     get_lab_observation,
     get_lab_report,
     get_patient,
@@ -151,12 +160,16 @@ class ApiSettings:
 
 
 class FhirResponse(Response):
+    """FHIR JSON: compact UTF-8, non-ASCII text as is (never `\\u` escaped), numbers in their
+    shortest exact form. orjson writes the same bytes as `json.dumps(ensure_ascii=False,
+    separators=(",", ":"))` except for exponents (`1e-5`, not `1e-05`: the same number). orjson
+    would write NaN and infinities as null where `json` refused them: the mappers never produce
+    them (a value that is not finite becomes a dataAbsentReason or is left out)."""
+
     media_type = FHIR_JSON
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(
-            content, ensure_ascii=False, allow_nan=False, separators=(",", ":")
-        ).encode("utf-8")
+        return orjson.dumps(content)
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -393,6 +406,22 @@ def _day_ceiling(value: datetime | None) -> date | None:
 
 
 _REQUEST_DB: ContextVar[Executor] = ContextVar("qantara_request_db")
+_PREFETCHED_GROUP: ContextVar[tuple[tuple[int, ...], tuple[int, ...]] | None] = ContextVar(
+    "qantara_prefetched_group", default=None
+)
+"""`(patient ids, their group)` read with the request's token (`authenticate_with_group`)."""
+
+
+def _named_patients(params: Sequence[tuple[str, str]]) -> tuple[int, ...]:
+    """The ids of a lone `patient=` or `subject=` parameter; () when there is none, several, or a
+    malformed one (the handler's parser reports those after authorization)."""
+    values = [value for name, value in params if name in ("patient", "subject")]
+    if len(values) != 1:
+        return ()
+    try:
+        return parse_patient_references("patient", values[0])
+    except InputError:
+        return ()
 
 
 def request_db() -> Executor:
@@ -440,12 +469,19 @@ class _FhirApi:
     # --- the shell every endpoint runs in ---
 
     def endpoint(
-        self, resource_type: str, interaction: Interaction, action: str, handler: Handler
+        self,
+        resource_type: str,
+        interaction: Interaction,
+        action: str,
+        handler: Handler,
+        *,
+        by_patient: bool = False,
     ) -> Callable[[Request], Awaitable[Response]]:
         """Bearer token → scope → handler → audit row committed → response.
 
         A refused scope is audited too (outcome 4); a missing or unknown token is not (there is
-        no one to name) and an error before data is returned leaves no row.
+        no one to name) and an error before data is returned leaves no row. `by_patient`: the
+        search takes `patient=`, whose patient group is read with the token (one round trip).
         """
 
         async def serve(request: Request) -> Response:
@@ -453,7 +489,10 @@ class _FhirApi:
                 return await answer(request)
 
         async def answer(request: Request) -> Response:
-            grant = await authenticate(self._db, request.headers.get("authorization"))
+            named = _named_patients(request.query_params.multi_items()) if by_patient else ()
+            grant, group = await authenticate_with_group(
+                self._db, request.headers.get("authorization"), named
+            )
             try:
                 authorize(grant, resource_type, interaction)
             except Forbidden:
@@ -461,7 +500,12 @@ class _FhirApi:
                     request, grant, action, resource_type, (), OUTCOME_MINOR_FAILURE, 403
                 )
                 raise
-            served = await handler(request, strict_handling(request.headers.get("prefer")))
+            # Only now may the group read with the token serve the handler (`_whose`).
+            prefetched = _PREFETCHED_GROUP.set((named, group) if named else None)
+            try:
+                served = await handler(request, strict_handling(request.headers.get("prefer")))
+            finally:
+                _PREFETCHED_GROUP.reset(prefetched)
             await self._audit(
                 request,
                 grant,
@@ -503,8 +547,10 @@ class _FhirApi:
         )
 
     @staticmethod
-    def _fhir(body: JsonObject) -> Served:
-        return Served(FhirResponse(body), patients_in(body))
+    def _fhir(body: JsonObject, patients: tuple[int, ...] | None = None) -> Served:
+        """`body` as the response; `patients` (ascending, distinct) when the handler knows them
+        from its rows, else read from the body."""
+        return Served(FhirResponse(body), patients if patients is not None else patients_in(body))
 
     def _bundle(
         self,
@@ -513,10 +559,15 @@ class _FhirApi:
         total: int,
         cursor: str | None,
         next_cursor: str | None,
+        used: frozenset[str],
+        patients: tuple[int, ...] | None = None,
     ) -> Served:
+        """A searchset of `resources`; its links carry only the parameters in `used` (those the
+        search understood: lenient handling ignores the others, and FHIR's self link shows
+        what was actually applied)."""
         base = self._base(request)
         route = f"{base}{request.url.path.removeprefix('/fhir')}"
-        params = request.query_params.multi_items()
+        params = [(k, v) for k, v in request.query_params.multi_items() if k in used]
         return self._fhir(
             searchset(
                 resources=resources,
@@ -524,7 +575,8 @@ class _FhirApi:
                 total=total,
                 self_url=page_url(route, params, cursor),
                 next_url=page_url(route, params, next_cursor) if next_cursor is not None else None,
-            )
+            ),
+            patients,
         )
 
     def _after_id(self, cursor: str | None, digest: bytes) -> int | None:
@@ -546,6 +598,9 @@ class _FhirApi:
     async def _whose(self, criterion: PatientCriterion) -> list[int]:
         """The patients whose rows a criterion selects: survivors and all they replaced."""
         if criterion.ids is not None:
+            prefetched = _PREFETCHED_GROUP.get()
+            if prefetched is not None and prefetched[0] == criterion.ids:
+                return list(prefetched[1])
             return await patient_group(self._db, criterion.ids)
         assert criterion.identifiers is not None  # noqa: S101 - one of the two is set
         survivors = await self._patients_by_identifiers(criterion.identifiers)
@@ -588,13 +643,15 @@ class _FhirApi:
         )
         total = await count_patients(self._db, query)
         if search.summary_count or search.count == 0:
-            return self._bundle(request, [], total, search.cursor, None)
+            return self._bundle(request, [], total, search.cursor, None, PATIENT_PARAMETERS)
         ids = await search_patient_ids(self._db, query, after, search.count + 1)
         page = ids[: search.count]
         next_cursor = self._next_id(digest, page[-1]) if len(ids) > search.count else None
         records = await get_patients(self._db, page)
         resources = [patient_resource(r) for r in records]
-        return self._bundle(request, resources, total, search.cursor, next_cursor)
+        return self._bundle(
+            request, resources, total, search.cursor, next_cursor, PATIENT_PARAMETERS
+        )
 
     # --- Observation ---
 
@@ -658,30 +715,39 @@ class _FhirApi:
             excluded=excluded,
             descending=search.descending,
         )
-        total = await count_vital_observations(self._db, query)
-        if labs:
-            total += await count_lab_observations(self._db, lab_query)
+        counts = await count_observations(self._db, query, lab_query if labs else None)
+        total = counts.total
         if search.summary_count or search.count == 0:
-            return self._bundle(request, [], total, search.cursor, None)
+            return self._bundle(request, [], total, search.cursor, None, OBSERVATION_PARAMETERS)
+        # A kind with no matching row at count time is not read: rows written since then may
+        # appear or not (as on any page), and a page skips none that were there from the start.
         rows: list[VitalRecord | LabObservationRecord] = []
-        rows.extend(await search_vital_observations(self._db, query, after, search.count + 1))
-        if labs:
+        if counts.vitals:
+            rows.extend(await search_vital_observations(self._db, query, after, search.count + 1))
+        if counts.labs:
             rows.extend(await search_lab_observations(self._db, lab_query, after, search.count + 1))
-        rows.sort(key=lambda r: (r.position.time, r.position.id), reverse=search.descending)
+            if counts.vitals:  # each list comes in order; only a mix needs sorting
+                rows.sort(key=lambda r: (r.position.time, r.position.id), reverse=search.descending)
         page = rows[: search.count]
         next_cursor = None
         if len(rows) > search.count:
             last = page[-1].position
             next_cursor = self._cursors.encode(digest, CursorPosition(last.time, last.id))
         resources = [_subset(_observation(r), search.elements) for r in page]
-        return self._bundle(request, resources, total, search.cursor, next_cursor)
+        return self._bundle(
+            request,
+            resources,
+            total,
+            search.cursor,
+            next_cursor,
+            OBSERVATION_PARAMETERS,
+            _subjects(page),
+        )
 
     async def lastn(self, request: Request, strict: bool) -> Served:
         search = parse_lastn_search(request.query_params.multi_items(), strict=strict)
         patients = await self._whose(search.patient)
-        concepts = await self._concepts(search.codes, search.categories)
-        if concepts is None:
-            concepts = tuple(c.id for c in await find_concepts(self._db, None))
+        concepts = await self._concepts(search.codes, search.categories)  # None: all of them
         rows: list[VitalRecord | LabObservationRecord] = []
         rows.extend(await lastn_vitals(self._db, patients, concepts, search.max))
         if search.categories is None or "laboratory" in search.categories:
@@ -692,7 +758,9 @@ class _FhirApi:
             )
             rows.extend(await lastn_labs(self._db, patients, criteria, search.max))
         resources = [_subset(_observation(r), search.elements) for r in rows]
-        return self._bundle(request, resources, len(resources), None, None)
+        return self._bundle(
+            request, resources, len(resources), None, None, LASTN_PARAMETERS, _subjects(rows)
+        )
 
     # --- DiagnosticReport ---
 
@@ -723,12 +791,14 @@ class _FhirApi:
         paging = search.paging
         total = await count_lab_reports(self._db, query)
         if paging.summary_count or paging.count == 0:
-            return self._bundle(request, [], total, paging.cursor, None)
+            return self._bundle(request, [], total, paging.cursor, None, REPORT_PARAMETERS)
         rows = await search_lab_reports(self._db, query, after, paging.count + 1)
         page = rows[: paging.count]
         next_cursor = self._next_id(digest, page[-1].id) if len(rows) > paging.count else None
         resources = [diagnostic_report_resource(r) for r in page]
-        return self._bundle(request, resources, total, paging.cursor, next_cursor)
+        return self._bundle(
+            request, resources, total, paging.cursor, next_cursor, REPORT_PARAMETERS
+        )
 
     # --- ImagingStudy, Device ---
 
@@ -751,12 +821,21 @@ class _FhirApi:
         paging = search.paging
         total = await count_studies(self._db, query)
         if paging.summary_count or paging.count == 0:
-            return self._bundle(request, [], total, paging.cursor, None)
+            return self._bundle(request, [], total, paging.cursor, None, IMAGING_PARAMETERS)
         rows = await search_studies(self._db, query, after, paging.count + 1)
         page = rows[: paging.count]
         next_cursor = self._next_id(digest, page[-1].id) if len(rows) > paging.count else None
         resources = [imaging_study_resource(r) for r in page]
-        return self._bundle(request, resources, total, paging.cursor, next_cursor)
+        return self._bundle(
+            request, resources, total, paging.cursor, next_cursor, IMAGING_PARAMETERS
+        )
+
+    async def read_device(self, request: Request, strict: bool) -> Served:
+        device_id = parse_device_id(request.path_params["id"])
+        record = await get_device(self._db, device_id) if device_id is not None else None
+        if record is None:
+            raise ResourceNotFound("no Device with this id")
+        return self._fhir(device_resource(record))
 
     async def search_devices(self, request: Request, strict: bool) -> Served:
         search = parse_device_search(
@@ -774,12 +853,14 @@ class _FhirApi:
         paging = search.paging
         total = await count_devices(self._db, idents)
         if paging.summary_count or paging.count == 0:
-            return self._bundle(request, [], total, paging.cursor, None)
+            return self._bundle(request, [], total, paging.cursor, None, DEVICE_PARAMETERS)
         rows = await search_devices(self._db, idents, after, paging.count + 1)
         page = rows[: paging.count]
         next_cursor = self._next_id(digest, page[-1].id) if len(rows) > paging.count else None
         resources = [device_resource(r) for r in page]
-        return self._bundle(request, resources, total, paging.cursor, next_cursor)
+        return self._bundle(
+            request, resources, total, paging.cursor, next_cursor, DEVICE_PARAMETERS
+        )
 
     # --- AuditEvent ---
 
@@ -802,12 +883,12 @@ class _FhirApi:
         paging = search.paging
         total = await count_access(self._db, query)
         if paging.summary_count or paging.count == 0:
-            return self._bundle(request, [], total, paging.cursor, None)
+            return self._bundle(request, [], total, paging.cursor, None, AUDIT_PARAMETERS)
         rows = await search_access(self._db, query, after, paging.count + 1)
         page = rows[: paging.count]
         next_cursor = self._next_id(digest, page[-1].id) if len(rows) > paging.count else None
         resources = [audit_event_resource(r) for r in page]
-        return self._bundle(request, resources, total, paging.cursor, next_cursor)
+        return self._bundle(request, resources, total, paging.cursor, next_cursor, AUDIT_PARAMETERS)
 
     # --- public documents ---
 
@@ -823,6 +904,11 @@ def _served(
         return Served(response, patients)
 
     return served
+
+
+def _subjects(rows: Sequence[VitalRecord | LabObservationRecord]) -> tuple[int, ...]:
+    """The patients whose data Observations of `rows` carry: what `patients_in` reads from them."""
+    return tuple(sorted({r.subject_id for r in rows}))
 
 
 def _observation(row: VitalRecord | LabObservationRecord) -> JsonObject:
@@ -849,8 +935,17 @@ def create_app(
     fhir = _FhirApi(pool, api)
     read, search = Interaction.READ, Interaction.SEARCH
 
-    def route(path: str, resource: str, interaction: Interaction, action: str, h: Handler) -> Route:
-        return Route(path, fhir.endpoint(resource, interaction, action, h), methods=["GET"])
+    def route(
+        path: str,
+        resource: str,
+        interaction: Interaction,
+        action: str,
+        h: Handler,
+        *,
+        by_patient: bool = False,
+    ) -> Route:
+        endpoint = fhir.endpoint(resource, interaction, action, h, by_patient=by_patient)
+        return Route(path, endpoint, methods=["GET"])
 
     routes = [
         Route("/healthz", _healthz, methods=["GET"]),
@@ -864,11 +959,30 @@ def create_app(
         Route("/fhir/metadata", fhir.metadata, methods=["GET"]),
         route("/fhir/Patient", "Patient", search, "search-type", fhir.search_patients),
         route("/fhir/Patient/{id}", "Patient", read, "read", fhir.read_patient),
-        route("/fhir/Observation", "Observation", search, "search-type", fhir.search_observations),
-        route("/fhir/Observation/$lastn", "Observation", search, "operation", fhir.lastn),
+        route(
+            "/fhir/Observation",
+            "Observation",
+            search,
+            "search-type",
+            fhir.search_observations,
+            by_patient=True,
+        ),
+        route(
+            "/fhir/Observation/$lastn",
+            "Observation",
+            search,
+            "operation",
+            fhir.lastn,
+            by_patient=True,
+        ),
         route("/fhir/Observation/{id}", "Observation", read, "read", fhir.read_observation),
         route(
-            "/fhir/ImagingStudy", "ImagingStudy", search, "search-type", fhir.search_imaging_studies
+            "/fhir/ImagingStudy",
+            "ImagingStudy",
+            search,
+            "search-type",
+            fhir.search_imaging_studies,
+            by_patient=True,
         ),
         route(
             "/fhir/DiagnosticReport",
@@ -876,6 +990,7 @@ def create_app(
             search,
             "search-type",
             fhir.search_diagnostic_reports,
+            by_patient=True,
         ),
         route(
             "/fhir/DiagnosticReport/{id}",
@@ -885,7 +1000,15 @@ def create_app(
             fhir.read_diagnostic_report,
         ),
         route("/fhir/Device", "Device", search, "search-type", fhir.search_devices),
-        route("/fhir/AuditEvent", "AuditEvent", search, "search-type", fhir.search_audit_events),
+        route("/fhir/Device/{id}", "Device", read, "read", fhir.read_device),
+        route(
+            "/fhir/AuditEvent",
+            "AuditEvent",
+            search,
+            "search-type",
+            fhir.search_audit_events,
+            by_patient=True,
+        ),
     ]
     if dicom_storage is not None:
         web = DicomWeb(request_db, dicom_storage, api.base_url)

@@ -18,7 +18,7 @@ import asyncpg
 
 from ingest.errors import StorageUnavailable
 from storage.pool import is_transient
-from storage.queries import Executor
+from storage.queries import Executor, patient_group_sql
 
 TOKEN_PREFIX = "qtk_"  # noqa: S105 - a public prefix, not a secret
 
@@ -98,6 +98,31 @@ async def lookup_token(db: Executor, token_hash: bytes) -> TokenGrant | None:
     if row is None:
         return None
     return TokenGrant(name=row["name"], scopes=tuple(row["scopes"]))
+
+
+async def lookup_token_and_group(
+    db: Executor, token_hash: bytes, patient_ids: Sequence[int]
+) -> tuple[TokenGrant | None, tuple[int, ...]]:
+    """`lookup_token` and `storage.queries.patient_group(patient_ids)` in one round trip.
+
+    The group is computed whatever the token's scopes: the caller uses it only once the grant
+    allows the request. An unknown or revoked token gives `(None, ())`.
+    Raises `StorageUnavailable` when the database cannot answer.
+    """
+    try:
+        row = await db.fetchrow(
+            f"""SELECT t.name, t.scopes, ARRAY({patient_group_sql("$2")}) AS patient_group
+                FROM api_token t WHERE t.token_hash = $1 AND t.revoked_at IS NULL""",  # noqa: S608
+            token_hash,
+            list(patient_ids),
+        )
+    except Exception as exc:
+        if is_transient(exc):
+            raise StorageUnavailable(type(exc).__name__) from exc
+        raise
+    if row is None:
+        return None, ()
+    return TokenGrant(name=row["name"], scopes=tuple(row["scopes"])), tuple(row["patient_group"])
 
 
 async def list_tokens(db: Executor) -> list[TokenInfo]:

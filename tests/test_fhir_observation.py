@@ -10,7 +10,8 @@ import asyncpg
 import httpx
 import pytest
 
-from gateway.http import ApiSettings
+from gateway.fhir_resources import lab_observation_resource
+from gateway.http import ApiSettings, FhirResponse
 from ingest.records import PatientRef
 from storage import queries
 from tests.http_support import AppFactory, VitalsFeed, at, new_cin, validate_fhir
@@ -81,8 +82,33 @@ async def test_vital_maps_to_a_complete_observation(
         "system": "http://unitsofmeasure.org",
         "code": "/min",
     }
-    assert observation["device"] == {"display": "multiparameter-monitor MON-17"}
+    assert observation["device"]["display"] == "multiparameter-monitor MON-17"
+    assert observation["device"]["reference"].startswith("Device/d-")
     assert bundle["entry"][0]["fullUrl"].endswith(f"/fhir/Observation/{observation['id']}")
+
+
+async def test_observation_device_is_a_reference_that_resolves_to_the_unit_device(
+    client: httpx.AsyncClient, reader: dict[str, str], day: PatientRef
+) -> None:
+    patient_id = await _patient_id(client, reader, day.value)
+    bundle = await _search(client, reader, {"patient": patient_id, "_count": "1"})
+    reference = bundle["entry"][0]["resource"]["device"]["reference"]
+    response = await client.get(f"/fhir/{reference}", headers=reader)
+    assert response.status_code == 200
+    device = response.json()
+    validate_fhir(device)
+    assert f"Device/{device['id']}" == reference
+    assert device["identifier"][0]["value"] == "MON-17"
+    assert device["type"] == {"text": "multiparameter-monitor"}
+
+
+async def test_unknown_device_is_not_found(
+    client: httpx.AsyncClient, reader: dict[str, str]
+) -> None:
+    for path in ("/fhir/Device/d-999999999", "/fhir/Device/42", "/fhir/Device/d-x"):
+        response = await client.get(path, headers=reader)
+        assert response.status_code == 404, path
+        assert response.json()["resourceType"] == "OperationOutcome"
 
 
 async def test_search_by_patient_reference_in_both_forms_gives_rows_in_time_order(
@@ -351,3 +377,43 @@ async def test_search_with_date_bounds_reads_only_partitions_in_range(
     for plan in explaining.plans:
         scanned = set(re.findall(r" on (vital_\w+)", plan))
         assert scanned == {"vital_2026w48"}, plan
+
+
+def test_a_reference_limit_that_is_not_a_number_is_left_out_not_written_as_null() -> None:
+    record = queries.LabObservationRecord(
+        id=1,
+        report_id=2,
+        subject_id=3,
+        value_type="NM",
+        code_system="LN",
+        code="2345-7",
+        code_display="Glucose",
+        value_numeric=5.5,
+        comparator=None,
+        value_text=None,
+        value_code_system=None,
+        value_code=None,
+        value_display=None,
+        unit="mmol/L",
+        reference_range="NaN-6.1",
+        reference_low=float("nan"),
+        reference_high=6.1,
+        abnormal_flags=(),
+        status="F",
+        observed_at=at("2026-11-27T08:00:00Z"),
+        received_at=at("2026-11-27T08:05:00Z"),
+    )
+    resource = lab_observation_resource(record)
+    assert resource["referenceRange"] == [
+        {
+            "high": {
+                "value": 6.1,
+                "unit": "mmol/L",
+                "system": "http://unitsofmeasure.org",
+                "code": "mmol/L",
+            },
+            "text": "NaN-6.1",
+        }
+    ]
+    assert b"null" not in FhirResponse(resource).body
+    validate_fhir(resource)

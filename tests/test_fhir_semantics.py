@@ -64,6 +64,38 @@ async def test_unknown_parameter_is_ignored_by_default(
     assert bundle["total"] == 27
 
 
+async def test_self_link_of_a_lenient_search_carries_only_the_parameters_used(
+    client: httpx.AsyncClient, reader: dict[str, str], hours: str
+) -> None:
+    params = [
+        ("patient", hours),
+        ("value-quantity", "gt100"),
+        ("code", HR),
+        ("_count", "5"),
+        ("_has:Patient", "x"),
+    ]
+    bundle = await _get(client, reader, "/fhir/Observation", params)
+    links = {link["relation"]: link["url"] for link in bundle["link"]}
+    for url in links.values():
+        assert "value-quantity" not in url
+        assert "_has" not in url
+    assert links["self"].endswith(f"/fhir/Observation?patient={hours}&code={HR}&_count=5")
+    assert f"patient={hours}&code={HR}&_count=5&_cursor=" in links["next"]
+    following = await _get(client, reader, links["next"])
+    assert len(following["entry"]) == 5
+
+
+async def test_self_link_of_lenient_lastn_and_patient_searches_drops_ignored_parameters(
+    client: httpx.AsyncClient, reader: dict[str, str], hours: str
+) -> None:
+    lastn = await _get(
+        client, reader, "/fhir/Observation/$lastn", {"patient": hours, "bogus": "1", "max": "2"}
+    )
+    assert lastn["link"][0]["url"].endswith(f"/fhir/Observation/$lastn?patient={hours}&max=2")
+    patients = await _get(client, reader, "/fhir/Patient", {"_id": hours, "unknown": "x"})
+    assert patients["link"][0]["url"].endswith(f"/fhir/Patient?_id={hours}")
+
+
 async def test_unknown_parameter_is_a_400_naming_it_under_strict_handling(
     client: httpx.AsyncClient, reader: dict[str, str], hours: str
 ) -> None:

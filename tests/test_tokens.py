@@ -13,6 +13,7 @@ from storage.tokens import (
     hash_token,
     list_tokens,
     lookup_token,
+    lookup_token_and_group,
     revoke_token,
 )
 
@@ -76,3 +77,24 @@ async def test_issuing_a_token_with_a_malformed_scope_stores_nothing(
     with pytest.raises(InvalidScope):
         await issue_token(api_pool, "bad-scope", ["system/Observation.read", "read-all"])
     assert await api_pool.fetchval("SELECT count(*) FROM api_token WHERE name = 'bad-scope'") == 0
+
+
+async def test_token_and_patient_group_come_in_one_lookup(api_pool: asyncpg.Pool) -> None:
+    token = await create_token(api_pool, "lookup-with-group", ["system/*.read"])
+    survivor = await api_pool.fetchval("INSERT INTO patient DEFAULT VALUES RETURNING id")
+    merged = await api_pool.fetchval(
+        "INSERT INTO patient (replaced_by) VALUES ($1) RETURNING id", survivor
+    )
+    grant, group = await lookup_token_and_group(api_pool, hash_token(token), (merged,))
+    assert grant == TokenGrant("lookup-with-group", ("system/*.read",))
+    assert group == tuple(sorted((survivor, merged)))
+    assert await lookup_token_and_group(api_pool, hash_token(token), ()) == (grant, ())
+
+
+async def test_unknown_or_revoked_token_gives_no_group(api_pool: asyncpg.Pool) -> None:
+    patient = await api_pool.fetchval("INSERT INTO patient DEFAULT VALUES RETURNING id")
+    unknown = hash_token("qtk_never-issued")
+    assert await lookup_token_and_group(api_pool, unknown, (patient,)) == (None, ())
+    token = await create_token(api_pool, "revoked-with-group", ["system/*.read"])
+    await revoke_token(api_pool, "revoked-with-group")
+    assert await lookup_token_and_group(api_pool, hash_token(token), (patient,)) == (None, ())
