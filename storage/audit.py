@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from ingest.errors import StorageUnavailable
+from storage.params import Params
 from storage.pool import is_transient
 from storage.queries import Executor
 
@@ -93,11 +94,7 @@ def _none(query: AuditQuery) -> bool:
     )
 
 
-def _conditions(query: AuditQuery, after_id: int | None, args: list[object]) -> list[str]:
-    def param(value: object, cast: str) -> str:
-        args.append(value)
-        return f"${len(args)}::{cast}"
-
+def _conditions(query: AuditQuery, after_id: int | None, param: Params) -> list[str]:
     conditions = ["true"]
     if query.patient_ids is not None:
         conditions.append(f"patient_ids && {param(list(query.patient_ids), 'bigint[]')}")
@@ -118,16 +115,16 @@ async def search_access(
     """Up to `limit` rows matching `query` with id above `after_id`, in id order."""
     if limit <= 0 or _none(query):
         return []
-    args: list[object] = []
-    where = " AND ".join(_conditions(query, after_id, args))
-    args.append(limit)
+    params = Params()
+    where = " AND ".join(_conditions(query, after_id, params))
+    limit_param = params(limit)
     rows = await _run(
         db,
         "fetch",
         f"""SELECT id, recorded_at, token_name, action, resource_type, query_shape, patient_ids,
                    outcome, status
-            FROM api_audit WHERE {where} ORDER BY id LIMIT ${len(args)}""",  # noqa: S608
-        *args,
+            FROM api_audit WHERE {where} ORDER BY id LIMIT {limit_param}""",  # noqa: S608
+        *params.values,
     )
     return [
         AuditRecord(
@@ -148,12 +145,12 @@ async def search_access(
 async def count_access(db: Executor, query: AuditQuery) -> int:
     if _none(query):
         return 0
-    args: list[object] = []
-    where = " AND ".join(_conditions(query, None, args))
+    params = Params()
+    where = " AND ".join(_conditions(query, None, params))
     row = await _run(
         db,
         "fetchrow",
         f"SELECT count(*) AS n FROM api_audit WHERE {where}",  # noqa: S608 - fixed fragments
-        *args,
+        *params.values,
     )
     return int(row["n"])

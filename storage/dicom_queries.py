@@ -14,6 +14,7 @@ from datetime import date, datetime, time
 from typing import Any, Final
 
 from ingest.errors import StorageUnavailable
+from storage.params import Params
 from storage.pool import is_transient
 from storage.queries import Executor
 
@@ -141,11 +142,7 @@ def _parse_date(text: str) -> date:
 def _conditions(request: FindRequest) -> tuple[str, list[object]]:
     keys = _KEYS[request.level]
     where: list[str] = []
-    args: list[object] = []
-
-    def param(value: object) -> str:
-        args.append(value)
-        return f"${len(args)}"
+    param = Params()
 
     for keyword, raw in request.criteria:
         value = raw.strip()
@@ -167,16 +164,16 @@ def _conditions(request: FindRequest) -> tuple[str, list[object]]:
             where.append(f"{column} LIKE {param(_like(value))}")
         else:
             where.append(f"{column} = {param(value)}")
-    return (" AND ".join(where) or "true"), args
+    return (" AND ".join(where) or "true"), param.values
 
 
 async def find(db: Executor, request: FindRequest) -> list[FindMatch]:
     """The matches of a C-FIND at `request.level`, at most `request.limit` of them."""
     if request.level not in _SELECT:
         raise FindRequestError(f"unsupported query level {request.level!r}")
-    where, args = _conditions(request)
+    where, values = _conditions(request)
     sql = _SELECT[request.level].format(where=where, limit=int(request.limit))
-    rows = await _fetch(db, sql, *args)
+    rows = await _fetch(db, sql, *values)
     return [dict(r) for r in rows]
 
 

@@ -14,12 +14,13 @@ rows recorded under every patient it replaced.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ingest.errors import StorageUnavailable
+from storage.params import Params
 from storage.pool import is_transient
 
 if TYPE_CHECKING:
@@ -304,16 +305,12 @@ _VITAL_JOINS = """JOIN concept c ON c.id = v.concept_id
 
 
 def _vital_conditions(
-    query: VitalQuery, after: VitalPosition | None, patient_column: str, args: list[object]
+    query: VitalQuery, after: VitalPosition | None, patient_column: str, param: Params
 ) -> list[str]:
-    """WHERE conditions on `vital` for `query`, appending their parameters to `args`.
+    """WHERE conditions on `vital` for `query`, adding their parameters to `param`.
 
     The patient condition compares with `patient_column` (a fixed column expression).
     """
-
-    def param(value: object, cast: str) -> str:
-        args.append(value)
-        return f"${len(args)}::{cast}"
 
     conditions = [f"patient_id = {patient_column}"]
     if query.concept_ids is not None:
@@ -338,7 +335,7 @@ def _vital_conditions(
 def _exclusions(
     column: str,
     excluded: Sequence[tuple[datetime | None, datetime | None]],
-    param: Callable[[object, str], str],
+    param: Params,
 ) -> list[str]:
     """`NOT (column in [start, end))` for each excluded range."""
     conditions = []
@@ -358,10 +355,9 @@ async def search_vital_observations(
     """Up to `limit` vitals matching `query` after `after`, in `(time, id)` order."""
     if not query.patient_ids or limit <= 0 or _empty(query):
         return []
-    args: list[object] = [list(query.patient_ids)]
-    conditions = _vital_conditions(query, after, "k.patient_id", args)
-    args.append(limit)
-    limit_param = f"${len(args)}"
+    params = Params(list(query.patient_ids))
+    conditions = _vital_conditions(query, after, "k.patient_id", params)
+    limit_param = params(limit)
     order = "DESC" if query.descending else "ASC"
     sql = f"""SELECT {_VITAL_COLUMNS}
        FROM (SELECT r.* FROM unnest($1::bigint[]) AS k(patient_id)
@@ -373,7 +369,7 @@ async def search_vital_observations(
              ORDER BY r.time {order}, r.id {order} LIMIT {limit_param}) AS v
        {_VITAL_JOINS}
        ORDER BY v.time {order}, v.id {order}"""  # noqa: S608 - fixed fragments, numbered parameters
-    rows = await _fetch(db, sql, *args)
+    rows = await _fetch(db, sql, *params.values)
     return [_vital_record(r) for r in rows]
 
 
@@ -381,12 +377,12 @@ async def count_vital_observations(db: Executor, query: VitalQuery) -> int:
     """How many vitals match `query`."""
     if not query.patient_ids or _empty(query):
         return 0
-    args: list[object] = [list(query.patient_ids)]
-    conditions = _vital_conditions(query, None, "ANY($1::bigint[])", args)
+    params = Params(list(query.patient_ids))
+    conditions = _vital_conditions(query, None, "ANY($1::bigint[])", params)
     rows = await _fetch(
         db,
         f"SELECT count(*) AS n FROM vital WHERE {' AND '.join(conditions)}",  # noqa: S608
-        *args,
+        *params.values,
     )
     return int(rows[0]["n"])
 
@@ -406,24 +402,24 @@ async def count_observations(
 ) -> ObservationCounts:
     """How many vitals match `vitals` and lab observations match `labs` (None: not asked), in
     one statement (one round trip instead of two)."""
-    args: list[object] = []
+    params = Params()
     parts = []
     if vitals.patient_ids and not _empty(vitals):
-        args.append(list(vitals.patient_ids))
-        conditions = _vital_conditions(vitals, None, "ANY($1::bigint[])", args)
+        params(list(vitals.patient_ids))
+        conditions = _vital_conditions(vitals, None, "ANY($1::bigint[])", params)
         where = " AND ".join(conditions)
         parts.append(f"(SELECT count(*) FROM vital WHERE {where}) AS vitals")  # noqa: S608
     else:
         parts.append("0::bigint AS vitals")
     if labs is not None and not _no_labs(labs):
-        conditions = _lab_conditions(labs, None, args)
+        conditions = _lab_conditions(labs, None, params)
         where = " AND ".join(conditions)
         parts.append(f"(SELECT count(*) FROM lab_observation o WHERE {where}) AS labs")  # noqa: S608
     else:
         parts.append("0::bigint AS labs")
-    if not args:
+    if not params.values:
         return ObservationCounts(0, 0)
-    rows = await _fetch(db, f"SELECT {', '.join(parts)}", *args)
+    rows = await _fetch(db, f"SELECT {', '.join(parts)}", *params.values)
     return ObservationCounts(int(rows[0]["vitals"]), int(rows[0]["labs"]))
 
 
@@ -520,11 +516,7 @@ _LAB_COLUMNS = """o.id, o.report_id, coalesce(p.replaced_by, o.patient_id) AS su
        coalesce(o.observed_at, o.received_at) AS observed_at, o.received_at"""
 
 
-def _lab_conditions(query: LabQuery, after: VitalPosition | None, args: list[object]) -> list[str]:
-    def param(value: object, cast: str) -> str:
-        args.append(value)
-        return f"${len(args)}::{cast}"
-
+def _lab_conditions(query: LabQuery, after: VitalPosition | None, param: Params) -> list[str]:
     conditions = [f"o.patient_id = ANY({param(list(query.patient_ids), 'bigint[]')})"]
     if query.codes is not None:
         systems = param([c.system for c in query.codes], "text[]")
@@ -555,16 +547,16 @@ async def search_lab_observations(
     """Up to `limit` lab observations matching `query` after `after`, in position order."""
     if limit <= 0 or _no_labs(query):
         return []
-    args: list[object] = []
-    conditions = _lab_conditions(query, after, args)
-    args.append(limit)
+    params = Params()
+    conditions = _lab_conditions(query, after, params)
+    limit_param = params(limit)
     sql = f"""SELECT {_LAB_COLUMNS}
        FROM lab_observation o JOIN patient p ON p.id = o.patient_id
        WHERE {" AND ".join(conditions)}
        ORDER BY coalesce(o.observed_at, o.received_at) {"DESC" if query.descending else "ASC"},
                 o.id {"ASC" if query.descending else "DESC"}
-       LIMIT ${len(args)}"""  # noqa: S608 - fixed fragments and numbered parameters only
-    return [_lab_record(r) for r in await _fetch(db, sql, *args)]
+       LIMIT {limit_param}"""  # noqa: S608 - fixed fragments and numbered parameters only
+    return [_lab_record(r) for r in await _fetch(db, sql, *params.values)]
 
 
 def _no_labs(query: LabQuery) -> bool:
@@ -574,12 +566,12 @@ def _no_labs(query: LabQuery) -> bool:
 async def count_lab_observations(db: Executor, query: LabQuery) -> int:
     if _no_labs(query):
         return 0
-    args: list[object] = []
-    conditions = _lab_conditions(query, None, args)
+    params = Params()
+    conditions = _lab_conditions(query, None, params)
     rows = await _fetch(
         db,
         f"SELECT count(*) AS n FROM lab_observation o WHERE {' AND '.join(conditions)}",  # noqa: S608
-        *args,
+        *params.values,
     )
     return int(rows[0]["n"])
 
@@ -639,11 +631,7 @@ class ReportQuery:
     excluded: tuple[tuple[datetime | None, datetime | None], ...] = ()
 
 
-def _report_conditions(query: ReportQuery, after_id: int | None, args: list[object]) -> list[str]:
-    def param(value: object, cast: str) -> str:
-        args.append(value)
-        return f"${len(args)}::{cast}"
-
+def _report_conditions(query: ReportQuery, after_id: int | None, param: Params) -> list[str]:
     conditions = [f"r.patient_id = ANY({param(list(query.patient_ids), 'bigint[]')})"]
     if query.codes is not None:
         systems = param([c.system for c in query.codes], "text[]")
@@ -674,15 +662,15 @@ async def search_lab_reports(
     """Up to `limit` reports matching `query` with id above `after_id`, by id."""
     if _no_reports(query) or limit <= 0:
         return []
-    args: list[object] = []
-    conditions = _report_conditions(query, after_id, args)
-    args.append(limit)
+    params = Params()
+    conditions = _report_conditions(query, after_id, params)
+    limit_param = params(limit)
     rows = await _fetch(
         db,
         f"""SELECT {_REPORT_COLUMNS} FROM lab_report r JOIN patient p ON p.id = r.patient_id
             WHERE {" AND ".join(conditions)}
-            ORDER BY r.id LIMIT ${len(args)}""",  # noqa: S608 - fixed fragments only
-        *args,
+            ORDER BY r.id LIMIT {limit_param}""",  # noqa: S608 - fixed fragments only
+        *params.values,
     )
     return [_report_record(r) for r in rows]
 
@@ -690,12 +678,12 @@ async def search_lab_reports(
 async def count_lab_reports(db: Executor, query: ReportQuery) -> int:
     if _no_reports(query):
         return 0
-    args: list[object] = []
-    conditions = _report_conditions(query, None, args)
+    params = Params()
+    conditions = _report_conditions(query, None, params)
     rows = await _fetch(
         db,
         f"SELECT count(*) AS n FROM lab_report r WHERE {' AND '.join(conditions)}",  # noqa: S608
-        *args,
+        *params.values,
     )
     return int(rows[0]["n"])
 
@@ -740,11 +728,11 @@ async def lastn_vitals(
     """
     if not patient_ids or (concept_ids is not None and not concept_ids) or most <= 0:
         return []
-    args: list[object] = [list(patient_ids), most]
+    params = Params(list(patient_ids), most)
     if concept_ids is None:
         concepts = "(SELECT id AS concept_id FROM concept) AS q"
     else:
-        args.append(list(concept_ids))
+        params(list(concept_ids))
         concepts = "unnest($3::int[]) AS q(concept_id)"
     rows = await _fetch(
         db,
@@ -761,7 +749,7 @@ async def lastn_vitals(
             {_VITAL_JOINS}
             WHERE v.rank <= $2
             ORDER BY c.system, c.code, c.unit, v.time DESC, v.id DESC""",  # noqa: S608
-        *args,
+        *params.values,
     )
     return [_vital_record(r) for r in rows]
 
@@ -772,11 +760,11 @@ async def lastn_labs(
     """The `most` newest lab observations of each code among `patient_ids`, newest first."""
     if not patient_ids or most <= 0 or (codes is not None and not codes):
         return []
-    args: list[object] = []
+    params = Params()
     conditions = _lab_conditions(
-        LabQuery(tuple(patient_ids), tuple(codes) if codes else None), None, args
+        LabQuery(tuple(patient_ids), tuple(codes) if codes else None), None, params
     )
-    args.append(most)
+    most_param = params(most)
     rows = await _fetch(
         db,
         f"""SELECT * FROM (
@@ -785,9 +773,9 @@ async def lastn_labs(
                     ORDER BY coalesce(o.observed_at, o.received_at) DESC, o.id ASC) AS rank
                 FROM lab_observation o JOIN patient p ON p.id = o.patient_id
                 WHERE {" AND ".join(conditions)}) AS ranked
-            WHERE rank <= ${len(args)}
+            WHERE rank <= {most_param}
             ORDER BY code_system, code, observed_at DESC, id""",  # noqa: S608 - fixed fragments
-        *args,
+        *params.values,
     )
     return [_lab_record(r) for r in rows]
 
@@ -810,11 +798,7 @@ class PatientQuery:
     genders: tuple[str, ...] | None = None
 
 
-def _patient_conditions(query: PatientQuery, after_id: int | None, args: list[object]) -> list[str]:
-    def param(value: object, cast: str) -> str:
-        args.append(value)
-        return f"${len(args)}::{cast}"
-
+def _patient_conditions(query: PatientQuery, after_id: int | None, param: Params) -> list[str]:
     conditions = []
     if query.ids is not None:
         conditions.append(f"p.id = ANY({param(list(query.ids), 'bigint[]')})")
@@ -881,14 +865,14 @@ async def search_patient_ids(
     if _no_patients(query) or limit <= 0:
         return []
     query = await _fold_prefixes(db, query)
-    args: list[object] = []
-    conditions = _patient_conditions(query, after_id, args)
-    args.append(limit)
+    params = Params()
+    conditions = _patient_conditions(query, after_id, params)
+    limit_param = params(limit)
     rows = await _fetch(
         db,
         f"""SELECT p.id FROM patient p WHERE {" AND ".join(conditions)}
-            ORDER BY p.id LIMIT ${len(args)}""",  # noqa: S608 - fixed fragments only
-        *args,
+            ORDER BY p.id LIMIT {limit_param}""",  # noqa: S608 - fixed fragments only
+        *params.values,
     )
     return [r["id"] for r in rows]
 
@@ -897,12 +881,12 @@ async def count_patients(db: Executor, query: PatientQuery) -> int:
     if _no_patients(query):
         return 0
     query = await _fold_prefixes(db, query)
-    args: list[object] = []
-    conditions = _patient_conditions(query, None, args)
+    params = Params()
+    conditions = _patient_conditions(query, None, params)
     rows = await _fetch(
         db,
         f"SELECT count(*) AS n FROM patient p WHERE {' AND '.join(conditions)}",  # noqa: S608
-        *args,
+        *params.values,
     )
     return int(rows[0]["n"])
 
@@ -975,11 +959,7 @@ class ImagingQuery:
     modalities: tuple[str, ...] | None = None
 
 
-def _imaging_conditions(query: ImagingQuery, after_id: int | None, args: list[object]) -> list[str]:
-    def param(value: object, cast: str) -> str:
-        args.append(value)
-        return f"${len(args)}::{cast}"
-
+def _imaging_conditions(query: ImagingQuery, after_id: int | None, param: Params) -> list[str]:
     conditions = ["s.patient_id IS NOT NULL"]
     if query.patient_ids is not None:
         conditions.append(f"s.patient_id = ANY({param(list(query.patient_ids), 'bigint[]')})")
@@ -1016,9 +996,9 @@ async def search_studies(
 
     if _no_studies(query) or limit <= 0:
         return []
-    args: list[object] = []
-    conditions = _imaging_conditions(query, after_id, args)
-    args.append(limit)
+    params = Params()
+    conditions = _imaging_conditions(query, after_id, params)
+    limit_param = params(limit)
     rows = await _fetch(
         db,
         f"""SELECT s.id, coalesce(p.replaced_by, p.id) AS subject_id, s.study_uid, s.started,
@@ -1032,8 +1012,8 @@ async def search_studies(
                             FROM dicom_series se WHERE se.study_id = s.id), '{{}}') AS series
            FROM dicom_study s JOIN patient p ON p.id = s.patient_id
            WHERE {" AND ".join(conditions)}
-           ORDER BY s.id LIMIT ${len(args)}""",  # noqa: S608 - fixed fragments only
-        *args,
+           ORDER BY s.id LIMIT {limit_param}""",  # noqa: S608 - fixed fragments only
+        *params.values,
     )
     return [
         ImagingStudyRecord(
@@ -1064,12 +1044,12 @@ async def search_studies(
 async def count_studies(db: Executor, query: ImagingQuery) -> int:
     if _no_studies(query):
         return 0
-    args: list[object] = []
-    conditions = _imaging_conditions(query, None, args)
+    params = Params()
+    conditions = _imaging_conditions(query, None, params)
     rows = await _fetch(
         db,
         f"SELECT count(*) AS n FROM dicom_study s WHERE {' AND '.join(conditions)}",  # noqa: S608
-        *args,
+        *params.values,
     )
     return int(rows[0]["n"])
 
@@ -1149,12 +1129,7 @@ class QidoInstance:
 
 async def qido_studies(db: Executor, query: StudyQuery) -> list[QidoStudy]:
     """Studies matching `query`, by id, `limit` of them after skipping `offset`."""
-    args: list[object] = []
-
-    def param(value: object, cast: str) -> str:
-        args.append(value)
-        return f"${len(args)}::{cast}"
-
+    param = Params()
     conditions = ["true"]
     if query.dicom_patient_id is not None:
         conditions.append(f"s.dicom_patient_id = {param(query.dicom_patient_id, 'text')}")
@@ -1185,7 +1160,7 @@ async def qido_studies(db: Executor, query: StudyQuery) -> list[QidoStudy]:
             FROM dicom_study s LEFT JOIN patient p ON p.id = s.patient_id
             WHERE {" AND ".join(conditions)}
             ORDER BY s.id LIMIT {limit} OFFSET {offset}""",  # noqa: S608 - fixed fragments
-        *args,
+        *param.values,
     )
     return [
         QidoStudy(
