@@ -68,6 +68,8 @@ from gateway.local_services import (  # noqa: E402
 )
 from ingest.records import (  # noqa: E402
     CodedValue,
+    DicomInstance,
+    DicomKey,
     Envelope,
     Hl7Key,
     LabObservation,
@@ -91,20 +93,25 @@ from storage.audit import (  # noqa: E402
 from storage.migrations import apply_migrations  # noqa: E402
 from storage.queries import (  # noqa: E402
     CodeCriterion,
+    ImagingQuery,
     LabQuery,
     PatientQuery,
     ReportQuery,
+    StudyQuery,
     VitalQuery,
     count_lab_reports,
     count_observations,
     count_patients,
+    count_studies,
     get_patients,
     lastn_labs,
     lastn_vitals,
     patient_group,
+    qido_studies,
     search_lab_observations,
     search_lab_reports,
     search_patient_ids,
+    search_studies,
     search_vital_observations,
 )
 from storage.tokens import hash_token, lookup_token_and_group  # noqa: E402
@@ -608,10 +615,48 @@ def _lab_message(index: int, rng: random.Random) -> Envelope:
     )
 
 
+MODALITIES = ("CR", "DX", "US", "CT")
+
+
+def _imaging_message(index: int, instance: int, rng: random.Random) -> Envelope:
+    """Instance `instance` of the one study of bench patient `index` (the DICOM index path)."""
+    study_uid = f"1.2.826.0.1.3680043.10.1234.{index}"
+    series_uid = f"{study_uid}.1"
+    sop_uid = f"{series_uid}.{instance + 1}"
+    study_date = (BASE - timedelta(days=rng.randrange(0, 365))).date()
+    record = DicomInstance(
+        sop_instance_uid=sop_uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        study_uid=study_uid,
+        series_uid=series_uid,
+        transfer_syntax="1.2.840.10008.1.2.1",
+        file_path=f"bench/{index}/{instance}.dcm",
+        size=524_288,
+        sha256=secrets.token_bytes(32),
+        calling_ae="BENCH",
+        patient=(PatientRef("CIN", f"B{index:07d}"),),
+        patient_name=f"Benali{index}^Amina",
+        dicom_patient_id=f"B{index:07d}",
+        study_date=study_date,
+        modality=MODALITIES[index % len(MODALITIES)],
+        series_number=1,
+        instance_number=instance + 1,
+    )
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    return Envelope(
+        protocol=Protocol.DICOM,
+        key=DicomKey(sop_uid),
+        records=(record,),
+        received_at=datetime.now(UTC),
+        ack=future,
+        source="BENCH",
+    )
+
+
 async def explain_others(dsn: str, patients: int, patient: int) -> None:
     """The plans of the other searches, on `dsn` (a copy of the benchmark's database) after
     giving every patient a name, a birth date, a gender and two lab reports of five results
-    through the HL7 write path. Imaging stays empty (its index is filled by DICOM C-STORE)."""
+    through the HL7 write path, and one study of two instances through the DICOM index path."""
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     try:
         writer = BatchWriter(pool)
@@ -620,6 +665,14 @@ async def explain_others(dsn: str, patients: int, patient: int) -> None:
             batch = [_lab_message(i, rng) for i in range(first, min(first + 200, patients))]
             outcomes = await writer.write(batch)
             _check(all(o.kind != "rejected" for o in outcomes), "a lab message was refused")
+        for first in range(0, patients, 200):
+            batch = [
+                _imaging_message(i, k, rng)
+                for i in range(first, min(first + 200, patients))
+                for k in range(2)
+            ]
+            outcomes = await writer.write(batch)
+            _check(all(o.kind != "rejected" for o in outcomes), "a DICOM instance was refused")
         async with pool.acquire() as conn:
             await conn.execute("VACUUM ANALYZE")
     finally:
@@ -638,6 +691,8 @@ async def explain_others(dsn: str, patients: int, patient: int) -> None:
             patient_ids=group, codes=(CodeCriterion("LN", "24323-8"),), start=since
         )
         audit = AuditQuery(patient_ids=group, start=since)
+        imaging = ImagingQuery(patient_ids=group, start=since - timedelta(days=365))
+        qido = StudyQuery(dicom_patient_id=f"B{patient:07d}", modality="CR")
 
         async def patients_by(db: Any, query: PatientQuery) -> None:
             await count_patients(db, query)
@@ -650,6 +705,13 @@ async def explain_others(dsn: str, patients: int, patient: int) -> None:
         async def audit_search(db: Any) -> None:
             await count_access(db, audit)
             await search_access(db, audit, None, 51)
+
+        async def imaging_search(db: Any) -> None:
+            await count_studies(db, imaging)
+            await search_studies(db, imaging, None, 51)
+
+        async def qido_search(db: Any) -> None:
+            await qido_studies(db, qido)
 
         await _explain(
             conn,
@@ -666,6 +728,8 @@ async def explain_others(dsn: str, patients: int, patient: int) -> None:
                 ("Patient?birthdate=1980&gender=female", lambda db: patients_by(db, by_birth)),
                 ("DiagnosticReport?patient=&code=&date=ge", report_search),
                 ("AuditEvent?patient=&date=ge", audit_search),
+                ("ImagingStudy?patient=&started=ge", imaging_search),
+                ("QIDO-RS /dicomweb/studies?PatientID=&ModalitiesInStudy=CR", qido_search),
             ],
         )
     finally:
