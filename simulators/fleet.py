@@ -429,7 +429,12 @@ async def check_database(
     hl7_acked: Sequence[tuple[str, str, str]],
     dicom_uids: Sequence[str],
 ) -> Integrity:
-    """Lost and duplicated, from the gateway's tables (see the module docstring)."""
+    """Lost and duplicated, from the gateway's tables (see the module docstring).
+
+    The MQTT figures count the dedup ledger's rows, which the gateway prunes below each unit's
+    watermark beyond its newest `QANTARA_MQTT_LEDGER_KEEP` (10,000): a run of more seqs per unit
+    than that needs the gateway started with `QANTARA_MQTT_LEDGER_PRUNE_INTERVAL=0`.
+    """
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
         units = [u for u, (first, last) in seqs.items() if last >= first]
