@@ -4,13 +4,18 @@
 on 4 concurrent ones; `TCP_NODELAY=1` for dcmtk as modalities are configured. Three receivers,
 one after the other, each a subprocess:
 
-- dcmtk `storescp` writing to disk (no fsync): the reference of the goal;
-- a minimal pynetdicom SCP (chunked receive, the handler renames the file and fsyncs it): the
-  ceiling of the library the gateway is built on;
+- dcmtk `storescp` writing to disk (no fsync): the reference of the goal (>= 0.3 x);
+- a minimal pynetdicom SCP (chunked receive, the handler renames the file and fsyncs it): what
+  the gateway's listener was built on before its own upper layer (`dicom/pdu.py`...), kept as a
+  second reference;
 - `qantara serve` with a fresh database (fsync of file and folder, index committed before
   0x0000); its peak RSS (VmHWM) and CPU time are read from /proc.
 
     .venv/bin/python bench/dicom_store.py [--instances 200] [--database postgresql://...]
+        [--gateway-prefix "py-spy record -r 200 -f raw -o /tmp/gw.txt --"]
+
+`--gateway-prefix` runs the gateway under a profiler or another wrapper (split like a shell
+line); the CPU and RSS figures are then those of the wrapper.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import random
 import re
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -171,7 +177,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def bench_gateway(
-    files: list[Path], work: Path, dsn: str, streams: int
+    files: list[Path], work: Path, dsn: str, streams: int, prefix: list[str]
 ) -> tuple[float, float, float]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("QANTARA_")}
@@ -190,7 +196,7 @@ def bench_gateway(
         }
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve"],
+        [*prefix, sys.executable, "-m", "gateway.cli", "serve"],
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -210,6 +216,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--database", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument(
+        "--gateway-prefix", default="", help="wrapper command for the gateway (a profiler...)"
+    )
     parser.add_argument(
         "--pynetdicom-scp", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS
     )
@@ -234,7 +243,7 @@ async def main() -> None:
                 reference = bench_storescp(files, work, streams)
                 bare = await asyncio.to_thread(bench_pynetdicom, files, work, streams)
                 gateway, rss, cpu = await asyncio.to_thread(
-                    bench_gateway, files, work, dsn, streams
+                    bench_gateway, files, work, dsn, streams, shlex.split(args.gateway_prefix)
                 )
             finally:
                 await drop_database(args.database, name)

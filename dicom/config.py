@@ -1,7 +1,7 @@
 """The DICOM listener's slice of the settings: every limit of the SCP in one frozen dataclass.
 
-Built once by `gateway.settings.Settings.load`; imports no DICOM library so that settings can be
-read without pynetdicom.
+Built once by `gateway.settings.Settings.load`; imports nothing of the listener, so that settings
+can be read without it.
 """
 
 from __future__ import annotations

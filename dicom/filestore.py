@@ -1,12 +1,11 @@
 """The DICOM object store: files under names we generate, durable before they are acknowledged.
 
-A received file is in `<root>/tmp/` under a random name: written there by pynetdicom through
-`dicom.spool` (digest computed while it arrived), or staged there by `stage`/`stage_bytes`.
-Committing it links it to `<root>/<h[0:2]>/<h[2:4]>/<h>.dcm`, `h` being the SHA-256 of its
-bytes; `make_durable` then fsyncs the file and the folders whose entries changed, before the
-listener submits the index row. No UID or any other received string ever becomes part of a
-path. The sender is told 0x0000 only once the file and its name are durable and the index row is
-committed.
+A received file is in `<root>/tmp/` under a random name, written there by the listener through
+`dicom.spool` (digest computed while it arrived). Committing it links it to
+`<root>/<h[0:2]>/<h[2:4]>/<h>.dcm`, `h` being the SHA-256 of its bytes; `make_durable` then
+fsyncs the file and the folders whose entries changed, before the listener submits the index
+row. No UID or any other received string ever becomes part of a path. The sender is told 0x0000
+only once the file and its name are durable and the index row is committed.
 
 Content naming makes a resend of the same bytes land on the same name (no second file). A crash
 of the process leaves a temp file (swept: `sweep_temp`) or a complete file under its final name
@@ -20,13 +19,10 @@ when no index row names it. An acknowledged file is never replaced by an unsynce
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import logging
 import os
 import re
 import secrets
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -35,7 +31,6 @@ from typing import Final
 
 logger = logging.getLogger(__name__)
 
-CHUNK: Final = 1 << 20
 TMP_DIR: Final = "tmp"
 TMP_SUFFIX: Final = ".part"
 STALE_TEMP_SECONDS: Final = 3600.0
@@ -83,16 +78,8 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_and_close(fd: int) -> None:
-    """Fsync an open file (a duplicate descriptor handed to a worker) and close it."""
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class FileStore:
-    """Thread-safe: each call works on its own files (association threads call it)."""
+    """Thread-safe: each call works on its own files (the listener's worker threads call it)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
@@ -131,51 +118,6 @@ class FileStore:
         if not path.is_relative_to(self.root) or path.parent == self.tmp:
             raise ValueError("not a path of this store")
         return path
-
-    def adopt(self, path: Path, sha256: bytes, size: int) -> StagedFile:
-        """A file already written in the temp folder (by `dicom.spool`), not yet fsynced."""
-        if path.parent != self.tmp:
-            return self.stage(path)
-        return StagedFile(path, sha256, size, durable=False)
-
-    def stage(self, source: Path) -> StagedFile:
-        """Move (or copy) `source` into the temp folder, hash it and fsync it.
-
-        Raises OSError (disk full, I/O error); then nothing is left in the temp folder.
-        """
-        target = self.tmp / (secrets.token_hex(16) + TMP_SUFFIX)
-        try:
-            try:
-                os.rename(source, target)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                with open(source, "rb") as src, open(target, "xb") as dst:
-                    shutil.copyfileobj(src, dst, CHUNK)
-            digest = hashlib.sha256()
-            size = 0
-            with open(target, "rb+") as f:
-                while chunk := f.read(CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
-                os.fsync(f.fileno())
-        except BaseException:
-            target.unlink(missing_ok=True)
-            raise
-        return StagedFile(target, digest.digest(), size)
-
-    def stage_bytes(self, data: bytes) -> StagedFile:
-        """Stage bytes held in memory (tests, and senders pynetdicom did not spool to disk)."""
-        target = self.tmp / (secrets.token_hex(16) + TMP_SUFFIX)
-        try:
-            with open(target, "xb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            target.unlink(missing_ok=True)
-            raise
-        return StagedFile(target, hashlib.sha256(data).digest(), len(data))
 
     def commit(self, staged: StagedFile, *, durable: bool = True) -> StoredFile:
         """Give a staged file its final name.

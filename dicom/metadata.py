@@ -1,12 +1,12 @@
 """What the index needs from a received DICOM file, read without decoding pixel data.
 
-`read_metadata(path, ...)` parses the Part 10 file pynetdicom wrote while receiving (its File Meta
-carries the command's SOP Class/Instance UIDs and the accepted transfer syntax). Values larger
-than a few hundred bytes are not read (`defer_size`): a 1 GB instance costs the same memory as a
-1 MB one. Text is decoded by pydicom from the header's Specific Character Set (ISO_IR 100,
-ISO_IR 127, ISO_IR 192, ISO 2022 escapes...). A dataset that ends inside an element (truncated),
-cannot be parsed, lacks a required UID or carries an invalid one raises `DicomInputError` with a
-reason slug; nothing here writes or names a file.
+`read_metadata(path, ...)` parses the Part 10 file the listener wrote while receiving (its File
+Meta, `dicom.filemeta`, carries the command's SOP Class/Instance UIDs and the accepted transfer
+syntax). Values larger than a few hundred bytes are not read (`defer_size`): a 1 GB instance
+costs the same memory as a 1 MB one. Text is decoded by pydicom from the header's Specific
+Character Set (ISO_IR 100, ISO_IR 127, ISO_IR 192, ISO 2022 escapes...). A dataset that ends
+inside an element (truncated), cannot be parsed, lacks a required UID or carries an invalid one
+raises `DicomInputError` with a reason slug; nothing here writes or names a file.
 """
 
 from __future__ import annotations

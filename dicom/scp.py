@@ -1,48 +1,70 @@
 """The DICOM listener: Verification, Storage of every storage SOP class, Patient/Study Root C-FIND.
 
-pynetdicom runs each association in its own thread (bounded by `max_associations`). Handlers do
-their file work in that thread and reach the event loop only through `run_coroutine_threadsafe`.
-A C-STORE is received straight to a file in the store's temp folder, hashed while it arrives
-(`dicom.spool`: the dataset is never held in memory, never copied, never read twice), parsed
-without pixel data by `read_metadata`, linked to its content-derived name by `FileStore.commit`,
-fsynced with its folders (`make_durable`; the data fsync starts while the header is parsed), and
-only then is its index row handed to the group-commit pipeline. The status goes back after COMMIT:
+Our own DICOM upper layer on the gateway's event loop: `asyncio` accepts the connections, each
+association is one task in the server's `TaskGroup`, the protocol is the sans-IO core
+(`dicom.pdu`, `dicom.dimse`, `dicom.association`; the policy in `dicom.negotiation`), the socket
+side is `dicom.link`. A C-STORE dataset is written to a file in the store's temp folder as its
+fragments come off the wire, hashed on the way (`dicom.spool`: never held in memory, never copied,
+never read twice), after a Part 10 header (`dicom.filemeta`). Then, in worker threads: the header
+is parsed without pixel data by `read_metadata` while the data is fsynced; the file is linked to
+its content-derived name by `FileStore.commit` and its folders fsynced (`make_durable`); only then
+is its index row handed to the group-commit pipeline. The status goes back after COMMIT:
 
 - stored, or the same bytes again: 0x0000;
 - the same SOP Instance UID with other content: 0xB006, the first copy kept, a conflict counted;
 - refused content (unparseable, truncated, missing or invalid UIDs): 0xC000 family + dead letter;
 - database unavailable or disk full: 0xA700, no temp file left and no index row (a complete
   file under its final name may stay: a resend reuses it, else the orphan sweep removes it);
-- a command without Affected SOP Class/Instance UID: 0xC001 (`dicom.spool` keeps pynetdicom
-  from dropping the association over it).
+- a command without Affected SOP Class/Instance UID: 0xC001 (its response names `0`), the
+  association goes on.
+
+Associations over `max_associations` get an A-ASSOCIATE-RJ (transient, local limit exceeded);
+timeouts: `acse_timeout` until the request, `dimse_timeout` inside a message, `network_timeout`
+between messages (then A-ABORT). Malformed input gets an A-ABORT or A-ASSOCIATE-RJ with its PS3.8
+reason and never takes down the listener or another association.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
+import functools
 import logging
 import os
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from datetime import time as time_of_day
 from pathlib import Path
-from typing import Any, Final, TypeVar, cast
+from typing import Final, TypeVar
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
-from pynetdicom.dimse_primitives import C_STORE
 
-from dicom import spool, status
+from dicom import dimse, sop_classes, status
+from dicom.association import (
+    Aborted,
+    Acceptor,
+    AssociationRequested,
+    CommandReceived,
+    ConnectionClosed,
+    DatasetComplete,
+    DatasetFragment,
+    Event,
+    ProtocolError,
+    ReleaseRequested,
+    State,
+)
 from dicom.config import DicomSettings
-from dicom.filestore import FileStore, StagedFile, StoredFile, fsync_and_close
+from dicom.filemeta import file_meta
+from dicom.filestore import FileStore, StagedFile, StoredFile
+from dicom.identifier import MAX_IDENTIFIER, IdentifierError, decode_identifier, encode_identifier
+from dicom.link import TIMED_OUT, Link
 from dicom.metadata import DicomInputError, InstanceMetadata, read_metadata
+from dicom.negotiation import gateway_policy, limit_reached, negotiate
+from dicom.pdu import AssociateReject
+from dicom.spool import Chunk, SpoolFile
 from ingest.errors import StorageUnavailable
 from ingest.pipeline import GroupCommitPipeline, PipelineClosed
 from ingest.records import (
@@ -66,24 +88,49 @@ DEAD_LETTER_PREFIX: Final = 64 * 1024
 CONFLICT_REASON: Final = "content-conflict"  # storage.writer_dicom.CONFLICT
 STOP_GRACE_SECONDS: Final = 5.0
 ORPHAN_BATCH: Final = 1000
-VERIFICATION: Final = "1.2.840.10008.1.1"
-PATIENT_ROOT_FIND: Final = "1.2.840.10008.5.1.4.1.2.1.1"
-STUDY_ROOT_FIND: Final = "1.2.840.10008.5.1.4.1.2.2.1"
+PLACEHOLDER_UID: Final = "0"
+"""Stands for an Affected SOP UID a C-STORE command lacked; never indexed (refused)."""
+SPOOL_BATCH: Final = 256 << 10
+"""Received bytes held (by reference) before they are written to the page cache, one `writev`
+per batch (on the loop: such a write does not wait for the disk; the fsync runs in a worker)."""
 REJECT_REASONS: Final = ("unparseable", "missing-uid", "invalid-uid", "uid-mismatch")
+CONFLICT_COMMENT: Final = "instance already stored with other content; first copy kept"
 
 Finder = Callable[[FindRequest], Awaitable[list[FindMatch]]]
 Indexed = Callable[[list[str]], Awaitable[set[str]]]
 """Which of these relative file names the index names (`storage.dicom_queries.indexed_files`)."""
+Ended = Event | str
+"""What ended an association while a handler was reading: an event, or `TIMED_OUT`."""
 
-# Receive C-STORE datasets straight to a temp file; never log identifiers of requests.
-_config.STORE_RECV_CHUNKED_DATASET = True
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_RESPONSE_IDENTIFIERS = False
-logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    status: int
+    comment: str | None = None
+
+
+class _DiskError(Exception):
+    """A file step failed; `relative`: the final name left behind, if any (a suspect orphan)."""
+
+    def __init__(self, step: str, cause: OSError, relative: str | None = None) -> None:
+        super().__init__(f"{step} failed: {type(cause).__name__}")
+        self.relative = relative
+
+
+class _Refused(Exception):
+    def __init__(self, error: DicomInputError, sha256: bytes, prefix: bytes) -> None:
+        super().__init__(error.reason)
+        self.error = error
+        self.sha256 = sha256
+        self.prefix = prefix
+
+
+_RECEIVED: Final = _Answer(status.SUCCESS, "received")
+"""`_spool`'s sentinel: the dataset is complete, not yet answered."""
 
 
 class DicomServer:
-    """One pynetdicom AE serving on `bind:port`; `start()` in the loop, `stop()` at shutdown."""
+    """The listener on `bind:port`; `start()` in the loop, `stop()` at shutdown."""
 
     def __init__(
         self,
@@ -103,15 +150,17 @@ class DicomServer:
         self._finder = finder
         self._indexed = indexed
         self._metrics = metrics
-        self._sweeper: asyncio.Task[None] | None = None
-        # Fsyncs of received files, started while the header is parsed (one per association).
-        self._fsyncs: concurrent.futures.ThreadPoolExecutor | None = None
+        self._policy = gateway_policy(settings.ae_title, settings.max_pdu, settings.allowed_aes)
+        self._listener: asyncio.Server | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._group: asyncio.TaskGroup | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._grace = STOP_GRACE_SECONDS
+        # Blocking file work (fsync, header parse, link) of every association.
+        self._workers: concurrent.futures.ThreadPoolExecutor | None = None
         self._suspects: set[str] = set()  # final files answered without success: maybe orphans
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._ae: AE | None = None
-        self._server: Any = None
-        self._counted: set[int] = set()
-        self._lock = threading.Lock()
+        self._associations = 0
         self.port: int | None = None
 
     @property
@@ -120,224 +169,361 @@ class DicomServer:
 
     @property
     def listening(self) -> bool:
-        return self._server is not None
+        return self._listener is not None
 
     async def start(self) -> int:
-        """Open the store, bind and serve in pynetdicom's threads; returns the bound port."""
-        self._loop = asyncio.get_running_loop()
+        """Open the store, bind and serve; returns the bound port."""
         await asyncio.to_thread(self._store.open)
         self._metrics.init_reasons("dicom", [*REJECT_REASONS, "storage-refused"])
+        self._metrics.dicom_associations.set(0)
         s = self._settings
-        ae = AE(ae_title=s.ae_title)
-        ae.maximum_associations = s.max_associations
-        ae.maximum_pdu_size = s.max_pdu
-        ae.acse_timeout = s.acse_timeout
-        ae.dimse_timeout = s.dimse_timeout
-        ae.network_timeout = s.network_timeout
-        if s.allowed_aes:
-            ae.require_calling_aet = sorted(s.allowed_aes)
-        ae.add_supported_context(VERIFICATION)
-        syntaxes = list(AllTransferSyntaxes)
-        for context in AllStoragePresentationContexts:
-            if context.abstract_syntax is not None:
-                ae.add_supported_context(context.abstract_syntax, syntaxes)
-        for model in (PATIENT_ROOT_FIND, STUDY_ROOT_FIND):
-            ae.add_supported_context(model)
-        handlers: list[Any] = [
-            (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_C_FIND, self._on_find),
-            (evt.EVT_ESTABLISHED, self._on_established),
-            (evt.EVT_CONN_CLOSE, self._on_closed),
-            (evt.EVT_ABORTED, self._on_ended),
-            (evt.EVT_RELEASED, self._on_ended),
-        ]
-        self._ae = ae
-        self._fsyncs = concurrent.futures.ThreadPoolExecutor(
-            s.max_associations, thread_name_prefix="dicom-fsync"
+        self._workers = concurrent.futures.ThreadPoolExecutor(
+            min(32, 2 * s.max_associations + 2), thread_name_prefix="dicom-file"
         )
-        spool.install()
-        spool.register(ae, self._store.tmp)
-        self._server = await asyncio.to_thread(
-            ae.start_server, (self._bind, s.port), block=False, evt_handlers=handlers
-        )
-        self.port = int(self._server.server_address[1])
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="dicom-sweep")
+        self._stopping = asyncio.Event()
+        ready = asyncio.Event()
+        self._runner = asyncio.create_task(self._run(ready), name="dicom-listener")
+        await ready.wait()
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(self._connect, self._bind, s.port)
+        self.port = int(self._listener.sockets[0].getsockname()[1])
         return self.port
 
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """Stop accepting; let running associations finish for `grace` seconds, then abort."""
-        if self._ae is None or self._server is None:
+        listener, self._listener = self._listener, None
+        if listener is None:
             return
-        ae, server = self._ae, self._server
-        self._server = None
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        listener.close()
+        self._grace = grace
+        self._stopping.set()
+        if self._runner is not None:
+            await self._runner
+            self._runner = None
+        if self._workers is not None:
+            workers, self._workers = self._workers, None
+            await asyncio.to_thread(workers.shutdown, wait=True)
 
-        def shutdown() -> None:
-            server.shutdown()
-            deadline = time.monotonic() + grace
-            while ae.active_associations and time.monotonic() < deadline:
-                time.sleep(0.05)
-            ae.shutdown()
+    async def _run(self, ready: asyncio.Event) -> None:
+        """The server's task group: the sweeper and one task per association."""
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            sweeper = group.create_task(self._sweep_forever(), name="dicom-sweep")
+            ready.set()
+            await self._stopping.wait()
+            self._group = None
+            sweeper.cancel()
+            running = set(self._tasks)
+            if running:
+                _, late = await asyncio.wait(running, timeout=self._grace)
+                for task in late:
+                    task.cancel()
 
-        await asyncio.to_thread(shutdown)
-        spool.unregister(ae)
-        if self._fsyncs is not None:
-            self._fsyncs.shutdown(wait=True)
-            self._fsyncs = None
+    def _connect(self) -> Link:
+        """A new connection (protocol factory): its association's task joins the group."""
+        s = self._settings
+        link = Link(Acceptor(s.max_pdu), high_water=2 * s.max_pdu, send_timeout=s.dimse_timeout)
+        group = self._group
+        if group is None:  # stopping
+            link.refuse()
+            return link
+        task = group.create_task(self._association(link), name="dicom-association")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return link
 
-    # --- association bookkeeping (pynetdicom threads) -----------------------------------------
+    # --- one association --------------------------------------------------------------------
 
-    def _on_established(self, event: evt.Event) -> None:
-        with self._lock:
-            self._counted.add(id(event.assoc))
-            self._metrics.dicom_associations.set(len(self._counted))
+    async def _association(self, link: Link) -> None:
+        s = self._settings
+        counted = False
+        try:
+            event = await link.next_event(s.acse_timeout)
+            if not isinstance(event, AssociationRequested):
+                self._end(link, event)
+                return
+            calling = event.request.calling_ae[:16]
+            answer = negotiate(event.request, self._policy)
+            if isinstance(answer, AssociateReject):
+                logger.info(
+                    "DICOM association from %s rejected (source %d, reason %d)",
+                    calling,
+                    answer.source,
+                    answer.reason,
+                )
+                link.close(link.acceptor.reject(answer))
+                return
+            if self._associations >= s.max_associations:
+                logger.warning("DICOM association from %s rejected: local limit", calling)
+                link.close(link.acceptor.reject(limit_reached()))
+                return
+            counted = True
+            self._associations += 1
+            self._metrics.dicom_associations.set(self._associations)
+            await link.send(link.acceptor.accept(answer))
+            link.pump()  # what arrived while we decided
+            await self._serve(link, calling)
+        except asyncio.CancelledError:
+            link.close(link.acceptor.abort())
+            raise
+        except TimeoutError:  # Link.send: the peer stopped reading
+            logger.info("DICOM association aborted: the peer does not read")
+            link.close(link.acceptor.abort())
+        except Exception as exc:  # noqa: BLE001 - one association's failure must not end the others
+            logger.error("DICOM association failed: %s", type(exc).__name__)
+            link.close(link.acceptor.abort())
+        finally:
+            if counted:
+                self._associations -= 1
+                self._metrics.dicom_associations.set(self._associations)
+            link.close()
 
-    def _on_closed(self, event: evt.Event) -> None:
-        with self._lock:
-            self._counted.discard(id(event.assoc))
-            self._metrics.dicom_associations.set(len(self._counted))
-        self._on_ended(event)
+    async def _serve(self, link: Link, calling: str) -> None:
+        s = self._settings
+        while True:
+            busy = link.acceptor.in_message
+            event = await link.next_event(s.dimse_timeout if busy else s.network_timeout)
+            if isinstance(event, CommandReceived):
+                ended = await self._command(link, event, calling)
+                if ended is not None:
+                    self._end(link, ended)
+                    return
+            elif isinstance(event, ReleaseRequested):
+                link.close(link.acceptor.release_reply())
+                return
+            elif not isinstance(event, DatasetFragment | DatasetComplete):
+                self._end(link, event)
+                return
 
-    def _on_ended(self, event: evt.Event) -> None:
-        """Released, aborted or closed: remove what an unfinished transfer left in the spool."""
-        if removed := spool.discard_unclaimed(event.assoc):
-            logger.info("DICOM association ended: %d unfinished dataset(s) removed", removed)
+    def _end(self, link: Link, event: Ended) -> None:
+        if isinstance(event, ProtocolError):
+            logger.info("DICOM association aborted: %s", event.detail)
+            link.close(event.reply)
+        elif event == TIMED_OUT:
+            logger.info("DICOM association timed out")
+            # ARTIM before a request: just close (PS3.8 AA-2); an association: A-ABORT.
+            established = link.acceptor.state is State.ESTABLISHED
+            link.close(link.acceptor.abort() if established else b"")
+        elif isinstance(event, Aborted | ConnectionClosed):
+            link.close()
+        else:
+            link.close(link.acceptor.abort())
 
-    # --- services (pynetdicom threads) -------------------------------------------------------
+    async def _command(self, link: Link, event: CommandReceived, calling: str) -> Ended | None:
+        command = event.command
+        field = command.command_field
+        if not command.is_request or field == dimse.C_CANCEL_RQ:
+            return await self._skip_dataset(link, command)  # noted by the link already
+        if field == dimse.C_STORE_RQ and event.abstract_syntax in sop_classes.STORAGE:
+            return await self._c_store(link, event, calling)
+        if field == dimse.C_FIND_RQ and event.abstract_syntax in sop_classes.FIND_MODELS:
+            return await self._c_find(link, event)
+        ended = await self._skip_dataset(link, command)
+        if ended is not None:
+            return ended
+        if field == dimse.C_ECHO_RQ:
+            answer = dimse.echo_response(command, status.SUCCESS)
+        else:
+            answer = dimse.unrecognized_response(command)
+        await link.send(link.acceptor.send_message(event.context_id, answer))
+        return None
 
-    def _on_echo(self, event: evt.Event) -> int:
-        return status.SUCCESS
+    async def _receive_dataset(
+        self, link: Link, sink: Callable[[bytes | memoryview], None]
+    ) -> Ended | None:
+        """Hand each fragment of the announced dataset to `sink`; None once it is complete."""
+        while True:
+            event = await link.next_event(self._settings.dimse_timeout)
+            if isinstance(event, DatasetFragment):
+                sink(event.data)
+            elif isinstance(event, DatasetComplete):
+                return None
+            else:
+                return event
 
-    def _on_store(self, event: evt.Event) -> int | Dataset:
+    async def _skip_dataset(self, link: Link, command: dimse.Command) -> Ended | None:
+        if not command.has_dataset:
+            return None
+        return await self._receive_dataset(link, lambda data: None)
+
+    # --- C-STORE ------------------------------------------------------------------------------
+
+    async def _c_store(self, link: Link, event: CommandReceived, calling: str) -> Ended | None:
         started = time.perf_counter()
         received_at = datetime.now(UTC)
-        self._metrics.received.labels("dicom").inc()
-        try:
-            staged, complete, syncing = self._stage(event)
-        except OSError as exc:
-            return self._unavailable("disk", f"staging failed: {type(exc).__name__}")
-        try:
-            return self._store_staged(event, staged, complete, syncing, started, received_at)
-        finally:
-            if syncing is not None:
-                concurrent.futures.wait([syncing])  # its descriptor is closed by then
+        command = event.command
+        if not command.has_dataset:
+            answer = _Answer(status.CANNOT_UNDERSTAND, "C-STORE without a dataset")
+        else:
+            try:
+                spool = SpoolFile(self._store.tmp)
+            except OSError as exc:
+                ended = await self._skip_dataset(link, command)
+                if ended is not None:
+                    return ended
+                answer = self._unavailable("disk", f"spooling failed: {type(exc).__name__}")
+            else:
+                received = await self._spool(link, spool, event)
+                if not isinstance(received, _Answer):
+                    return received
+                answer = received
+                if answer is _RECEIVED:
+                    answer = await self._keep(spool, event, calling, received_at)
+                    self._metrics.dicom_store_seconds.observe(time.perf_counter() - started)
+        response = dimse.store_response(command, answer.status, answer.comment, PLACEHOLDER_UID)
+        await link.send(link.acceptor.send_message(event.context_id, response))
+        return None
 
-    def _store_staged(
-        self,
-        event: evt.Event,
-        staged: StagedFile,
-        complete: bool,
-        syncing: concurrent.futures.Future[None] | None,
-        started: float,
-        received_at: datetime,
-    ) -> int | Dataset:
-        calling = _calling_ae(event)
-        request = cast(C_STORE, event.request)
-        try:
-            meta = read_metadata(
-                staged.path,
-                calling_ae=calling,
-                command_sop_instance_uid=_text(request.AffectedSOPInstanceUID) if complete else "",
-                command_sop_class_uid=_text(request.AffectedSOPClassUID) if complete else "",
+    async def _spool(self, link: Link, spool: SpoolFile, event: CommandReceived) -> _Answer | Ended:
+        """Receive the dataset into `spool` after its Part 10 header, writing a batch to the
+        page cache whenever `SPOOL_BATCH` bytes have arrived. `_RECEIVED`: all received, the
+        last batch still to write (by `_settle`, in a worker); else the spool file is gone and
+        this is the answer (0xA700) or what ended the association."""
+        command = event.command
+        spool.add(
+            file_meta(
+                command.affected_sop_class or PLACEHOLDER_UID,
+                command.affected_sop_instance or PLACEHOLDER_UID,
+                event.transfer_syntax,
             )
-        except DicomInputError as exc:
-            return self._refuse(staged, calling, received_at, exc)
-        except OSError as exc:
-            self._store.discard(staged)
-            return self._unavailable("disk", f"reading failed: {type(exc).__name__}")
-        try:
-            stored = self._store.commit(staged, durable=False)
-        except OSError as exc:
-            return self._unavailable("disk", f"rename failed: {type(exc).__name__}")
-        instance = _instance(meta, stored, calling)
-        # The file and its folders are durable before the index row is submitted: a committed
-        # row never names a file a power loss could take back. (The data fsync itself started
-        # before the header was parsed.)
-        try:
-            if syncing is not None and not stored.synced:
-                syncing.result()
-                stored = replace(stored, synced=True)
-            self._store.make_durable(stored)
-        except OSError as exc:
-            self._suspect(stored)
-            return self._unavailable("disk", f"fsync failed: {type(exc).__name__}")
-        pending = self._start_submit(
-            DicomKey(meta.sop_instance_uid),
-            (instance,),
-            received_at,
-            calling,
-            f"dicom instance file={stored.relative}".encode(),
         )
+        failed: str | None = None
         try:
-            outcome = self._wait(pending, self._settings.store_timeout)
+            while True:
+                received = await link.next_event(self._settings.dimse_timeout)
+                if isinstance(received, DatasetFragment):
+                    if failed is not None:
+                        continue  # read off the wire, then answered 0xA700
+                    spool.add(received.data)
+                    if spool.batched >= SPOOL_BATCH:
+                        try:
+                            spool.write(spool.take())
+                        except OSError as exc:
+                            failed = type(exc).__name__
+                elif isinstance(received, DatasetComplete):
+                    break
+                else:
+                    spool.discard()
+                    return received
+        except BaseException:
+            spool.discard()
+            raise
+        if failed is not None:
+            spool.discard()
+            return self._unavailable("disk", f"writing failed: {failed}")
+        return _RECEIVED
+
+    async def _keep(
+        self, spool: SpoolFile, event: CommandReceived, calling: str, received_at: datetime
+    ) -> _Answer:
+        """Write, link, fsync, parse, index: the answer to a complete dataset."""
+        try:
+            meta, stored = await self._work(
+                self._settle, spool, spool.take(), calling, event.command
+            )
+        except _Refused as refused:
+            return await self._refuse(
+                refused.sha256, refused.prefix, calling, received_at, refused.error
+            )
+        except _DiskError as exc:
+            if exc.relative is not None:
+                self._suspects.add(exc.relative)
+            return self._unavailable("disk", str(exc))
+        try:
+            outcome = await self._commit(
+                DicomKey(meta.sop_instance_uid),
+                (_instance(meta, stored, calling),),
+                received_at,
+                calling,
+                f"dicom instance file={stored.relative}".encode(),
+            )
         except StorageUnavailable as exc:
             # The complete file stays under its content name: a resend finds it again; if none
             # comes, the orphan sweep removes it.
-            self._suspect(stored)
-            return self._unavailable("database", str(exc))
-        answer = self._answer(outcome, stored)
-        self._metrics.dicom_store_seconds.observe(time.perf_counter() - started)
-        return answer
-
-    def _stage(
-        self, event: evt.Event
-    ) -> tuple[StagedFile, bool, concurrent.futures.Future[None] | None]:
-        """The received dataset in the store's temp folder; whether its command was complete
-        (a SOP UID it lacked was filled in by `dicom.spool`); the fsync of its data, started."""
-        try:
-            path = event.dataset_path
-        except AttributeError:
-            return self._store.stage_bytes(event.encoded_dataset(include_meta=True)), True, None
-        received = spool.claim(path)
-        if received is None:  # not spooled by us (another AE's factory): move and hash it
-            return self._store.stage(path), True, None
-        sha256, size = received.finish()
-        staged = self._store.adopt(received.path, sha256, size)
-        syncing = None
-        if not staged.durable and self._fsyncs is not None:
-            fd = os.dup(received.fileno())
-            try:
-                syncing = self._fsyncs.submit(fsync_and_close, fd)
-            except RuntimeError:  # stopping: commit() fsyncs it itself
-                os.close(fd)
-        return staged, not received.command_incomplete, syncing
-
-    def _suspect(self, stored: StoredFile) -> None:
-        with self._lock:
             self._suspects.add(stored.relative)
+            return self._unavailable("database", str(exc))
+        return await self._answer(outcome, stored)
 
-    def _answer(self, outcome: Outcome, stored: StoredFile) -> int | Dataset:
+    def _settle(
+        self, spool: SpoolFile, rest: list[Chunk], calling: str, command: dimse.Command
+    ) -> tuple[InstanceMetadata, StoredFile]:
+        """In a worker: write the last batch, give the file its content name, then make it and
+        its folders durable while another worker parses its header (linking first lets the
+        file's fsync carry the new name in the same journal commit). Raises `_Refused` (the
+        file is removed again) or `_DiskError`."""
+        try:
+            spool.write(rest)
+            sha256, size, fd = spool.finish()
+        except OSError as exc:
+            spool.discard()
+            raise _DiskError("writing", exc) from exc
+        staged = StagedFile(spool.path, sha256, size, durable=False)
+        try:
+            try:
+                stored = self._store.commit(staged, durable=False)
+            except OSError as exc:
+                raise _DiskError("rename", exc) from exc
+        except BaseException:
+            os.close(fd)
+            raise
+        path = self._store.root / stored.relative
+        complete = bool(command.affected_sop_class) and bool(command.affected_sop_instance)
+        parsing = self._pool().submit(
+            read_metadata,
+            path,
+            calling_ae=calling,
+            command_sop_instance_uid=command.affected_sop_instance if complete else "",
+            command_sop_class_uid=command.affected_sop_class if complete else "",
+        )
+        unsynced: OSError | None = None
+        try:
+            try:
+                if not stored.synced:
+                    os.fsync(fd)  # not fdatasync: the new link goes in the same journal commit
+            finally:
+                os.close(fd)
+            self._store.make_durable(replace(stored, synced=True))
+        except OSError as exc:
+            unsynced = exc
+        try:
+            meta = parsing.result()
+        except DicomInputError as exc:
+            prefix = _prefix(path)
+            self._store.remove(stored)  # refused bytes are refused again: no good copy there
+            raise _Refused(exc, sha256, prefix) from exc
+        except OSError as exc:
+            raise _DiskError("reading", exc, stored.relative) from exc
+        if unsynced is not None:
+            raise _DiskError("fsync", unsynced, stored.relative)
+        return meta, stored
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._workers is None:
+            raise RuntimeError("DICOM listener not started")
+        return self._workers
+
+    async def _answer(self, outcome: Outcome, stored: StoredFile) -> _Answer:
         if outcome.kind is OutcomeKind.STORED:
             self._metrics.dicom_stored_bytes.inc(stored.size)
-            return status.SUCCESS
+            return _Answer(status.SUCCESS)
         if outcome.kind is OutcomeKind.DUPLICATE:
             if outcome.reason != CONFLICT_REASON:
-                return status.SUCCESS
+                return _Answer(status.SUCCESS)
             self._metrics.dicom_conflicts.inc()
-            self._store.remove(stored)
+            await self._work(self._store.remove, stored)
             logger.warning("DICOM conflict: a stored SOP Instance UID came with other content")
-            answer = Dataset()
-            answer.Status = status.ELEMENTS_DISCARDED
-            answer.ErrorComment = "instance already stored with other content; first copy kept"
-            return answer
-        return status.for_reason(outcome.reason)
+            return _Answer(status.ELEMENTS_DISCARDED, CONFLICT_COMMENT)
+        return _Answer(status.for_reason(outcome.reason), outcome.reason)
 
-    def _refuse(
-        self, staged: StagedFile, calling: str, received_at: datetime, error: DicomInputError
-    ) -> int:
+    async def _refuse(
+        self,
+        sha256: bytes,
+        prefix: bytes,
+        calling: str,
+        received_at: datetime,
+        error: DicomInputError,
+    ) -> _Answer:
         logger.info("DICOM C-STORE from %s refused: %s", calling, error.reason)
-        try:
-            with open(staged.path, "rb") as f:
-                prefix = f.read(DEAD_LETTER_PREFIX)
-        except OSError:
-            prefix = b""
-        finally:
-            self._store.discard(staged)
         letter = DeadLetter(
             protocol=Protocol.DICOM,
             source=calling,
@@ -346,8 +532,8 @@ class DicomServer:
             raw=prefix,
         )
         try:
-            self._submit(
-                DeadLetterKey(Protocol.DICOM, calling, staged.sha256),
+            await self._commit(
+                DeadLetterKey(Protocol.DICOM, calling, sha256),
                 (letter,),
                 received_at,
                 calling,
@@ -355,14 +541,113 @@ class DicomServer:
             )
         except StorageUnavailable as exc:
             return self._unavailable("database", str(exc))
-        return status.for_reason(error.reason)
+        return _Answer(status.for_reason(error.reason), error.reason)
 
-    def _unavailable(self, cause: str, detail: str) -> int:
+    def _unavailable(self, cause: str, detail: str) -> _Answer:
         logger.warning("DICOM C-STORE answered 0xA700 (%s): %s", cause, detail)
         self._metrics.dicom_unavailable.labels(cause).inc()
-        return status.OUT_OF_RESOURCES
+        return _Answer(status.OUT_OF_RESOURCES, f"{cause} unavailable")
 
-    # --- files no index row names (the event loop) -----------------------------------------
+    async def _commit(
+        self,
+        key: DicomKey | DeadLetterKey,
+        records: tuple[Record, ...],
+        received_at: datetime,
+        calling: str,
+        raw: bytes,
+    ) -> Outcome:
+        """Hand an envelope to the pipeline and wait for its COMMIT (`store_timeout`)."""
+        timeout = self._settings.store_timeout
+        envelope = Envelope(
+            protocol=Protocol.DICOM,
+            key=key,
+            records=records,
+            received_at=received_at,
+            ack=asyncio.get_running_loop().create_future(),
+            source=calling,
+            raw=raw,
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    await self._pipeline.submit(envelope)
+                except PipelineClosed as exc:
+                    raise StorageUnavailable("gateway stopping") from exc
+                return await envelope.ack
+        except TimeoutError as exc:
+            raise StorageUnavailable(f"no commit within {timeout:.0f}s") from exc
+
+    def _work(self, function: Callable[..., _T], *args: object) -> asyncio.Future[_T]:
+        """Run blocking file work in the listener's worker threads."""
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(self._workers, functools.partial(function, *args))
+
+    # --- C-FIND -------------------------------------------------------------------------------
+
+    async def _c_find(self, link: Link, event: CommandReceived) -> Ended | None:
+        command = event.command
+        data = bytearray()
+        too_long = False
+
+        def collect(fragment: bytes | memoryview) -> None:
+            nonlocal too_long
+            if len(data) + len(fragment) > MAX_IDENTIFIER:
+                too_long = True
+            else:
+                data.extend(fragment)
+
+        ended = await self._receive_dataset(link, collect) if command.has_dataset else None
+        if ended is not None:
+            return ended
+        message_id = command.message_id or 0
+
+        async def reply(
+            code: int, identifier: bytes | None = None, comment: str | None = None
+        ) -> None:
+            response = dimse.find_response(
+                command, code, identifier=identifier is not None, error_comment=comment
+            )
+            await link.send(link.acceptor.send_message(event.context_id, response, identifier))
+
+        try:
+            if too_long or not command.has_dataset:
+                raise IdentifierError("no identifier")
+            identifier = decode_identifier(bytes(data), event.transfer_syntax)
+            level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+            criteria = tuple(
+                (element.keyword, _criterion(element.value))
+                for element in identifier
+                if element.keyword and element.keyword != "QueryRetrieveLevel"
+            )
+        except (IdentifierError, ValueError, TypeError, AttributeError, KeyError):
+            logger.info("DICOM C-FIND identifier cannot be decoded")
+            await reply(status.FIND_IDENTIFIER_INVALID, comment="identifier cannot be decoded")
+            return None
+        if level not in LEVELS:
+            await reply(status.FIND_IDENTIFIER_INVALID, comment="unknown query/retrieve level")
+            return None
+        keywords = [k for k, _ in criteria]
+        request = FindRequest(level, criteria, self._settings.max_find_results)
+        try:
+            async with asyncio.timeout(self._settings.store_timeout):
+                matches = await self._finder(request)
+        except FindRequestError:
+            await reply(status.FIND_IDENTIFIER_INVALID, comment="invalid matching key")
+            return None
+        except (StorageUnavailable, TimeoutError):
+            await reply(status.FIND_OUT_OF_RESOURCES, comment="database unavailable")
+            return None
+        for match in matches:
+            if link.cancelled(message_id):
+                break
+            encoded = encode_identifier(
+                _match_dataset(level, keywords, match), event.transfer_syntax
+            )
+            await reply(status.PENDING, encoded)
+        await reply(dimse.CANCEL if link.cancelled(message_id) else status.SUCCESS)
+        return None
+
+    # --- files no index row names -------------------------------------------------------------
 
     async def sweep_orphans(self, candidates: list[str] | None = None) -> int:
         """Remove complete files under a final name that no index row names and that are older
@@ -416,18 +701,18 @@ class DicomServer:
                     first = False
                 else:
                     limit = time.time() - s.orphan_age
-                    with self._lock:
-                        due = sorted(self._suspects)
-                        self._suspects.clear()
+                    due = sorted(self._suspects)
+                    self._suspects.clear()
                     ready, later = await asyncio.to_thread(self._split_by_age, due, limit)
-                    with self._lock:
-                        self._suspects.update(later)
+                    self._suspects.update(later)
                     await self.sweep_orphans(ready)
                     await asyncio.to_thread(self._store.sweep_temp)
             except StorageUnavailable:
                 logger.info("DICOM orphan sweep postponed: database unavailable")
             except OSError as exc:
                 logger.warning("DICOM orphan sweep failed: %s", type(exc).__name__)
+            except Exception as exc:  # noqa: BLE001 - the sweep must not end the listener's group
+                logger.error("DICOM orphan sweep failed: %s", type(exc).__name__)
             await asyncio.sleep(s.sweep_interval)
 
     def _split_by_age(self, relatives: list[str], limit: float) -> tuple[list[str], list[str]]:
@@ -441,125 +726,14 @@ class DicomServer:
             (ready if mtime < limit else later).append(relative)
         return ready, later
 
-    def _on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
-        try:
-            identifier = event.identifier
-            level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
-            criteria = tuple(
-                (element.keyword, _criterion(element.value))
-                for element in identifier
-                if element.keyword and element.keyword != "QueryRetrieveLevel"
-            )
-            keywords = [k for k, _ in criteria]
-        except Exception:  # noqa: BLE001 - a malformed identifier: answer, don't crash the thread
-            logger.info("DICOM C-FIND identifier cannot be decoded")
-            yield status.FIND_IDENTIFIER_INVALID, None
-            return
-        if level not in LEVELS:
-            yield status.FIND_IDENTIFIER_INVALID, None
-            return
-        request = FindRequest(level, criteria, self._settings.max_find_results)
-        try:
-            matches = self._call(self._finder(request), self._settings.store_timeout)
-        except FindRequestError:
-            yield status.FIND_IDENTIFIER_INVALID, None
-            return
-        except StorageUnavailable:
-            yield status.FIND_OUT_OF_RESOURCES, None
-            return
-        for match in matches:
-            if event.is_cancelled:
-                yield 0xFE00, None
-                return
-            yield status.PENDING, _match_dataset(level, keywords, match)
-        yield status.SUCCESS, None
 
-    # --- the bridge to the event loop -------------------------------------------------------
-
-    def _submit(
-        self,
-        key: DicomKey | DeadLetterKey,
-        records: tuple[Record, ...],
-        received_at: datetime,
-        calling: str,
-        raw: bytes,
-    ) -> Outcome:
-        pending = self._start_submit(key, records, received_at, calling, raw)
-        return self._wait(pending, self._settings.store_timeout)
-
-    def _start_submit(
-        self,
-        key: DicomKey | DeadLetterKey,
-        records: tuple[Record, ...],
-        received_at: datetime,
-        calling: str,
-        raw: bytes,
-    ) -> concurrent.futures.Future[Outcome]:
-        """Hand an envelope to the pipeline from this thread; wait for it with `_wait`."""
-
-        async def submit() -> Outcome:
-            loop = asyncio.get_running_loop()
-            envelope = Envelope(
-                protocol=Protocol.DICOM,
-                key=key,
-                records=records,
-                received_at=received_at,
-                ack=loop.create_future(),
-                source=calling,
-                raw=raw,
-            )
-            try:
-                await self._pipeline.submit(envelope)
-            except PipelineClosed as exc:
-                raise StorageUnavailable("gateway stopping") from exc
-            return await envelope.ack
-
-        return self._start(submit())
-
-    def _call(self, coroutine: Awaitable[_T], timeout: float) -> _T:
-        """Run `coroutine` in the gateway's loop and wait for it from this thread."""
-        return self._wait(self._start(coroutine), timeout)
-
-    def _start(self, coroutine: Awaitable[_T]) -> concurrent.futures.Future[_T]:
-        """Schedule `coroutine` in the gateway's loop; a loop that is gone gives a future that
-        raises `StorageUnavailable`."""
-        loop = self._loop
-        wrapper = _as_coroutine(coroutine)
-        failed: concurrent.futures.Future[_T] = concurrent.futures.Future()
-        if loop is None or loop.is_closed():
-            wrapper.close()
-            failed.set_exception(StorageUnavailable("gateway not running"))
-            return failed
-        try:
-            return asyncio.run_coroutine_threadsafe(wrapper, loop)
-        except RuntimeError:
-            wrapper.close()
-            failed.set_exception(StorageUnavailable("gateway stopping"))
-            return failed
-
-    def _wait(self, future: concurrent.futures.Future[_T], timeout: float) -> _T:
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError as exc:
-            future.cancel()
-            raise StorageUnavailable(f"no commit within {timeout:.0f}s") from exc
-        except concurrent.futures.CancelledError as exc:
-            raise StorageUnavailable("gateway stopping") from exc
-
-
-async def _as_coroutine(awaitable: Awaitable[_T]) -> _T:
-    return await awaitable
-
-
-def _calling_ae(event: evt.Event) -> str:
-    title = event.assoc.requestor.ae_title
-    if isinstance(title, bytes):
-        title = title.decode("ascii", "replace")
-    return str(title).strip()[:16]
-
-
-def _text(value: object) -> str | None:
-    return None if value is None else str(value)
+def _prefix(path: Path) -> bytes:
+    """The first bytes of a refused file, for its dead letter."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(DEAD_LETTER_PREFIX)
+    except OSError:
+        return b""
 
 
 def _criterion(value: object) -> str:

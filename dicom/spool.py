@@ -1,174 +1,118 @@
-"""Where pynetdicom writes a C-STORE dataset while it arrives: our temp folder, hashed on the way.
+"""Where a C-STORE dataset goes while it arrives: a file in the store's temp folder, hashed on
+the way.
 
-With `STORE_RECV_CHUNKED_DATASET` pynetdicom writes each received dataset to a file it opens with
-`tempfile.NamedTemporaryFile` (system temp folder) and flushes after every fragment. `install()`
-replaces that factory, for pynetdicom only, by `SpoolFile`: a file in the store's own temp
-folder (`<storage>/tmp/<random>.part`, so the final step is a link, never a copy) that feeds
-SHA-256 with every byte written (no second read for the digest) and writes each fragment
-straight to the OS (pynetdicom's per-fragment `flush` becomes a no-op).
+`SpoolFile(folder)` creates `<storage>/tmp/<random>.part` (the final step is a link, never a
+copy). The association hands it each fragment as it comes off the wire (`add`): SHA-256 is fed at
+once (no second read for the digest) and the fragment is kept, by reference, until `take()`
+hands the batch to `write`, one `writev` per batch: writes to the page cache are batched (the
+listener writes a batch every few hundred KiB, the last one in the worker that then fsyncs).
+`finish()` gives digest, size and a descriptor for the fsync; `discard()` removes an unfinished
+transfer's file (the association ended mid-dataset, or the disk failed). Temp files of a process
+that died are swept by `FileStore.open` and `FileStore.sweep_temp`.
 
-The folder is found from the receiving thread: pynetdicom decodes P-DATA in the association's
-DUL thread, whose `assoc.ae` is the AE a `DicomServer` registered with `register()`. A dataset of
-another AE (none registered) goes to the system temp folder as before.
-
-Every spool file is tracked until a handler claims it; `discard_unclaimed(assoc)` removes those
-an aborted or failed transfer left behind (called when the association ends). Temp files of a
-process that died are swept by `FileStore.open` and `FileStore.sweep_temp`.
-
-A C-STORE command without Affected SOP Class/Instance UID would make pynetdicom's reader thread
-die while it opens the file; `_complete_command` gives it a placeholder so that the handler can
-answer 0xC001 instead.
+`pending()` counts the spool files open in this process (tests check none is left behind).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import secrets
-import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any, Final
-
-import pynetdicom.dimse_messages
+from typing import Final
 
 from dicom.filestore import TMP_SUFFIX
 
 logger = logging.getLogger(__name__)
 
-PLACEHOLDER_UID: Final = "0"
-"""Stands for an Affected SOP UID the C-STORE command lacked; never indexed (refused)."""
+IOV_MAX: Final = 512
+Chunk = bytes | bytearray | memoryview
 
 _lock = threading.Lock()
-_folders: dict[int, Path] = {}  # id(AE) -> spool folder
-_open: dict[str, SpoolFile] = {}  # path -> spool file not yet claimed
-_installed = False
+_open = 0
 
 
 class SpoolFile:
-    """The file-like object pynetdicom writes a received dataset to (`write`, `file.flush`,
-    `close`, `name`), hashing as it goes."""
+    """One user at a time: `add`, `take`, `write` while receiving, then `finish` or `discard`."""
 
-    def __init__(self, folder: Path, owner: int) -> None:
+    def __init__(self, folder: Path) -> None:
+        global _open
         self.path = folder / (secrets.token_hex(16) + TMP_SUFFIX)
-        self.name = str(self.path)
-        self.owner = owner  # id() of the association
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._digest = hashlib.sha256()
         self._size = 0
-        self._file: IO[bytes] = open(self.path, "xb", buffering=0)  # noqa: SIM115 - closed by close()
-        self.closed = False
-        self.command_incomplete = False  # the command lacked a SOP UID (see _complete_command)
+        self._batch: list[Chunk] = []
+        self.batched = 0  # bytes added and not yet taken
+        with _lock:
+            _open += 1
 
     @property
-    def file(self) -> SpoolFile:
-        """pynetdicom calls `.file.flush()` after every fragment: deferred to `finish()`."""
-        return self
+    def size(self) -> int:
+        return self._size
 
-    def flush(self) -> None:
-        return None
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
+    def add(self, data: Chunk) -> None:
+        """Hash a fragment now; keep it for the next batch."""
         self._digest.update(data)
-        view = memoryview(data)
-        while view:  # an unbuffered write may take less than it was given
-            written = self._file.write(view)
-            view = view[written or 0 :]
+        self._batch.append(data)
         self._size += len(data)
-        return len(data)
+        self.batched += len(data)
 
-    def finish(self) -> tuple[bytes, int]:
-        """The SHA-256 and size of what was written (each write went straight to the OS; the
-        data is not fsynced yet)."""
-        return self._digest.digest(), self._size
+    def take(self) -> list[Chunk]:
+        """The fragments added since the last `take`, for `write`."""
+        batch, self._batch = self._batch, []
+        self.batched = 0
+        return batch
 
-    def fileno(self) -> int:
-        return self._file.fileno()
+    def write(self, batch: Sequence[Chunk]) -> None:
+        """Write a batch to the page cache (blocking: call it in a worker). Raises OSError."""
+        if self._fd is None:
+            raise ValueError("spool file closed")
+        _write_all(self._fd, [memoryview(b) for b in batch if len(b)])
 
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._file.close()
+    def finish(self) -> tuple[bytes, int, int]:
+        """The SHA-256 and size of what was added, and a duplicate of the descriptor for the
+        fsync (the caller closes it); the spool file itself is closed. Everything added must
+        have been written."""
+        if self._fd is None:
+            raise ValueError("spool file closed")
+        fd = os.dup(self._fd)
+        self._close()
+        return self._digest.digest(), self._size, fd
 
-
-def install() -> None:
-    """Make pynetdicom spool received datasets through `_open_spool` (idempotent)."""
-    global _installed
-    with _lock:
-        if not _installed:
-            pynetdicom.dimse_messages.NamedTemporaryFile = _open_spool  # type: ignore[attr-defined]
-            _installed = True
-
-
-def register(ae: object, folder: Path) -> None:
-    """Datasets received by associations of `ae` are spooled in `folder`."""
-    with _lock:
-        _folders[id(ae)] = folder
-
-
-def unregister(ae: object) -> None:
-    with _lock:
-        _folders.pop(id(ae), None)
-
-
-def claim(path: Path | str) -> SpoolFile | None:
-    """The spool file at `path`, now the handler's (None: not one of ours)."""
-    with _lock:
-        return _open.pop(str(path), None)
-
-
-def discard_unclaimed(assoc: object) -> int:
-    """Close and remove the spool files of `assoc` that no handler took (an aborted transfer,
-    a command pynetdicom could not serve). Returns how many went."""
-    owner = id(assoc)
-    with _lock:
-        mine = [s for s in _open.values() if s.owner == owner]
-        for spool in mine:
-            del _open[spool.name]
-    for spool in mine:
+    def discard(self) -> None:
+        """Close and remove an unfinished transfer's file (best effort)."""
+        self._batch = []
+        self._close()
         try:
-            spool.close()
-            spool.path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)
         except OSError as exc:
             logger.warning("DICOM spool cleanup failed: %s", type(exc).__name__)
-    return len(mine)
+
+    def _close(self) -> None:
+        global _open
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        with _lock:
+            _open -= 1
+        os.close(fd)
+
+
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    """`writev` until every byte is written (a write may take less than it was given)."""
+    while views:
+        written = os.writev(fd, views[:IOV_MAX])
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
 
 
 def pending() -> int:
-    """Spool files written or being written that no handler has taken yet."""
+    """Spool files being written (not yet finished or discarded) in this process."""
     with _lock:
-        return len(_open)
-
-
-def _open_spool(*args: Any, **kwargs: Any) -> Any:
-    """Stands in for `tempfile.NamedTemporaryFile` inside `pynetdicom.dimse_messages`."""
-    assoc = getattr(threading.current_thread(), "assoc", None)
-    ae = getattr(assoc, "ae", None)
-    with _lock:
-        folder = _folders.get(id(ae)) if ae is not None else None
-    if folder is None:
-        return tempfile.NamedTemporaryFile(*args, **kwargs)
-    incomplete = _complete_command(assoc)
-    spool = SpoolFile(folder, id(assoc))
-    spool.command_incomplete = incomplete
-    with _lock:
-        _open[spool.name] = spool
-    return spool
-
-
-def _complete_command(assoc: object) -> bool:
-    """Give an absent Affected SOP Class/Instance UID of the C-STORE command being decoded a
-    placeholder: pynetdicom reads both right after opening the file and writes them into its File
-    Meta, and an absent or empty one kills the association's reader thread (the peer would only
-    see the association go). With the placeholder the request reaches the handler, which sees
-    `SpoolFile.command_incomplete` and refuses it with 0xC001 (missing UID); the association
-    goes on. Returns whether a UID was missing."""
-    message = getattr(getattr(assoc, "dimse", None), "message", None)
-    command = getattr(message, "command_set", None)
-    if command is None:
-        return False
-    missing = False
-    for keyword in ("AffectedSOPClassUID", "AffectedSOPInstanceUID"):
-        if not command.get(keyword):
-            setattr(command, keyword, PLACEHOLDER_UID)
-            missing = True
-    return missing
+        return _open

@@ -30,7 +30,7 @@ INVALID_UID: Final = 0xC002
 REFUSED: Final = 0xC003
 """The input was refused for its content (dead-lettered) for another reason."""
 PROCESSING_FAILURE: Final = 0xC211
-"""Our own failure; pynetdicom also answers this when a handler raises."""
+"""Our own failure."""
 
 # Query/Retrieve C-FIND failures.
 FIND_OUT_OF_RESOURCES: Final = 0xA700

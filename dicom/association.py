@@ -1,0 +1,282 @@
+"""One association, acceptor side, as a sans-IO state machine (PS3.8 §9.2, the states that
+matter to an acceptor).
+
+Bytes go in with `receive_data` (`b""`: the peer closed); `next_event()` returns the next event
+or None when more bytes are needed (or while the listener decides on the association request).
+The listener answers with `accept`/`reject`, `send_message`, `release_reply`, `abort`: each
+returns the bytes to write. Events:
+
+- `AssociationRequested`: decide with `dicom.negotiation`, then `accept(...)` or `reject(...)`;
+- `CommandReceived`: a whole DIMSE command set, with its presentation context's syntaxes;
+- `DatasetFragment` (a memoryview of the received PDU: write it, don't keep it) then
+  `DatasetComplete`, when the command announced a dataset;
+- `ReleaseRequested` (answer `release_reply()`), `Aborted` (the peer's A-ABORT),
+  `ConnectionClosed` (end of stream), `ProtocolError` (its `reply` is the A-ABORT or
+  A-ASSOCIATE-RJ to send before closing).
+
+Malformed or unexpected input never raises: it becomes a `ProtocolError` and the machine stays
+in `State.ERROR`. The buffer never holds more than one PDU (`dicom.pdu.PduReader`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum, auto
+
+from dicom import pdu
+from dicom.dimse import MAX_COMMAND_LENGTH, Command, DimseError, decode_command, encode_command
+from dicom.pdu import (
+    Abort,
+    AbortReason,
+    AbortSource,
+    AssociateAccept,
+    AssociateReject,
+    AssociateRequest,
+    ContextResult,
+    PduError,
+)
+
+
+class State(Enum):
+    AWAITING_REQUEST = auto()
+    AWAITING_DECISION = auto()
+    ESTABLISHED = auto()
+    CLOSED = auto()  # released, rejected or aborted
+    ERROR = auto()
+
+
+@dataclass(frozen=True, slots=True)
+class AssociationRequested:
+    request: AssociateRequest
+
+
+@dataclass(frozen=True, slots=True)
+class CommandReceived:
+    context_id: int
+    abstract_syntax: str
+    transfer_syntax: str
+    command: Command
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetFragment:
+    context_id: int
+    data: bytes | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetComplete:
+    context_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseRequested:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Aborted:
+    source: int
+    reason: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolError:
+    detail: str
+    reply: bytes
+
+
+Event = (
+    AssociationRequested
+    | CommandReceived
+    | DatasetFragment
+    | DatasetComplete
+    | ReleaseRequested
+    | Aborted
+    | ConnectionClosed
+    | ProtocolError
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    abstract_syntax: str
+    transfer_syntax: str
+
+
+class Acceptor:
+    """`max_pdu`: the maximum length we advertise (P-DATA-TF PDUs above it are refused)."""
+
+    def __init__(self, max_pdu: int) -> None:
+        self._reader = pdu.PduReader(max_pdu)
+        self._state = State.AWAITING_REQUEST
+        self._events: deque[Event] = deque()
+        self._eof = False
+        self._contexts: dict[int, _Context] = {}
+        self._peer_max = 0
+        self._command = bytearray()
+        self._command_context: int | None = None
+        self._dataset_context: int | None = None
+        self.request: AssociateRequest | None = None
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def in_message(self) -> bool:
+        """Part of a PDU or of a DIMSE message is received, not the rest (the DIMSE timeout)."""
+        partial = self._command_context is not None or self._dataset_context is not None
+        return partial or self._reader.partial
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet made into events."""
+        return self._reader.buffered
+
+    @property
+    def peer_max_length(self) -> int:
+        return self._peer_max
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            self._eof = True
+        elif self._state not in (State.CLOSED, State.ERROR):
+            self._reader.feed(data)
+
+    def next_event(self) -> Event | None:
+        while not self._events:
+            if self._state in (State.CLOSED, State.ERROR):
+                return None
+            if self._state is State.AWAITING_DECISION:
+                return None
+            try:
+                unit = self._reader.next_pdu()
+            except PduError as error:
+                return self._fail(error.detail, self._reply_for(error))
+            if unit is None:
+                if self._eof:
+                    self._state = State.CLOSED
+                    return ConnectionClosed()
+                return None
+            self._handle(unit)
+        return self._events.popleft()
+
+    # --- answers ----------------------------------------------------------------------------
+
+    def accept(self, answer: AssociateAccept) -> bytes:
+        if self._state is not State.AWAITING_DECISION or self.request is None:
+            raise RuntimeError("no association request to accept")
+        proposed = {c.context_id: c.abstract_syntax for c in self.request.contexts}
+        for context in answer.contexts:
+            if context.result is ContextResult.ACCEPTANCE and context.context_id in proposed:
+                self._contexts[context.context_id] = _Context(
+                    proposed[context.context_id], context.transfer_syntax
+                )
+        self._peer_max = self.request.user_information.max_length
+        self._state = State.ESTABLISHED
+        return pdu.encode(answer)
+
+    def reject(self, answer: AssociateReject) -> bytes:
+        self._state = State.CLOSED
+        return pdu.encode(answer)
+
+    def send_message(
+        self, context_id: int, command: Command, dataset: bytes | None = None
+    ) -> bytes:
+        """The P-DATA-TF PDUs of a DIMSE message, within the peer's maximum length."""
+        pdus = pdu.message_pdus(context_id, encode_command(command), dataset, self._peer_max)
+        return b"".join(pdus)
+
+    def release_reply(self) -> bytes:
+        self._state = State.CLOSED
+        return pdu.encode(pdu.ReleaseReply())
+
+    def abort(self, reason: AbortReason = AbortReason.NOT_SPECIFIED) -> bytes:
+        self._state = State.CLOSED
+        return pdu.encode(Abort(AbortSource.SERVICE_PROVIDER, reason))
+
+    # --- incoming PDUs ----------------------------------------------------------------------
+
+    def _handle(self, unit: pdu.Pdu) -> None:
+        if isinstance(unit, Abort):
+            self._state = State.CLOSED
+            self._events.append(Aborted(unit.source, unit.reason))
+        elif self._state is State.AWAITING_REQUEST:
+            if isinstance(unit, AssociateRequest):
+                self.request = unit
+                self._state = State.AWAITING_DECISION
+                self._events.append(AssociationRequested(unit))
+            else:
+                self._unexpected(unit)
+        elif isinstance(unit, pdu.PDataTF):
+            for pdv in unit.pdvs:
+                if not self._pdv(pdv):
+                    return
+        elif isinstance(unit, pdu.ReleaseRequest):
+            if self.in_message:
+                self._unexpected(unit)
+            else:
+                self._events.append(ReleaseRequested())
+        else:
+            self._unexpected(unit)
+
+    def _pdv(self, pdv: pdu.Pdv) -> bool:
+        context = self._contexts.get(pdv.context_id)
+        if context is None:
+            return self._invalid("PDV on a presentation context not accepted")
+        if pdv.is_command:
+            if self._dataset_context is not None:
+                return self._invalid("command fragment inside a dataset")
+            if self._command_context not in (None, pdv.context_id):
+                return self._invalid("command fragments on two presentation contexts")
+            self._command_context = pdv.context_id
+            self._command += pdv.data
+            if len(self._command) > MAX_COMMAND_LENGTH:
+                return self._invalid("command set too long")
+            if not pdv.is_last:
+                return True
+            try:
+                command = decode_command(self._command)
+            except DimseError as exc:
+                return self._invalid(str(exc))
+            self._command = bytearray()
+            self._command_context = None
+            if command.has_dataset:
+                self._dataset_context = pdv.context_id
+            syntaxes = (context.abstract_syntax, context.transfer_syntax)
+            self._events.append(CommandReceived(pdv.context_id, *syntaxes, command))
+            return True
+        if self._dataset_context != pdv.context_id:
+            return self._invalid("dataset fragment without its command")
+        self._events.append(DatasetFragment(pdv.context_id, pdv.data))
+        if pdv.is_last:
+            self._dataset_context = None
+            self._events.append(DatasetComplete(pdv.context_id))
+        return True
+
+    def _unexpected(self, unit: pdu.Pdu) -> None:
+        reply = Abort(AbortSource.SERVICE_PROVIDER, AbortReason.UNEXPECTED_PDU)
+        self._events.append(self._fail(f"unexpected {type(unit).__name__}", pdu.encode(reply)))
+
+    def _invalid(self, detail: str) -> bool:
+        reply = Abort(AbortSource.SERVICE_PROVIDER, AbortReason.INVALID_PARAMETER)
+        self._events.append(self._fail(detail, pdu.encode(reply)))
+        return False
+
+    def _reply_for(self, error: PduError) -> bytes:
+        if isinstance(error.reply, AssociateReject) and self._state is not State.AWAITING_REQUEST:
+            return pdu.encode(Abort(AbortSource.SERVICE_PROVIDER, AbortReason.UNEXPECTED_PDU))
+        return pdu.encode(error.reply)
+
+    def _fail(self, detail: str, reply: bytes) -> ProtocolError:
+        self._state = State.ERROR
+        self._command = bytearray()
+        self._command_context = self._dataset_context = None
+        return ProtocolError(detail, reply)

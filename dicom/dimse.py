@@ -1,0 +1,215 @@
+"""DIMSE command sets (PS3.7 §9, §E), sans-IO: group 0000, always implicit VR little endian.
+
+`decode_command(data)` reads a command set into a `Command` (raises `DimseError` on malformed
+input); `encode_command(command)` writes one, its group length first. Builders give the responses
+the listener sends: C-ECHO-RSP, C-STORE-RSP, C-FIND-RSP (pending, success, cancel, failures with
+an Error Comment). Identifiers and datasets are not touched here.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+C_STORE_RQ: Final = 0x0001
+C_STORE_RSP: Final = 0x8001
+C_FIND_RQ: Final = 0x0020
+C_FIND_RSP: Final = 0x8020
+C_ECHO_RQ: Final = 0x0030
+C_ECHO_RSP: Final = 0x8030
+C_CANCEL_RQ: Final = 0x0FFF
+RESPONSE_BIT: Final = 0x8000
+
+NO_DATASET: Final = 0x0101
+HAS_DATASET: Final = 0x0000  # any other value means a dataset follows
+
+UNRECOGNIZED_OPERATION: Final = 0x0211
+CANCEL: Final = 0xFE00
+MAX_COMMAND_LENGTH: Final = 64 * 1024
+ERROR_COMMENT_MAX: Final = 64
+
+_GROUP_LENGTH: Final = 0x0000_0000
+_AFFECTED_SOP_CLASS: Final = 0x0000_0002
+_REQUESTED_SOP_CLASS: Final = 0x0000_0003
+_COMMAND_FIELD: Final = 0x0000_0100
+_MESSAGE_ID: Final = 0x0000_0110
+_RESPONDED_TO: Final = 0x0000_0120
+_PRIORITY: Final = 0x0000_0700
+_DATASET_TYPE: Final = 0x0000_0800
+_STATUS: Final = 0x0000_0900
+_ERROR_COMMENT: Final = 0x0000_0902
+_AFFECTED_SOP_INSTANCE: Final = 0x0000_1000
+_REQUESTED_SOP_INSTANCE: Final = 0x0000_1001
+_US: Final = frozenset(
+    {_COMMAND_FIELD, _MESSAGE_ID, _RESPONDED_TO, _PRIORITY, _DATASET_TYPE, _STATUS}
+)
+_UI: Final = frozenset(
+    {_AFFECTED_SOP_CLASS, _REQUESTED_SOP_CLASS, _AFFECTED_SOP_INSTANCE, _REQUESTED_SOP_INSTANCE}
+)
+_ELEMENT: Final = struct.Struct("<HHI")
+_US_VALUE: Final = struct.Struct("<H")
+_UL_VALUE: Final = struct.Struct("<I")
+
+
+class DimseError(Exception):
+    """A command set we cannot read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """The elements of a command set the listener uses; `None`: absent."""
+
+    command_field: int
+    message_id: int | None = None
+    responded_to: int | None = None
+    affected_sop_class: str | None = None
+    affected_sop_instance: str | None = None
+    requested_sop_class: str | None = None
+    priority: int | None = None
+    dataset_type: int = NO_DATASET
+    status: int | None = None
+    error_comment: str | None = None
+
+    @property
+    def has_dataset(self) -> bool:
+        return self.dataset_type != NO_DATASET
+
+    @property
+    def is_request(self) -> bool:
+        return not self.command_field & RESPONSE_BIT
+
+
+def decode_command(data: bytes | bytearray | memoryview) -> Command:
+    """Read a command set (implicit VR little endian). Unknown elements are skipped."""
+    raw = bytes(data)
+    values: dict[int, bytes] = {}
+    offset = 0
+    while offset < len(raw):
+        if len(raw) - offset < 8:
+            raise DimseError("command element header cut")
+        group, element, length = _ELEMENT.unpack_from(raw, offset)
+        if group != 0:
+            raise DimseError("command set element outside group 0000")
+        offset += 8
+        if length > len(raw) - offset:
+            raise DimseError("command element value out of the command set")
+        values[element] = raw[offset : offset + length]
+        offset += length
+    if _COMMAND_FIELD not in values:
+        raise DimseError("no Command Field")
+    return Command(
+        command_field=_us(values, _COMMAND_FIELD) or 0,
+        message_id=_us(values, _MESSAGE_ID),
+        responded_to=_us(values, _RESPONDED_TO),
+        affected_sop_class=_ui(values, _AFFECTED_SOP_CLASS),
+        affected_sop_instance=_ui(values, _AFFECTED_SOP_INSTANCE),
+        requested_sop_class=_ui(values, _REQUESTED_SOP_CLASS),
+        priority=_us(values, _PRIORITY),
+        dataset_type=_dataset_type(values),
+        status=_us(values, _STATUS),
+        error_comment=_text(values, _ERROR_COMMENT),
+    )
+
+
+def _dataset_type(values: dict[int, bytes]) -> int:
+    value = _us(values, _DATASET_TYPE)
+    return NO_DATASET if value is None else value
+
+
+def _us(values: dict[int, bytes], tag: int) -> int | None:
+    value = values.get(tag)
+    if value is None:
+        return None
+    if len(value) != 2:
+        raise DimseError(f"(0000,{tag:04X}) is not a US value")
+    return int(_US_VALUE.unpack(value)[0])
+
+
+def _ui(values: dict[int, bytes], tag: int) -> str | None:
+    value = values.get(tag)
+    return None if value is None else value.decode("latin-1").rstrip("\x00 ")
+
+
+def _text(values: dict[int, bytes], tag: int) -> str | None:
+    value = values.get(tag)
+    return None if value is None else value.decode("latin-1").strip()
+
+
+def encode_command(command: Command) -> bytes:
+    elements: list[tuple[int, bytes]] = []
+    if command.affected_sop_class is not None:
+        elements.append((_AFFECTED_SOP_CLASS, _pad_uid(command.affected_sop_class)))
+    if command.requested_sop_class is not None:
+        elements.append((_REQUESTED_SOP_CLASS, _pad_uid(command.requested_sop_class)))
+    elements.append((_COMMAND_FIELD, _US_VALUE.pack(command.command_field)))
+    if command.message_id is not None:
+        elements.append((_MESSAGE_ID, _US_VALUE.pack(command.message_id)))
+    if command.responded_to is not None:
+        elements.append((_RESPONDED_TO, _US_VALUE.pack(command.responded_to)))
+    if command.priority is not None:
+        elements.append((_PRIORITY, _US_VALUE.pack(command.priority)))
+    elements.append((_DATASET_TYPE, _US_VALUE.pack(command.dataset_type)))
+    if command.status is not None:
+        elements.append((_STATUS, _US_VALUE.pack(command.status)))
+    if command.error_comment is not None:
+        comment = command.error_comment.encode("ascii", "replace")[:ERROR_COMMENT_MAX]
+        elements.append((_ERROR_COMMENT, comment + b" " * (len(comment) % 2)))
+    if command.affected_sop_instance is not None:
+        elements.append((_AFFECTED_SOP_INSTANCE, _pad_uid(command.affected_sop_instance)))
+    body = b"".join(_ELEMENT.pack(0, tag, len(value)) + value for tag, value in elements)
+    return _ELEMENT.pack(0, _GROUP_LENGTH, 4) + _UL_VALUE.pack(len(body)) + body
+
+
+def _pad_uid(uid: str) -> bytes:
+    value = uid.encode("latin-1", "replace")
+    return value + b"\x00" * (len(value) % 2)
+
+
+# --- responses --------------------------------------------------------------------------------
+
+
+def echo_response(request: Command, status: int) -> Command:
+    return Command(
+        C_ECHO_RSP,
+        responded_to=request.message_id or 0,
+        affected_sop_class=request.affected_sop_class or "",
+        status=status,
+    )
+
+
+def store_response(
+    request: Command, status: int, error_comment: str | None = None, placeholder: str = "0"
+) -> Command:
+    """A C-STORE-RSP; a SOP UID the request lacked is answered as `placeholder`."""
+    return Command(
+        C_STORE_RSP,
+        responded_to=request.message_id or 0,
+        affected_sop_class=request.affected_sop_class or placeholder,
+        affected_sop_instance=request.affected_sop_instance or placeholder,
+        status=status,
+        error_comment=error_comment,
+    )
+
+
+def find_response(
+    request: Command, status: int, *, identifier: bool = False, error_comment: str | None = None
+) -> Command:
+    return Command(
+        C_FIND_RSP,
+        responded_to=request.message_id or 0,
+        affected_sop_class=request.affected_sop_class or "",
+        dataset_type=HAS_DATASET if identifier else NO_DATASET,
+        status=status,
+        error_comment=error_comment,
+    )
+
+
+def unrecognized_response(request: Command) -> Command:
+    """The answer to a request of a service we do not provide on that context."""
+    return Command(
+        request.command_field | RESPONSE_BIT,
+        responded_to=request.message_id or 0,
+        affected_sop_class=request.affected_sop_class,
+        status=UNRECOGNIZED_OPERATION,
+    )

@@ -1,0 +1,139 @@
+"""The asyncio transport of one association: bytes from the socket into the sans-IO `Acceptor`,
+its events into a queue for the association's task, bytes back out with flow control.
+
+`Link` is an `asyncio.Protocol`: `data_received` feeds the acceptor and queues the events it
+yields, so the socket is read while the association's task writes a fragment or waits for a
+commit. Backpressure: while the bytes received and not yet taken by the task (queued fragments,
+and what the acceptor holds, e.g. while the association request is being decided) exceed
+`high_water`, reading pauses. A write waits for the peer to read, at most `send_timeout`. A
+C-CANCEL-RQ is noted as it arrives (`cancelled`), so that a C-FIND streaming its matches sees it
+between two responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final, cast
+
+from dicom.association import (
+    Acceptor,
+    CommandReceived,
+    ConnectionClosed,
+    DatasetFragment,
+    Event,
+)
+from dicom.dimse import C_CANCEL_RQ
+
+TIMED_OUT: Final = "timed out"
+STUCK_WRITES: Final = 256 * 1024
+"""Unsent bytes at close beyond which the connection is dropped rather than flushed."""
+
+
+class Link(asyncio.Protocol):
+    """One connection; the association's task reads `next_event` and writes with `send`."""
+
+    def __init__(self, acceptor: Acceptor, high_water: int, send_timeout: float) -> None:
+        self.acceptor = acceptor
+        self._high_water = high_water
+        self._send_timeout = send_timeout
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._queued_bytes = 0
+        self._paused = False
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._transport: asyncio.Transport | None = None
+        self._cancelled: set[int] = set()
+        self._refused = False
+        self.closed = False
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # a stream server's transport
+        if self._refused:
+            self._transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        self.acceptor.receive_data(data)
+        self.pump()
+
+    def eof_received(self) -> bool:
+        self.acceptor.receive_data(b"")
+        self.pump()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._writable.set()
+        self.acceptor.receive_data(b"")
+        self.pump()
+        self._events.put_nowait(ConnectionClosed())  # in case the acceptor had ended already
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # --- for the association's task ---------------------------------------------------------
+
+    def pump(self) -> None:
+        """Queue what the acceptor can tell now (after data, and after `accept`)."""
+        while (event := self.acceptor.next_event()) is not None:
+            if isinstance(event, DatasetFragment):
+                self._queued_bytes += len(event.data)
+            elif isinstance(event, CommandReceived) and event.command.command_field == C_CANCEL_RQ:
+                self._cancelled.add(event.command.responded_to or 0)
+            self._events.put_nowait(event)
+        if self._backlog > self._high_water and not self._paused and self._transport:
+            self._paused = True
+            self._transport.pause_reading()
+
+    @property
+    def _backlog(self) -> int:
+        return self._queued_bytes + self.acceptor.buffered
+
+    async def next_event(self, within: float) -> Event | str:
+        """The next event, or `TIMED_OUT` when none came within `within` seconds."""
+        if self._events.empty():
+            try:
+                async with asyncio.timeout(within):
+                    event = await self._events.get()
+            except TimeoutError:
+                return TIMED_OUT
+        else:
+            event = self._events.get_nowait()
+        if isinstance(event, DatasetFragment):
+            self._queued_bytes -= len(event.data)
+        if self._paused and self._backlog <= self._high_water // 2 and self._transport:
+            self._paused = False
+            self._transport.resume_reading()
+        return event
+
+    def cancelled(self, message_id: int) -> bool:
+        return message_id in self._cancelled
+
+    async def send(self, data: bytes) -> None:
+        """Write and wait while the peer does not read (flow control). Raises TimeoutError when
+        it has not read for `send_timeout` seconds."""
+        if self._transport is None or self.closed:
+            return
+        self._transport.write(data)
+        if not self._writable.is_set():
+            async with asyncio.timeout(self._send_timeout):
+                await self._writable.wait()
+
+    def close(self, last: bytes = b"") -> None:
+        """Write `last` (an A-ABORT, A-RELEASE-RP...) and close once it is written."""
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            if last:
+                transport.write(last)
+            if transport.get_write_buffer_size() > STUCK_WRITES:
+                transport.abort()  # a peer that does not read would hold the socket open
+            else:
+                transport.close()
+
+    def refuse(self) -> None:
+        """The listener is stopping: drop the connection as soon as it is made."""
+        self._refused = True

@@ -1,0 +1,104 @@
+"""What the listener accepts of an association request (PS3.8 §7.1, PS3.7 Annex D), sans-IO.
+
+`negotiate(request, policy)` answers an A-ASSOCIATE-RQ with an A-ASSOCIATE-AC (one result per
+proposed presentation context: the first transfer syntax the requestor proposes that we support)
+or an A-ASSOCIATE-RJ (application context, calling AE title, called AE title). The association
+limit is the server's (`limit_reached`). SCP/SCU role selection and asynchronous operations are
+not negotiated (no item in our answer: the default roles and one operation at a time apply, PS3.7
+D.3.3.3-4); user identity is read and ignored (no server response, D.3.3.7).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from dicom import sop_classes
+from dicom.pdu import (
+    APPLICATION_CONTEXT,
+    REJECT_APPLICATION_CONTEXT,
+    REJECT_CALLED_AE,
+    REJECT_CALLING_AE,
+    REJECT_LOCAL_LIMIT,
+    AssociateAccept,
+    AssociateReject,
+    AssociateRequest,
+    ContextAnswer,
+    ContextResult,
+    RejectResult,
+    RejectSource,
+    UserInformation,
+)
+
+IMPLEMENTATION_CLASS_UID: Final = "2.25.49029946949131750760937250553924891668"
+IMPLEMENTATION_VERSION: Final = "QANTARA_1"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """`syntaxes`: abstract syntax → the transfer syntaxes accepted for it. `allowed_aes` empty:
+    any calling AE title; `require_called_ae`: the called AE title must be ours."""
+
+    ae_title: str
+    max_pdu: int
+    syntaxes: Mapping[str, frozenset[str]]
+    allowed_aes: frozenset[str] = frozenset()
+    require_called_ae: bool = False
+
+
+def gateway_policy(
+    ae_title: str, max_pdu: int, allowed_aes: frozenset[str], require_called_ae: bool = False
+) -> Policy:
+    """Verification, Storage of every storage SOP class in every transfer syntax, C-FIND."""
+    defaults = frozenset(sop_classes.DEFAULT_SYNTAXES)
+    storage = frozenset(sop_classes.TRANSFER_SYNTAXES)
+    syntaxes = {uid: storage for uid in sop_classes.STORAGE}
+    syntaxes[sop_classes.VERIFICATION] = defaults
+    for model in sop_classes.FIND_MODELS:
+        syntaxes[model] = defaults
+    return Policy(ae_title, max_pdu, syntaxes, allowed_aes, require_called_ae)
+
+
+def negotiate(request: AssociateRequest, policy: Policy) -> AssociateAccept | AssociateReject:
+    if request.application_context != APPLICATION_CONTEXT:
+        return _user_reject(REJECT_APPLICATION_CONTEXT)
+    if policy.allowed_aes and request.calling_ae not in policy.allowed_aes:
+        return _user_reject(REJECT_CALLING_AE)
+    if policy.require_called_ae and request.called_ae != policy.ae_title:
+        return _user_reject(REJECT_CALLED_AE)
+    answers: list[ContextAnswer] = []
+    for proposed in request.contexts:
+        accepted = policy.syntaxes.get(proposed.abstract_syntax)
+        # A refused context still carries a transfer syntax item (not significant, PS3.8 9.3.3.2).
+        first = (*proposed.transfer_syntaxes, sop_classes.IMPLICIT_VR_LITTLE_ENDIAN)[0]
+        if accepted is None:
+            result = ContextResult.ABSTRACT_SYNTAX_NOT_SUPPORTED
+            answers.append(ContextAnswer(proposed.context_id, result, first))
+            continue
+        chosen = next((ts for ts in proposed.transfer_syntaxes if ts in accepted), None)
+        if chosen is None:
+            result = ContextResult.TRANSFER_SYNTAXES_NOT_SUPPORTED
+            answers.append(ContextAnswer(proposed.context_id, result, first))
+        else:
+            answers.append(ContextAnswer(proposed.context_id, ContextResult.ACCEPTANCE, chosen))
+    return AssociateAccept(
+        called_ae=request.called_ae,
+        calling_ae=request.calling_ae,
+        contexts=tuple(answers),
+        user_information=UserInformation(
+            max_length=policy.max_pdu,
+            implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+            implementation_version=IMPLEMENTATION_VERSION,
+        ),
+        application_context=request.application_context,
+    )
+
+
+def limit_reached() -> AssociateReject:
+    """Too many associations open: transient, so that the sender retries later."""
+    return AssociateReject(RejectResult.TRANSIENT, RejectSource.PRESENTATION, REJECT_LOCAL_LIMIT)
+
+
+def _user_reject(reason: int) -> AssociateReject:
+    return AssociateReject(RejectResult.PERMANENT, RejectSource.SERVICE_USER, reason)
