@@ -433,8 +433,8 @@ def request_db() -> Executor:
 async def _request_connection(pool: asyncpg.Pool) -> AsyncIterator[None]:
     """One pooled connection for all the statements of a request, released when it is answered.
 
-    A connection per statement costs a reset round trip at each release: a search of seven
-    statements would pay seven more. A database that cannot be reached is `StorageUnavailable`.
+    One acquire and release per request rather than per statement; the audit row and the reads
+    share the connection. A database that cannot be reached is `StorageUnavailable`.
     """
     try:
         connection = await pool.acquire()

@@ -4,7 +4,9 @@ Inside the transaction: dedup keys are inserted with `ON CONFLICT DO NOTHING RET
 comes back is new, the rest are duplicates), dictionary ids (units, devices, concepts, patients)
 are resolved in bulk, vitals go in with binary COPY, dead letters are kept, and each unit's
 contiguous ack watermark is advanced. The outcomes are returned only once COMMIT has succeeded;
-dictionary ids learnt in a transaction enter the in-memory caches only after its COMMIT.
+dictionary ids learnt in a transaction enter the in-memory caches only after its COMMIT. A batch
+of DICOM instances only is a single statement (`storage.writer_dicom`), run without BEGIN/COMMIT:
+PostgreSQL commits it on its own before answering.
 
 An MQTT `(unit, seq)` at or below the unit's committed watermark (`unit.ack_seq`, read under the
 unit's row lock that this transaction holds until COMMIT) is a duplicate without a look at the
@@ -37,7 +39,7 @@ from ingest.records import (
     VitalsMessage,
 )
 from storage.pool import is_transient
-from storage.writer_dicom import write_dicom
+from storage.writer_dicom import single_statement, write_dicom
 from storage.writer_hl7 import write_hl7
 
 _K = TypeVar("_K")
@@ -104,8 +106,13 @@ class BatchWriter:
         try:
             async with self._pool.acquire() as conn:
                 pending = _Caches()
-                async with conn.transaction():
+                if all(single_statement(env) for env in batch):
+                    # DICOM instances only: one statement (storage.writer_dicom), atomic on its
+                    # own and committed when it returns; no BEGIN/COMMIT round trips.
                     outcomes = await self._write(conn, batch, pending)
+                else:
+                    async with conn.transaction():
+                        outcomes = await self._write(conn, batch, pending)
         except Exception as exc:
             if is_transient(exc):
                 raise StorageUnavailable(type(exc).__name__) from exc

@@ -1,4 +1,4 @@
-"""The DICOM part of a batch: study, series and instance index rows, inside the batch's transaction.
+"""The DICOM part of a batch: study, series and instance index rows, in the batch's transaction.
 
 Called by `storage.writer.BatchWriter` with the positions of the envelopes keyed by `DicomKey`
 (every one of them, including repeats of a key inside the batch). The SOP Instance UID is the
@@ -6,9 +6,10 @@ natural key: a UID already indexed (or indexed earlier in the same batch) is a d
 SHA-256 differs from the first copy's, the outcome carries `reason="content-conflict"` and a
 `dicom_conflict` row records it. The first copy is always the one kept.
 
-The statements run server-side in one call per batch, `dicom_index_instances` (migration 0007):
-one round trip instead of about ten, since a single modality's association commits one instance
-per batch.
+The statements run server-side in one call per batch, `dicom_index_instances` (migrations 0007
+and 0009), conflict rows included: one statement, so that a batch of DICOM envelopes only needs
+no BEGIN/COMMIT of its own (`BatchWriter.write`), since a single modality's association commits
+one instance per batch. `single_statement` tells which envelopes this module indexes that way.
 
 Patients: the identifiers of one header (PatientID with its issuer, the national id from Other
 Patient IDs) are linked to one patient, the one that already carries any of them, else a new
@@ -40,10 +41,21 @@ def instance_of(env: Envelope) -> DicomInstance | None:
     return None
 
 
+def single_statement(env: Envelope) -> bool:
+    """True when `write_dicom` handles `env` entirely in its one statement (an instance, no dead
+    letter): a batch of such envelopes only is atomic without an explicit transaction."""
+    records = env.records
+    return (
+        isinstance(env.key, DicomKey)
+        and bool(records)
+        and all(isinstance(record, DicomInstance) for record in records)
+    )
+
+
 async def write_dicom(
     conn: asyncpg.Connection, batch: Sequence[Envelope], indexes: Sequence[int]
 ) -> dict[int, Outcome]:
-    """Index the instances at `indexes` of `batch`; one outcome per index."""
+    """Index the instances at `indexes` of `batch`; one outcome per index. One statement."""
     outcomes: dict[int, Outcome] = {}
     firsts: dict[str, int] = {}
     for i in indexes:
@@ -59,13 +71,13 @@ async def write_dicom(
     known: dict[str, bytes] = {}
     for r in await conn.fetch(
         "SELECT uid, inserted, stored_sha256 FROM dicom_index_instances($1::jsonb)",
-        json.dumps([_item(batch[i]) for _, i in sorted(firsts.items())], ensure_ascii=False),
+        json.dumps([_item(batch[i]) for i in indexes if i not in outcomes], ensure_ascii=False),
     ):
         known[r["uid"]] = bytes(r["stored_sha256"])
         if r["inserted"]:
             outcomes[firsts[r["uid"]]] = Outcome(OutcomeKind.STORED)
 
-    conflicts: list[DicomInstance] = []
+    # The function has recorded the conflicts (`dicom_conflict`), in batch order.
     for i in indexes:
         if i in outcomes:
             continue
@@ -74,17 +86,6 @@ async def write_dicom(
             outcomes[i] = Outcome(OutcomeKind.DUPLICATE)
         else:
             outcomes[i] = Outcome(OutcomeKind.DUPLICATE, reason=CONFLICT)
-            conflicts.append(instance)
-    if conflicts:
-        received = {id(_instance(batch[i])): batch[i].received_at for i in indexes}
-        await conn.executemany(
-            """INSERT INTO dicom_conflict (sop_instance_uid, sha256, size, calling_ae, received_at)
-               VALUES ($1, $2, $3, $4, $5)""",
-            [
-                (c.sop_instance_uid, c.sha256, c.size, c.calling_ae, received[id(c)])
-                for c in conflicts
-            ],
-        )
     return outcomes
 
 
@@ -95,7 +96,8 @@ def _instance(env: Envelope) -> DicomInstance:
 
 
 def _item(env: Envelope) -> dict[str, object]:
-    """One instance as `dicom_index_instances` (storage/sql/0007_dicom_perf.sql) reads it."""
+    """One instance as `dicom_index_instances` (storage/sql/0009_dicom_index_lookups.sql) reads
+    it."""
     i = _instance(env)
     names = [
         {

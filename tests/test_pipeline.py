@@ -16,6 +16,8 @@ from ingest.pipeline import GroupCommitPipeline, PipelineSettings
 from ingest.records import (
     DeadLetter,
     DeadLetterKey,
+    DicomInstance,
+    DicomKey,
     Envelope,
     MqttKey,
     Outcome,
@@ -28,6 +30,7 @@ from ingest.records import (
 from monitoring.metrics import Metrics
 from storage.ledger import LEDGER_LOCK_KEY, LedgerPruning, prune_ledger, run_ledger_pruning
 from storage.migrations import apply_migrations
+from storage.pool import PoolSettings, create_pool
 from storage.writer import BatchWriter, ensure_partitions
 from tests.services_support import wait_until
 
@@ -407,3 +410,124 @@ async def test_two_replicas_writing_one_unit_while_pruning_store_every_seq_once(
     assert await vital_count(pool, unit) == 2 * total  # two samples a message, each once
     [replayed] = await first.write([mqtt(unit, 1)])
     assert replayed == Outcome(OutcomeKind.DUPLICATE, watermark=total)
+
+
+def dicom(uid: str, sha256: bytes, *, series: str, patient: str) -> Envelope:
+    instance = DicomInstance(
+        sop_instance_uid=uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        study_uid=f"{series}.0",
+        series_uid=series,
+        transfer_syntax="1.2.840.10008.1.2.1",
+        file_path=f"{sha256[:1].hex()}/{sha256[1:2].hex()}/{sha256.hex()}.dcm",
+        size=1000 + sha256[0],
+        sha256=sha256,
+        calling_ae="MODALITY",
+        patient=(PatientRef("urn:test:dicom", patient),),
+        dicom_patient_id=patient,
+    )
+    return Envelope(
+        protocol=Protocol.DICOM,
+        key=DicomKey(uid),
+        records=(instance,),
+        received_at=datetime.now(UTC),
+        ack=asyncio.get_running_loop().create_future(),
+        source="MODALITY",
+        raw=b"",
+    )
+
+
+async def test_dicom_batch_indexes_the_first_copy_and_records_conflicts_in_batch_order(
+    pool: asyncpg.Pool,
+) -> None:
+    """One statement for a batch of instances: repeats inside the batch and UIDs already
+    indexed give duplicates, and a `dicom_conflict` row where the content differs."""
+    base = f"1.2.826.0.1.3680043.10.99.{uuid.uuid4().int % 10**12}"
+    series, patient = f"{base}.1", f"P-{uuid.uuid4().hex[:8]}"
+    digest = [hashlib.sha256(bytes([n])).digest() for n in range(6)]
+    writer = BatchWriter(pool)
+    old_same, old_other = f"{base}.1.1", f"{base}.1.2"
+    first = await writer.write(
+        [
+            dicom(old_same, digest[0], series=series, patient=patient),
+            dicom(old_other, digest[1], series=series, patient=patient),
+        ]
+    )
+    assert [o.kind for o in first] == [OutcomeKind.STORED, OutcomeKind.STORED]
+
+    new = f"{base}.1.3"
+    batch = [
+        dicom(new, digest[2], series=series, patient=patient),
+        dicom(old_other, digest[3], series=series, patient=patient),  # indexed, other bytes
+        dicom(new, digest[2], series=series, patient=patient),  # repeat, same bytes
+        dicom(old_same, digest[0], series=series, patient=patient),  # indexed, same bytes
+        dicom(new, digest[4], series=series, patient=patient),  # repeat, other bytes
+    ]
+    outcomes = await writer.write(batch)
+    assert outcomes == [
+        Outcome(OutcomeKind.STORED),
+        Outcome(OutcomeKind.DUPLICATE, reason="content-conflict"),
+        Outcome(OutcomeKind.DUPLICATE),
+        Outcome(OutcomeKind.DUPLICATE),
+        Outcome(OutcomeKind.DUPLICATE, reason="content-conflict"),
+    ]
+    conflicts = await pool.fetch(
+        """SELECT sop_instance_uid, sha256, size, calling_ae FROM dicom_conflict
+           WHERE sop_instance_uid LIKE $1 ORDER BY id""",
+        f"{base}.%",
+    )
+    assert [(r["sop_instance_uid"], bytes(r["sha256"]), r["size"]) for r in conflicts] == [
+        (old_other, digest[3], 1000 + digest[3][0]),
+        (new, digest[4], 1000 + digest[4][0]),
+    ]
+    indexed = await pool.fetch(
+        "SELECT sop_instance_uid, sha256 FROM dicom_instance WHERE sop_instance_uid LIKE $1",
+        f"{base}.%",
+    )
+    assert {r["sop_instance_uid"]: bytes(r["sha256"]) for r in indexed} == {
+        old_same: digest[0],
+        old_other: digest[1],
+        new: digest[2],
+    }
+    patients = await pool.fetchval(
+        "SELECT count(DISTINCT patient_id) FROM dicom_study WHERE study_uid = $1", f"{series}.0"
+    )
+    assert patients == 1
+
+
+async def test_dicom_batch_with_a_dead_letter_commits_both_or_nothing(pool: asyncpg.Pool) -> None:
+    """A batch that is more than instances runs in one explicit transaction."""
+    base = f"1.2.826.0.1.3680043.10.98.{uuid.uuid4().int % 10**12}"
+    letter = DeadLetter(
+        protocol=Protocol.DICOM, source="MODALITY", reason="unparseable", detail="", raw=b"x"
+    )
+    refused = Envelope(
+        protocol=Protocol.DICOM,
+        key=DeadLetterKey(Protocol.DICOM, "MODALITY", hashlib.sha256(base.encode()).digest()),
+        records=(letter,),
+        received_at=datetime.now(UTC),
+        ack=asyncio.get_running_loop().create_future(),
+        source="MODALITY",
+        raw=b"x",
+    )
+    digest = hashlib.sha256(base.encode() + b"i").digest()
+    outcomes = await BatchWriter(pool).write(
+        [dicom(f"{base}.1", digest, series=f"{base}.0", patient="P-1"), refused]
+    )
+    assert [o.kind for o in outcomes] == [OutcomeKind.STORED, OutcomeKind.REJECTED]
+
+
+async def test_gateway_pool_releases_without_a_reset_query_but_never_an_open_transaction(
+    postgres_dsn: str,
+) -> None:
+    gateway_pool = await create_pool(PoolSettings(dsn=postgres_dsn, min_size=1, max_size=1))
+    try:
+        async with gateway_pool.acquire() as conn:
+            assert conn.get_settings().application_name == "qantara"
+            await conn.execute("BEGIN")
+            await conn.execute("SELECT 1")
+        async with gateway_pool.acquire() as conn:
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SHOW statement_timeout") == "30s"
+    finally:
+        await gateway_pool.close()
