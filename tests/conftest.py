@@ -78,6 +78,17 @@ async def postgres_dsn(postgres_server_dsn: str) -> AsyncIterator[str]:
         await drop_database(postgres_server_dsn, dbname)
 
 
+@pytest.fixture(scope="module")
+async def module_dsn(postgres_server_dsn: str) -> AsyncIterator[str]:
+    """A fresh database of the test module's own (state it must not share), dropped after it."""
+    dbname = f"qantara_mod_{secrets.token_hex(6)}"
+    dsn = await ensure_database(postgres_server_dsn, dbname)
+    try:
+        yield dsn
+    finally:
+        await drop_database(postgres_server_dsn, dbname)
+
+
 @pytest.fixture(scope="session")
 async def mqtt_url() -> AsyncIterator[str]:
     """URL (`mqtt://host:port`) of an MQTT broker that accepts anonymous clients."""

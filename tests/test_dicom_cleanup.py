@@ -15,7 +15,6 @@ import pytest
 
 from dicom import spool, status
 from dicom.filestore import FileStore
-from gateway.local_services import drop_database, ensure_database
 from tests.dicom_support import (
     RunningDicom,
     associate_for,
@@ -33,18 +32,10 @@ HOUR = 3600.0
 
 
 @pytest.fixture(scope="module")
-async def dsn(postgres_server_dsn: str) -> AsyncIterator[str]:
-    name = f"qantara_dicom_{secrets.token_hex(5)}"
-    url = await ensure_database(postgres_server_dsn, name)
-    try:
-        yield url
-    finally:
-        await drop_database(postgres_server_dsn, name)
-
-
-@pytest.fixture(scope="module")
-async def scp(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningDicom]:
-    async with running_dicom(dsn, tmp_path_factory.mktemp("dicom-cleanup")) as running:
+async def scp(
+    module_dsn: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningDicom]:
+    async with running_dicom(module_dsn, tmp_path_factory.mktemp("dicom-cleanup")) as running:
         yield running
 
 
@@ -132,14 +123,16 @@ async def test_orphan_sweep_removes_old_unindexed_files_and_keeps_the_rest(
     assert (scp.metrics.sample("qantara_dicom_orphans_removed_total") or 0.0) >= 1
 
 
-async def test_orphans_left_by_a_crash_are_removed_at_start(dsn: str, tmp_path: Path) -> None:
+async def test_orphans_left_by_a_crash_are_removed_at_start(
+    module_dsn: str, tmp_path: Path
+) -> None:
     root = tmp_path / "store"
     left = orphan(root, HOUR)
     leftover_temp = root / "tmp" / f"{secrets.token_hex(16)}.part"
     leftover_temp.parent.mkdir(parents=True)
     leftover_temp.write_bytes(b"cut")
     age(leftover_temp, 2 * HOUR)
-    async with running_dicom(dsn, root):
+    async with running_dicom(module_dsn, root):
         await wait_until(lambda: not left.exists(), timeout=10)
     assert not leftover_temp.exists()
 

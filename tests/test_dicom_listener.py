@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -28,7 +27,6 @@ from dicom.pdu import (
     UserInformation,
 )
 from dicom.sop_classes import STUDY_ROOT_FIND, VERIFICATION
-from gateway.local_services import drop_database, ensure_database
 from tests.dicom_support import RunningDicom, associate_for, echo, instance_row, running_dicom
 from tests.services_support import wait_until
 from tests.test_dicom_store import fresh
@@ -38,18 +36,10 @@ DCMTK = shutil.which("storescu") is not None
 
 
 @pytest.fixture(scope="module")
-async def dsn(postgres_server_dsn: str) -> AsyncIterator[str]:
-    name = f"qantara_dicom_{secrets.token_hex(5)}"
-    url = await ensure_database(postgres_server_dsn, name)
-    try:
-        yield url
-    finally:
-        await drop_database(postgres_server_dsn, name)
-
-
-@pytest.fixture(scope="module")
-async def scp(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningDicom]:
-    async with running_dicom(dsn, tmp_path_factory.mktemp("dicom-listener")) as running:
+async def scp(
+    module_dsn: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningDicom]:
+    async with running_dicom(module_dsn, tmp_path_factory.mktemp("dicom-listener")) as running:
         yield running
 
 
@@ -136,9 +126,11 @@ async def test_c_cancel_sent_with_its_c_find_ends_it_with_status_fe00(scp: Runni
 
 
 async def test_association_over_the_limit_gets_a_transient_local_limit_reject(
-    dsn: str, tmp_path: Path
+    module_dsn: str, tmp_path: Path
 ) -> None:
-    async with running_dicom(dsn, tmp_path / "store", DicomSettings(max_associations=1)) as one:
+    async with running_dicom(
+        module_dsn, tmp_path / "store", DicomSettings(max_associations=1)
+    ) as one:
         held = await asyncio.to_thread(associate_for, one.port, fresh())
         try:
             [reply] = await exchange(one.port, echo_request())
@@ -151,10 +143,10 @@ async def test_association_over_the_limit_gets_a_transient_local_limit_reject(
 
 
 async def test_calling_ae_not_allowed_gets_a_permanent_user_reject(
-    dsn: str, tmp_path: Path
+    module_dsn: str, tmp_path: Path
 ) -> None:
     settings = DicomSettings(allowed_aes=frozenset({"CT01"}))
-    async with running_dicom(dsn, tmp_path / "store", settings) as limited:
+    async with running_dicom(module_dsn, tmp_path / "store", settings) as limited:
         [reply] = await exchange(limited.port, echo_request("INTRUDER"))
     assert reply == AssociateReject(
         RejectResult.PERMANENT, RejectSource.SERVICE_USER, pdu.REJECT_CALLING_AE
@@ -175,9 +167,11 @@ async def test_p_data_before_the_association_gets_an_unexpected_pdu_abort(
     assert reply == Abort(2, AbortReason.UNEXPECTED_PDU)
 
 
-async def test_silent_connection_is_closed_after_the_acse_timeout(dsn: str, tmp_path: Path) -> None:
+async def test_silent_connection_is_closed_after_the_acse_timeout(
+    module_dsn: str, tmp_path: Path
+) -> None:
     settings = DicomSettings(acse_timeout=0.3)
-    async with running_dicom(dsn, tmp_path / "store", settings) as quick:
+    async with running_dicom(module_dsn, tmp_path / "store", settings) as quick:
         reader, writer = await asyncio.open_connection("127.0.0.1", quick.port)
         try:
             async with asyncio.timeout(5):
@@ -238,9 +232,9 @@ async def test_dcmtk_storescu_instance_is_stored_and_found_with_findscu(
 
 
 async def test_stop_aborts_an_association_still_open_after_the_grace(
-    dsn: str, tmp_path: Path
+    module_dsn: str, tmp_path: Path
 ) -> None:
-    async with running_dicom(dsn, tmp_path / "store") as short:
+    async with running_dicom(module_dsn, tmp_path / "store") as short:
         held = await asyncio.to_thread(associate_for, short.port, fresh())
         async with asyncio.timeout(5):
             await short.server.stop(grace=0.2)

@@ -17,7 +17,6 @@ from pynetdicom import _config
 
 from dicom import status
 from dicom.config import DicomSettings
-from gateway.local_services import drop_database, ensure_database
 from tests.dicom_support import (
     RunningDicom,
     echo,
@@ -45,18 +44,10 @@ TEST_FILES = [
 
 
 @pytest.fixture(scope="module")
-async def dsn(postgres_server_dsn: str) -> AsyncIterator[str]:
-    name = f"qantara_dicom_{secrets.token_hex(5)}"
-    url = await ensure_database(postgres_server_dsn, name)
-    try:
-        yield url
-    finally:
-        await drop_database(postgres_server_dsn, name)
-
-
-@pytest.fixture(scope="module")
-async def scp(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RunningDicom]:
-    async with running_dicom(dsn, tmp_path_factory.mktemp("dicom-store")) as running:
+async def scp(
+    module_dsn: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningDicom]:
+    async with running_dicom(module_dsn, tmp_path_factory.mktemp("dicom-store")) as running:
         yield running
 
 
@@ -154,9 +145,11 @@ async def test_no_temp_file_is_left_after_stores(scp: RunningDicom) -> None:
     assert temp_files(scp.root) == []
 
 
-async def test_calling_ae_not_in_the_allowed_list_is_rejected(dsn: str, tmp_path: Path) -> None:
+async def test_calling_ae_not_in_the_allowed_list_is_rejected(
+    module_dsn: str, tmp_path: Path
+) -> None:
     settings = DicomSettings(allowed_aes=frozenset({"CT01"}))
-    async with running_dicom(dsn, tmp_path / "store", settings) as limited:
+    async with running_dicom(module_dsn, tmp_path / "store", settings) as limited:
         refused, _ = await asyncio.to_thread(echo, limited.port, "INTRUDER")
         allowed, code = await asyncio.to_thread(echo, limited.port, "CT01")
     assert not refused
