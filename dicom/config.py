@@ -18,6 +18,7 @@ class DicomSettings:
     ae_title: str = "QANTARA"
     storage: Path = Path("./var/dicom")
     allowed_aes: frozenset[str] = frozenset()
+    require_called_ae: bool = False  # refuse associations addressed to another AE title
     max_associations: int = 16
     max_pdu: int = 1 << 20
     acse_timeout: float = 30.0

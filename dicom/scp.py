@@ -150,7 +150,9 @@ class DicomServer:
         self._finder = finder
         self._indexed = indexed
         self._metrics = metrics
-        self._policy = gateway_policy(settings.ae_title, settings.max_pdu, settings.allowed_aes)
+        self._policy = gateway_policy(
+            settings.ae_title, settings.max_pdu, settings.allowed_aes, settings.require_called_ae
+        )
         self._listener: asyncio.Server | None = None
         self._runner: asyncio.Task[None] | None = None
         self._group: asyncio.TaskGroup | None = None

@@ -379,6 +379,9 @@ def _dicom(r: _Reader) -> DicomSettings:
             _ae_titles,
             "must be a comma-separated list of AE titles of 1 to 16 printable ASCII characters",
         ),
+        require_called_ae=r.get(
+            "DICOM_REQUIRE_CALLED_AE", False, _boolean, "must be true or false"
+        ),
         max_associations=r.integer("DICOM_MAX_ASSOCIATIONS", 16, 1, 1000),
         max_pdu=r.integer("DICOM_MAX_PDU", 1 << 20, 4096, 1 << 26),
         acse_timeout=seconds("DICOM_ACSE_TIMEOUT", 30.0),
@@ -390,6 +393,15 @@ def _dicom(r: _Reader) -> DicomSettings:
         orphan_lookback=seconds("DICOM_ORPHAN_LOOKBACK", 2 * 86400.0),
         sweep_interval=seconds("DICOM_SWEEP_INTERVAL", 600.0),
     )
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(text)
 
 
 def _read_toml(path: Path) -> dict[str, str]:

@@ -106,11 +106,11 @@ def scu(ae_title: str = "MODALITY") -> AE:
     return ae
 
 
-def echo(port: int, ae_title: str = "MODALITY") -> tuple[bool, int | None]:
-    """(association accepted, C-ECHO status)."""
+def echo(port: int, ae_title: str = "MODALITY", called: str = SCP_AE) -> tuple[bool, int | None]:
+    """(association accepted, C-ECHO status), calling as `ae_title` and calling `called`."""
     ae = scu(ae_title)
     ae.add_requested_context(VERIFICATION)
-    assoc = ae.associate("127.0.0.1", port, ae_title=SCP_AE)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
     if not assoc.is_established:
         return False, None
     try:

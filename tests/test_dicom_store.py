@@ -18,6 +18,7 @@ from pynetdicom import _config
 from dicom import status
 from dicom.config import DicomSettings
 from tests.dicom_support import (
+    SCP_AE,
     RunningDicom,
     echo,
     instance_row,
@@ -152,6 +153,18 @@ async def test_calling_ae_not_in_the_allowed_list_is_rejected(
     async with running_dicom(module_dsn, tmp_path / "store", settings) as limited:
         refused, _ = await asyncio.to_thread(echo, limited.port, "INTRUDER")
         allowed, code = await asyncio.to_thread(echo, limited.port, "CT01")
+    assert not refused
+    assert allowed
+    assert code == status.SUCCESS
+
+
+async def test_association_to_another_called_ae_is_rejected_when_required(
+    module_dsn: str, tmp_path: Path
+) -> None:
+    settings = DicomSettings(ae_title=SCP_AE, require_called_ae=True)
+    async with running_dicom(module_dsn, tmp_path / "store", settings) as strict:
+        refused, _ = await asyncio.to_thread(echo, strict.port, "CT01", "ELSEWHERE")
+        allowed, code = await asyncio.to_thread(echo, strict.port, "CT01", SCP_AE)
     assert not refused
     assert allowed
     assert code == status.SUCCESS

@@ -49,6 +49,7 @@ def test_without_shared_group_subscribes_to_every_unit() -> None:
         ("QANTARA_DB_ROLE_PREFIX", "Qantara-Prod"),
         ("QANTARA_DB_ROLE_PREFIX", "9lives"),
         ("QANTARA_MQTT_LEDGER_KEEP", "-5"),
+        ("QANTARA_DICOM_REQUIRE_CALLED_AE", "maybe"),
         ("QANTARA_MQTT_LEDGER_PRUNE_INTERVAL", "often"),
     ],
 )
@@ -75,6 +76,11 @@ def test_unreadable_toml_is_a_config_error(tmp_path: Path) -> None:
 def test_ledger_pruning_runs_every_ten_minutes_unless_set_to_zero() -> None:
     assert Settings.load({}).ledger_prune_interval == 600.0
     assert Settings.load({"QANTARA_MQTT_LEDGER_PRUNE_INTERVAL": "0"}).ledger_prune_interval == 0.0
+
+
+def test_dicom_called_ae_check_is_off_unless_asked() -> None:
+    assert not Settings.load({}).dicom.require_called_ae
+    assert Settings.load({"QANTARA_DICOM_REQUIRE_CALLED_AE": "true"}).dicom.require_called_ae
 
 
 def test_dicom_orphan_sweep_timings_are_settings() -> None:
