@@ -14,6 +14,7 @@ import hashlib
 import random
 import sys
 import time
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -87,6 +88,14 @@ def _person_name(patient: Patient, charset: str) -> str:
     return f"{patient.family_name_ar}^{patient.given_name_ar}"
 
 
+def _latin(text: str, charset: str) -> str:
+    """French text as a device set to `charset` writes it: ISO_IR 127 (Arabic) has no accented
+    Latin letters, so such a device drops the accents rather than send what it cannot encode."""
+    if charset != "ISO_IR 127":
+        return text
+    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+
+
 def study_datasets(
     patient: Patient, modality: str, charset: str, rng: random.Random, when: datetime
 ) -> list[Dataset]:
@@ -131,7 +140,7 @@ def study_datasets(
         ds.SeriesNumber = 1
         ds.InstanceNumber = number
         ds.BodyPartExamined = BODY_PARTS[modality]
-        ds.InstitutionName = f"Hopital provincial {province.name_fr}"
+        ds.InstitutionName = _latin(f"Hopital provincial {province.name_fr}", charset)
         ds.Manufacturer = "Qantara simulator"
         ds.Rows, ds.Columns = rows, columns
         ds.SamplesPerPixel = 1

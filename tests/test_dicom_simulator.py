@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
+import warnings
 from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
+from pydicom.filebase import DicomBytesIO
 
 from gateway.local_services import drop_database, ensure_database
-from simulators.modality import ModalityConfig, run_modality
+from simulators.modality import CHARSETS, ModalityConfig, run_modality, study_datasets
+from simulators.population import REGIONS, Population
 from tests.dicom_support import running_dicom
 
 
@@ -44,3 +49,15 @@ async def test_simulated_studies_are_all_stored_with_their_names_in_three_charse
     assert any("\u0600" <= c <= "\u06ff" for c in rows[1]["patient_name"])
     assert any("\u0600" <= c <= "\u06ff" for c in rows[2]["patient_name"])
     assert cins == 3
+
+
+@pytest.mark.parametrize("charset", CHARSETS)
+def test_every_text_of_a_simulated_study_is_encodable_in_its_charset(charset: str) -> None:
+    population = Population(date(2026, 11, 27))
+    rng = random.Random(7)
+    patients = [population.patient(rng, p) for region in REGIONS for p in region.provinces]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pydicom warns when it substitutes a character
+        for patient in patients:
+            for ds in study_datasets(patient, "CR", charset, rng, datetime.now(UTC))[:1]:
+                ds.save_as(DicomBytesIO(), enforce_file_format=True)
