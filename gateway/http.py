@@ -24,7 +24,8 @@ from typing import Any, Final
 
 import asyncpg
 import orjson
-from prometheus_client import make_asgi_app
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -299,14 +300,17 @@ def access_log_middleware(app: ASGIApp) -> ASGIApp:
 # --- endpoints ---------------------------------------------------------------------------------
 
 
-class _AsgiEndpoint:
-    """Wraps an ASGI callable so that `Route` treats it as an app, not a request handler."""
+def _metrics(registry: CollectorRegistry) -> Callable[[Request], Response]:
+    """The Prometheus exposition (text, or OpenMetrics when the scraper asks for it), with a
+    Content-Length: prometheus_client's own ASGI app sends none, and uvicorn's httptools
+    protocol then answers in chunked encoding even to an HTTP/1.0 request, which such a client
+    (a load balancer's health check, a shell probe) cannot read."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self._app = app
+    def metrics(request: Request) -> Response:
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encoder(registry), headers={"Content-Type": content_type})
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._app(scope, receive, send)
+    return metrics
 
 
 async def _healthz(request: Request) -> Response:
@@ -950,11 +954,7 @@ def create_app(
     routes = [
         Route("/healthz", _healthz, methods=["GET"]),
         Route("/readyz", _readyz(readiness), methods=["GET"]),
-        Route(
-            "/metrics",
-            _AsgiEndpoint(make_asgi_app(registry=metrics.registry)),
-            methods=["GET"],
-        ),
+        Route("/metrics", _metrics(metrics.registry), methods=["GET"]),
         Route("/openapi.json", _openapi, methods=["GET"]),
         Route("/fhir/metadata", fhir.metadata, methods=["GET"]),
         route("/fhir/Patient", "Patient", search, "search-type", fhir.search_patients),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 
 import asyncpg
 import httpx
@@ -13,6 +15,7 @@ from starlette.responses import Response
 
 from gateway.http import ApiSettings, create_app
 from monitoring.metrics import Metrics
+from tests.gateway_process import GatewayProcess
 from tests.http_support import BASE_URL, validate_fhir
 
 
@@ -116,3 +119,25 @@ async def test_database_unreachable_is_a_503_outcome_with_retry_after(api_dsn: s
     outcome = response.json()
     validate_fhir(outcome)
     assert outcome["issue"][0]["code"] == "transient"
+
+
+@pytest.mark.timeout(60)
+async def test_metrics_answer_an_http_1_0_client_with_a_length_not_chunks(
+    postgres_dsn: str, mqtt_url: str
+) -> None:
+    # Load balancers' health checks and shell probes speak HTTP/1.0: no chunked encoding.
+    async with GatewayProcess(database_url=postgres_dsn, mqtt_url=mqtt_url) as gateway:
+        await gateway.wait_ready()
+        assert gateway.port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        try:
+            writer.write(b"GET /metrics HTTP/1.0\r\nHost: gateway\r\n\r\n")
+            data = await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"\r\ncontent-length: (\d+)", head.lower())
+    assert b"transfer-encoding" not in head.lower()
+    assert length is not None
+    assert int(length.group(1)) == len(body)
+    assert b"qantara_messages_received_total" in body
