@@ -435,30 +435,6 @@ class ObservationSearch:
     elements: tuple[str, ...] | None
     paging: Paging
 
-    @property
-    def time(self) -> TimeRange:
-        return self.dates.range
-
-    @property
-    def count(self) -> int:
-        return self.paging.count
-
-    @property
-    def summary_count(self) -> bool:
-        return self.paging.summary_count
-
-    @property
-    def cursor(self) -> str | None:
-        return self.paging.cursor
-
-    @property
-    def patient_ids(self) -> tuple[int, ...] | None:
-        return self.patient.ids
-
-    @property
-    def patient_identifiers(self) -> tuple[Token, ...] | None:
-        return self.patient.identifiers
-
     def digest(self) -> bytes:
         """What a cursor is bound to: the criteria and the order, not the page size."""
         return _digest(
@@ -488,18 +464,6 @@ class PatientSearch:
     genders: frozenset[str] | None
     ids: tuple[int, ...] | None
     paging: Paging
-
-    @property
-    def count(self) -> int:
-        return self.paging.count
-
-    @property
-    def summary_count(self) -> bool:
-        return self.paging.summary_count
-
-    @property
-    def cursor(self) -> str | None:
-        return self.paging.cursor
 
     def digest(self) -> bytes:
         return _digest(

@@ -627,7 +627,8 @@ class _FhirApi:
             request.query_params.multi_items(), strict=strict, **self._limits()
         )
         digest = search.digest()
-        after = self._after_id(search.cursor, digest)
+        paging = search.paging
+        after = self._after_id(paging.cursor, digest)
         survivors = None
         if search.identifiers is not None:
             survivors = tuple(await self._patients_by_identifiers(search.identifiers))
@@ -646,15 +647,15 @@ class _FhirApi:
             genders=tuple(sorted(search.genders)) if search.genders is not None else None,
         )
         total = await count_patients(self._db, query)
-        if search.summary_count or search.count == 0:
-            return self._bundle(request, [], total, search.cursor, None, PATIENT_PARAMETERS)
-        ids = await search_patient_ids(self._db, query, after, search.count + 1)
-        page = ids[: search.count]
-        next_cursor = self._next_id(digest, page[-1]) if len(ids) > search.count else None
+        if paging.summary_count or paging.count == 0:
+            return self._bundle(request, [], total, paging.cursor, None, PATIENT_PARAMETERS)
+        ids = await search_patient_ids(self._db, query, after, paging.count + 1)
+        page = ids[: paging.count]
+        next_cursor = self._next_id(digest, page[-1]) if len(ids) > paging.count else None
         records = await get_patients(self._db, page)
         resources = [patient_resource(r) for r in records]
         return self._bundle(
-            request, resources, total, search.cursor, next_cursor, PATIENT_PARAMETERS
+            request, resources, total, paging.cursor, next_cursor, PATIENT_PARAMETERS
         )
 
     # --- Observation ---
@@ -690,9 +691,10 @@ class _FhirApi:
             request.query_params.multi_items(), strict=strict, **self._limits()
         )
         digest = search.digest()
+        paging = search.paging
         after = None
-        if search.cursor is not None:
-            position = self._cursors.decode(search.cursor, digest, timed=True)
+        if paging.cursor is not None:
+            position = self._cursors.decode(paging.cursor, digest, timed=True)
             assert position.time is not None  # noqa: S101 - timed cursors carry a time
             after = VitalPosition(position.time, position.id)
         patients = tuple(await self._whose(search.patient))
@@ -700,8 +702,8 @@ class _FhirApi:
         query = VitalQuery(
             patient_ids=patients,
             concept_ids=await self._concepts(search.codes, search.categories),
-            start=search.time.start,
-            end=search.time.end,
+            start=search.dates.range.start,
+            end=search.dates.range.end,
             excluded=excluded,
             descending=search.descending,
         )
@@ -714,27 +716,27 @@ class _FhirApi:
                 if search.codes is not None
                 else None
             ),
-            start=search.time.start,
-            end=search.time.end,
+            start=search.dates.range.start,
+            end=search.dates.range.end,
             excluded=excluded,
             descending=search.descending,
         )
         counts = await count_observations(self._db, query, lab_query if labs else None)
         total = counts.total
-        if search.summary_count or search.count == 0:
-            return self._bundle(request, [], total, search.cursor, None, OBSERVATION_PARAMETERS)
+        if paging.summary_count or paging.count == 0:
+            return self._bundle(request, [], total, paging.cursor, None, OBSERVATION_PARAMETERS)
         # A kind with no matching row at count time is not read: rows written since then may
         # appear or not (as on any page), and a page skips none that were there from the start.
         rows: list[VitalRecord | LabObservationRecord] = []
         if counts.vitals:
-            rows.extend(await search_vital_observations(self._db, query, after, search.count + 1))
+            rows.extend(await search_vital_observations(self._db, query, after, paging.count + 1))
         if counts.labs:
-            rows.extend(await search_lab_observations(self._db, lab_query, after, search.count + 1))
+            rows.extend(await search_lab_observations(self._db, lab_query, after, paging.count + 1))
             if counts.vitals:  # each list comes in order; only a mix needs sorting
                 rows.sort(key=lambda r: (r.position.time, r.position.id), reverse=search.descending)
-        page = rows[: search.count]
+        page = rows[: paging.count]
         next_cursor = None
-        if len(rows) > search.count:
+        if len(rows) > paging.count:
             last = page[-1].position
             next_cursor = self._cursors.encode(digest, CursorPosition(last.time, last.id))
         resources = [_subset(_observation(r), search.elements) for r in page]
@@ -742,7 +744,7 @@ class _FhirApi:
             request,
             resources,
             total,
-            search.cursor,
+            paging.cursor,
             next_cursor,
             OBSERVATION_PARAMETERS,
             _subjects(page),

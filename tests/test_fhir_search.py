@@ -301,7 +301,7 @@ def test_unknown_parameter_is_ignored_leniently_and_refused_strictly(name: str) 
     params = [("patient", "1"), (name, "x")]
     if name != "_format":
         lenient = parse_observation_search(params, default_count=50, max_count=1000)
-        assert lenient.patient_ids == (1,)
+        assert lenient.patient.ids == (1,)
         with pytest.raises(SearchParameterError, match="not a supported search parameter"):
             parse_observation_search(params, default_count=50, max_count=1000, strict=True)
 
