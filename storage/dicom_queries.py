@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, time
 from typing import Any, Final
 
-from ingest.errors import StorageUnavailable
 from storage.params import Params
-from storage.pool import is_transient
-from storage.queries import Executor
+from storage.queries import Executor, fetch
 
 LEVELS: Final = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 
@@ -114,15 +112,6 @@ _SELECT: Final = {
 }
 
 
-async def _fetch(db: Executor, sql: str, *args: object) -> list[Any]:
-    try:
-        return list(await db.fetch(sql, *args))
-    except Exception as exc:
-        if is_transient(exc):
-            raise StorageUnavailable(type(exc).__name__) from exc
-        raise
-
-
 class FindRequestError(ValueError):
     """The query's level or a value is not usable (answered 0xA900 / 0xC000)."""
 
@@ -173,7 +162,7 @@ async def find(db: Executor, request: FindRequest) -> list[FindMatch]:
         raise FindRequestError(f"unsupported query level {request.level!r}")
     where, values = _conditions(request)
     sql = _SELECT[request.level].format(where=where, limit=int(request.limit))
-    rows = await _fetch(db, sql, *values)
+    rows = await fetch(db, sql, *values)
     return [dict(r) for r in rows]
 
 
@@ -213,7 +202,7 @@ class ImagingStudyRecord:
 
 async def indexed_files(db: Executor, file_paths: Sequence[str]) -> set[str]:
     """Which of these file locations (relative to the DICOM store) an instance row names."""
-    rows = await _fetch(
+    rows = await fetch(
         db,
         "SELECT file_path FROM dicom_instance WHERE file_path = ANY($1::text[])",
         list(file_paths),

@@ -132,7 +132,7 @@ class VitalRecord:
         return VitalPosition(self.time, self.id)
 
 
-async def _fetch(db: Executor, sql: str, *args: object) -> list[Any]:
+async def fetch(db: Executor, sql: str, *args: object) -> list[Any]:
     """Run a query; a database that cannot answer becomes `StorageUnavailable`."""
     try:
         return list(await db.fetch(sql, *args))
@@ -160,7 +160,7 @@ async def find_patients_by_identifier(
             return []
         where = "pi.system = ANY($2::text[]) AND pi.value = $1"
         args = (value, list(systems))
-    rows = await _fetch(
+    rows = await fetch(
         db,
         f"""SELECT DISTINCT coalesce(p.replaced_by, p.id) AS id
             FROM patient_identifier pi JOIN patient p ON p.id = pi.patient_id
@@ -187,7 +187,7 @@ async def patient_group(db: Executor, patient_ids: Sequence[int]) -> list[int]:
     """The patients whose vitals belong to `patient_ids`: their survivors and all they replaced."""
     if not patient_ids:
         return []
-    rows = await _fetch(db, patient_group_sql("$1"), list(patient_ids))
+    rows = await fetch(db, patient_group_sql("$1"), list(patient_ids))
     return [r["id"] for r in rows]
 
 
@@ -195,7 +195,7 @@ async def get_patients(db: Executor, patient_ids: Sequence[int]) -> list[Patient
     """The patients with these ids, in the order given; unknown ids are left out."""
     if not patient_ids:
         return []
-    rows = await _fetch(
+    rows = await fetch(
         db,
         """SELECT p.id, p.names::text AS names, p.family, p.given, p.gender, p.birth_date,
                   p.replaced_by,
@@ -275,11 +275,11 @@ def _texts(value: object) -> tuple[str, ...]:
 async def find_concepts(db: Executor, criteria: Sequence[CodeCriterion] | None) -> list[Concept]:
     """Concepts matching any of `criteria` (all concepts when None); the table is a dictionary."""
     if criteria is None:
-        rows = await _fetch(db, "SELECT id, system, code, unit FROM concept ORDER BY id")
+        rows = await fetch(db, "SELECT id, system, code, unit FROM concept ORDER BY id")
     else:
         if not criteria:
             return []
-        rows = await _fetch(
+        rows = await fetch(
             db,
             """SELECT DISTINCT c.id, c.system, c.code, c.unit
                FROM concept c JOIN unnest($1::text[], $2::text[]) AS k(system, code)
@@ -369,7 +369,7 @@ async def search_vital_observations(
              ORDER BY r.time {order}, r.id {order} LIMIT {limit_param}) AS v
        {_VITAL_JOINS}
        ORDER BY v.time {order}, v.id {order}"""  # noqa: S608 - fixed fragments, numbered parameters
-    rows = await _fetch(db, sql, *params.values)
+    rows = await fetch(db, sql, *params.values)
     return [_vital_record(r) for r in rows]
 
 
@@ -379,7 +379,7 @@ async def count_vital_observations(db: Executor, query: VitalQuery) -> int:
         return 0
     params = Params(list(query.patient_ids))
     conditions = _vital_conditions(query, None, "ANY($1::bigint[])", params)
-    rows = await _fetch(
+    rows = await fetch(
         db,
         f"SELECT count(*) AS n FROM vital WHERE {' AND '.join(conditions)}",  # noqa: S608
         *params.values,
@@ -419,13 +419,13 @@ async def count_observations(
         parts.append("0::bigint AS labs")
     if not params.values:
         return ObservationCounts(0, 0)
-    rows = await _fetch(db, f"SELECT {', '.join(parts)}", *params.values)
+    rows = await fetch(db, f"SELECT {', '.join(parts)}", *params.values)
     return ObservationCounts(int(rows[0]["vitals"]), int(rows[0]["labs"]))
 
 
 async def get_vital(db: Executor, vital_id: int) -> VitalRecord | None:
     """The vital with this id, or None."""
-    rows = await _fetch(
+    rows = await fetch(
         db,
         f"SELECT {_VITAL_COLUMNS} FROM vital v {_VITAL_JOINS} WHERE v.id = $1",  # noqa: S608
         vital_id,
@@ -556,7 +556,7 @@ async def search_lab_observations(
        ORDER BY coalesce(o.observed_at, o.received_at) {"DESC" if query.descending else "ASC"},
                 o.id {"ASC" if query.descending else "DESC"}
        LIMIT {limit_param}"""  # noqa: S608 - fixed fragments and numbered parameters only
-    return [_lab_record(r) for r in await _fetch(db, sql, *params.values)]
+    return [_lab_record(r) for r in await fetch(db, sql, *params.values)]
 
 
 def _no_labs(query: LabQuery) -> bool:
@@ -568,7 +568,7 @@ async def count_lab_observations(db: Executor, query: LabQuery) -> int:
         return 0
     params = Params()
     conditions = _lab_conditions(query, None, params)
-    rows = await _fetch(
+    rows = await fetch(
         db,
         f"SELECT count(*) AS n FROM lab_observation o WHERE {' AND '.join(conditions)}",  # noqa: S608
         *params.values,
@@ -577,7 +577,7 @@ async def count_lab_observations(db: Executor, query: LabQuery) -> int:
 
 
 async def get_lab_observation(db: Executor, observation_id: int) -> LabObservationRecord | None:
-    rows = await _fetch(
+    rows = await fetch(
         db,
         f"""SELECT {_LAB_COLUMNS} FROM lab_observation o JOIN patient p ON p.id = o.patient_id
             WHERE o.id = $1""",  # noqa: S608 - fixed fragments only
@@ -665,7 +665,7 @@ async def search_lab_reports(
     params = Params()
     conditions = _report_conditions(query, after_id, params)
     limit_param = params(limit)
-    rows = await _fetch(
+    rows = await fetch(
         db,
         f"""SELECT {_REPORT_COLUMNS} FROM lab_report r JOIN patient p ON p.id = r.patient_id
             WHERE {" AND ".join(conditions)}
@@ -680,7 +680,7 @@ async def count_lab_reports(db: Executor, query: ReportQuery) -> int:
         return 0
     params = Params()
     conditions = _report_conditions(query, None, params)
-    rows = await _fetch(
+    rows = await fetch(
         db,
         f"SELECT count(*) AS n FROM lab_report r WHERE {' AND '.join(conditions)}",  # noqa: S608
         *params.values,
@@ -689,7 +689,7 @@ async def count_lab_reports(db: Executor, query: ReportQuery) -> int:
 
 
 async def get_lab_report(db: Executor, report_id: int) -> LabReportRecord | None:
-    rows = await _fetch(
+    rows = await fetch(
         db,
         f"""SELECT {_REPORT_COLUMNS} FROM lab_report r JOIN patient p ON p.id = r.patient_id
             WHERE r.id = $1""",  # noqa: S608 - fixed fragments only
@@ -734,7 +734,7 @@ async def lastn_vitals(
     else:
         params(list(concept_ids))
         concepts = "unnest($3::int[]) AS q(concept_id)"
-    rows = await _fetch(
+    rows = await fetch(
         db,
         f"""SELECT {_VITAL_COLUMNS}
             FROM (SELECT r.*, row_number() OVER (PARTITION BY r.concept_id
@@ -765,7 +765,7 @@ async def lastn_labs(
         LabQuery(tuple(patient_ids), tuple(codes) if codes else None), None, params
     )
     most_param = params(most)
-    rows = await _fetch(
+    rows = await fetch(
         db,
         f"""SELECT * FROM (
                 SELECT {_LAB_COLUMNS}, row_number() OVER (
@@ -842,7 +842,7 @@ async def _fold_prefixes(db: Executor, query: PatientQuery) -> PatientQuery:
     """`query` with its name prefixes folded as the indexed parts are (`qantara_fold`)."""
     if not query.name_prefixes:
         return query
-    rows = await _fetch(
+    rows = await fetch(
         db,
         "SELECT array_agg(qantara_fold(v) ORDER BY o) AS folded "
         "FROM unnest($1::text[]) WITH ORDINALITY AS u(v, o)",
@@ -868,7 +868,7 @@ async def search_patient_ids(
     params = Params()
     conditions = _patient_conditions(query, after_id, params)
     limit_param = params(limit)
-    rows = await _fetch(
+    rows = await fetch(
         db,
         f"""SELECT p.id FROM patient p WHERE {" AND ".join(conditions)}
             ORDER BY p.id LIMIT {limit_param}""",  # noqa: S608 - fixed fragments only
@@ -883,7 +883,7 @@ async def count_patients(db: Executor, query: PatientQuery) -> int:
     query = await _fold_prefixes(db, query)
     params = Params()
     conditions = _patient_conditions(query, None, params)
-    rows = await _fetch(
+    rows = await fetch(
         db,
         f"SELECT count(*) AS n FROM patient p WHERE {' AND '.join(conditions)}",  # noqa: S608
         *params.values,
@@ -911,7 +911,7 @@ async def search_devices(
     """Devices whose `(unit, ident)` match any of `idents` (unit None: any unit), by id."""
     if not idents or limit <= 0:
         return []
-    rows = await _fetch(
+    rows = await fetch(
         db,
         """SELECT d.id, u.name AS unit, d.ident, d.kind
            FROM device d JOIN unit u ON u.id = d.unit_id
@@ -929,7 +929,7 @@ async def search_devices(
 
 async def get_device(db: Executor, device_id: int) -> DeviceRecord | None:
     """The device with this id, or None."""
-    rows = await _fetch(
+    rows = await fetch(
         db,
         """SELECT d.id, u.name AS unit, d.ident, d.kind
            FROM device d JOIN unit u ON u.id = d.unit_id WHERE d.id = $1""",
@@ -999,7 +999,7 @@ async def search_studies(
     params = Params()
     conditions = _imaging_conditions(query, after_id, params)
     limit_param = params(limit)
-    rows = await _fetch(
+    rows = await fetch(
         db,
         f"""SELECT s.id, coalesce(p.replaced_by, p.id) AS subject_id, s.study_uid, s.started,
                   s.study_date, s.study_time, s.description, s.accession_number,
@@ -1046,7 +1046,7 @@ async def count_studies(db: Executor, query: ImagingQuery) -> int:
         return 0
     params = Params()
     conditions = _imaging_conditions(query, None, params)
-    rows = await _fetch(
+    rows = await fetch(
         db,
         f"SELECT count(*) AS n FROM dicom_study s WHERE {' AND '.join(conditions)}",  # noqa: S608
         *params.values,
@@ -1057,7 +1057,7 @@ async def count_studies(db: Executor, query: ImagingQuery) -> int:
 async def count_devices(db: Executor, idents: Sequence[tuple[str | None, str]]) -> int:
     if not idents:
         return 0
-    rows = await _fetch(
+    rows = await fetch(
         db,
         """SELECT count(*) AS n FROM device d JOIN unit u ON u.id = d.unit_id
            WHERE EXISTS (SELECT 1 FROM unnest($1::text[], $2::text[]) AS k(unit, ident)
@@ -1146,7 +1146,7 @@ async def qido_studies(db: Executor, query: StudyQuery) -> list[QidoStudy]:
         )
     limit = param(query.limit, "int")
     offset = param(query.offset, "int")
-    rows = await _fetch(
+    rows = await fetch(
         db,
         f"""SELECT s.id, coalesce(p.replaced_by, p.id) AS subject_id, s.study_uid,
                    s.dicom_patient_id, s.patient_name, s.patient_birth_date, s.patient_sex,
@@ -1188,7 +1188,7 @@ async def qido_series(
     db: Executor, study_uid: str, limit: int, offset: int
 ) -> list[QidoSeries] | None:
     """The series of a study (None when the study is unknown), by id."""
-    study = await _fetch(
+    study = await fetch(
         db,
         """SELECT s.id, coalesce(p.replaced_by, p.id) AS subject_id
            FROM dicom_study s LEFT JOIN patient p ON p.id = s.patient_id
@@ -1197,7 +1197,7 @@ async def qido_series(
     )
     if not study:
         return None
-    rows = await _fetch(
+    rows = await fetch(
         db,
         """SELECT se.series_uid, se.modality, se.series_number, se.description,
                   (SELECT count(*) FROM dicom_instance i WHERE i.series_id = se.id) AS instances
@@ -1230,7 +1230,7 @@ async def qido_instances(
     offset: int,
 ) -> list[QidoInstance] | None:
     """The instances of a series (None when the series is not in that study), by id."""
-    series = await _fetch(
+    series = await fetch(
         db,
         """SELECT se.id, coalesce(p.replaced_by, p.id) AS subject_id
            FROM dicom_series se JOIN dicom_study s ON s.id = se.study_id
@@ -1241,7 +1241,7 @@ async def qido_instances(
     )
     if not series:
         return None
-    rows = await _fetch(
+    rows = await fetch(
         db,
         """SELECT sop_instance_uid, sop_class_uid, instance_number, transfer_syntax, file_path,
                   size
