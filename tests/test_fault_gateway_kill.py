@@ -17,14 +17,11 @@ still ends with a complete ledger thanks to those resends (about 14,000 of them 
 
 from __future__ import annotations
 
-import secrets
 import time
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
-from gateway.local_services import drop_database, ensure_database
 from tests.conftest import PrivateMosquittoFactory
 from tests.gateway_process import (
     GatewayProcess,
@@ -46,19 +43,9 @@ KILL_AT = 0.3
 RESEND_AFTER = 60.0  # far above the whole run (about 10 s here)
 
 
-@pytest.fixture
-async def fault_dsn(postgres_server_dsn: str) -> AsyncIterator[str]:
-    name = f"qantara_t_{secrets.token_hex(6)}"
-    dsn = await ensure_database(postgres_server_dsn, name)
-    try:
-        yield dsn
-    finally:
-        await drop_database(postgres_server_dsn, name)
-
-
 @pytest.mark.timeout(300)
 async def test_gateway_killed_mid_stream_loses_and_duplicates_nothing(
-    fault_dsn: str, private_mosquitto: PrivateMosquittoFactory
+    module_dsn: str, private_mosquitto: PrivateMosquittoFactory
 ) -> None:
     broker = await private_mosquitto()
     publishers = [
@@ -70,10 +57,10 @@ async def test_gateway_killed_mid_stream_loses_and_duplicates_nothing(
     totals = {p.unit: p.total for p in publishers}
     messages = UNITS * SEQS
     started = time.monotonic()
-    conn = await asyncpg.connect(fault_dsn)
+    conn = await asyncpg.connect(module_dsn)
     try:
         async with GatewayProcess(
-            database_url=fault_dsn, mqtt_url=broker.url, client_id=new_client_id()
+            database_url=module_dsn, mqtt_url=broker.url, client_id=new_client_id()
         ) as gateway:
             await gateway.wait_ready()
             async with running_fleet(publishers) as fleet:

@@ -49,28 +49,18 @@ WAIT = 30.0  # bound on any single wait for the gateway
 
 
 @pytest.fixture(scope="module")
-async def ingest_dsn(postgres_server_dsn: str) -> AsyncIterator[str]:
-    name = f"qantara_t_{secrets.token_hex(6)}"
-    dsn = await ensure_database(postgres_server_dsn, name)
-    try:
-        yield dsn
-    finally:
-        await drop_database(postgres_server_dsn, name)
-
-
-@pytest.fixture(scope="module")
-async def gateway(ingest_dsn: str, mqtt_url: str) -> AsyncIterator[GatewayProcess]:
+async def gateway(module_dsn: str, mqtt_url: str) -> AsyncIterator[GatewayProcess]:
     async with GatewayProcess(
-        database_url=ingest_dsn, mqtt_url=mqtt_url, env=GATEWAY_ENV
+        database_url=module_dsn, mqtt_url=mqtt_url, env=GATEWAY_ENV
     ) as process:
         await process.wait_ready()
         yield process
 
 
 @pytest.fixture(scope="module")
-async def db(gateway: GatewayProcess, ingest_dsn: str) -> AsyncIterator[asyncpg.Pool]:
+async def db(gateway: GatewayProcess, module_dsn: str) -> AsyncIterator[asyncpg.Pool]:
     """Read access to the gateway's database (its migrations are applied by then)."""
-    pool = await asyncpg.create_pool(ingest_dsn, min_size=1, max_size=2)
+    pool = await asyncpg.create_pool(module_dsn, min_size=1, max_size=2)
     try:
         yield pool
     finally:

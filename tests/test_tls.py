@@ -18,7 +18,6 @@ import asyncpg
 import httpx
 import pytest
 
-from gateway.local_services import drop_database, ensure_database
 from tests.gateway_process import GatewayProcess
 from tests.services_support import wait_until
 from tests.test_mqtt_acl import GATEWAY, UNIT, Broker, _client, broker
@@ -29,19 +28,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 @pytest.fixture(scope="module")
-async def database(postgres_server_dsn: str) -> AsyncIterator[str]:
-    """A database of this module's own: the unit's (unit, seq) must be new here."""
-    name = f"qantara_tls_{uuid.uuid4().hex[:10]}"
-    dsn = await ensure_database(postgres_server_dsn, name)
-    yield dsn
-    await drop_database(postgres_server_dsn, name)
-
-
-@pytest.fixture(scope="module")
-async def gateway(broker: Broker, database: str) -> AsyncIterator[GatewayProcess]:
+async def gateway(broker: Broker, module_dsn: str) -> AsyncIterator[GatewayProcess]:
     secrets = broker.secrets
     process = GatewayProcess(
-        database_url=database,
+        database_url=module_dsn,
         mqtt_url=f"mqtts://127.0.0.1:{broker.port}",
         env={
             "QANTARA_MQTT_CA_FILE": str(secrets / "ca.crt"),
@@ -76,7 +66,7 @@ async def test_http_listener_refuses_plain_http(gateway: GatewayProcess) -> None
 
 
 async def test_gateway_session_over_mqtts_verifies_the_broker_and_stores_a_unit_s_vitals(
-    gateway: GatewayProcess, broker: Broker, database: str
+    gateway: GatewayProcess, broker: Broker, module_dsn: str
 ) -> None:
     async with https(broker) as client:
 
@@ -101,7 +91,7 @@ async def test_gateway_session_over_mqtts_verifies_the_broker_and_stores_a_unit_
             unit.publish, f"units/{UNIT}/vitals", json.dumps(payload).encode()
         )
         assert not code.is_failure
-        conn = await asyncpg.connect(database)
+        conn = await asyncpg.connect(module_dsn)
         try:
 
             async def stored() -> bool:
