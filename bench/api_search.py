@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 import asyncpg  # noqa: E402
 import httpx  # noqa: E402
+from proc_stats import proc_cpu_seconds  # noqa: E402
 
 from gateway.auth import issue_token  # noqa: E402
 from gateway.local_services import (  # noqa: E402
@@ -236,18 +237,6 @@ def serve(dsn: str, port: int) -> None:
 # --- measuring ----------------------------------------------------------------------------------
 
 
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc); 0 when it cannot be read."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
 Backends = Callable[[], Awaitable[list[int]]]
 """The process ids of the PostgreSQL backends connected to the benchmark's database."""
 
@@ -267,16 +256,21 @@ class CpuMeter:
         self._clients = 0.0
 
     async def start(self) -> None:
-        self._start = {pid: _process_cpu(pid) for pid in await self._backends()}
-        self._server = _process_cpu(self._server_pid) if self._server_pid is not None else 0.0
+        self._start = {pid: (proc_cpu_seconds(pid) or 0.0) for pid in await self._backends()}
+        self._server = (
+            (proc_cpu_seconds(self._server_pid) or 0.0) if self._server_pid is not None else 0.0
+        )
         self._clients = time.process_time()
 
     async def stop(self, requests: int) -> float:
         """Print the CPU milliseconds per request; returns their sum."""
-        server = _process_cpu(self._server_pid) - self._server if self._server_pid else 0.0
+        server = (
+            (proc_cpu_seconds(self._server_pid) or 0.0) - self._server if self._server_pid else 0.0
+        )
         clients = time.process_time() - self._clients
         postgres = sum(
-            _process_cpu(pid) - self._start.get(pid, 0.0) for pid in await self._backends()
+            (proc_cpu_seconds(pid) or 0.0) - self._start.get(pid, 0.0)
+            for pid in await self._backends()
         )
         per = [x * 1000 / requests for x in (server, clients, postgres)]
         print(

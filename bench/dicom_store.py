@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import os
 import random
-import re
 import secrets
 import shlex
 import shutil
@@ -37,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from proc_stats import proc_cpu_seconds, proc_status_kib  # noqa: E402
 
 from gateway.local_services import drop_database, ensure_database, free_port  # noqa: E402
 from simulators.modality import study_datasets  # noqa: E402
@@ -89,9 +90,8 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
 
 
 def peak_rss_mib(pid: int) -> float:
-    text = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"VmHWM:\s+(\d+) kB", text)
-    return int(match.group(1)) / 1024 if match else float("nan")
+    kib = proc_status_kib(pid, "VmHWM")
+    return kib / 1024 if kib is not None else float("nan")
 
 
 def bench_storescp(files: list[Path], work: Path, streams: int) -> float:
@@ -171,11 +171,6 @@ def pynetdicom_scp(port: int, out: Path) -> None:
         server.shutdown()
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def bench_gateway(
     files: list[Path], work: Path, dsn: str, streams: int, prefix: list[str]
 ) -> tuple[float, float, float]:
@@ -204,9 +199,9 @@ def bench_gateway(
     )
     try:
         wait_port(port)
-        cpu = cpu_seconds(proc.pid)
+        cpu = proc_cpu_seconds(proc.pid) or 0.0
         seconds = send(port, files, "QANTARA", streams)
-        return seconds, peak_rss_mib(proc.pid), cpu_seconds(proc.pid) - cpu
+        return seconds, peak_rss_mib(proc.pid), (proc_cpu_seconds(proc.pid) or 0.0) - cpu
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -43,6 +43,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from proc_stats import proc_cpu_seconds, system_cpu  # noqa: E402
+
 from gateway.local_services import drop_database, ensure_database, free_port  # noqa: E402
 from hl7.er7 import parse_message  # noqa: E402
 from simulators.lab import CHARSET_CODECS, LabConfig, build_oru, population  # noqa: E402
@@ -128,23 +130,6 @@ def our_tokenizer(messages: list[bytes]) -> float:
     return best
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds (0 when it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def system_cpu() -> tuple[float, float]:
-    """(busy, total) jiffies of all CPUs from /proc/stat."""
-    values = [float(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = values[3] + values[4]
-    return sum(values) - idle, sum(values)
-
-
 async def backend_pids(dsn: str) -> list[int]:
     """The PostgreSQL backends serving the gateway's database (the bench's own excluded)."""
     import asyncpg
@@ -197,11 +182,13 @@ class CpuMeter:
 
     def __init__(self, gateway_pid: int, backends: list[int]) -> None:
         self._pids = [gateway_pid, *backends]
-        self._start = [proc_cpu_seconds(p) for p in self._pids]
+        self._start = [proc_cpu_seconds(p) or 0.0 for p in self._pids]
         self._system = system_cpu()
 
     def stop(self, messages: int) -> CpuUse:
-        used = [proc_cpu_seconds(p) - s for p, s in zip(self._pids, self._start, strict=True)]
+        used = [
+            (proc_cpu_seconds(p) or 0.0) - s for p, s in zip(self._pids, self._start, strict=True)
+        ]
         busy, total = system_cpu()
         cores = os.cpu_count() or 1
         share = (busy - self._system[0]) / max(1.0, total - self._system[1])

@@ -52,6 +52,7 @@ import aiomqtt
 import asyncpg
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from proc_stats import proc_cpu_seconds, proc_status_kib, system_cpu
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.local_services import PrivateMosquitto, drop_database, ensure_database
@@ -252,39 +253,6 @@ async def publish_backlog(
 
 
 # --- /proc readings -------------------------------------------------------------------------------
-
-
-def proc_status_kib(pid: int, field_name: str) -> int | None:
-    """A `kB` field of /proc/<pid>/status (VmRSS, VmHWM), or None if the process is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def proc_cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process, in seconds."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def system_cpu() -> tuple[float, float]:
-    """(busy, total) jiffies of all CPUs from /proc/stat."""
-    try:
-        first = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return 0.0, 0.0
-    values = [float(v) for v in first]
-    idle = values[3] + (values[4] if len(values) > 4 else 0.0)
-    return sum(values) - idle, sum(values)
 
 
 @dataclass(slots=True)

@@ -38,8 +38,8 @@ from mqtt_ingest import (  # noqa: E402
     GatewayProcess,
     gateway_env,
     log,
-    proc_status_kib,
 )
+from proc_stats import proc_status_kib  # noqa: E402
 
 from gateway.local_services import PrivateMosquitto, drop_database, ensure_database  # noqa: E402
 from simulators.fleet import FleetConfig, FleetReport, run_fleet  # noqa: E402
