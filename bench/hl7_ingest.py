@@ -139,6 +139,7 @@ async def backend_pids(dsn: str) -> list[int]:
         rows = await conn.fetch(
             "SELECT pid FROM pg_stat_activity"
             " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND backend_type = 'client backend'"
         )
     finally:
         await conn.close()
@@ -364,7 +365,7 @@ async def main() -> None:
                     waited = await wait_for_autovacuum(dsn)
                     phase = f"after autovacuum settled ({waited:.0f} s later)"
                 steady = make_messages(int(args.steady_rate * args.steady_seconds), seed + offset)
-                steady_meter = CpuMeter(pid, [])
+                steady_meter = CpuMeter(pid, await backend_pids(dsn))
                 _, latencies, steady_codes = await end_to_end(
                     port, steady, args.connections, args.window, args.steady_rate
                 )
@@ -403,6 +404,8 @@ async def main() -> None:
             f"message -> AA p50 {percentile(latencies, 0.5) * 1000:.1f} ms, "
             f"p99 {percentile(latencies, 0.99) * 1000:.1f} ms, "
             f"max {max(latencies) * 1000:.1f} ms; acks {steady_codes}; "
+            f"gateway {steady_cpu.gateway_us_per_message:.0f} us/msg, PostgreSQL "
+            f"{steady_cpu.postgres_us_per_message:.0f} us/msg; "
             f"machine {steady_cpu.machine_busy_cores:.2f} of {os.cpu_count()} cores busy"
         )
 

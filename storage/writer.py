@@ -5,8 +5,9 @@ comes back is new, the rest are duplicates), dictionary ids (units, devices, con
 are resolved in bulk, vitals go in with binary COPY, dead letters are kept, and each unit's
 contiguous ack watermark is advanced. The outcomes are returned only once COMMIT has succeeded;
 dictionary ids learnt in a transaction enter the in-memory caches only after its COMMIT. A batch
-of DICOM instances only is a single statement (`storage.writer_dicom`), run without BEGIN/COMMIT:
-PostgreSQL commits it on its own before answering.
+of DICOM instances only is a single statement (`storage.writer_dicom`), and a batch of HL7 messages
+only a read and a single statement (`storage.writer_hl7`), run without BEGIN/COMMIT: PostgreSQL
+commits the statement on its own before answering.
 
 An MQTT `(unit, seq)` at or below the unit's committed watermark (`unit.ack_seq`, read under the
 unit's row lock that this transaction holds until COMMIT) is a duplicate without a look at the
@@ -38,8 +39,9 @@ from ingest.records import (
     PatientRef,
     VitalsMessage,
 )
+from storage import writer_dicom, writer_hl7
 from storage.pool import is_transient
-from storage.writer_dicom import single_statement, write_dicom
+from storage.writer_dicom import write_dicom
 from storage.writer_hl7 import write_hl7
 
 _K = TypeVar("_K")
@@ -85,6 +87,13 @@ def _merge_bounded(mine: dict[_K, int], theirs: dict[_K, int], limit: int) -> No
     mine.update(theirs)
 
 
+def _one_write(batch: Sequence[Envelope]) -> bool:
+    """Whether the whole batch is one write statement: DICOM instances only, or HL7 only."""
+    return all(writer_dicom.single_statement(env) for env in batch) or all(
+        writer_hl7.single_statement(env) for env in batch
+    )
+
+
 def concept_system(code: str) -> str:
     """LOINC codes look like `8867-4` (a check digit after a hyphen); waveforms carry MDC codes."""
     return LOINC if "-" in code else MDC
@@ -106,9 +115,10 @@ class BatchWriter:
         try:
             async with self._pool.acquire() as conn:
                 pending = _Caches()
-                if all(single_statement(env) for env in batch):
-                    # DICOM instances only: one statement (storage.writer_dicom), atomic on its
-                    # own and committed when it returns; no BEGIN/COMMIT round trips.
+                if _one_write(batch):
+                    # DICOM instances only, or HL7 messages only: one statement (after a read,
+                    # for HL7), atomic on its own and committed when it returns; no BEGIN/COMMIT
+                    # round trips.
                     outcomes = await self._write(conn, batch, pending)
                 else:
                     async with conn.transaction():

@@ -74,15 +74,17 @@ BEGIN
         EXECUTE format('GRANT USAGE ON SEQUENCE %I TO %I', item.name, writer);
     END LOOP;
 
-    -- Functions that write: the writer's alone (PUBLIC's EXECUTE is revoked by migration 0008).
+    -- Functions that write: the writer's alone (PUBLIC's EXECUTE is revoked by the migrations
+    -- that create them). Named without their argument lists: each name is one function.
     FOR item IN
         SELECT * FROM (VALUES
-            ('qantara_ensure_partitions(regclass, timestamptz, timestamptz)'),
-            ('dicom_index_instances(jsonb)')
-        ) AS t (signature)
+            ('qantara_ensure_partitions'),
+            ('dicom_index_instances'),
+            ('hl7_write_batch')
+        ) AS t (name)
     LOOP
-        CONTINUE WHEN to_regprocedure(item.signature) IS NULL;
-        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', item.signature, writer);
+        CONTINUE WHEN to_regproc(quote_ident(item.name)) IS NULL;
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %I TO %I', item.name, writer);
     END LOOP;
 END
 $privileges$;
