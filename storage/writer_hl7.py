@@ -21,7 +21,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from datetime import datetime
 
 import asyncpg
 
@@ -101,7 +101,8 @@ class _Call:
     messages: tuple[list[object], ...] = field(default_factory=lambda: _columns(11))
     groups: list[Group] = field(default_factory=list)
     group_message: list[int] = field(default_factory=list)
-    demographics: tuple[list[object], ...] = field(default_factory=lambda: _columns(6))
+    demographics: list[_Pid] = field(default_factory=list)
+    group_owner: list[int] = field(default_factory=list)
     merges: tuple[list[object], ...] = field(default_factory=lambda: _columns(2))
     reports: tuple[list[object], ...] = field(default_factory=lambda: _columns(9))
     observations: tuple[list[object], ...] = field(default_factory=lambda: _columns(18))
@@ -133,16 +134,8 @@ class _Call:
         stamp = raw.sent_at or env.received_at
         for record in env.records:
             if isinstance(record, PatientDemographics):
-                _append(
-                    self.demographics,
-                    (
-                        self._group(record.identifiers),
-                        record.authoritative,
-                        _names_json(record.names),
-                        record.birth_date,
-                        record.gender,
-                        stamp,
-                    ),
+                self.demographics.append(
+                    _Pid(self._group(record.identifiers), record, _names_json(record.names), stamp)
                 )
             elif isinstance(record, LabReport):
                 self._add_report(record)
@@ -208,13 +201,13 @@ class _Call:
         resolves (known, or linked by an earlier group of the batch) decides, else the group
         gets a new patient (-1, -2... until `hl7_write_batch` creates them). A new patient is
         created with what the batch's first ORU about them says (ORU fills what is missing,
-        and at creation everything is).
+        and at creation everything is); an ORU that can fill nothing is left out.
         """
         if not self.groups:
             return
         refs = sorted({(r.system, r.value) for group in self.groups for r in group})
-        assigned: dict[tuple[str, str], int] = await _known(conn, refs)
-        owners: list[int] = []
+        assigned, gaps = await _known(conn, refs)
+        owners = self.group_owner
         created = 0
         for group in self.groups:
             keys = [(r.system, r.value) for r in group]
@@ -227,16 +220,30 @@ class _Call:
                 if k not in assigned:
                     assigned[k] = owner
                     _append(self.links, (k[0], k[1], owner))
-        first: dict[int, tuple[object, object, object]] = {}
-        groups, authoritative, names, birth_dates, genders, _ = self.demographics
-        for g, adt, name, birth, gender in zip(
-            groups, authoritative, names, birth_dates, genders, strict=True
-        ):
-            owner = owners[cast(int, g) - 1]
-            if owner < 0 and not adt and owner not in first and (name != "[]" or birth or gender):
-                first[owner] = (name, birth, gender)
+        replaced = {owners[pid.group - 1] for pid in self.demographics if pid.record.authoritative}
+        first: dict[int, _Pid] = {}
+        kept: list[_Pid] = []
+        for pid in self.demographics:
+            owner = owners[pid.group - 1]
+            record = pid.record
+            if record.authoritative or owner in replaced:
+                kept.append(pid)  # an ADT of the batch may change what is missing
+            elif owner < 0:
+                if owner in first:
+                    kept.append(pid)
+                elif record.names or record.birth_date or record.gender:
+                    first[owner] = pid
+            elif _fills_a_gap(record, gaps.get(owner)):
+                kept.append(pid)
+        self.demographics = kept
         for number in range(1, created + 1):
-            _append(self.new_patients, first.get(-number, ("[]", None, None)))
+            pid_of = first.get(-number)
+            _append(
+                self.new_patients,
+                (pid_of.names, pid_of.record.birth_date, pid_of.record.gender)
+                if pid_of
+                else ("[]", None, None),
+            )
 
     def arguments(self) -> list[object]:
         return [
@@ -244,9 +251,15 @@ class _Call:
             *self.new_patients,
             *self.links,
             self.group_message,
+            self.group_owner,
             [group[0].system for group in self.groups],
             [group[0].value for group in self.groups],
-            *self.demographics,
+            [pid.group for pid in self.demographics],
+            [pid.record.authoritative for pid in self.demographics],
+            [pid.names for pid in self.demographics],
+            [pid.record.birth_date for pid in self.demographics],
+            [pid.record.gender for pid in self.demographics],
+            [pid.stamp for pid in self.demographics],
             *self.merges,
             *self.reports,
             *self.observations,
@@ -254,19 +267,52 @@ class _Call:
         ]
 
 
+@dataclass(frozen=True, slots=True)
+class _Pid:
+    """A PID's demographics in the call: its group, names as JSON, stamp (MSH-7 or arrival)."""
+
+    group: int
+    record: PatientDemographics
+    names: str
+    stamp: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class _Gaps:
+    """What a stored patient lacks, as the identifier select saw it (ORU fills only these)."""
+
+    names: bool
+    birth_date: bool
+    gender: bool
+
+
+def _fills_a_gap(record: PatientDemographics, gaps: _Gaps | None) -> bool:
+    """Whether an ORU's demographics would change the patient (unknown gaps: assume so)."""
+    if gaps is None:
+        return bool(record.names or record.birth_date or record.gender)
+    return bool(
+        (gaps.names and record.names)
+        or (gaps.birth_date and record.birth_date)
+        or (gaps.gender and record.gender)
+    )
+
+
 async def _known(
     conn: asyncpg.Connection, keys: list[tuple[str, str]]
-) -> dict[tuple[str, str], int]:
-    """The surviving patient of each stored identifier among `keys`."""
+) -> tuple[dict[tuple[str, str], int], dict[int, _Gaps]]:
+    """The surviving patient of each stored identifier among `keys`, and what each lacks."""
     rows = await conn.fetch(
-        """SELECT pi.system, pi.value, coalesce(p.replaced_by, p.id) AS patient_id
+        """SELECT pi.system, pi.value, s.id AS patient_id, s.names = '[]'::jsonb AS no_names,
+                  s.birth_date IS NULL AS no_birth_date, s.gender IS NULL AS no_gender
            FROM unnest($1::text[], $2::text[]) AS k(system, value)
            JOIN patient_identifier pi USING (system, value)
-           JOIN patient p ON p.id = pi.patient_id""",
+           JOIN patient p ON p.id = pi.patient_id
+           JOIN patient s ON s.id = coalesce(p.replaced_by, p.id)""",
         [k[0] for k in keys],
         [k[1] for k in keys],
     )
-    return {(r["system"], r["value"]): r["patient_id"] for r in rows}
+    gaps = {r["patient_id"]: _Gaps(r["no_names"], r["no_birth_date"], r["no_gender"]) for r in rows}
+    return {(r["system"], r["value"]): r["patient_id"] for r in rows}, gaps
 
 
 def _names_json(names: Sequence[PatientName]) -> str:

@@ -16,11 +16,15 @@
 --                a patient first seen in a lab result is written once, not created then filled;
 --   links        l_*: identifiers to link, each to a stored patient (l_owner > 0) or to the new
 --                patient number -l_owner;
---   groups       g_*: the identifiers of one PID (or MRG) seen together; a group's patient is
---                the survivor of the patient its first identifier belongs to once linked;
+--   groups       g_*: the identifiers of one PID (or MRG) seen together, with the patient the
+--                writer resolved them to (g_owner, as l_owner). Should another replica have
+--                linked one of the batch's new identifiers meanwhile (fewer links inserted than
+--                asked), a group's patient is read again: the survivor of the patient its first
+--                identifier belongs to, and a new patient nothing points to is removed;
 --   demographics d_*: per PID, with its group; ADT (d_replace) replaces what is stored if its
 --                stamp (MSH-7) is not older, the newest of the batch per patient winning; ORU
---                fills what is missing, the first of the batch per patient;
+--                fills what is missing, the first of the batch per patient (the writer leaves
+--                out the ORU that can fill nothing, as the select showed the patient);
 --   merges       x_*: ADT^A40, survivor and prior groups, applied in batch order;
 --   reports      r_*: per OBR, with its group; observations o_* name their report by position,
 --                OBX-8 flags f_* their observation.
@@ -32,7 +36,7 @@ CREATE FUNCTION hl7_write_batch(
     m_charset text[], m_sent_at timestamptz[], m_received_at timestamptz[], m_size int[],
     m_sha256 bytea[], m_raw bytea[],
     n_names text[], n_birth_date date[], n_gender text[], l_system text[], l_value text[], l_owner bigint[],
-    g_message int[], g_system text[], g_value text[],
+    g_message int[], g_owner bigint[], g_system text[], g_value text[],
     d_group int[], d_replace boolean[], d_names text[], d_birth_date date[], d_gender text[],
     d_stamp timestamptz[],
     x_survivor int[], x_prior int[],
@@ -56,6 +60,7 @@ DECLARE
     merge_row record;
     v_survivor bigint;
     v_prior bigint;
+    linked bigint := 0;
 BEGIN
     WITH inserted AS (
         INSERT INTO hl7_message (sending_application, sending_facility, control_id, message_type,
@@ -69,7 +74,7 @@ BEGIN
     FROM unnest(m_app, m_facility, m_control) WITH ORDINALITY AS m (app, facility, control, n)
     LEFT JOIN inserted i ON (i.sending_application, i.sending_facility, i.control_id)
                             = (m.app, m.facility, m.control);
-    IF NOT EXISTS (SELECT 1 FROM unnest(fresh) AS f (id) WHERE f.id IS NOT NULL) THEN
+    IF cardinality(array_remove(fresh, NULL)) = 0 THEN
         RETURN fresh;  -- resends only: nothing else to write
     END IF;
 
@@ -91,23 +96,30 @@ BEGIN
         FROM unnest(l_system, l_value, l_owner) AS l (system, value, owner)
         ORDER BY l.system, l.value
         ON CONFLICT (system, value) DO NOTHING;
+        GET DIAGNOSTICS linked = ROW_COUNT;
     END IF;
 
-    -- A new statement sees what another replica committed meanwhile: the links that are
-    -- stored win; a new patient none of them points to is removed again.
-    SELECT array_agg(coalesce(p.replaced_by, p.id) ORDER BY g.n) INTO patient_of
-    FROM unnest(g_system, g_value) WITH ORDINALITY AS g (system, value, n)
-    LEFT JOIN patient_identifier pi ON (pi.system, pi.value) = (g.system, g.value)
-    LEFT JOIN patient p ON p.id = pi.patient_id;
-    IF array_position(patient_of, NULL) IS NOT NULL THEN
-        RAISE EXCEPTION 'hl7_write_batch: an identifier of a group is not linked to a patient';
-    END IF;
-    IF cardinality(n_names) > 0 THEN
-        DELETE FROM patient p WHERE p.id = ANY (new_ids)
-            AND NOT EXISTS (SELECT 1 FROM patient_identifier pi WHERE pi.patient_id = p.id);
+    IF linked = cardinality(l_system) THEN
+        FOR i IN 1 .. cardinality(g_owner) LOOP
+            patient_of[i] := CASE WHEN g_owner[i] > 0 THEN g_owner[i] ELSE new_ids[-g_owner[i]] END;
+        END LOOP;
+    ELSE
+        -- Another replica linked some identifiers meanwhile (a new statement sees what it
+        -- committed): the stored links win; a new patient none of them points to goes again.
+        SELECT array_agg(coalesce(p.replaced_by, p.id) ORDER BY g.n) INTO patient_of
+        FROM unnest(g_system, g_value) WITH ORDINALITY AS g (system, value, n)
+        LEFT JOIN patient_identifier pi ON (pi.system, pi.value) = (g.system, g.value)
+        LEFT JOIN patient p ON p.id = pi.patient_id;
+        IF array_position(patient_of, NULL) IS NOT NULL THEN
+            RAISE EXCEPTION 'hl7_write_batch: an identifier of a group is not linked';
+        END IF;
+        IF cardinality(n_names) > 0 THEN
+            DELETE FROM patient p WHERE p.id = ANY (new_ids)
+                AND NOT EXISTS (SELECT 1 FROM patient_identifier pi WHERE pi.patient_id = p.id);
+        END IF;
     END IF;
 
-    IF cardinality(d_group) > 0 THEN
+    IF true = ANY (d_replace) THEN
         UPDATE patient p SET names = u.names::jsonb, family = NULL, given = NULL,
                              birth_date = u.birth_date, gender = u.gender,
                              demographics_at = u.stamp, updated_at = now()
@@ -118,7 +130,8 @@ BEGIN
               WHERE d.authoritative AND fresh[g_message[d.g]] IS NOT NULL
               ORDER BY patient_of[d.g], d.stamp DESC, d.n DESC) AS u
         WHERE p.id = u.id AND (p.demographics_at IS NULL OR p.demographics_at <= u.stamp);
-
+    END IF;
+    IF false = ANY (d_replace) THEN
         UPDATE patient p SET
             names = CASE WHEN p.names = '[]'::jsonb THEN u.names::jsonb ELSE p.names END,
             birth_date = coalesce(p.birth_date, u.birth_date),
@@ -137,27 +150,29 @@ BEGIN
                OR (p.gender IS NULL AND u.gender IS NOT NULL));
     END IF;
 
-    FOR merge_row IN
-        SELECT x.survivor, x.prior, fresh[g_message[x.survivor]] AS message_id
-        FROM unnest(x_survivor, x_prior) WITH ORDINALITY AS x (survivor, prior, n)
-        WHERE fresh[g_message[x.survivor]] IS NOT NULL
-        ORDER BY x.n
-    LOOP
-        -- Resolved again: an earlier merge of this batch may have moved either side.
-        SELECT coalesce(replaced_by, id) INTO v_survivor FROM patient
-        WHERE id = patient_of[merge_row.survivor];
-        SELECT coalesce(replaced_by, id) INTO v_prior FROM patient
-        WHERE id = patient_of[merge_row.prior];
-        CONTINUE WHEN v_survivor = v_prior;
-        UPDATE patient SET replaced_by = v_survivor, updated_at = now()
-        WHERE id = v_prior OR replaced_by = v_prior;
-        INSERT INTO patient_merge (prior_id, survivor_id, message_id)
-        VALUES (v_prior, v_survivor, merge_row.message_id);
-    END LOOP;
+    IF cardinality(x_survivor) > 0 THEN
+        FOR merge_row IN
+            SELECT x.survivor, x.prior, fresh[g_message[x.survivor]] AS message_id
+            FROM unnest(x_survivor, x_prior) WITH ORDINALITY AS x (survivor, prior, n)
+            WHERE fresh[g_message[x.survivor]] IS NOT NULL
+            ORDER BY x.n
+        LOOP
+            -- Resolved again: an earlier merge of this batch may have moved either side.
+            SELECT coalesce(replaced_by, id) INTO v_survivor FROM patient
+            WHERE id = patient_of[merge_row.survivor];
+            SELECT coalesce(replaced_by, id) INTO v_prior FROM patient
+            WHERE id = patient_of[merge_row.prior];
+            CONTINUE WHEN v_survivor = v_prior;
+            UPDATE patient SET replaced_by = v_survivor, updated_at = now()
+            WHERE id = v_prior OR replaced_by = v_prior;
+            INSERT INTO patient_merge (prior_id, survivor_id, message_id)
+            VALUES (v_prior, v_survivor, merge_row.message_id);
+        END LOOP;
+    END IF;
 
     IF cardinality(r_group) > 0 THEN
         WITH ids AS MATERIALIZED (
-            SELECT r.n, nextval(pg_get_serial_sequence('lab_report', 'id')) AS id,
+            SELECT r.n, nextval('lab_report_id_seq') AS id,
                    fresh[g_message[r.g]] AS message_id, patient_of[r.g] AS patient_id,
                    m_received_at[g_message[r.g]] AS received_at
             FROM unnest(r_group) WITH ORDINALITY AS r (g, n)
