@@ -149,8 +149,9 @@ async def backend_pids(dsn: str) -> list[int]:
 async def wait_for_autovacuum(dsn: str, limit: float = 180.0) -> float:
     """Wait (bounded) until no autovacuum worker runs in the gateway's database; seconds waited.
 
-    After the throughput run's 200,000 observation rows PostgreSQL vacuums and analyzes the new
-    tables; the steady phase is measured once with that work under way and once after it.
+    After the throughput run's 200,000 observation rows, the machine is still writing out what the
+    burst left (the kernel flushes PostgreSQL's dirty pages; autovacuum may vacuum and analyze
+    the new tables); the steady phase is measured once right after the burst and once after.
     """
     import asyncpg
 
