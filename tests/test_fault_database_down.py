@@ -95,6 +95,10 @@ async def test_database_down_withholds_acks_until_it_is_back_and_loses_nothing(
             await gw.wait_ready(timeout=30)
             ready_after = time.monotonic() - stopped_at - outage
             report = await fleet.wait(180)
+        # The watermark topic is published after the PUBACKs that end the fleet's wait, and
+        # this watcher is another client: give its last messages a bounded moment to arrive.
+        for unit in totals:
+            await acks.wait_for(unit, SEQS, timeout=15)
         assert all(acks.seq(unit) == SEQS for unit in totals)
         warnings, errors = gw.log_lines_at("WARNING"), gw.log_lines_at("ERROR")
         error_excerpt = gw.log_excerpt("ERROR")
