@@ -155,6 +155,19 @@ def wait_until() -> Callable[..., Awaitable[None]]:
     return _wait_until
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Fault tests SIGKILL the peers of their own clients (gateway, broker, database).
+
+    Such a client leaves its socket to the garbage collector, which may run in the middle of
+    the test and turn the socket's ResourceWarning into a failure that says nothing about the
+    gateway (seen once in test_fault_gateway_kill, laddr only: the peer was gone). In fault
+    tests that warning is ignored; everywhere else an unclosed socket stays an error.
+    """
+    for item in items:
+        if item.get_closest_marker("fault") is not None:
+            item.add_marker(pytest.mark.filterwarnings("ignore::ResourceWarning"))
+
+
 @pytest.fixture(autouse=True)
 def _collect_what_a_fault_test_killed(request: pytest.FixtureRequest) -> Iterator[None]:
     """After a fault test, finalise here the sockets of the peers it killed.
