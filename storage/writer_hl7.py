@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
+import orjson
 
 from ingest.records import (
     DeadLetter,
@@ -105,8 +106,7 @@ class _Call:
     group_owner: list[int] = field(default_factory=list)
     merges: tuple[list[object], ...] = field(default_factory=lambda: _columns(2))
     reports: tuple[list[object], ...] = field(default_factory=lambda: _columns(9))
-    observations: tuple[list[object], ...] = field(default_factory=lambda: _columns(18))
-    flags: tuple[list[object], ...] = field(default_factory=lambda: _columns(2))
+    observations: list[dict[str, object]] = field(default_factory=list)
     new_patients: tuple[list[object], ...] = field(default_factory=lambda: _columns(3))
     links: tuple[list[object], ...] = field(default_factory=lambda: _columns(3))
 
@@ -166,33 +166,36 @@ class _Call:
         )
         number = len(self.reports[0])
         for obs in report.observations:
-            coded = obs.coded
-            _append(
-                self.observations,
-                (
-                    number,
-                    obs.set_id,
-                    obs.value_type,
-                    obs.code.system,
-                    obs.code.code,
-                    obs.code.display,
-                    obs.numeric,
-                    obs.comparator,
-                    obs.text,
-                    coded.system if coded else None,
-                    coded.code if coded else None,
-                    coded.display if coded else None,
-                    obs.unit,
-                    obs.reference_range,
-                    obs.reference_low,
-                    obs.reference_high,
-                    obs.status,
-                    obs.observed_at or report.observed_at,
-                ),
-            )
-            position = len(self.observations[0])
-            for flag in obs.abnormal_flags:
-                _append(self.flags, (position, flag))
+            row: dict[str, object] = {
+                "r": number,
+                "s": obs.set_id,
+                "value_type": obs.value_type,
+                "code_system": obs.code.system,
+                "code": obs.code.code,
+                "code_display": obs.code.display,
+                "unit": obs.unit,
+                "ref_range": obs.reference_range,
+                "status": obs.status,
+            }
+            if obs.numeric is not None:
+                row["num"] = obs.numeric
+            if obs.comparator is not None:
+                row["comparator"] = obs.comparator
+            if obs.text is not None:
+                row["txt"] = obs.text
+            if (coded := obs.coded) is not None:
+                row["value_system"] = coded.system
+                row["value_code"] = coded.code
+                row["value_display"] = coded.display
+            if obs.reference_low is not None:
+                row["low"] = obs.reference_low
+            if obs.reference_high is not None:
+                row["high"] = obs.reference_high
+            if obs.abnormal_flags:
+                row["flags"] = obs.abnormal_flags
+            if (observed := obs.observed_at or report.observed_at) is not None:
+                row["observed_at"] = observed
+            self.observations.append(row)
 
     async def resolve(self, conn: asyncpg.Connection) -> None:
         """Which new patients to create and which identifiers to link to whom.
@@ -262,8 +265,7 @@ class _Call:
             [pid.stamp for pid in self.demographics],
             *self.merges,
             *self.reports,
-            *self.observations,
-            *self.flags,
+            orjson.dumps(self.observations).decode(),
         ]
 
 

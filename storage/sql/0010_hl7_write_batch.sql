@@ -26,8 +26,12 @@
 --                fills what is missing, the first of the batch per patient (the writer leaves
 --                out the ORU that can fill nothing, as the select showed the patient);
 --   merges       x_*: ADT^A40, survivor and prior groups, applied in batch order;
---   reports      r_*: per OBR, with its group; observations o_* name their report by position,
---                OBX-8 flags f_* their observation.
+--   reports      r_*: per OBR, with its group;
+--   observations o_rows: per OBX, a JSON object naming its report by position (key r) with
+--                its fields under short keys (absent: NULL) and its OBX-8 flags as an array
+--                (f). One text parameter instead of eighteen arrays: asyncpg checks every
+--                array element's type in Python, and the gateway's event loop is the scarcer
+--                of the two sides.
 -- Content of a message that turns out to be in the ledger already (a resend racing its first
 -- copy through another replica) is skipped. Returns, per message, the ledger id this call
 -- inserted, or NULL for a duplicate.
@@ -43,12 +47,7 @@ CREATE FUNCTION hl7_write_batch(
     r_group int[], r_placer text[], r_filler text[], r_service_system text[],
     r_service_code text[], r_service_display text[], r_observed_at timestamptz[],
     r_issued_at timestamptz[], r_status text[],
-    o_report int[], o_set_id int[], o_value_type text[], o_code_system text[], o_code text[],
-    o_code_display text[], o_numeric float8[], o_comparator text[], o_text text[],
-    o_value_system text[], o_value_code text[], o_value_display text[], o_unit text[],
-    o_range text[], o_low float8[], o_high float8[], o_status text[],
-    o_observed_at timestamptz[],
-    f_observation int[], f_flag text[]
+    o_rows json
 ) RETURNS bigint[]
 LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan
@@ -189,29 +188,23 @@ BEGIN
                  WITH ORDINALITY AS r (placer, filler, service_system, service_code,
                                        service_display, observed_at, issued_at, status, n)
             JOIN ids USING (n)
-        ), flags AS (
-            SELECT f.o, array_agg(f.flag ORDER BY f.k) AS flags
-            FROM unnest(f_observation, f_flag) WITH ORDINALITY AS f (o, flag, k)
-            GROUP BY f.o
         )
         INSERT INTO lab_observation (report_id, patient_id, set_id, value_type, code_system,
                                      code, code_display, value_numeric, comparator, value_text,
                                      value_code_system, value_code, value_display, unit,
                                      reference_range, reference_low, reference_high,
                                      abnormal_flags, status, observed_at, received_at)
-        SELECT ids.id, ids.patient_id, o.set_id, o.value_type, o.code_system, o.code,
+        SELECT ids.id, ids.patient_id, o.s, o.value_type, o.code_system, o.code,
                o.code_display, o.num, o.comparator, o.txt, o.value_system, o.value_code,
-               o.value_display, o.unit, o.ref_range, o.low, o.high, coalesce(flags.flags, '{}'),
-               o.status, o.observed_at, ids.received_at
-        FROM unnest(o_report, o_set_id, o_value_type, o_code_system, o_code, o_code_display,
-                    o_numeric, o_comparator, o_text, o_value_system, o_value_code,
-                    o_value_display, o_unit, o_range, o_low, o_high, o_status, o_observed_at)
-             WITH ORDINALITY AS o (report, set_id, value_type, code_system, code, code_display,
-                                   num, comparator, txt, value_system, value_code,
-                                   value_display, unit, ref_range, low, high, status, observed_at,
-                                   n)
-        JOIN ids ON ids.n = o.report
-        LEFT JOIN flags ON flags.o = o.n;
+               o.value_display, coalesce(o.unit, ''), coalesce(o.ref_range, ''), o.low, o.high,
+               coalesce(o.flags, '{}'), coalesce(o.status, ''), o.observed_at, ids.received_at
+        FROM json_to_recordset(o_rows)
+             AS o (r int, s int, value_type text, code_system text, code text,
+                   code_display text, num float8, comparator text, txt text,
+                   value_system text, value_code text, value_display text, unit text,
+                   ref_range text, low float8, high float8, flags text[], status text,
+                   observed_at timestamptz)
+        JOIN ids ON ids.n = o.r;
     END IF;
     RETURN fresh;
 END
