@@ -1,8 +1,8 @@
 -- The HL7 part of a batch in one statement (storage/writer_hl7.py; figures in bench/README.md,
 -- HL7 section). Before, a small batch of ORU^R01 for new patients took nine round trips (BEGIN,
 -- ledger, identifier select, new patients, identifiers, re-select, demographics, reports with
--- observations, COMMIT). On this machine a round trip costs 0.2-0.3 ms of each side's CPU and
--- more when the processes wake from idle, so at a steady 200 msg/s, where each batch holds one
+-- observations, COMMIT). On this machine a round trip costs 0.13-0.25 ms of the gateway's CPU
+-- and more when the processes wake from idle, so at a steady 200 msg/s, where each batch holds one
 -- or two messages, the round trips were most of the latency and of the CPU.
 --
 -- Now the writer reads which identifiers are known (one select, no transaction needed) and
@@ -27,11 +27,11 @@
 --                out the ORU that can fill nothing, as the select showed the patient);
 --   merges       x_*: ADT^A40, survivor and prior groups, applied in batch order;
 --   reports      r_*: per OBR, with its group;
---   observations o_rows: per OBX, a JSON object naming its report by position (key r) with
---                its fields under short keys (absent: NULL) and its OBX-8 flags as an array
---                (f). One text parameter instead of eighteen arrays: asyncpg checks every
---                array element's type in Python, and the gateway's event loop is the scarcer
---                of the two sides.
+--   observations o_rows: per OBX, a JSON object naming its report by position (key r), its
+--                set id (s) and its fields under the names of the record below (an absent key
+--                is NULL), OBX-8 flags as an array (flags). One parameter instead of eighteen
+--                arrays: asyncpg checks every array element's type in Python, and the
+--                gateway's event loop is the scarcer of the two sides.
 -- Content of a message that turns out to be in the ledger already (a resend racing its first
 -- copy through another replica) is skipped. Returns, per message, the ledger id this call
 -- inserted, or NULL for a duplicate.
