@@ -15,6 +15,7 @@ import os
 import secrets
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 
 import pytest
 
@@ -67,26 +68,36 @@ async def postgres_server_dsn() -> AsyncIterator[str]:
         yield private.dsn()
 
 
-@pytest.fixture(scope="session")
-async def postgres_dsn(postgres_server_dsn: str) -> AsyncIterator[str]:
-    """A fresh database for this test run, dropped at the end (sessions terminated)."""
-    dbname = f"qantara_test_{secrets.token_hex(6)}"
-    dsn = await ensure_database(postgres_server_dsn, dbname)
+@asynccontextmanager
+async def _fresh_database(server_dsn: str, prefix: str) -> AsyncIterator[str]:
+    """A new database on `server_dsn`, dropped afterwards (its sessions terminated)."""
+    dbname = f"{prefix}_{secrets.token_hex(6)}"
+    dsn = await ensure_database(server_dsn, dbname)
     try:
         yield dsn
     finally:
-        await drop_database(postgres_server_dsn, dbname)
+        await drop_database(server_dsn, dbname)
+
+
+@pytest.fixture(scope="session")
+async def postgres_dsn(postgres_server_dsn: str) -> AsyncIterator[str]:
+    """A fresh database for this test run, dropped at the end."""
+    async with _fresh_database(postgres_server_dsn, "qantara_test") as dsn:
+        yield dsn
 
 
 @pytest.fixture(scope="module")
 async def module_dsn(postgres_server_dsn: str) -> AsyncIterator[str]:
     """A fresh database of the test module's own (state it must not share), dropped after it."""
-    dbname = f"qantara_mod_{secrets.token_hex(6)}"
-    dsn = await ensure_database(postgres_server_dsn, dbname)
-    try:
+    async with _fresh_database(postgres_server_dsn, "qantara_mod") as dsn:
         yield dsn
-    finally:
-        await drop_database(postgres_server_dsn, dbname)
+
+
+@pytest.fixture
+async def fresh_dsn(postgres_server_dsn: str) -> AsyncIterator[str]:
+    """A fresh database of the test's own (fault tests restart gateways on it), dropped after."""
+    async with _fresh_database(postgres_server_dsn, "qantara_fn") as dsn:
+        yield dsn
 
 
 @pytest.fixture(scope="session")

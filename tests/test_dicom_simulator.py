@@ -4,36 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import random
-import secrets
 import warnings
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
 from pydicom.filebase import DicomBytesIO
 
-from gateway.local_services import drop_database, ensure_database
 from simulators.modality import CHARSETS, ModalityConfig, run_modality, study_datasets
 from simulators.population import REGIONS, Population
 from tests.dicom_support import running_dicom
 
 
-@pytest.fixture
-async def dsn(postgres_server_dsn: str) -> AsyncIterator[str]:
-    name = f"qantara_dsim_{secrets.token_hex(5)}"
-    url = await ensure_database(postgres_server_dsn, name)
-    try:
-        yield url
-    finally:
-        await drop_database(postgres_server_dsn, name)
-
-
 @pytest.mark.parametrize("modality", ["CR", "US"])
 async def test_simulated_studies_are_all_stored_with_their_names_in_three_charsets(
-    dsn: str, tmp_path: Path, modality: str
+    fresh_dsn: str, tmp_path: Path, modality: str
 ) -> None:
-    async with running_dicom(dsn, tmp_path / "store") as scp:
+    async with running_dicom(fresh_dsn, tmp_path / "store") as scp:
         config = ModalityConfig(
             host="127.0.0.1", port=scp.port, modality=modality, studies=3, quiet=True
         )

@@ -14,7 +14,6 @@ import gc
 import re
 import secrets
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -25,7 +24,6 @@ from pydicom.dataset import Dataset
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 
-from gateway.local_services import drop_database, ensure_database
 from tests.dicom_support import scu, sha256_of
 from tests.gateway_process import GatewayProcess
 from tests.services_support import wait_until
@@ -35,16 +33,6 @@ pytestmark = [pytest.mark.fault, pytest.mark.slow]
 INSTANCES = 100
 KILL_AFTER = 30
 LISTENING_DICOM = re.compile(r"listening dicom=\S+:(\d+)")
-
-
-@pytest.fixture
-async def fault_dsn(postgres_server_dsn: str) -> AsyncIterator[str]:
-    name = f"qantara_dk_{secrets.token_hex(6)}"
-    dsn = await ensure_database(postgres_server_dsn, name)
-    try:
-        yield dsn
-    finally:
-        await drop_database(postgres_server_dsn, name)
 
 
 def instances() -> list[Dataset]:
@@ -95,14 +83,14 @@ def send(port: int, datasets: list[Dataset], acked: set[str], lock: threading.Lo
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.timeout(180)
 async def test_gateway_killed_during_stores_keeps_every_acknowledged_instance_once(
-    fault_dsn: str, mqtt_url: str, tmp_path: Path
+    fresh_dsn: str, mqtt_url: str, tmp_path: Path
 ) -> None:
     storage = tmp_path / "dicom"
     datasets = instances()
     acked: set[str] = set()
     lock = threading.Lock()
     env = {"QANTARA_DICOM_STORAGE": str(storage)}
-    async with GatewayProcess(database_url=fault_dsn, mqtt_url=mqtt_url, env=env) as gateway:
+    async with GatewayProcess(database_url=fresh_dsn, mqtt_url=mqtt_url, env=env) as gateway:
         port = dicom_port(gateway)
         sender = asyncio.create_task(asyncio.to_thread(send, port, datasets, acked, lock))
 
@@ -124,7 +112,7 @@ async def test_gateway_killed_during_stores_keeps_every_acknowledged_instance_on
         await asyncio.to_thread(send, port, missing, acked, lock)
         assert len(acked) == INSTANCES
 
-    conn = await asyncpg.connect(fault_dsn)
+    conn = await asyncpg.connect(fresh_dsn)
     try:
         rows = await conn.fetch(
             "SELECT sop_instance_uid, file_path, sha256 FROM dicom_instance"

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from gateway.local_services import drop_database, ensure_database, free_port
+from gateway.local_services import free_port
 from simulators.lab import LabConfig, run_lab
 from tests.gateway_process import GatewayProcess
 from tests.services_support import wait_until
@@ -30,16 +29,6 @@ TOTAL = 5_000
 KILL_AT = 1_500
 
 
-@pytest.fixture
-async def database(postgres_server_dsn: str) -> AsyncIterator[str]:
-    name = f"qantara_hl7kill_{secrets.token_hex(5)}"
-    dsn = await ensure_database(postgres_server_dsn, name)
-    try:
-        yield dsn
-    finally:
-        await drop_database(postgres_server_dsn, name)
-
-
 def acked(path: Path) -> list[str]:
     if not path.exists():
         return []
@@ -48,7 +37,7 @@ def acked(path: Path) -> list[str]:
 
 @pytest.mark.timeout(420)
 async def test_every_aa_survives_kill_9_and_is_stored_exactly_once(
-    database: str, mqtt_url: str, tmp_path: Path
+    fresh_dsn: str, mqtt_url: str, tmp_path: Path
 ) -> None:
     port = free_port()
     log = tmp_path / "acked.txt"
@@ -63,7 +52,7 @@ async def test_every_aa_survives_kill_9_and_is_stored_exactly_once(
         ack_log=log,
         quiet=True,
     )
-    async with GatewayProcess(database_url=database, mqtt_url=mqtt_url, env=env) as gateway:
+    async with GatewayProcess(database_url=fresh_dsn, mqtt_url=mqtt_url, env=env) as gateway:
         sending = asyncio.create_task(run_lab(config))
         await wait_until(lambda: len(acked(log)) >= KILL_AT, timeout=120, message="AA before kill")
         await gateway.kill()
@@ -78,7 +67,7 @@ async def test_every_aa_survives_kill_9_and_is_stored_exactly_once(
         resend = await asyncio.wait_for(run_lab(config), 240)
         assert resend.codes["AA"] == TOTAL
 
-    conn = await asyncpg.connect(database)
+    conn = await asyncpg.connect(fresh_dsn)
     try:
         stored = {
             r["control_id"]: r["n"]

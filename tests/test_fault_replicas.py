@@ -29,12 +29,10 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
-from gateway.local_services import drop_database, ensure_database
 from tests.conftest import PrivateMosquittoFactory
 from tests.gateway_process import (
     GatewayProcess,
@@ -56,16 +54,6 @@ SAMPLES = 3
 KILL_AT = 0.4
 RATE = 60.0  # messages per second per unit: the stream lasts about 17 s
 RESEND_AFTER = 5.0
-
-
-@pytest.fixture
-async def replicas_dsn(postgres_server_dsn: str) -> AsyncIterator[str]:
-    name = f"qantara_rp_{secrets.token_hex(6)}"
-    dsn = await ensure_database(postgres_server_dsn, name)
-    try:
-        yield dsn
-    finally:
-        await drop_database(postgres_server_dsn, name)
 
 
 def replica_env(group: str) -> dict[str, str]:
@@ -102,7 +90,7 @@ async def settled_acks(mqtt_url: str, totals: dict[str, int]) -> dict[str, int]:
 
 @pytest.mark.timeout(300)
 async def test_replica_killed_midway_survivor_stores_everything_exactly_once(
-    replicas_dsn: str, private_mosquitto: PrivateMosquittoFactory
+    fresh_dsn: str, private_mosquitto: PrivateMosquittoFactory
 ) -> None:
     broker = await private_mosquitto()
     env = replica_env(f"g{secrets.token_hex(3)}")
@@ -120,17 +108,17 @@ async def test_replica_killed_midway_survivor_stores_everything_exactly_once(
     totals = {p.unit: p.total for p in publishers}
     messages = UNITS * SEQS
     started = time.monotonic()
-    conn = await asyncpg.connect(replicas_dsn)
+    conn = await asyncpg.connect(fresh_dsn)
     try:
         async with (
             GatewayProcess(
-                database_url=replicas_dsn,
+                database_url=fresh_dsn,
                 mqtt_url=broker.url,
                 client_id=new_client_id("replica-a"),
                 env=env,
             ) as victim,
             GatewayProcess(
-                database_url=replicas_dsn,
+                database_url=fresh_dsn,
                 mqtt_url=broker.url,
                 client_id=new_client_id("replica-b"),
                 env=env,
@@ -183,7 +171,7 @@ async def test_replica_killed_midway_survivor_stores_everything_exactly_once(
 
 @pytest.mark.timeout(300)
 async def test_two_live_replicas_advance_every_watermark_to_the_end_without_resends(
-    replicas_dsn: str, private_mosquitto: PrivateMosquittoFactory
+    fresh_dsn: str, private_mosquitto: PrivateMosquittoFactory
 ) -> None:
     broker = await private_mosquitto()
     env = replica_env(f"g{secrets.token_hex(3)}")
@@ -192,11 +180,11 @@ async def test_two_live_replicas_advance_every_watermark_to_the_end_without_rese
         for _ in range(UNITS)
     ]
     totals = {p.unit: p.total for p in publishers}
-    conn = await asyncpg.connect(replicas_dsn)
+    conn = await asyncpg.connect(fresh_dsn)
     try:
         async with (
-            GatewayProcess(database_url=replicas_dsn, mqtt_url=broker.url, env=env) as first,
-            GatewayProcess(database_url=replicas_dsn, mqtt_url=broker.url, env=env) as second,
+            GatewayProcess(database_url=fresh_dsn, mqtt_url=broker.url, env=env) as first,
+            GatewayProcess(database_url=fresh_dsn, mqtt_url=broker.url, env=env) as second,
         ):
             await first.wait_ready()
             await second.wait_ready()

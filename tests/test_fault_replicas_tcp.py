@@ -13,14 +13,12 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import asyncpg
 import pytest
 from pydicom.dataset import Dataset
 
-from gateway.local_services import drop_database, ensure_database
 from simulators.lab import LabConfig, run_lab
 from simulators.modality import study_datasets
 from simulators.population import REGIONS, Population
@@ -33,16 +31,6 @@ pytestmark = [pytest.mark.slow]
 MESSAGES = 20
 
 
-@pytest.fixture
-async def tcp_dsn(postgres_server_dsn: str) -> AsyncIterator[str]:
-    name = f"qantara_lb_{secrets.token_hex(6)}"
-    dsn = await ensure_database(postgres_server_dsn, name)
-    try:
-        yield dsn
-    finally:
-        await drop_database(postgres_server_dsn, name)
-
-
 def one_instance() -> Dataset:
     rng = random.Random(7)
     patient = Population(datetime.now(UTC).date()).patient(rng, REGIONS[0].provinces[0])
@@ -51,7 +39,7 @@ def one_instance() -> Dataset:
 
 @pytest.mark.timeout(180)
 async def test_resend_to_the_other_replica_is_acknowledged_again_and_stored_once(
-    tcp_dsn: str, private_mosquitto: PrivateMosquittoFactory
+    fresh_dsn: str, private_mosquitto: PrivateMosquittoFactory
 ) -> None:
     mqtt_url = (await private_mosquitto()).url  # not the shared one: no other run's units
     env = {
@@ -59,8 +47,8 @@ async def test_resend_to_the_other_replica_is_acknowledged_again_and_stored_once
         "QANTARA_MQTT_SESSION_EXPIRY": "60s",
     }
     async with (
-        GatewayProcess(database_url=tcp_dsn, mqtt_url=mqtt_url, env=env) as a,
-        GatewayProcess(database_url=tcp_dsn, mqtt_url=mqtt_url, env=env) as b,
+        GatewayProcess(database_url=fresh_dsn, mqtt_url=mqtt_url, env=env) as a,
+        GatewayProcess(database_url=fresh_dsn, mqtt_url=mqtt_url, env=env) as b,
     ):
         await a.wait_ready()
         await b.wait_ready()
@@ -76,7 +64,7 @@ async def test_resend_to_the_other_replica_is_acknowledged_again_and_stored_once
         duplicates_on_b = (await b.metrics()).get(
             "qantara_messages_duplicate_total", protocol="hl7"
         )
-    conn = await asyncpg.connect(tcp_dsn)
+    conn = await asyncpg.connect(fresh_dsn)
     try:
         counts = await conn.fetchrow(
             """SELECT (SELECT count(*) FROM hl7_message) AS messages,
