@@ -78,8 +78,8 @@ def send(port: int, datasets: list[Dataset], acked: set[str], lock: threading.Lo
             assoc.release()
 
 
-# pynetdicom's SCU leaves the socket of an association its peer killed to the garbage collector.
-@pytest.mark.filterwarnings("ignore::ResourceWarning")
+# pynetdicom's SCU leaves the socket of an association its peer killed to the garbage collector
+# (its ResourceWarning is ignored in every fault test, tests/conftest.py), from its own threads.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.timeout(180)
 async def test_gateway_killed_during_stores_keeps_every_acknowledged_instance_once(
