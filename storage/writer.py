@@ -41,8 +41,6 @@ from ingest.records import (
 )
 from storage import writer_dicom, writer_hl7
 from storage.pool import is_transient
-from storage.writer_dicom import write_dicom
-from storage.writer_hl7 import write_hl7
 
 _K = TypeVar("_K")
 
@@ -182,12 +180,14 @@ class BatchWriter:
 
         hl7 = [i for i in firsts if isinstance(batch[i].key, Hl7Key)]
         if hl7:
-            for i, hl7_outcome in zip(hl7, await write_hl7(conn, batch, hl7), strict=True):
+            for i, hl7_outcome in zip(
+                hl7, await writer_hl7.write_hl7(conn, batch, hl7), strict=True
+            ):
                 outcomes[i] = hl7_outcome
 
         dicom = [i for i, env in enumerate(batch) if isinstance(env.key, DicomKey)]
         if dicom:
-            for i, dicom_outcome in (await write_dicom(conn, batch, dicom)).items():
+            for i, dicom_outcome in (await writer_dicom.write_dicom(conn, batch, dicom)).items():
                 outcomes[i] = dicom_outcome
 
         dead = [
