@@ -254,6 +254,50 @@ async def test_truncated_dataset_is_refused_and_leaves_nothing(
     assert (accepted, echoed) == (True, status.SUCCESS)
 
 
+def large(ds: Dataset, trailing: bool = False) -> Dataset:
+    """The image as 512x512 16-bit: 512 KiB of pixels, written in several spool batches (the
+    test files are a few KiB); Pixel Data is the last element unless `trailing` puts padding
+    after it."""
+    ds.Rows = ds.Columns = 512
+    ds.PixelData = bytes(range(256)) * (512 * 512 * 2 // 256)
+    if not trailing and 0xFFFCFFFC in ds:
+        del ds[0xFFFCFFFC]
+    if trailing:
+        ds.add_new(0xFFFCFFFC, "OB", b"\x00" * 64)
+    return ds
+
+
+@pytest.mark.parametrize("trailing", [False, True], ids=["pixel-data-last", "padding-after"])
+async def test_large_image_is_stored_and_indexed_with_its_arabic_name(
+    scp: RunningDicom, trailing: bool
+) -> None:
+    ds = large(fresh(), trailing)
+    ds.SpecificCharacterSet = "ISO_IR 127"
+    ds.PatientName = "قباني^لنزار"
+    [code] = await asyncio.to_thread(store, scp.port, [ds])
+    assert code == status.SUCCESS
+    row = await instance_row(scp.pool, str(ds.SOPInstanceUID))
+    assert row is not None
+    assert row["patient_name"] == "قباني^لنزار"
+    assert row["study_uid"] == str(ds.StudyInstanceUID)
+    assert sha256_of(scp.root / row["file_path"]) == bytes(row["sha256"])
+
+
+@pytest.mark.parametrize("cut", [1, 100, 300_000])
+async def test_truncated_large_image_is_refused_and_leaves_nothing(
+    scp: RunningDicom, monkeypatch: pytest.MonkeyPatch, cut: int
+) -> None:
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send the bytes as cut
+    ds = large(fresh())
+    encoded = BytesIO()
+    ds.save_as(encoded, enforce_file_format=True)
+    whole = encoded.getvalue()
+    code = await asyncio.to_thread(store_raw, scp.port, ds, whole[: len(whole) - cut])
+    assert code == status.CANNOT_UNDERSTAND
+    assert await instance_row(scp.pool, str(ds.SOPInstanceUID)) is None
+    assert temp_files(scp.root) == []
+
+
 def store_raw(port: int, ds: Dataset, part10: bytes) -> int | None:
     """C-STORE the dataset bytes of a Part 10 file as they are (cut or not), via a file."""
     with tempfile.NamedTemporaryFile(suffix=".dcm") as f:
