@@ -92,7 +92,7 @@ PLACEHOLDER_UID: Final = "0"
 """Stands for an Affected SOP UID a C-STORE command lacked; never indexed (refused)."""
 SPOOL_BATCH: Final = 256 << 10
 """Received bytes held (by reference) before they are written to the page cache, one `writev`
-per batch (on the loop: such a write does not wait for the disk; the fsync runs in a worker)."""
+per batch, in a worker (`_WriteBehind`)."""
 REJECT_REASONS: Final = ("unparseable", "missing-uid", "invalid-uid", "uid-mismatch")
 CONFLICT_COMMENT: Final = "instance already stored with other content; first copy kept"
 
@@ -127,6 +127,36 @@ class _Refused(Exception):
 
 _RECEIVED: Final = _Answer(status.SUCCESS, "received")
 """`_spool`'s sentinel: the dataset is complete, not yet answered."""
+
+
+class _WriteBehind:
+    """Writes a spool file's batches in a worker, in order, at most one in flight: the event
+    loop never waits for the page cache (a write can wait for the file system's journal while
+    other associations fsync)."""
+
+    def __init__(self, spool: SpoolFile, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        self._spool = spool
+        self._pool = pool
+        self.pending: concurrent.futures.Future[None] | None = None
+
+    async def write(self, batch: list[Chunk]) -> None:
+        """Hand `batch` over once the previous write is done; raises its OSError."""
+        await self.settled()
+        self.pending = self._pool.submit(self._spool.write, batch)
+
+    async def settled(self) -> None:
+        """Wait for the write in flight (never cancelled: the file stays open under it)."""
+        if self.pending is not None:
+            await asyncio.shield(asyncio.wrap_future(self.pending))
+            self.pending = None
+
+    def discard(self) -> None:
+        """Remove the spool file now, or when the write in flight is done."""
+        pending = self.pending
+        if pending is None:
+            self._spool.discard()
+        else:
+            pending.add_done_callback(lambda _: self._spool.discard())
 
 
 class DicomServer:
@@ -365,22 +395,25 @@ class DicomServer:
                     return ended
                 answer = self._unavailable("disk", f"spooling failed: {type(exc).__name__}")
             else:
-                received = await self._spool(link, spool, event)
+                writer = _WriteBehind(spool, self._pool())
+                received = await self._spool(link, spool, writer, event)
                 if not isinstance(received, _Answer):
                     return received
                 answer = received
                 if answer is _RECEIVED:
-                    answer = await self._keep(spool, event, calling, received_at)
+                    answer = await self._keep(spool, writer, event, calling, received_at)
                     self._metrics.dicom_store_seconds.observe(time.perf_counter() - started)
         response = dimse.store_response(command, answer.status, answer.comment, PLACEHOLDER_UID)
         await link.send(link.acceptor.send_message(event.context_id, response))
         return None
 
-    async def _spool(self, link: Link, spool: SpoolFile, event: CommandReceived) -> _Answer | Ended:
-        """Receive the dataset into `spool` after its Part 10 header, writing a batch to the
-        page cache whenever `SPOOL_BATCH` bytes have arrived. `_RECEIVED`: all received, the
-        last batch still to write (by `_settle`, in a worker); else the spool file is gone and
-        this is the answer (0xA700) or what ended the association."""
+    async def _spool(
+        self, link: Link, spool: SpoolFile, writer: _WriteBehind, event: CommandReceived
+    ) -> _Answer | Ended:
+        """Receive the dataset into `spool` after its Part 10 header, handing a batch to
+        `writer` whenever `SPOOL_BATCH` bytes have arrived. `_RECEIVED`: all received, a batch
+        maybe still in flight and the last one to write (by `_settle`, in a worker); else the
+        spool file is gone and this is the answer (0xA700) or what ended the association."""
         command = event.command
         spool.add(
             file_meta(
@@ -399,29 +432,34 @@ class DicomServer:
                     spool.add(received.data)
                     if spool.batched >= SPOOL_BATCH:
                         try:
-                            spool.write(spool.take())
+                            await writer.write(spool.take())
                         except OSError as exc:
                             failed = type(exc).__name__
                 elif isinstance(received, DatasetComplete):
                     break
                 else:
-                    spool.discard()
+                    writer.discard()
                     return received
         except BaseException:
-            spool.discard()
+            writer.discard()
             raise
         if failed is not None:
-            spool.discard()
+            writer.discard()
             return self._unavailable("disk", f"writing failed: {failed}")
         return _RECEIVED
 
     async def _keep(
-        self, spool: SpoolFile, event: CommandReceived, calling: str, received_at: datetime
+        self,
+        spool: SpoolFile,
+        writer: _WriteBehind,
+        event: CommandReceived,
+        calling: str,
+        received_at: datetime,
     ) -> _Answer:
         """Write, link, fsync, parse, index: the answer to a complete dataset."""
         try:
             meta, stored = await self._work(
-                self._settle, spool, spool.take(), calling, event.command
+                self._settle, spool, writer.pending, spool.take(), calling, event.command
             )
         except _Refused as refused:
             return await self._refuse(
@@ -447,13 +485,20 @@ class DicomServer:
         return await self._answer(outcome, stored)
 
     def _settle(
-        self, spool: SpoolFile, rest: list[Chunk], calling: str, command: dimse.Command
+        self,
+        spool: SpoolFile,
+        pending: concurrent.futures.Future[None] | None,
+        rest: list[Chunk],
+        calling: str,
+        command: dimse.Command,
     ) -> tuple[InstanceMetadata, StoredFile]:
-        """In a worker: write the last batch, give the file its content name, then make it and
-        its folders durable while another worker parses its header (linking first lets the
-        file's fsync carry the new name in the same journal commit). Raises `_Refused` (the
-        file is removed again) or `_DiskError`."""
+        """In a worker: write the last batch once the one `pending` is done, give the file its
+        content name, then make it and its folders durable while another worker parses its
+        header (linking first lets the file's fsync carry the new name in the same journal
+        commit). Raises `_Refused` (the file is removed again) or `_DiskError`."""
         try:
+            if pending is not None:
+                pending.result()
             spool.write(rest)
             sha256, size, fd = spool.finish()
         except OSError as exc:

@@ -5,7 +5,8 @@ the way.
 copy). The association hands it each fragment as it comes off the wire (`add`): SHA-256 is fed at
 once (no second read for the digest) and the fragment is kept, by reference, until `take()`
 hands the batch to `write`, one `writev` per batch: writes to the page cache are batched (the
-listener writes a batch every few hundred KiB, the last one in the worker that then fsyncs).
+listener has a worker write a batch every few hundred KiB, one at a time, and the last one in
+the worker that then fsyncs).
 `finish()` gives digest, size and a descriptor for the fsync; `discard()` removes an unfinished
 transfer's file (the association ended mid-dataset, or the disk failed). Temp files of a process
 that died are swept by `FileStore.open` and `FileStore.sweep_temp`.

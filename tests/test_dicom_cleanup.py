@@ -26,7 +26,7 @@ from tests.dicom_support import (
     temp_files,
 )
 from tests.services_support import wait_until
-from tests.test_dicom_store import fresh
+from tests.test_dicom_store import fresh, large
 
 HOUR = 3600.0
 
@@ -74,6 +74,18 @@ async def test_transfer_aborted_mid_dataset_leaves_no_temp_file(scp: RunningDico
     # The command and only the first fragment: MR_small would fit whole in two PDUs, and its
     # store could then complete before the abort arrived.
     _, assoc = await asyncio.to_thread(send_raw_store, scp.port, ds, pdus=2)
+    assert assoc.is_aborted
+    await wait_until(lambda: spool.pending() == 0 and not temp_files(scp.root), timeout=10)
+    assert await instance_row(scp.pool, str(ds.SOPInstanceUID)) is None
+    assert await asyncio.to_thread(echo, scp.port) == (True, status.SUCCESS)
+
+
+async def test_transfer_aborted_after_batches_were_written_leaves_no_temp_file(
+    scp: RunningDicom,
+) -> None:
+    ds = large(fresh())  # 512 KiB of pixels: 33 fragments of up to 16 KiB
+    # 400 KiB arrive: a spool batch has gone to a worker for writing when the abort comes.
+    _, assoc = await asyncio.to_thread(send_raw_store, scp.port, ds, pdus=26)
     assert assoc.is_aborted
     await wait_until(lambda: spool.pending() == 0 and not temp_files(scp.root), timeout=10)
     assert await instance_row(scp.pool, str(ds.SOPInstanceUID)) is None
