@@ -130,28 +130,28 @@ _RECEIVED: Final = _Answer(status.SUCCESS, "received")
 
 
 class _WriteBehind:
-    """Writes a spool file's batches in a worker, in order, at most one in flight: the event
-    loop never waits for the page cache (a write can wait for the file system's journal while
-    other associations fsync)."""
+    """Creates a spool file and writes its batches in a worker, in order, one step in flight:
+    the event loop never waits for the file system (a create or a write to the page cache can
+    wait for the ext4 journal while files are fsynced), and fragments keep arriving meanwhile."""
 
     def __init__(self, spool: SpoolFile, pool: concurrent.futures.ThreadPoolExecutor) -> None:
         self._spool = spool
         self._pool = pool
-        self.pending: concurrent.futures.Future[None] | None = None
+        self.pending: concurrent.futures.Future[None] | None = pool.submit(spool.open)
 
     async def write(self, batch: list[Chunk]) -> None:
-        """Hand `batch` over once the previous write is done; raises its OSError."""
+        """Hand `batch` over once the previous step is done; raises its OSError."""
         await self.settled()
         self.pending = self._pool.submit(self._spool.write, batch)
 
     async def settled(self) -> None:
-        """Wait for the write in flight (never cancelled: the file stays open under it)."""
+        """Wait for the step in flight (never cancelled: the file stays open under it)."""
         if self.pending is not None:
             await asyncio.shield(asyncio.wrap_future(self.pending))
             self.pending = None
 
     def discard(self) -> None:
-        """Remove the spool file now, or when the write in flight is done."""
+        """Remove the spool file now, or when the step in flight is done."""
         pending = self.pending
         if pending is None:
             self._spool.discard()
@@ -387,22 +387,15 @@ class DicomServer:
         if not command.has_dataset:
             answer = _Answer(status.CANNOT_UNDERSTAND, "C-STORE without a dataset")
         else:
-            try:
-                spool = SpoolFile(self._store.tmp)
-            except OSError as exc:
-                ended = await self._skip_dataset(link, command)
-                if ended is not None:
-                    return ended
-                answer = self._unavailable("disk", f"spooling failed: {type(exc).__name__}")
-            else:
-                writer = _WriteBehind(spool, self._pool())
-                received = await self._spool(link, spool, writer, event)
-                if not isinstance(received, _Answer):
-                    return received
-                answer = received
-                if answer is _RECEIVED:
-                    answer = await self._keep(spool, writer, event, calling, received_at)
-                    self._metrics.dicom_store_seconds.observe(time.perf_counter() - started)
+            spool = SpoolFile(self._store.tmp)
+            writer = _WriteBehind(spool, self._pool())
+            received = await self._spool(link, spool, writer, event)
+            if not isinstance(received, _Answer):
+                return received
+            answer = received
+            if answer is _RECEIVED:
+                answer = await self._keep(spool, writer, event, calling, received_at)
+                self._metrics.dicom_store_seconds.observe(time.perf_counter() - started)
         response = dimse.store_response(command, answer.status, answer.comment, PLACEHOLDER_UID)
         await link.send(link.acceptor.send_message(event.context_id, response))
         return None

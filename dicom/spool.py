@@ -1,12 +1,14 @@
 """Where a C-STORE dataset goes while it arrives: a file in the store's temp folder, hashed on
 the way.
 
-`SpoolFile(folder)` creates `<storage>/tmp/<random>.part` (the final step is a link, never a
-copy). The association hands it each fragment as it comes off the wire (`add`): SHA-256 is fed at
-once (no second read for the digest) and the fragment is kept, by reference, until `take()`
-hands the batch to `write`, one `writev` per batch: writes to the page cache are batched (the
-listener has a worker write a batch every few hundred KiB, one at a time, and the last one in
-the worker that then fsyncs).
+`SpoolFile(folder)` names `<storage>/tmp/<random>.part` (the final step is a link, never a
+copy); `open()` creates it, in a worker like every other file step: on ext4 a create right after
+other files' and folders' fsyncs waits about a millisecond for the journal (measured here), and
+the listener receives the first fragments meanwhile. The association hands it each fragment as
+it comes off the wire (`add`): SHA-256 is fed at once (no second read for the digest) and the
+fragment is kept, by reference, until `take()` hands the batch to `write`, one `writev` per
+batch: writes to the page cache are batched (the listener has a worker write a batch every few
+hundred KiB, one at a time, and the last one in the worker that then fsyncs).
 `finish()` gives digest, size and a descriptor for the fsync; `discard()` removes an unfinished
 transfer's file (the association ended mid-dataset, or the disk failed). Temp files of a process
 that died are swept by `FileStore.open` and `FileStore.sweep_temp`.
@@ -37,16 +39,24 @@ _open = 0
 
 
 class SpoolFile:
-    """One user at a time: `add`, `take`, `write` while receiving, then `finish` or `discard`."""
+    """One user at a time: `open` (in a worker; fragments may be added before), `add`, `take`,
+    `write` while receiving, then `finish` or `discard`."""
 
     def __init__(self, folder: Path) -> None:
-        global _open
         self.path = folder / (secrets.token_hex(16) + TMP_SUFFIX)
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fd: int | None = None
+        self._ended = False  # finished or discarded
         self._digest = hashlib.sha256()
         self._size = 0
         self._batch: list[Chunk] = []
         self.batched = 0  # bytes added and not yet taken
+
+    def open(self) -> None:
+        """Create the file (blocking: call it in a worker). Raises OSError."""
+        global _open
+        if self._fd is not None or self._ended:
+            raise ValueError("spool file already opened")
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         with _lock:
             _open += 1
 
@@ -70,7 +80,7 @@ class SpoolFile:
     def write(self, batch: Sequence[Chunk]) -> None:
         """Write a batch to the page cache (blocking: call it in a worker). Raises OSError."""
         if self._fd is None:
-            raise ValueError("spool file closed")
+            raise ValueError("spool file not open")
         _write_all(self._fd, [memoryview(b) for b in batch if len(b)])
 
     def finish(self) -> tuple[bytes, int, int]:
@@ -78,13 +88,13 @@ class SpoolFile:
         fsync (the caller closes it); the spool file itself is closed. Everything added must
         have been written."""
         if self._fd is None:
-            raise ValueError("spool file closed")
+            raise ValueError("spool file not open")
         fd = os.dup(self._fd)
         self._close()
         return self._digest.digest(), self._size, fd
 
     def discard(self) -> None:
-        """Close and remove an unfinished transfer's file (best effort)."""
+        """Close and remove an unfinished transfer's file, if it was created (best effort)."""
         self._batch = []
         self._close()
         try:
@@ -94,6 +104,7 @@ class SpoolFile:
 
     def _close(self) -> None:
         global _open
+        self._ended = True
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
