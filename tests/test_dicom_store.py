@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import resource
 import secrets
+import signal
 import tempfile
 from collections.abc import AsyncIterator
 from io import BytesIO
@@ -15,7 +17,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pynetdicom import _config
 
-from dicom import status
+from dicom import spool, status
 from dicom.config import DicomSettings
 from tests.dicom_support import (
     SCP_AE,
@@ -29,6 +31,7 @@ from tests.dicom_support import (
     stored_files,
     temp_files,
 )
+from tests.services_support import wait_until
 
 # (file, transfer syntax it carries) across SOP classes: CT, MR, secondary capture, RT.
 TEST_FILES = [
@@ -296,6 +299,33 @@ async def test_truncated_large_image_is_refused_and_leaves_nothing(
     assert code == status.CANNOT_UNDERSTAND
     assert await instance_row(scp.pool, str(ds.SOPInstanceUID)) is None
     assert temp_files(scp.root) == []
+
+
+@pytest.mark.parametrize("limit", [0, 128 * 1024], ids=["first-byte", "mid-file"])
+async def test_disk_refusing_the_file_answers_a700_leaves_nothing_and_the_resend_is_stored(
+    scp: RunningDicom, limit: int
+) -> None:
+    # The kernel refuses to grow a file beyond RLIMIT_FSIZE (EFBIG, SIGXFSZ ignored) as a full
+    # disk does (ENOSPC): from the first byte, or in the middle of the file.
+    ds = large(fresh())
+    before = scp.metrics.sample("qantara_dicom_unavailable_total", {"cause": "disk"}) or 0.0
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        [code] = await asyncio.to_thread(store, scp.port, [ds])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert code == status.OUT_OF_RESOURCES
+    assert await instance_row(scp.pool, str(ds.SOPInstanceUID)) is None
+    after = scp.metrics.sample("qantara_dicom_unavailable_total", {"cause": "disk"})
+    assert after == before + 1
+    await wait_until(lambda: spool.pending() == 0 and not temp_files(scp.root), timeout=10)
+    [again] = await asyncio.to_thread(store, scp.port, [ds])
+    assert again == status.SUCCESS
+    row = await instance_row(scp.pool, str(ds.SOPInstanceUID))
+    assert sha256_of(scp.root / row["file_path"]) == bytes(row["sha256"])
 
 
 def store_raw(port: int, ds: Dataset, part10: bytes) -> int | None:
