@@ -129,15 +129,52 @@ _RECEIVED: Final = _Answer(status.SUCCESS, "received")
 """`_spool`'s sentinel: the dataset is complete, not yet answered."""
 
 
-class _WriteBehind:
-    """Creates a spool file and writes its batches in a worker, in order, one step in flight:
-    the event loop never waits for the file system (a create or a write to the page cache can
-    wait for the ext4 journal while files are fsynced), and fragments keep arriving meanwhile."""
+class _Spools:
+    """An association's spool files, each created in a worker one C-STORE ahead: on ext4 a create
+    right after fsyncs waits about a millisecond for the journal, so the next dataset's file is
+    created while this one's index row commits, not when the next dataset arrives."""
 
-    def __init__(self, spool: SpoolFile, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    def __init__(self, folder: Path, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        self._folder = folder
+        self._pool = pool
+        self._next: tuple[SpoolFile, concurrent.futures.Future[None]] | None = None
+
+    def prepare(self) -> None:
+        if self._next is None:
+            self._next = self._create()
+
+    def take(self) -> tuple[SpoolFile, concurrent.futures.Future[None]]:
+        """A spool file and the future of its creation (maybe still running)."""
+        taken, self._next = self._next or self._create(), None
+        return taken
+
+    def _create(self) -> tuple[SpoolFile, concurrent.futures.Future[None]]:
+        spool = SpoolFile(self._folder)
+        return spool, self._pool.submit(spool.open)
+
+    def close(self) -> None:
+        """The association ends: remove the file prepared for a C-STORE that did not come."""
+        if self._next is not None:
+            spool, opening = self._next
+            self._next = None
+            opening.add_done_callback(lambda _: spool.discard())
+
+
+class _WriteBehind:
+    """Writes a spool file's batches in a worker, in order, after its creation, one step in
+    flight: the event loop never waits for the file system (a create or a write to the page
+    cache can wait for the ext4 journal while files are fsynced), and fragments keep arriving
+    meanwhile."""
+
+    def __init__(
+        self,
+        spool: SpoolFile,
+        opening: concurrent.futures.Future[None],
+        pool: concurrent.futures.ThreadPoolExecutor,
+    ) -> None:
         self._spool = spool
         self._pool = pool
-        self.pending: concurrent.futures.Future[None] | None = pool.submit(spool.open)
+        self.pending: concurrent.futures.Future[None] | None = opening
 
     async def write(self, batch: list[Chunk]) -> None:
         """Hand `batch` over once the previous step is done; raises its OSError."""
@@ -294,7 +331,11 @@ class DicomServer:
             self._metrics.dicom_associations.set(self._associations)
             await link.send(link.acceptor.accept(answer))
             link.pump()  # what arrived while we decided
-            await self._serve(link, calling)
+            spools = _Spools(self._store.tmp, self._pool())
+            try:
+                await self._serve(link, calling, spools)
+            finally:
+                spools.close()
         except asyncio.CancelledError:
             link.close(link.acceptor.abort())
             raise
@@ -310,13 +351,13 @@ class DicomServer:
                 self._metrics.dicom_associations.set(self._associations)
             link.close()
 
-    async def _serve(self, link: Link, calling: str) -> None:
+    async def _serve(self, link: Link, calling: str, spools: _Spools) -> None:
         s = self._settings
         while True:
             busy = link.acceptor.in_message
             event = await link.next_event(s.dimse_timeout if busy else s.network_timeout)
             if isinstance(event, CommandReceived):
-                ended = await self._command(link, event, calling)
+                ended = await self._command(link, event, calling, spools)
                 if ended is not None:
                     self._end(link, ended)
                     return
@@ -341,13 +382,15 @@ class DicomServer:
         else:
             link.close(link.acceptor.abort())
 
-    async def _command(self, link: Link, event: CommandReceived, calling: str) -> Ended | None:
+    async def _command(
+        self, link: Link, event: CommandReceived, calling: str, spools: _Spools
+    ) -> Ended | None:
         command = event.command
         field = command.command_field
         if not command.is_request or field == dimse.C_CANCEL_RQ:
             return await self._skip_dataset(link, command)  # noted by the link already
         if field == dimse.C_STORE_RQ and event.abstract_syntax in sop_classes.STORAGE:
-            return await self._c_store(link, event, calling)
+            return await self._c_store(link, event, calling, spools)
         if field == dimse.C_FIND_RQ and event.abstract_syntax in sop_classes.FIND_MODELS:
             return await self._c_find(link, event)
         ended = await self._skip_dataset(link, command)
@@ -380,21 +423,23 @@ class DicomServer:
 
     # --- C-STORE ------------------------------------------------------------------------------
 
-    async def _c_store(self, link: Link, event: CommandReceived, calling: str) -> Ended | None:
+    async def _c_store(
+        self, link: Link, event: CommandReceived, calling: str, spools: _Spools
+    ) -> Ended | None:
         started = time.perf_counter()
         received_at = datetime.now(UTC)
         command = event.command
         if not command.has_dataset:
             answer = _Answer(status.CANNOT_UNDERSTAND, "C-STORE without a dataset")
         else:
-            spool = SpoolFile(self._store.tmp)
-            writer = _WriteBehind(spool, self._pool())
+            spool, opening = spools.take()
+            writer = _WriteBehind(spool, opening, self._pool())
             received = await self._spool(link, spool, writer, event)
             if not isinstance(received, _Answer):
                 return received
             answer = received
             if answer is _RECEIVED:
-                answer = await self._keep(spool, writer, event, calling, received_at)
+                answer = await self._keep(spool, writer, spools, event, calling, received_at)
                 self._metrics.dicom_store_seconds.observe(time.perf_counter() - started)
         response = dimse.store_response(command, answer.status, answer.comment, PLACEHOLDER_UID)
         await link.send(link.acceptor.send_message(event.context_id, response))
@@ -445,11 +490,13 @@ class DicomServer:
         self,
         spool: SpoolFile,
         writer: _WriteBehind,
+        spools: _Spools,
         event: CommandReceived,
         calling: str,
         received_at: datetime,
     ) -> _Answer:
-        """Write, link, fsync, parse, index: the answer to a complete dataset."""
+        """Write, link, fsync, parse, index: the answer to a complete dataset. The next spool
+        file is created while the index row commits."""
         try:
             meta, stored = await self._work(
                 self._settle, spool, writer.pending, spool.take(), calling, event.command
@@ -462,6 +509,7 @@ class DicomServer:
             if exc.relative is not None:
                 self._suspects.add(exc.relative)
             return self._unavailable("disk", str(exc))
+        spools.prepare()
         try:
             outcome = await self._commit(
                 DicomKey(meta.sop_instance_uid),
