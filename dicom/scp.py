@@ -4,11 +4,12 @@ Our own DICOM upper layer on the gateway's event loop: `asyncio` accepts the con
 association is one task in the server's `TaskGroup`, the protocol is the sans-IO core
 (`dicom.pdu`, `dicom.dimse`, `dicom.association`; the policy in `dicom.negotiation`), the socket
 side is `dicom.link`. A C-STORE dataset is written to a file in the store's temp folder as its
-fragments come off the wire, hashed on the way (`dicom.spool`: never held in memory, never copied,
-never read twice), after a Part 10 header (`dicom.filemeta`). Then, in worker threads: the header
-is parsed without pixel data by `read_metadata` while the data is fsynced; the file is linked to
-its content-derived name by `FileStore.commit` and its folders fsynced (`make_durable`); only then
-is its index row handed to the group-commit pipeline. The status goes back after COMMIT:
+fragments come off the wire, hashed on the way, by batches in a worker (`dicom.spool`: never held
+in memory, never copied, never read twice), after a Part 10 header (`dicom.filemeta`). Then, in
+worker threads: the header is parsed without pixel data by `read_metadata` while the data is
+fsynced; the file is linked to its content-derived name by `FileStore.commit` and its folders
+fsynced (`make_durable`); only then is its index row handed to the group-commit pipeline. The
+status goes back after COMMIT:
 
 - stored, or the same bytes again: 0x0000;
 - the same SOP Instance UID with other content: 0xB006, the first copy kept, a conflict counted;
