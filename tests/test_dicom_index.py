@@ -153,6 +153,50 @@ async def test_national_id_links_imaging_to_the_patient_of_vitals_and_labs(
     assert mrn_owner == known
 
 
+async def patient_version(pool: asyncpg.Pool, system: str, value: str) -> asyncpg.Record:
+    return await pool.fetchrow(
+        """SELECT p.xmin::text AS version, p.birth_date, p.gender, p.family
+           FROM patient p JOIN patient_identifier i ON i.patient_id = p.id
+           WHERE i.system = $1 AND i.value = $2""",
+        system,
+        value,
+    )
+
+
+def own_patient(pid: str, **elements: object) -> Dataset:
+    """CT_small as an image of a patient of its own (its Other Patient IDs are shared)."""
+    ds = ct(pid, IssuerOfPatientID="CHU-OUJDA", **elements)
+    del ds.OtherPatientIDsSequence
+    return ds
+
+
+async def test_further_images_of_a_patient_leave_its_row_untouched(scp: RunningDicom) -> None:
+    pid = f"MRN-{secrets.token_hex(3)}"
+    first = own_patient(pid, PatientBirthDate="19800101", PatientSex="F")
+    assert await asyncio.to_thread(store, scp.port, [first]) == [status.SUCCESS]
+    before = await patient_version(scp.pool, "CHU-OUJDA", pid)
+    later = [own_patient(pid, PatientBirthDate="19800101") for _ in "ab"]
+    assert await asyncio.to_thread(store, scp.port, later) == [status.SUCCESS] * 2
+    after = await patient_version(scp.pool, "CHU-OUJDA", pid)
+    assert after == before  # not even a new row version
+
+
+async def test_an_image_fills_what_its_patient_lacked(scp: RunningDicom) -> None:
+    pid = f"MRN-{secrets.token_hex(3)}"
+    first = own_patient(pid, PatientSex="")
+    del first.PatientBirthDate
+    assert await asyncio.to_thread(store, scp.port, [first]) == [status.SUCCESS]
+    lacking = await patient_version(scp.pool, "CHU-OUJDA", pid)
+    assert lacking["birth_date"] is None
+    assert lacking["gender"] is None
+    second = own_patient(pid, PatientBirthDate="19800101", PatientSex="F")
+    assert await asyncio.to_thread(store, scp.port, [second]) == [status.SUCCESS]
+    filled = await patient_version(scp.pool, "CHU-OUJDA", pid)
+    assert str(filled["birth_date"]) == "1980-01-01"
+    assert filled["gender"] == "female"
+    assert filled["family"] == lacking["family"]
+
+
 async def test_patient_id_without_issuer_is_scoped_to_the_calling_ae(scp: RunningDicom) -> None:
     ds = ct(f"LOCAL-{secrets.token_hex(3)}")
     [code] = await asyncio.to_thread(store, scp.port, [ds])
