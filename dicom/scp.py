@@ -138,49 +138,41 @@ class _Spools:
     def __init__(self, folder: Path, pool: concurrent.futures.ThreadPoolExecutor) -> None:
         self._folder = folder
         self._pool = pool
-        self._next: tuple[SpoolFile, concurrent.futures.Future[None]] | None = None
+        self._next: _WriteBehind | None = None
 
     def prepare(self) -> None:
         if self._next is None:
-            self._next = self._create()
+            self._next = self._new()
 
-    def take(self) -> tuple[SpoolFile, concurrent.futures.Future[None]]:
-        """A spool file and the future of its creation (maybe still running)."""
-        taken, self._next = self._next or self._create(), None
+    def take(self) -> _WriteBehind:
+        """The next spool file, its creation maybe still running."""
+        taken, self._next = self._next or self._new(), None
         return taken
 
-    def _create(self) -> tuple[SpoolFile, concurrent.futures.Future[None]]:
-        spool = SpoolFile(self._folder)
-        return spool, self._pool.submit(spool.open)
+    def _new(self) -> _WriteBehind:
+        return _WriteBehind(SpoolFile(self._folder), self._pool)
 
     def close(self) -> None:
         """The association ends: remove the file prepared for a C-STORE that did not come."""
         if self._next is not None:
-            spool, opening = self._next
+            self._next.discard()
             self._next = None
-            opening.add_done_callback(lambda _: spool.discard())
 
 
 class _WriteBehind:
-    """Writes a spool file's batches in a worker, in order, after its creation, one step in
-    flight: the event loop never waits for the file system (a create or a write to the page
-    cache can wait for the ext4 journal while files are fsynced), and fragments keep arriving
-    meanwhile."""
+    """Creates a spool file and writes its batches in a worker, in order, one step in flight:
+    the event loop never waits for the file system (a create or a write to the page cache can
+    wait for the ext4 journal while files are fsynced), and fragments keep arriving meanwhile."""
 
-    def __init__(
-        self,
-        spool: SpoolFile,
-        opening: concurrent.futures.Future[None],
-        pool: concurrent.futures.ThreadPoolExecutor,
-    ) -> None:
-        self._spool = spool
+    def __init__(self, spool: SpoolFile, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        self.spool = spool
         self._pool = pool
-        self.pending: concurrent.futures.Future[None] | None = opening
+        self.pending: concurrent.futures.Future[None] | None = pool.submit(spool.open)
 
     async def write(self, batch: list[Chunk]) -> None:
         """Hand `batch` over once the previous step is done; raises its OSError."""
         await self.settled()
-        self.pending = self._pool.submit(self._spool.write, batch)
+        self.pending = self._pool.submit(self.spool.write, batch)
 
     async def settled(self) -> None:
         """Wait for the step in flight (never cancelled: the file stays open under it)."""
@@ -192,9 +184,9 @@ class _WriteBehind:
         """Remove the spool file now, or when the step in flight is done."""
         pending = self.pending
         if pending is None:
-            self._spool.discard()
+            self.spool.discard()
         else:
-            pending.add_done_callback(lambda _: self._spool.discard())
+            pending.add_done_callback(lambda _: self.spool.discard())
 
 
 class DicomServer:
@@ -433,27 +425,27 @@ class DicomServer:
         if not command.has_dataset:
             answer = _Answer(status.CANNOT_UNDERSTAND, "C-STORE without a dataset")
         else:
-            spool, opening = spools.take()
-            writer = _WriteBehind(spool, opening, self._pool())
-            received = await self._spool(link, spool, writer, event)
+            writer = spools.take()
+            received = await self._spool(link, writer, event)
             if not isinstance(received, _Answer):
                 return received
             answer = received
             if answer is _RECEIVED:
-                answer = await self._keep(spool, writer, spools, event, calling, received_at)
+                answer = await self._keep(writer, spools, event, calling, received_at)
                 self._metrics.dicom_store_seconds.observe(time.perf_counter() - started)
         response = dimse.store_response(command, answer.status, answer.comment, PLACEHOLDER_UID)
         await link.send(link.acceptor.send_message(event.context_id, response))
         return None
 
     async def _spool(
-        self, link: Link, spool: SpoolFile, writer: _WriteBehind, event: CommandReceived
+        self, link: Link, writer: _WriteBehind, event: CommandReceived
     ) -> _Answer | Ended:
-        """Receive the dataset into `spool` after its Part 10 header, handing a batch to
-        `writer` whenever `SPOOL_BATCH` bytes have arrived. `_RECEIVED`: all received, a batch
+        """Receive the dataset into `writer`'s spool file after its Part 10 header, handing it a
+        batch whenever `SPOOL_BATCH` bytes have arrived. `_RECEIVED`: all received, a batch
         maybe still in flight and the last one to write (by `_settle`, in a worker); else the
         spool file is gone and this is the answer (0xA700) or what ended the association."""
         command = event.command
+        spool = writer.spool
         spool.add(
             file_meta(
                 command.affected_sop_class or PLACEHOLDER_UID,
@@ -489,7 +481,6 @@ class DicomServer:
 
     async def _keep(
         self,
-        spool: SpoolFile,
         writer: _WriteBehind,
         spools: _Spools,
         event: CommandReceived,
@@ -499,6 +490,7 @@ class DicomServer:
         """Write, link, fsync, parse, index: the answer to a complete dataset. The next spool
         file is created while the index row commits."""
         try:
+            spool = writer.spool
             meta, stored = await self._work(
                 self._settle, spool, writer.pending, spool.take(), calling, event.command
             )
