@@ -56,7 +56,7 @@ class SpoolFile:
         """Create the file (blocking: call it in a worker). Raises OSError."""
         global _open
         if self._fd is not None or self._ended:
-            raise ValueError("spool file already opened")
+            raise ValueError("spool file already opened, finished or discarded")
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         with _lock:
             _open += 1
