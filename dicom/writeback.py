@@ -1,0 +1,49 @@
+"""Start writing a file's new pages to disk while the rest of it still arrives.
+
+A C-STORE answers 0x0000 only after the file's fsync. Left to itself, the kernel writes the
+received half megabyte or gigabyte at that fsync, all at once: the fsync then lasts as long as
+the whole transfer to disk (2.2 to 3.4 ms per 0.5 MB instance on the benchmark machine). Linux's
+`sync_file_range(SYNC_FILE_RANGE_WRITE)` queues the pages of a range for writeback and returns
+without waiting, so each batch the spool writes goes to disk while the next ones arrive, and the
+final fsync finds only the tail and the journal left (0.9 ms). It is a hint: it neither makes
+anything durable nor reports write errors (the fsync does both), so a platform without it, or a
+call that fails, changes nothing but speed. Called from the spool's worker threads; ctypes
+releases the GIL during the call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+from collections.abc import Callable
+from typing import Final
+
+SYNC_FILE_RANGE_WRITE: Final = 2  # <linux/fs.h>
+
+_SyncFileRange = Callable[[int, int, int, int], int]
+
+
+def _load() -> _SyncFileRange | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return function
+
+
+_sync_file_range: Final = _load()
+AVAILABLE: Final = _sync_file_range is not None
+
+
+def start_writeback(fd: int, offset: int, length: int) -> bool:
+    """Queue the dirty pages of `length` bytes at `offset` of `fd` for writing to disk, without
+    waiting; True when the kernel took the hint (best effort: never raises)."""
+    if _sync_file_range is None or length <= 0:
+        return False
+    return _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE) == 0
