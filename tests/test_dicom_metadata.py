@@ -1,0 +1,112 @@
+"""The header values the index keeps: read from a received file exactly as pydicom's own
+`Dataset.get` decodes them (the reference), in every character set pydicom ships."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pydicom.data
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicom.metadata import (
+    DicomInputError,
+    InstanceMetadata,
+    Values,
+    _check_complete,
+    _extract,
+    read_metadata,
+)
+
+DATA = Path(pydicom.data.__file__).parent  # the files pydicom ships, not those it downloads
+FILES = sorted(
+    [*DATA.glob("test_files/**/*.dcm"), *DATA.glob("charset_files/*.dcm")],
+    key=lambda p: p.name,
+)
+
+
+class DatasetValues:
+    """The reference: pydicom's `Dataset.get` for every value."""
+
+    def __init__(self, ds: Dataset) -> None:
+        self._ds = ds
+
+    def get(self, keyword: str) -> Any:
+        return self._ds.get(keyword)
+
+    def item(self, item: Dataset) -> Values:
+        return DatasetValues(item)
+
+
+def outcome(read: Any) -> InstanceMetadata | str:
+    try:
+        return read()  # type: ignore[no-any-return]
+    except DicomInputError as exc:
+        return f"refused: {exc.reason}"
+
+
+def reference(path: Path) -> InstanceMetadata | str:
+    """What `read_metadata` gives with `Dataset.get` for each value."""
+    ds = dcmread(path, defer_size=512, force=True)
+
+    def read() -> InstanceMetadata:
+        _check_complete(ds, path)
+        try:
+            return _extract(ds, DatasetValues(ds), "MODALITY", None, None)
+        except DicomInputError:
+            raise
+        except Exception as exc:  # as read_metadata does
+            raise DicomInputError("unparseable", type(exc).__name__) from exc
+
+    return outcome(read)
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+def test_values_are_those_pydicom_decodes(path: Path) -> None:
+    try:
+        expected = reference(path)
+    except Exception:  # noqa: BLE001 - files pydicom itself cannot read say nothing here
+        pytest.skip("pydicom cannot parse this file")
+    assert outcome(lambda: read_metadata(path, calling_ae="MODALITY")) == expected
+
+
+def test_charset_files_give_their_names_as_written() -> None:
+    folder = DATA / "charset_files"
+    arabic = read_metadata(folder / "chrArab.dcm", calling_ae="M")
+    french = read_metadata(folder / "chrFren.dcm", calling_ae="M")
+    assert (arabic.patient_name, french.patient_name) == ("قباني^لنزار", "Buc^Jérôme")
+
+
+def test_other_patient_ids_are_decoded_in_their_items_own_character_set(tmp_path: Path) -> None:
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.10.9.1"
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.10.9.2"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.10.9.3"
+    ds.SpecificCharacterSet = "ISO_IR 127"
+    ds.PatientName = "قباني^لنزار"
+    ds.PatientID = "P-1"
+    inherits = Dataset()
+    inherits.PatientID = "AB123456"
+    inherits.IssuerOfPatientID = "مستشفى"  # in the dataset's ISO_IR 127
+    own = Dataset()
+    own.SpecificCharacterSet = "ISO_IR 100"
+    own.PatientID = "77"
+    own.IssuerOfPatientID = "Hôpital Ibn Sina"  # in the item's own ISO_IR 100
+    ds.OtherPatientIDsSequence = Sequence([inherits, own])
+    ds.file_meta = Dataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / "other-ids.dcm"
+    ds.save_as(path, enforce_file_format=True)
+
+    meta = read_metadata(path, calling_ae="MODALITY")
+    assert [(r.system, r.value) for r in meta.patient] == [
+        ("dicom-ae/MODALITY", "P-1"),
+        ("مستشفى", "AB123456"),
+        ("Hôpital Ibn Sina", "77"),
+    ]
+    assert meta == reference(path)
