@@ -11,20 +11,29 @@ raises `DicomInputError` with a reason slug; nothing here writes or names a file
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, timezone
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 from pydicom import dcmread
 from pydicom.charset import convert_encodings
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import RawDataElement, convert_raw_data_element
-from pydicom.dataset import Dataset
+from pydicom.dataelem import (
+    DataElement,
+    RawDataElement,
+    convert_raw_data_element,
+    empty_value_for_VR,
+)
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.tag import BaseTag
+from pydicom.uid import UID
 from pydicom.valuerep import PersonName
 
+from dicom.header import PREFIX, HeaderError, walk_file
 from ingest.errors import InputError
 from ingest.records import PatientName, PatientRef
 
@@ -93,8 +102,10 @@ def read_metadata(
 ) -> InstanceMetadata:
     """Parse the header of the Part 10 file at `path`; raise `DicomInputError` when refused."""
     try:
-        ds = dcmread(path, defer_size=_DEFER, force=True)
-        _check_complete(ds, path)
+        ds = _walked(path)
+        if ds is None:
+            ds = dcmread(path, defer_size=_DEFER, force=True)
+            _check_complete(ds, path)
         return _extract(
             ds, _Values(ds), calling_ae, command_sop_instance_uid, command_sop_class_uid
         )
@@ -104,6 +115,31 @@ def read_metadata(
         raise DicomInputError(
             "unparseable", f"dataset cannot be parsed: {type(exc).__name__}"
         ) from exc
+
+
+def _walked(path: Path) -> Dataset | None:
+    """The elements `_extract` reads, found by `dicom.header` in a file it walked to its end; None
+    when it does not walk this file (pydicom reads it instead)."""
+    with open(path, "rb") as file:
+        if os.fstat(file.fileno()).st_size < PREFIX:
+            return None
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            try:
+                walked = walk_file(view, _WANTED)
+            except HeaderError:
+                return None
+    implicit = walked.implicit
+    elements: dict[BaseTag, DataElement | RawDataElement] = {}
+    for tag, raw in walked.elements.items():
+        value = raw.value or empty_value_for_VR(raw.vr, raw=True)  # what pydicom's reader gives
+        elements[BaseTag(tag)] = RawDataElement(
+            BaseTag(tag), raw.vr, raw.length, cast(bytes | None, value), raw.offset, implicit, True
+        )
+    ds = Dataset(elements)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(walked.transfer_syntax)
+    ds.set_original_encoding(implicit, True)
+    return ds
 
 
 def _check_complete(ds: Dataset, path: Path) -> None:
@@ -197,6 +233,9 @@ _TAGS: Final[dict[str, int]] = {
     if (tag := tag_for_keyword(keyword)) is not None
 }
 """The elements `_Values` decodes itself (no sequence among them)."""
+_OTHER_PATIENT_IDS: Final = 0x00101002
+_WANTED: Final = frozenset({*_TAGS.values(), _OTHER_PATIENT_IDS})
+"""Every top-level element `_extract` reads."""
 
 
 def _extract(
