@@ -176,9 +176,15 @@ class _WriteBehind:
 
     async def settled(self) -> None:
         """Wait for the step in flight (never cancelled: the file stays open under it)."""
-        if self.pending is not None:
-            await asyncio.shield(asyncio.wrap_future(self.pending))
+        pending = self.pending
+        if pending is None:
+            return
+        if pending.done():  # the usual case: no wrapper, so no wake-up of the loop either
             self.pending = None
+            pending.result()
+            return
+        await asyncio.shield(asyncio.wrap_future(pending))
+        self.pending = None
 
     def discard(self) -> None:
         """Remove the spool file now, or when the step in flight is done."""
