@@ -12,7 +12,8 @@ one after the other, each a subprocess:
   0x0000); its peak RSS (VmHWM) and CPU time are read from /proc.
 
 The three run `--rounds` times in turn (3 by default), each round with fresh folders and
-database; a line per round, then the medians and the ratio of the medians. On this shared
+database, each after an `os.sync()` so that none pays for the writeback of what the one before
+left dirty; a line per round, then the medians and the ratio of the medians. On this shared
 virtual machine dcmtk's own rate moves between 540 and 2,100 instances/s from one run to the
 next: one round's ratio says more about dcmtk's luck than about the gateway.
 
@@ -68,6 +69,9 @@ def make_files(folder: Path, count: int) -> list[Path]:
 
 def send(port: int, files: list[Path], ae: str, streams: int) -> float:
     chunks = [files[i::streams] for i in range(streams)]
+    # What an earlier receiver left dirty in the page cache (dcmtk's storescp writes 0.2 GB
+    # without an fsync) goes to disk now, not in the middle of this receiver's fsyncs.
+    os.sync()
     started = time.perf_counter()
     procs = [
         subprocess.Popen(
