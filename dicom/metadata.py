@@ -21,7 +21,7 @@ from typing import Any, Final, Protocol, cast
 
 from pydicom import dcmread
 from pydicom.charset import convert_encodings
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import (
     DataElement,
     RawDataElement,
@@ -32,6 +32,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from pydicom.valuerep import PersonName
+from pydicom.values import convert_value
 
 from dicom.header import PREFIX, HeaderError, walk_file
 from ingest.errors import InputError
@@ -198,6 +199,9 @@ class _Values:
 
     def _decode(self, element: Any, encodings: list[str] | None) -> Any:
         if isinstance(element, RawDataElement):
+            vr = _VRS.get(element.tag)
+            if vr is not None and element.VR in (None, vr) and element.value is not None:
+                return convert_value(vr, element, encodings)  # what the hooks would call
             return convert_raw_data_element(element, encoding=encodings, ds=self._ds).value
         return element.value
 
@@ -233,6 +237,9 @@ _TAGS: Final[dict[str, int]] = {
     if (tag := tag_for_keyword(keyword)) is not None
 }
 """The elements `_Values` decodes itself (no sequence among them)."""
+_VRS: Final[dict[int, str]] = {tag: dictionary_VR(tag) for tag in _TAGS.values()}
+"""Their VRs: an element written with its dictionary VR (or in implicit VR) is converted by
+pydicom's `convert_value` straight away, without the hooks and the `DataElement` around it."""
 _OTHER_PATIENT_IDS: Final = 0x00101002
 _WANTED: Final = frozenset({*_TAGS.values(), _OTHER_PATIENT_IDS})
 """Every top-level element `_extract` reads."""
