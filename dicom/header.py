@@ -172,7 +172,8 @@ def _item_dataset(data: Buffer, position: int, end: int, implicit: bool, depth: 
     while True:
         if position + 8 > end:
             raise HeaderError("item not closed")
-        if _TAG.unpack_from(data, position) == (0xFFFE, 0xE00D):
+        group, number = _TAG.unpack_from(data, position)
+        if group << 16 | number == ITEM_END:
             return position + 8
         _, vr, length, start = _header(data, position, end, implicit)
         position = _skip(data, start, end, implicit, vr, length, depth)

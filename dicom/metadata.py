@@ -34,7 +34,7 @@ from pydicom.uid import UID
 from pydicom.valuerep import PersonName
 from pydicom.values import convert_value
 
-from dicom.header import PREFIX, HeaderError, walk_file
+from dicom.header import PREFIX, UNDEFINED, HeaderError, walk_file
 from ingest.errors import InputError
 from ingest.records import PatientName, PatientRef
 
@@ -49,7 +49,6 @@ _UID: Final = re.compile(r"[0-9]+(\.[0-9]+)*", re.ASCII)
 _UID_MAX: Final = 64
 _DEFER: Final = 512
 _DELIMITER: Final = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD) length 0, little endian
-_UNDEFINED: Final = 0xFFFFFFFF
 _TEXT_MAX: Final = 1024
 DEFLATED: Final = "1.2.840.10008.1.2.1.99"
 
@@ -154,7 +153,7 @@ def _check_complete(ds: Dataset, path: Path) -> None:
     last = elements[-1]
     if not isinstance(last, RawDataElement) or last.value_tell is None:
         return
-    if last.length == _UNDEFINED:
+    if last.length == UNDEFINED:
         with open(path, "rb") as f:
             f.seek(max(0, size - len(_DELIMITER)))
             if f.read() != _DELIMITER:
