@@ -6,6 +6,8 @@ from __future__ import annotations
 from io import BytesIO
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -109,3 +111,30 @@ def test_tags_out_of_order_are_left_to_pydicom() -> None:
 def test_a_file_without_its_part10_prefix_is_left_to_pydicom() -> None:
     with pytest.raises(HeaderError):
         walk_file(part10(ExplicitVRLittleEndian)[128:], {PATIENT_ID})
+
+
+SAMPLES = [
+    part10(ExplicitVRLittleEndian),
+    part10(ImplicitVRLittleEndian, undefined_items=True),
+    part10(JPEGBaseline8Bit, encapsulated=True, undefined_items=True),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sample=st.sampled_from(SAMPLES),
+    at=st.integers(min_value=0),
+    garbage=st.binary(min_size=1, max_size=16),
+    cut=st.booleans(),
+)
+def test_damaged_files_are_walked_or_left_to_pydicom_and_nothing_else(
+    sample: bytes, at: int, garbage: bytes, cut: bool
+) -> None:
+    at %= len(sample)
+    damaged = sample[:at] + garbage + (b"" if cut else sample[at + len(garbage) :])
+    try:
+        walked = walk_file(damaged, {PATIENT_ID, OTHER_IDS, PIXEL_DATA})
+    except HeaderError:
+        return
+    for element in walked.elements.values():
+        assert element.offset + len(element.value) <= len(damaged)

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pydicom.data
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -106,3 +109,19 @@ def test_other_patient_ids_are_decoded_in_their_items_own_character_set(tmp_path
         ("Hôpital Ibn Sina", "77"),
     ]
     assert meta == reference(path)
+
+
+CT_SMALL = (DATA / "test_files" / "CT_small.dcm").read_bytes()
+
+
+@settings(max_examples=150, deadline=None)
+@given(at=st.integers(min_value=0), garbage=st.binary(min_size=1, max_size=16), cut=st.booleans())
+def test_a_damaged_file_gives_its_values_or_a_refusal_and_nothing_else(
+    at: int, garbage: bytes, cut: bool
+) -> None:
+    at %= len(CT_SMALL)
+    damaged = CT_SMALL[:at] + garbage + (b"" if cut else CT_SMALL[at + len(garbage) :])
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "damaged.dcm"
+        path.write_bytes(damaged)
+        assert outcome(lambda: read_metadata(path, calling_ae="MODALITY")) == reference(path)
