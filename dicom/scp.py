@@ -208,8 +208,10 @@ class DicomServer:
         finder: Finder,
         metrics: Metrics,
         indexed: Indexed | None = None,
+        file_threads: int | None = None,
     ) -> None:
         self._settings = settings
+        self._file_threads = file_threads
         self._bind = bind
         self._pipeline = pipeline
         self._store = store
@@ -225,8 +227,12 @@ class DicomServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._grace = STOP_GRACE_SECONDS
-        # Blocking file work (fsync, header parse, link) of every association.
+        # Blocking file work of every association, in two sets of threads so that no step ever
+        # waits for another queued behind it: `_workers` run the steps that wait for nothing
+        # (create, write, parse, fsync, remove), `_settlers` the `_settle` of each C-STORE,
+        # which waits for its steps in `_workers`.
         self._workers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._settlers: concurrent.futures.ThreadPoolExecutor | None = None
         self._suspects: set[str] = set()  # final files answered without success: maybe orphans
         self._associations = 0
         self.port: int | None = None
@@ -246,7 +252,11 @@ class DicomServer:
         self._metrics.dicom_associations.set(0)
         s = self._settings
         self._workers = concurrent.futures.ThreadPoolExecutor(
-            min(32, 2 * s.max_associations + 2), thread_name_prefix="dicom-file"
+            self._file_threads or min(32, 2 * s.max_associations + 2),
+            thread_name_prefix="dicom-file",
+        )
+        self._settlers = concurrent.futures.ThreadPoolExecutor(
+            self._file_threads or min(32, s.max_associations), thread_name_prefix="dicom-settle"
         )
         self._stopping = asyncio.Event()
         ready = asyncio.Event()
@@ -268,9 +278,10 @@ class DicomServer:
         if self._runner is not None:
             await self._runner
             self._runner = None
-        if self._workers is not None:
-            workers, self._workers = self._workers, None
-            await asyncio.to_thread(workers.shutdown, wait=True)
+        for pool in (self._settlers, self._workers):  # settles wait for workers: first
+            if pool is not None:
+                await asyncio.to_thread(pool.shutdown, wait=True)
+        self._settlers = self._workers = None
 
     async def _run(self, ready: asyncio.Event) -> None:
         """The server's task group: the sweeper and one task per association."""
@@ -497,8 +508,14 @@ class DicomServer:
         file is created while the index row commits."""
         try:
             spool = writer.spool
-            meta, stored = await self._work(
-                self._settle, spool, writer.pending, spool.take(), calling, event.command
+            meta, stored = await asyncio.get_running_loop().run_in_executor(
+                self._settlers,
+                self._settle,
+                spool,
+                writer.pending,
+                spool.take(),
+                calling,
+                event.command,
             )
         except _Refused as refused:
             return await self._refuse(

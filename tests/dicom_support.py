@@ -58,7 +58,11 @@ class RunningDicom:
 
 @asynccontextmanager
 async def running_dicom(
-    dsn: str, root: Path, settings: DicomSettings | None = None, pool_size: int = 4
+    dsn: str,
+    root: Path,
+    settings: DicomSettings | None = None,
+    pool_size: int = 4,
+    file_threads: int | None = None,
 ) -> AsyncIterator[RunningDicom]:
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size)
     try:
@@ -77,6 +81,7 @@ async def running_dicom(
             finder=lambda request: find(pool, request),
             metrics=metrics,
             indexed=lambda paths: indexed_files(pool, paths),
+            file_threads=file_threads,
         )
         task = asyncio.create_task(pipeline.run())
         await server.start()

@@ -144,6 +144,19 @@ async def test_same_uid_with_other_content_keeps_the_first_and_warns(scp: Runnin
     assert conflicts == 1
 
 
+@pytest.mark.timeout(120)
+async def test_one_file_thread_still_serves_concurrent_associations(
+    module_dsn: str, tmp_path: Path
+) -> None:
+    """A file step never waits for another step queued behind it in the same threads: with
+    more associations storing at once than file threads, they would all wait for ever."""
+    async with running_dicom(module_dsn, tmp_path / "store", file_threads=1) as one:
+        sends = [asyncio.to_thread(store, one.port, [fresh()]) for _ in range(3)]
+        async with asyncio.timeout(60):
+            statuses = await asyncio.gather(*sends)
+    assert statuses == [[status.SUCCESS]] * 3
+
+
 async def test_no_temp_file_is_left_after_stores(scp: RunningDicom) -> None:
     await asyncio.to_thread(store, scp.port, [fresh(), fresh("MR_small.dcm")])
     assert temp_files(scp.root) == []
