@@ -586,7 +586,7 @@ class DicomServer:
         try:
             try:
                 if not stored.synced:
-                    os.fsync(fd)
+                    os.fsync(fd)  # not fdatasync: the new link goes in the same journal commit
             finally:
                 os.close(fd)
         except OSError as exc:
