@@ -173,7 +173,8 @@ class Values(Protocol):
 
 class _Values:
     """The values `_extract` reads, each decoded once from its raw element by pydicom's own
-    `convert_raw_data_element`, with the dataset's encodings worked out once. `Dataset.get` goes
+    converters (`convert_value`; `convert_raw_data_element` for an element written with another
+    VR than the dictionary's), with the dataset's encodings worked out once. `Dataset.get` goes
     the long way for each of them (keyword lookup, the Specific Character Set converted again,
     the converted element stored back): about twice the time, for the same values (the
     differential test in tests/test_dicom_metadata.py compares both over pydicom's test files)."""
