@@ -97,6 +97,8 @@ def walk_file(data: Buffer, wanted: Collection[int]) -> WalkedFile:
     if transfer_syntax is None or transfer_syntax in _UNSUPPORTED:
         raise HeaderError("transfer syntax not walked here")
     implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
+    if position >= end:
+        raise HeaderError("no dataset after the file meta")
     found: dict[int, RawElement] = {}
     previous = 0x0002FFFF
     while position < end:

@@ -113,6 +113,14 @@ def test_a_file_without_its_part10_prefix_is_left_to_pydicom() -> None:
         walk_file(part10(ExplicitVRLittleEndian)[128:], {PATIENT_ID})
 
 
+def test_a_file_meta_without_a_dataset_is_left_to_pydicom() -> None:
+    """pydicom's path refuses it as unparseable; walked, it gave an empty dataset instead."""
+    data = part10(ExplicitVRLittleEndian)
+    meta_length = int.from_bytes(data[140:144], "little")  # (0002,0000) File Meta Group Length
+    with pytest.raises(HeaderError):
+        walk_file(data[: 144 + meta_length], {PATIENT_ID})
+
+
 SAMPLES = [
     part10(ExplicitVRLittleEndian),
     part10(ImplicitVRLittleEndian, undefined_items=True),

@@ -111,6 +111,16 @@ def test_other_patient_ids_are_decoded_in_their_items_own_character_set(tmp_path
     assert meta == reference(path)
 
 
+def test_a_file_meta_without_a_dataset_is_refused_as_unparseable(tmp_path: Path) -> None:
+    """Found by the damaged-file test below: CT_small cut inside its last File Meta value and
+    padded back to that value's length."""
+    data = (DATA / "test_files" / "CT_small.dcm").read_bytes()
+    path = tmp_path / "meta-only.dcm"
+    path.write_bytes(data[:298] + b"\x00" * 4)
+    assert outcome(lambda: read_metadata(path, calling_ae="MODALITY")) == "refused: unparseable"
+    assert reference(path) == "refused: unparseable"
+
+
 CT_SMALL = (DATA / "test_files" / "CT_small.dcm").read_bytes()
 
 
