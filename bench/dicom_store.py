@@ -18,8 +18,12 @@ virtual machine dcmtk's own rate moves between 540 and 2,100 instances/s from on
 next: one round's ratio says more about dcmtk's luck than about the gateway.
 
     .venv/bin/python bench/dicom_store.py [--instances 200] [--rounds 3]
-        [--database postgresql://...]
+        [--database postgresql://...] [--large-mb 1024]
         [--gateway-prefix "py-spy record -r 200 -f raw -o /tmp/gw.txt --"]
+
+`--large-mb N` then sends one DX instance of N MiB of pixel data to dcmtk `storescp` and to the
+gateway (one association each, fresh process each) and prints the time and peak RSS of both: the
+gateway's must stay flat (dcmtk's `storescp` holds the dataset in memory before writing it).
 
 `--gateway-prefix` runs the gateway under a profiler or another wrapper (split like a shell
 line); the CPU and RSS figures are then those of the wrapper.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import secrets
@@ -39,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -105,8 +111,10 @@ def peak_rss_mib(pid: int) -> float:
     return kib / 1024 if kib is not None else float("nan")
 
 
-def bench_storescp(files: list[Path], work: Path, streams: int, tag: str) -> float:
-    out = work / f"storescp-{tag}"
+@contextlib.contextmanager
+def running_storescp(out: Path, streams: int) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """dcmtk `storescp` writing into `out` (one process per association when `streams` > 1);
+    yields the process and its port."""
     out.mkdir()
     port = free_port()
     proc = subprocess.Popen(
@@ -125,10 +133,15 @@ def bench_storescp(files: list[Path], work: Path, streams: int, tag: str) -> flo
     )
     try:
         wait_port(port)
-        return send(port, files, "STORESCP", streams)
+        yield proc, port
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def bench_storescp(files: list[Path], work: Path, streams: int, tag: str) -> float:
+    with running_storescp(work / f"storescp-{tag}", streams) as (_, port):
+        return send(port, files, "STORESCP", streams)
 
 
 def bench_pynetdicom(files: list[Path], work: Path, streams: int, tag: str) -> float:
@@ -182,9 +195,11 @@ def pynetdicom_scp(port: int, out: Path) -> None:
         server.shutdown()
 
 
-def bench_gateway(
-    files: list[Path], work: Path, dsn: str, streams: int, tag: str, prefix: list[str]
-) -> tuple[float, float, float]:
+@contextlib.contextmanager
+def running_gateway(
+    work: Path, dsn: str, tag: str, prefix: list[str]
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """`qantara serve` on a free DICOM port, its store in `work`; yields the process and port."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("QANTARA_")}
     env.update(
@@ -210,12 +225,49 @@ def bench_gateway(
     )
     try:
         wait_port(port)
-        cpu = proc_cpu_seconds(proc.pid) or 0.0
-        seconds = send(port, files, "QANTARA", streams)
-        return seconds, peak_rss_mib(proc.pid), (proc_cpu_seconds(proc.pid) or 0.0) - cpu
+        yield proc, port
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def bench_gateway(
+    files: list[Path], work: Path, dsn: str, streams: int, tag: str, prefix: list[str]
+) -> tuple[float, float, float]:
+    with running_gateway(work, dsn, tag, prefix) as (proc, port):
+        cpu = proc_cpu_seconds(proc.pid) or 0.0
+        seconds = send(port, files, "QANTARA", streams)
+        return seconds, peak_rss_mib(proc.pid), (proc_cpu_seconds(proc.pid) or 0.0) - cpu
+
+
+def make_large(folder: Path, mebibytes: int) -> Path:
+    """One DX instance whose 16-bit pixel data is `mebibytes` MiB (16,384 columns)."""
+    rng = random.Random(11)
+    patient = Population(datetime.now(UTC).date()).patient(rng, REGIONS[0].provinces[0])
+    ds = study_datasets(patient, "DX", "ISO_IR 192", rng, datetime.now(UTC))[0]
+    ds.Columns = 16384
+    ds.Rows = mebibytes * 32  # 16,384 columns x 2 bytes x 32 rows = 1 MiB
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelData = bytes(ds.Rows * ds.Columns * 2)
+    path = folder / "large.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def bench_large(
+    path: Path, work: Path, dsn: str, prefix: list[str]
+) -> tuple[float, float, float, float, float]:
+    """One large instance to dcmtk `storescp` and to the gateway, one association each: seconds
+    and peak RSS (MiB) of each, and the gateway's peak RSS before the transfer."""
+    os.sync()
+    with running_storescp(work / "storescp-large", 1) as (dcmtk, dcmtk_port):
+        dcmtk_seconds = send(dcmtk_port, [path], "STORESCP", 1)
+        dcmtk_rss = peak_rss_mib(dcmtk.pid)
+    shutil.rmtree(work / "storescp-large")
+    with running_gateway(work, dsn, "large", prefix) as (proc, port):
+        before = peak_rss_mib(proc.pid)
+        seconds = send(port, [path], "QANTARA", 1)
+        return dcmtk_seconds, dcmtk_rss, seconds, peak_rss_mib(proc.pid), before
 
 
 async def main() -> None:
@@ -230,6 +282,13 @@ async def main() -> None:
     parser.add_argument("--database", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument(
         "--gateway-prefix", default="", help="wrapper command for the gateway (a profiler...)"
+    )
+    parser.add_argument(
+        "--large-mb",
+        type=int,
+        default=0,
+        metavar="MIB",
+        help="then one instance of MIB MiB to each receiver: peak RSS stays flat? (0: skip)",
     )
     parser.add_argument(
         "--pynetdicom-scp", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS
@@ -286,6 +345,24 @@ async def main() -> None:
                 f"dcmtk storescp {ref_med:6.1f}/s | bare pynetdicom + fsync {bare_med:6.1f}/s | "
                 f"qantara {gw_med:6.1f}/s | ratio of medians {gw_med / ref_med:.2f} "
                 f"(of bare pynetdicom {gw_med / bare_med:.2f})"
+            )
+        if args.large_mb > 0:
+            for path in files:
+                path.unlink()  # room on the disk
+            large = make_large(source, args.large_mb)
+            mib = large.stat().st_size / 2**20
+            name = f"qantara_bench_{secrets.token_hex(4)}"
+            dsn = await ensure_database(args.database, name)
+            try:
+                dcmtk_s, dcmtk_rss, gw_s, gw_rss, gw_before = await asyncio.to_thread(
+                    bench_large, large, work, dsn, shlex.split(args.gateway_prefix)
+                )
+            finally:
+                await drop_database(args.database, name)
+            print(
+                f"one instance of {mib:,.0f} MiB: dcmtk storescp {dcmtk_s:.1f} s, peak RSS "
+                f"{dcmtk_rss:,.0f} MiB | qantara {gw_s:.1f} s, peak RSS {gw_rss:,.0f} MiB "
+                f"({gw_before:,.0f} MiB before it)"
             )
 
 
