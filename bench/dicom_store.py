@@ -240,6 +240,9 @@ def bench_gateway(
         return seconds, peak_rss_mib(proc.pid), (proc_cpu_seconds(proc.pid) or 0.0) - cpu
 
 
+MAX_LARGE_MIB = 65535 // 32  # 32 rows of 16,384 16-bit columns per MiB
+
+
 def make_large(folder: Path, mebibytes: int) -> Path:
     """One DX instance whose 16-bit pixel data is `mebibytes` MiB (16,384 columns)."""
     rng = random.Random(11)
@@ -294,6 +297,8 @@ async def main() -> None:
         "--pynetdicom-scp", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
+    if not 0 <= args.large_mb <= MAX_LARGE_MIB:
+        parser.error(f"--large-mb: 0 to {MAX_LARGE_MIB} (Rows is a 16-bit value)")
     if args.pynetdicom_scp:
         pynetdicom_scp(int(args.pynetdicom_scp[0]), Path(args.pynetdicom_scp[1]))
         return
