@@ -262,7 +262,6 @@ def bench_large(
 ) -> tuple[float, float, float, float, float]:
     """One large instance to dcmtk `storescp` and to the gateway, one association each: seconds
     and peak RSS (MiB) of each, and the gateway's peak RSS before the transfer."""
-    os.sync()
     with running_storescp(work / "storescp-large", 1) as (dcmtk, dcmtk_port):
         dcmtk_seconds = send(dcmtk_port, [path], "STORESCP", 1)
         dcmtk_rss = peak_rss_mib(dcmtk.pid)
