@@ -495,6 +495,100 @@ async def test_dicom_batch_indexes_the_first_copy_and_records_conflicts_in_batch
     assert patients == 1
 
 
+async def test_dicom_instances_one_per_batch_give_the_outcomes_and_rows_of_one_batch(
+    pool: asyncpg.Pool,
+) -> None:
+    """A one-instance batch takes its own path in `dicom_index_instances`: the same sequence
+    as in the batch test above, one instance per batch, gives the same outcomes, conflict rows,
+    index rows and single patient."""
+    base = f"1.2.826.0.1.3680043.10.97.{uuid.uuid4().int % 10**12}"
+    series, patient = f"{base}.1", f"P-{uuid.uuid4().hex[:8]}"
+    digest = [hashlib.sha256(bytes([n])).digest() for n in range(6)]
+    writer = BatchWriter(pool)
+    old_same, old_other, new = f"{base}.1.1", f"{base}.1.2", f"{base}.1.3"
+    sequence = [
+        (old_same, digest[0]),
+        (old_other, digest[1]),
+        (new, digest[2]),
+        (old_other, digest[3]),  # indexed, other bytes
+        (new, digest[2]),  # indexed, same bytes
+        (old_same, digest[0]),
+        (new, digest[4]),  # indexed, other bytes
+    ]
+    outcomes = [
+        outcome
+        for uid, sha256 in sequence
+        for outcome in await writer.write([dicom(uid, sha256, series=series, patient=patient)])
+    ]
+    assert outcomes == [
+        Outcome(OutcomeKind.STORED),
+        Outcome(OutcomeKind.STORED),
+        Outcome(OutcomeKind.STORED),
+        Outcome(OutcomeKind.DUPLICATE, reason="content-conflict"),
+        Outcome(OutcomeKind.DUPLICATE),
+        Outcome(OutcomeKind.DUPLICATE),
+        Outcome(OutcomeKind.DUPLICATE, reason="content-conflict"),
+    ]
+    conflicts = await pool.fetch(
+        """SELECT sop_instance_uid, sha256, size FROM dicom_conflict
+           WHERE sop_instance_uid LIKE $1 ORDER BY id""",
+        f"{base}.%",
+    )
+    assert [(r["sop_instance_uid"], bytes(r["sha256"]), r["size"]) for r in conflicts] == [
+        (old_other, digest[3], 1000 + digest[3][0]),
+        (new, digest[4], 1000 + digest[4][0]),
+    ]
+    indexed = await pool.fetch(
+        "SELECT sop_instance_uid, sha256 FROM dicom_instance WHERE sop_instance_uid LIKE $1",
+        f"{base}.%",
+    )
+    assert {r["sop_instance_uid"]: bytes(r["sha256"]) for r in indexed} == {
+        old_same: digest[0],
+        old_other: digest[1],
+        new: digest[2],
+    }
+    linked = await pool.fetch(
+        """SELECT s.patient_id FROM dicom_study s JOIN patient_identifier pi
+           ON pi.patient_id = s.patient_id AND pi.value = $2
+           WHERE s.study_uid = $1""",
+        f"{series}.0",
+        patient,
+    )
+    assert len(linked) == 1
+
+
+async def test_concurrent_one_instance_batches_of_a_new_series_share_its_study_and_series(
+    pool: asyncpg.Pool,
+) -> None:
+    """Two associations store the first images of the same new series at once: both are
+    stored, under one study and one series (the second insert finds the first's row)."""
+    base = f"1.2.826.0.1.3680043.10.96.{uuid.uuid4().int % 10**12}"
+    series, patient = f"{base}.1", f"P-{uuid.uuid4().hex[:8]}"
+    writers = [BatchWriter(pool) for _ in range(8)]
+    batches = [
+        [
+            dicom(
+                f"{series}.{n}",
+                hashlib.sha256(f"{base}{n}".encode()).digest(),
+                series=series,
+                patient=patient,
+            )
+        ]
+        for n in range(len(writers))
+    ]
+    async with asyncio.timeout(30):
+        results = await asyncio.gather(*(w.write(b) for w, b in zip(writers, batches, strict=True)))
+    assert [o.kind for [o] in results] == [OutcomeKind.STORED] * len(writers)
+    counts = await pool.fetchrow(
+        """SELECT count(DISTINCT se.id) AS series, count(DISTINCT se.study_id) AS studies,
+                  count(*) AS instances
+           FROM dicom_instance d JOIN dicom_series se ON se.id = d.series_id
+           WHERE d.sop_instance_uid LIKE $1""",
+        f"{series}.%",
+    )
+    assert (counts["series"], counts["studies"], counts["instances"]) == (1, 1, len(writers))
+
+
 async def test_dicom_batch_with_a_dead_letter_commits_both_or_nothing(pool: asyncpg.Pool) -> None:
     """A batch that is more than instances runs in one explicit transaction."""
     base = f"1.2.826.0.1.3680043.10.98.{uuid.uuid4().int % 10**12}"

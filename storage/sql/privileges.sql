@@ -80,6 +80,7 @@ BEGIN
         SELECT * FROM (VALUES
             ('qantara_ensure_partitions'),
             ('dicom_index_instances'),
+            ('dicom_link_patient'),
             ('hl7_write_batch')
         ) AS t (name)
     LOOP
