@@ -162,6 +162,11 @@ class FileStore:
             fsync_file(self.root / stored.relative)
         for folder in stored.folders:
             fsync_dir(folder)
+        self.mark_durable(stored)
+
+    def mark_durable(self, stored: StoredFile) -> None:
+        """Remember the folders `make_durable` (or a caller fsyncing them itself) made durable:
+        a file stored there later needs fewer folder fsyncs."""
         if stored.folders:
             with _lock:
                 self._folders.add(stored.folders[0])

@@ -4,12 +4,12 @@ Our own DICOM upper layer on the gateway's event loop: `asyncio` accepts the con
 association is one task in the server's `TaskGroup`, the protocol is the sans-IO core
 (`dicom.pdu`, `dicom.dimse`, `dicom.association`; the policy in `dicom.negotiation`), the socket
 side is `dicom.link`. A C-STORE dataset is written to a file in the store's temp folder as its
-fragments come off the wire, hashed on the way, by batches in a worker (`dicom.spool`: never held
-in memory, never copied, never read twice), after a Part 10 header (`dicom.filemeta`). Then, in
-worker threads: the header is parsed without pixel data by `read_metadata` while the data is
-fsynced; the file is linked to its content-derived name by `FileStore.commit` and its folders
-fsynced (`make_durable`); only then is its index row handed to the group-commit pipeline. The
-status goes back after COMMIT:
+fragments come off the wire, hashed on the way, by batches on the association's file queue
+(`dicom.serial_queue`, `dicom.spool`: never held in memory, never copied, never read twice), after
+a Part 10 header (`dicom.filemeta`). Then, queued behind them and in worker threads: the file
+is linked to its content-derived name by `FileStore.commit`, its header parsed without pixel data
+by `read_metadata` while the file and its folders are fsynced (`make_durable`); only then is its
+index row handed to the group-commit pipeline. The status goes back after COMMIT:
 
 - stored, or the same bytes again: 0x0000;
 - the same SOP Instance UID with other content: 0xB006, the first copy kept, a conflict counted;
@@ -33,8 +33,9 @@ import functools
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from datetime import time as time_of_day
 from pathlib import Path
@@ -59,12 +60,13 @@ from dicom.association import (
 )
 from dicom.config import DicomSettings
 from dicom.filemeta import file_meta
-from dicom.filestore import FileStore, StagedFile, StoredFile
+from dicom.filestore import FileStore, StagedFile, StoredFile, fsync_dir
 from dicom.identifier import MAX_IDENTIFIER, IdentifierError, decode_identifier, encode_identifier
 from dicom.link import TIMED_OUT, Link
 from dicom.metadata import DicomInputError, InstanceMetadata, read_metadata
 from dicom.negotiation import gateway_policy, limit_reached, negotiate
 from dicom.pdu import AssociateReject
+from dicom.serial_queue import SerialQueue
 from dicom.spool import Chunk, SpoolFile
 from ingest.errors import StorageUnavailable
 from ingest.pipeline import GroupCommitPipeline, PipelineClosed
@@ -91,9 +93,12 @@ STOP_GRACE_SECONDS: Final = 5.0
 ORPHAN_BATCH: Final = 1000
 PLACEHOLDER_UID: Final = "0"
 """Stands for an Affected SOP UID a C-STORE command lacked; never indexed (refused)."""
-SPOOL_BATCH: Final = 256 << 10
-"""Received bytes held (by reference) before they are written to the page cache, one `writev`
-per batch, in a worker (`_WriteBehind`)."""
+SPOOL_BATCH: Final = 64 << 10
+"""Received bytes held (by reference) before they are handed to the association's file queue as
+one batch: one `writev` (`_WriteBehind`)."""
+SPOOL_BACKLOG: Final = 1 << 20
+"""Bytes handed to the file queue and not yet written beyond which the receiving waits (and the
+socket's reading with it): what an association holds in memory stays bounded."""
 REJECT_REASONS: Final = ("unparseable", "missing-uid", "invalid-uid", "uid-mismatch")
 CONFLICT_COMMENT: Final = "instance already stored with other content; first copy kept"
 
@@ -131,15 +136,16 @@ _RECEIVED: Final = _Answer(status.SUCCESS, "received")
 
 
 class _Spools:
-    """An association's spool files, each created in a worker one C-STORE ahead: on ext4 a create
-    right after fsyncs waits about a millisecond for the journal, so the next dataset's file is
-    created while this one's answer goes out and the next command comes in, not when the next
-    dataset arrives. Not while the index row commits: the create then competed with the
-    database call for the GIL and the journal (one association: 76 against 85 stores/s)."""
+    """An association's spool files, each created on the association's file queue one C-STORE
+    ahead: on ext4 a create right after fsyncs waits about a millisecond for the journal, so the
+    next dataset's file is created while this one's answer goes out and the next command comes
+    in, not when the next dataset arrives. Not while the index row commits: the create then
+    competed with the database call for the GIL and the journal (one association: 76 against 85
+    stores/s)."""
 
-    def __init__(self, folder: Path, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    def __init__(self, folder: Path, queue: SerialQueue) -> None:
         self._folder = folder
-        self._pool = pool
+        self._queue = queue
         self._next: _WriteBehind | None = None
 
     def prepare(self) -> None:
@@ -152,7 +158,7 @@ class _Spools:
         return taken
 
     def _new(self) -> _WriteBehind:
-        return _WriteBehind(SpoolFile(self._folder), self._pool)
+        return _WriteBehind(SpoolFile(self._folder), self._queue)
 
     def close(self) -> None:
         """The association ends: remove the file prepared for a C-STORE that did not come."""
@@ -162,39 +168,57 @@ class _Spools:
 
 
 class _WriteBehind:
-    """Creates a spool file and writes its batches in a worker, in order, one step in flight:
-    the event loop never waits for the file system (a create or a write to the page cache can
-    wait for the ext4 journal while files are fsynced), and fragments keep arriving meanwhile."""
+    """A spool file's steps on its association's file queue, in order: the create, each batch as
+    it is handed over, then the settle. The event loop does not wait for a batch to be written
+    before it receives the next one (a create or a write to the page cache can wait for the ext4
+    journal, and the SHA-256 of a batch takes longer than its transfer on loopback): the hashing
+    runs while the dataset arrives, not after it. Beyond `SPOOL_BACKLOG` bytes handed over and
+    not yet written, `write` waits. The first step that fails is kept (`failed`); the steps after
+    it do nothing, and the settle reports it."""
 
-    def __init__(self, spool: SpoolFile, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    def __init__(self, spool: SpoolFile, queue: SerialQueue) -> None:
         self.spool = spool
-        self._pool = pool
-        self.pending: concurrent.futures.Future[None] | None = pool.submit(spool.open)
+        self._queue = queue
+        self.failed: OSError | None = None
+        self._unwritten: deque[tuple[concurrent.futures.Future[None], int]] = deque()
+        self._unwritten_bytes = 0
+        queue.submit(self._step, spool.open)
 
-    async def write(self, batch: list[Chunk]) -> None:
-        """Hand `batch` over once the previous step is done; raises its OSError."""
-        await self.settled()
-        self.pending = self._pool.submit(self.spool.write, batch)
+    def _step(self, function: Callable[..., None], *args: object) -> None:
+        """On the queue: a file step, unless one failed before."""
+        if self.failed is not None:
+            return
+        try:
+            function(*args)
+        except OSError as exc:
+            self.failed = exc
 
-    async def settled(self) -> None:
-        """Wait for the step in flight (never cancelled: the file stays open under it)."""
-        pending = self.pending
-        if pending is None:
-            return
-        if pending.done():  # the usual case: no wrapper, so no wake-up of the loop either
-            self.pending = None
-            pending.result()
-            return
-        await asyncio.shield(asyncio.wrap_future(pending))
-        self.pending = None
+    async def write(self, batch: list[Chunk], size: int) -> None:
+        """Queue `batch` (`size` bytes); wait while too much is queued and not yet written."""
+        written = self._queue.submit(self._step, self.spool.write, batch)
+        self._unwritten.append((written, size))
+        self._unwritten_bytes += size
+        while self._unwritten and (
+            self._unwritten[0][0].done() or self._unwritten_bytes > SPOOL_BACKLOG
+        ):
+            oldest, oldest_size = self._unwritten[0]
+            # Shielded: the step runs on whatever happens to this task (the file stays open
+            # under it until the discard queued behind it).
+            await asyncio.shield(asyncio.wrap_future(oldest))
+            self._unwritten.popleft()
+            self._unwritten_bytes -= oldest_size
+
+    async def settle(self, function: Callable[..., _T], *args: object) -> _T:
+        """Run `function(*args)` on the queue after the steps queued before it; shielded, so
+        that the file is settled (or removed) even when this task is cancelled."""
+        return await asyncio.shield(asyncio.wrap_future(self._queue.submit(function, *args)))
 
     def discard(self) -> None:
-        """Remove the spool file now, or when the step in flight is done."""
-        pending = self.pending
-        if pending is None:
+        """Remove the spool file once the steps queued before are done."""
+        try:
+            self._queue.submit(self.spool.discard)
+        except RuntimeError:  # the listener's threads are gone: nothing runs on the file
             self.spool.discard()
-        else:
-            pending.add_done_callback(lambda _: self.spool.discard())
 
 
 class DicomServer:
@@ -230,11 +254,12 @@ class DicomServer:
         self._stopping = asyncio.Event()
         self._grace = STOP_GRACE_SECONDS
         # Blocking file work of every association, in two sets of threads so that no step ever
-        # waits for another queued behind it: `_workers` run the steps that wait for nothing
-        # (create, write, parse, fsync, remove), `_settlers` the `_settle` of each C-STORE,
-        # which waits for its steps in `_workers`.
+        # waits for another queued behind it: `_spoolers` run each association's file queue
+        # (create, write, then the `_settle` of each C-STORE, one thread per busy queue);
+        # `_workers` the steps a settle waits for and that wait for nothing (parse, fsync,
+        # remove).
         self._workers: concurrent.futures.ThreadPoolExecutor | None = None
-        self._settlers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._spoolers: concurrent.futures.ThreadPoolExecutor | None = None
         self._suspects: set[str] = set()  # final files answered without success: maybe orphans
         self._associations = 0
         self.port: int | None = None
@@ -257,8 +282,8 @@ class DicomServer:
             self._file_threads or min(32, 2 * s.max_associations + 2),
             thread_name_prefix="dicom-file",
         )
-        self._settlers = concurrent.futures.ThreadPoolExecutor(
-            self._file_threads or min(32, s.max_associations), thread_name_prefix="dicom-settle"
+        self._spoolers = concurrent.futures.ThreadPoolExecutor(
+            self._file_threads or min(32, s.max_associations), thread_name_prefix="dicom-spool"
         )
         self._stopping = asyncio.Event()
         ready = asyncio.Event()
@@ -280,10 +305,10 @@ class DicomServer:
         if self._runner is not None:
             await self._runner
             self._runner = None
-        for pool in (self._settlers, self._workers):  # settles wait for workers: first
+        for pool in (self._spoolers, self._workers):  # settles wait for workers: first
             if pool is not None:
                 await asyncio.to_thread(pool.shutdown, wait=True)
-        self._settlers = self._workers = None
+        self._spoolers = self._workers = None
 
     async def _run(self, ready: asyncio.Event) -> None:
         """The server's task group: the sweeper and one task per association."""
@@ -343,7 +368,7 @@ class DicomServer:
             self._metrics.dicom_associations.set(self._associations)
             await link.send(link.acceptor.accept(answer))
             link.pump()  # what arrived while we decided
-            spools = _Spools(self._store.tmp, self._pool())
+            spools = _Spools(self._store.tmp, SerialQueue(self._spooler_pool()))
             try:
                 await self._serve(link, calling, spools)
             finally:
@@ -460,8 +485,8 @@ class DicomServer:
         self, link: Link, writer: _WriteBehind, event: CommandReceived
     ) -> _Answer | Ended:
         """Receive the dataset into `writer`'s spool file after its Part 10 header, handing it a
-        batch whenever `SPOOL_BATCH` bytes have arrived. `_RECEIVED`: all received, a batch
-        maybe still in flight and the last one to write (by `_settle`, in a worker); else the
+        batch whenever `SPOOL_BATCH` bytes have arrived. `_RECEIVED`: all received, batches
+        maybe still queued and the last one to write (by `_settle`, queued behind them); else the
         spool file is gone and this is the answer (0xA700) or what ended the association."""
         command = event.command
         spool = writer.spool
@@ -472,19 +497,16 @@ class DicomServer:
                 event.transfer_syntax,
             )
         )
-        failed: str | None = None
         try:
             while True:
                 received = await link.next_event(self._settings.dimse_timeout)
                 if isinstance(received, DatasetFragment):
-                    if failed is not None:
+                    if writer.failed is not None:
                         continue  # read off the wire, then answered 0xA700
                     spool.add(received.data)
                     if spool.batched >= SPOOL_BATCH:
-                        try:
-                            await writer.write(spool.take())
-                        except OSError as exc:
-                            failed = type(exc).__name__
+                        size = spool.batched
+                        await writer.write(spool.take(), size)
                 elif isinstance(received, DatasetComplete):
                     break
                 else:
@@ -493,9 +515,9 @@ class DicomServer:
         except BaseException:
             writer.discard()
             raise
-        if failed is not None:
+        if writer.failed is not None:
             writer.discard()
-            return self._unavailable("disk", f"writing failed: {failed}")
+            return self._unavailable("disk", f"writing failed: {type(writer.failed).__name__}")
         return _RECEIVED
 
     async def _keep(
@@ -509,15 +531,8 @@ class DicomServer:
         """Write, link, fsync, parse, index: the answer to a complete dataset. The next spool
         file is created once the index row has committed."""
         try:
-            spool = writer.spool
-            meta, stored = await asyncio.get_running_loop().run_in_executor(
-                self._settlers,
-                self._settle,
-                spool,
-                writer.pending,
-                spool.take(),
-                calling,
-                event.command,
+            meta, stored = await writer.settle(
+                self._settle, writer, writer.spool.take(), calling, event.command
             )
         except _Refused as refused:
             return await self._refuse(
@@ -544,20 +559,15 @@ class DicomServer:
         return await self._answer(outcome, stored)
 
     def _settle(
-        self,
-        spool: SpoolFile,
-        pending: concurrent.futures.Future[None] | None,
-        rest: list[Chunk],
-        calling: str,
-        command: dimse.Command,
+        self, writer: _WriteBehind, rest: list[Chunk], calling: str, command: dimse.Command
     ) -> tuple[InstanceMetadata, StoredFile]:
-        """In a worker: write the last batch once the one `pending` is done, give the file its
-        content name, then fsync it while a second worker fsyncs the folders of its name and a
-        third parses its header. Raises `_Refused` (the file is removed again) or `_DiskError`.
-        """
+        """On the association's file queue, after its batches: write the last one, give the file
+        its content name, then fsync it while a worker fsyncs the folders of its name and another
+        parses its header. Raises `_Refused` (the file is removed again) or `_DiskError`."""
+        spool = writer.spool
         try:
-            if pending is not None:
-                pending.result()
+            if writer.failed is not None:
+                raise writer.failed
             spool.write(rest)
             sha256, size, fd = spool.finish()
         except OSError as exc:
@@ -581,9 +591,10 @@ class DicomServer:
             command_sop_instance_uid=command.affected_sop_instance if complete else "",
             command_sop_class_uid=command.affected_sop_class if complete else "",
         )
-        # The folders in another worker, beside the file: on ext4 their fsyncs and the file's
-        # wait for the same journal commit, instead of a cache flush each after it.
-        folders = self._pool().submit(self._store.make_durable, replace(stored, synced=True))
+        # Each folder in a worker of its own, beside the file: on ext4 their fsyncs and the
+        # file's wait for the same journal commit, and their cache flushes overlap instead of
+        # following one another.
+        folders = [self._pool().submit(fsync_dir, folder) for folder in stored.folders]
         unsynced: OSError | None = None
         try:
             try:
@@ -593,10 +604,13 @@ class DicomServer:
                 os.close(fd)
         except OSError as exc:
             unsynced = exc
-        try:
-            folders.result()
-        except OSError as exc:
-            unsynced = unsynced or exc
+        for folder in folders:
+            try:
+                folder.result()
+            except OSError as exc:
+                unsynced = unsynced or exc
+        if unsynced is None:
+            self._store.mark_durable(stored)
         try:
             meta = parsing.result()
         except DicomInputError as exc:
@@ -613,6 +627,11 @@ class DicomServer:
         if self._workers is None:
             raise RuntimeError("DICOM listener not started")
         return self._workers
+
+    def _spooler_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._spoolers is None:
+            raise RuntimeError("DICOM listener not started")
+        return self._spoolers
 
     async def _answer(self, outcome: Outcome, stored: StoredFile) -> _Answer:
         if outcome.kind is OutcomeKind.STORED:
