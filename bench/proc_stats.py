@@ -7,7 +7,10 @@ process is gone or /proc cannot be read.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+_POOL_SUFFIX = re.compile(r"_\d+$")
 
 
 def proc_status_kib(pid: int, field_name: str) -> int | None:
@@ -30,6 +33,28 @@ def proc_cpu_seconds(pid: int) -> float | None:
         return None
     fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """utime + stime of a process's threads, in seconds, summed by name: the name each thread
+    carries in the OS (`monitoring.thread_names`) without its pool index (`dicom-file_3` counts
+    as `dicom-file`); the main thread is `main`. Threads that ended are not counted."""
+    tick = os.sysconf("SC_CLK_TCK")
+    totals: dict[str, float] = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return totals
+    for task in tasks:
+        try:
+            stat = Path(f"/proc/{pid}/task/{task}/stat").read_text()
+        except OSError:
+            continue  # ended meanwhile
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        name = "main" if task == str(pid) else _POOL_SUFFIX.sub("", comm)
+        totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return totals
 
 
 def system_cpu() -> tuple[float, float]:

@@ -82,6 +82,7 @@ from ingest.records import (
     Record,
 )
 from monitoring.metrics import Metrics
+from monitoring.thread_names import name_native_thread
 from storage.dicom_queries import LEVELS, FindMatch, FindRequest, FindRequestError
 
 logger = logging.getLogger(__name__)
@@ -281,9 +282,12 @@ class DicomServer:
         self._workers = concurrent.futures.ThreadPoolExecutor(
             self._file_threads or min(32, 2 * s.max_associations + 2),
             thread_name_prefix="dicom-file",
+            initializer=name_native_thread,
         )
         self._spoolers = concurrent.futures.ThreadPoolExecutor(
-            self._file_threads or min(32, s.max_associations), thread_name_prefix="dicom-spool"
+            self._file_threads or min(32, s.max_associations),
+            thread_name_prefix="dicom-spool",
+            initializer=name_native_thread,
         )
         self._stopping = asyncio.Event()
         ready = asyncio.Event()
