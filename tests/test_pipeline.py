@@ -437,6 +437,25 @@ def dicom(uid: str, sha256: bytes, *, series: str, patient: str) -> Envelope:
     )
 
 
+async def conflicts_under(pool: asyncpg.Pool, base: str) -> list[tuple[str, bytes, int]]:
+    """The `dicom_conflict` rows of the UIDs under `base`, in the order they were recorded."""
+    rows = await pool.fetch(
+        """SELECT sop_instance_uid, sha256, size FROM dicom_conflict
+           WHERE sop_instance_uid LIKE $1 ORDER BY id""",
+        f"{base}.%",
+    )
+    return [(r["sop_instance_uid"], bytes(r["sha256"]), r["size"]) for r in rows]
+
+
+async def indexed_under(pool: asyncpg.Pool, base: str) -> dict[str, bytes]:
+    """The indexed SHA-256 of each UID under `base`."""
+    rows = await pool.fetch(
+        "SELECT sop_instance_uid, sha256 FROM dicom_instance WHERE sop_instance_uid LIKE $1",
+        f"{base}.%",
+    )
+    return {r["sop_instance_uid"]: bytes(r["sha256"]) for r in rows}
+
+
 async def test_dicom_batch_indexes_the_first_copy_and_records_conflicts_in_batch_order(
     pool: asyncpg.Pool,
 ) -> None:
@@ -471,20 +490,11 @@ async def test_dicom_batch_indexes_the_first_copy_and_records_conflicts_in_batch
         Outcome(OutcomeKind.DUPLICATE),
         Outcome(OutcomeKind.DUPLICATE, reason="content-conflict"),
     ]
-    conflicts = await pool.fetch(
-        """SELECT sop_instance_uid, sha256, size, calling_ae FROM dicom_conflict
-           WHERE sop_instance_uid LIKE $1 ORDER BY id""",
-        f"{base}.%",
-    )
-    assert [(r["sop_instance_uid"], bytes(r["sha256"]), r["size"]) for r in conflicts] == [
+    assert await conflicts_under(pool, base) == [
         (old_other, digest[3], 1000 + digest[3][0]),
         (new, digest[4], 1000 + digest[4][0]),
     ]
-    indexed = await pool.fetch(
-        "SELECT sop_instance_uid, sha256 FROM dicom_instance WHERE sop_instance_uid LIKE $1",
-        f"{base}.%",
-    )
-    assert {r["sop_instance_uid"]: bytes(r["sha256"]) for r in indexed} == {
+    assert await indexed_under(pool, base) == {
         old_same: digest[0],
         old_other: digest[1],
         new: digest[2],
@@ -529,20 +539,11 @@ async def test_dicom_instances_one_per_batch_give_the_outcomes_and_rows_of_one_b
         Outcome(OutcomeKind.DUPLICATE),
         Outcome(OutcomeKind.DUPLICATE, reason="content-conflict"),
     ]
-    conflicts = await pool.fetch(
-        """SELECT sop_instance_uid, sha256, size FROM dicom_conflict
-           WHERE sop_instance_uid LIKE $1 ORDER BY id""",
-        f"{base}.%",
-    )
-    assert [(r["sop_instance_uid"], bytes(r["sha256"]), r["size"]) for r in conflicts] == [
+    assert await conflicts_under(pool, base) == [
         (old_other, digest[3], 1000 + digest[3][0]),
         (new, digest[4], 1000 + digest[4][0]),
     ]
-    indexed = await pool.fetch(
-        "SELECT sop_instance_uid, sha256 FROM dicom_instance WHERE sop_instance_uid LIKE $1",
-        f"{base}.%",
-    )
-    assert {r["sop_instance_uid"]: bytes(r["sha256"]) for r in indexed} == {
+    assert await indexed_under(pool, base) == {
         old_same: digest[0],
         old_other: digest[1],
         new: digest[2],
