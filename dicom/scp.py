@@ -203,9 +203,11 @@ class _WriteBehind:
             self._unwritten[0][0].done() or self._unwritten_bytes > SPOOL_BACKLOG
         ):
             oldest, oldest_size = self._unwritten[0]
-            # Shielded: the step runs on whatever happens to this task (the file stays open
-            # under it until the discard queued behind it).
-            await asyncio.shield(asyncio.wrap_future(oldest))
+            if not oldest.done():  # else no wrapper: it would wake the loop up for nothing
+                # Shielded: the step runs on whatever happens to this task (the file stays
+                # open under it until the discard queued behind it).
+                await asyncio.shield(asyncio.wrap_future(oldest))
+            oldest.result()
             self._unwritten.popleft()
             self._unwritten_bytes -= oldest_size
 
