@@ -1,13 +1,15 @@
 """C-STORE throughput: dcmtk `storescp` (reference) vs `qantara serve` (fsync + index), same run.
 
 200 CR instances of 0.5 MB (simulators.modality), sent by dcmtk `storescu` on one association and
-on 4 concurrent ones; `TCP_NODELAY=1` for dcmtk as modalities are configured. Three receivers,
+on 4 concurrent ones; `TCP_NODELAY=1` for dcmtk as modalities are configured. Four receivers,
 one after the other, each a subprocess:
 
 - dcmtk `storescp` writing to disk (no fsync): the reference of the goal (>= 0.3 x);
 - a minimal pynetdicom SCP (chunked receive, the handler renames the file and fsyncs it): what
   the gateway's listener was built on before its own upper layer (`dicom/pdu.py`...), kept as a
   second reference;
+- pynetdicom's own `storescp` app as shipped (`python -m pynetdicom storescp`, its default max
+  PDU, no fsync): the issue's other yardstick, "twice pynetdicom's own app";
 - `qantara serve` with a fresh database (fsync of file and folder, index committed before
   0x0000); its peak RSS (VmHWM) and CPU time are read from /proc, the CPU time also by thread
   group, in ms per instance: `main` (the event loop: network, DICOM protocol, database
@@ -15,7 +17,7 @@ one after the other, each a subprocess:
   link and fsync the file), `dicom-file` (parse, folder fsyncs). The kernel samples each
   thread's time on its own, so the groups add up to the total only roughly.
 
-The three run `--rounds` times in turn (3 by default), each round with fresh folders and
+The four run `--rounds` times in turn (3 by default), each round with fresh folders and
 database, each after an `os.sync()` so that none pays for the writeback of what the one before
 left dirty; a line per round, then the medians and the ratio of the medians. On this shared
 virtual machine dcmtk's own rate moves between 540 and 2,100 instances/s from one run to the
@@ -148,22 +150,37 @@ def bench_storescp(files: list[Path], work: Path, streams: int, tag: str) -> flo
         return send(port, files, "STORESCP", streams)
 
 
+@contextlib.contextmanager
+def running_receiver(command: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A receiver subprocess listening on `port`, stopped (SIGTERM) on the way out."""
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def bench_pynetdicom(files: list[Path], work: Path, streams: int, tag: str) -> float:
     out = work / f"pynetdicom-{tag}"
     out.mkdir()
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--pynetdicom-scp", str(port), str(out)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_port(port)
+    with running_receiver(
+        [sys.executable, __file__, "--pynetdicom-scp", str(port), str(out)], port
+    ):
         return send(port, files, "BARE", streams)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+
+
+def bench_pynetdicom_app(files: list[Path], work: Path, streams: int, tag: str) -> float:
+    """pynetdicom's own `storescp` app as shipped (its default max PDU, no fsync): the issue's
+    other yardstick, "twice pynetdicom's own app"."""
+    out = work / f"pynetdicom-app-{tag}"
+    out.mkdir()
+    port = free_port()
+    command = [sys.executable, "-m", "pynetdicom", "storescp", str(port)]
+    with running_receiver([*command, "-aet", "PYSTORESCP", "-od", str(out), "-q"], port):
+        return send(port, files, "PYSTORESCP", streams)
 
 
 def pynetdicom_scp(port: int, out: Path) -> None:
@@ -300,7 +317,7 @@ async def main() -> None:
         "--rounds",
         type=int,
         default=3,
-        help="rounds of the three receivers per association count; medians are compared",
+        help="rounds of the four receivers per association count; medians are compared",
     )
     parser.add_argument("--database", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument(
@@ -333,7 +350,7 @@ async def main() -> None:
         print(f"{len(files)} CR instances of {size:.2f} MB, storescu sender, TCP_NODELAY=1")
         n = len(files)
         for streams in (1, 4):
-            rates: list[tuple[float, float, float]] = []
+            rates: list[tuple[float, float, float, float]] = []
             for round_ in range(1, args.rounds + 1):
                 tag = f"{streams}-{round_}"
                 name = f"qantara_bench_{secrets.token_hex(4)}"
@@ -342,6 +359,7 @@ async def main() -> None:
                 try:
                     reference = bench_storescp(files, work, streams, tag)
                     bare = await asyncio.to_thread(bench_pynetdicom, files, work, streams, tag)
+                    app = await asyncio.to_thread(bench_pynetdicom_app, files, work, streams, tag)
                     gateway, rss, cpu, by_thread = await asyncio.to_thread(
                         bench_gateway,
                         files,
@@ -353,24 +371,34 @@ async def main() -> None:
                     )
                 finally:
                     await drop_database(args.database, name)
-                ref_rate, bare_rate, gw_rate = n / reference, n / bare, n / gateway
-                rates.append((ref_rate, bare_rate, gw_rate))
+                ref_rate, bare_rate, app_rate, gw_rate = (
+                    n / reference,
+                    n / bare,
+                    n / app,
+                    n / gateway,
+                )
+                rates.append((ref_rate, bare_rate, app_rate, gw_rate))
                 print(
                     f"{streams} association(s), round {round_}, load {load:.1f}: "
                     f"dcmtk storescp {ref_rate:6.1f}/s | "
                     f"bare pynetdicom + fsync {bare_rate:6.1f}/s | "
+                    f"pynetdicom storescp app {app_rate:6.1f}/s | "
                     f"qantara (fsync + index) {gw_rate:6.1f}/s | "
                     f"ratio {gw_rate / ref_rate:.2f} (of bare pynetdicom "
-                    f"{gw_rate / bare_rate:.2f}) | "
+                    f"{gw_rate / bare_rate:.2f}, of the app {gw_rate / app_rate:.2f}) | "
                     f"gateway CPU {1000 * cpu / n:.1f} ms/instance "
                     f"({thread_split(by_thread, n)}), peak RSS {rss:.0f} MiB"
                 )
-            ref_med, bare_med, gw_med = (statistics.median(r[i] for r in rates) for i in range(3))
+            ref_med, bare_med, app_med, gw_med = (
+                statistics.median(r[i] for r in rates) for i in range(4)
+            )
             print(
                 f"{streams} association(s), median of {len(rates)} rounds: "
                 f"dcmtk storescp {ref_med:6.1f}/s | bare pynetdicom + fsync {bare_med:6.1f}/s | "
+                f"pynetdicom storescp app {app_med:6.1f}/s | "
                 f"qantara {gw_med:6.1f}/s | ratio of medians {gw_med / ref_med:.2f} "
-                f"(of bare pynetdicom {gw_med / bare_med:.2f})"
+                f"(of bare pynetdicom {gw_med / bare_med:.2f}, of the app "
+                f"{gw_med / app_med:.2f})"
             )
         if args.large_mb > 0:
             for path in files:
