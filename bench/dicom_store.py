@@ -118,48 +118,37 @@ def peak_rss_mib(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def running_storescp(out: Path, streams: int) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """dcmtk `storescp` writing into `out` (one process per association when `streams` > 1);
-    yields the process and its port."""
-    out.mkdir()
-    port = free_port()
+def running_receiver(
+    command: list[str], port: int, env: dict[str, str] | None = None, stop_within: float = 10.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A receiver subprocess listening on `port` once this yields, stopped (SIGTERM) on the way
+    out."""
     proc = subprocess.Popen(
-        [
-            "storescp",
-            "-aet",
-            "STORESCP",
-            "-od",
-            str(out),
-            "--fork" if streams > 1 else "-v",
-            str(port),
-        ],
-        env=DCMTK_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    try:
-        wait_port(port)
-        yield proc, port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def bench_storescp(files: list[Path], work: Path, streams: int, tag: str) -> float:
-    with running_storescp(work / f"storescp-{tag}", streams) as (_, port):
-        return send(port, files, "STORESCP", streams)
-
-
-@contextlib.contextmanager
-def running_receiver(command: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """A receiver subprocess listening on `port`, stopped (SIGTERM) on the way out."""
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
         yield proc
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        proc.wait(timeout=stop_within)
+
+
+@contextlib.contextmanager
+def running_storescp(out: Path, streams: int) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """dcmtk `storescp` writing into `out` (one process per association when `streams` > 1);
+    yields the process and its port."""
+    out.mkdir()
+    port = free_port()
+    mode = "--fork" if streams > 1 else "-v"
+    command = ["storescp", "-aet", "STORESCP", "-od", str(out), mode, str(port)]
+    with running_receiver(command, port, DCMTK_ENV) as proc:
+        yield proc, port
+
+
+def bench_storescp(files: list[Path], work: Path, streams: int, tag: str) -> float:
+    with running_storescp(work / f"storescp-{tag}", streams) as (_, port):
+        return send(port, files, "STORESCP", streams)
 
 
 def bench_pynetdicom(files: list[Path], work: Path, streams: int, tag: str) -> float:
@@ -237,19 +226,9 @@ def running_gateway(
             "QANTARA_MQTT_CLIENT_ID": f"bench-dicom-{secrets.token_hex(4)}",
         }
     )
-    proc = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "gateway.cli", "serve"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_port(port)
+    command = [*prefix, sys.executable, "-m", "gateway.cli", "serve"]
+    with running_receiver(command, port, env, stop_within=30.0) as proc:
         yield proc, port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def bench_gateway(

@@ -31,6 +31,12 @@ def proc_cpu_seconds(pid: int) -> float | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
+    return _cpu_seconds(stat)
+
+
+def _cpu_seconds(stat: str) -> float:
+    """utime + stime of a /proc/.../stat line, in seconds (fields after the name in parentheses,
+    which may itself hold spaces or parentheses)."""
     fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -39,7 +45,6 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
     """utime + stime of a process's threads, in seconds, summed by name: the name each thread
     carries in the OS (`monitoring.thread_names`) without its pool index (`dicom-file_3` counts
     as `dicom-file`); the main thread is `main`. Threads that ended are not counted."""
-    tick = os.sysconf("SC_CLK_TCK")
     totals: dict[str, float] = {}
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -51,9 +56,8 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
         except OSError:
             continue  # ended meanwhile
         comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
         name = "main" if task == str(pid) else _POOL_SUFFIX.sub("", comm)
-        totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        totals[name] = totals.get(name, 0.0) + _cpu_seconds(stat)
     return totals
 
 
