@@ -8,8 +8,8 @@ fragments come off the wire, hashed on the way, by batches on the association's 
 (`dicom.serial_queue`, `dicom.spool`: never held in memory, never copied, never read twice), after
 a Part 10 header (`dicom.filemeta`). Then, queued behind them and in worker threads: the file
 is linked to its content-derived name by `FileStore.commit`, its header parsed without pixel data
-by `read_metadata` while the file and its folders are fsynced (`make_durable`); only then is its
-index row handed to the group-commit pipeline. The status goes back after COMMIT:
+by `read_metadata` while the file and, each in a worker, its new folders are fsynced; only then is
+its index row handed to the group-commit pipeline. The status goes back after COMMIT:
 
 - stored, or the same bytes again: 0x0000;
 - the same SOP Instance UID with other content: 0xB006, the first copy kept, a conflict counted;
@@ -194,8 +194,9 @@ class _WriteBehind:
         except OSError as exc:
             self.failed = exc
 
-    async def write(self, batch: list[Chunk], size: int) -> None:
-        """Queue `batch` (`size` bytes); wait while too much is queued and not yet written."""
+    async def write(self, batch: list[Chunk]) -> None:
+        """Queue `batch`; wait while too much is queued and not yet written."""
+        size = sum(len(chunk) for chunk in batch)
         written = self._queue.submit(self._step, self.spool.write, batch)
         self._unwritten.append((written, size))
         self._unwritten_bytes += size
@@ -511,8 +512,7 @@ class DicomServer:
                         continue  # read off the wire, then answered 0xA700
                     spool.add(received.data)
                     if spool.batched >= SPOOL_BATCH:
-                        size = spool.batched
-                        await writer.write(spool.take(), size)
+                        await writer.write(spool.take())
                 elif isinstance(received, DatasetComplete):
                     break
                 else:
