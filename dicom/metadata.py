@@ -2,8 +2,11 @@
 
 `read_metadata(path, ...)` parses the Part 10 file the listener wrote while receiving (its File
 Meta, `dicom.filemeta`, carries the command's SOP Class/Instance UIDs and the accepted transfer
-syntax). Values larger than a few hundred bytes are not read (`defer_size`): a 1 GB instance
-costs the same memory as a 1 MB one. Text is decoded by pydicom from the header's Specific
+syntax). A file `dicom.header` walks to its end gives the elements read here, each converted by
+pydicom's own value converters without a pydicom `Dataset` around them (0.5 ms against 1.0 ms
+per header, measured here); anything else goes through pydicom's reader. Values larger than a
+few hundred bytes are not read (`defer_size`): a 1 GB instance costs the same memory as a 1 MB
+one. Text is decoded by pydicom from the header's Specific
 Character Set (ISO_IR 100, ISO_IR 127, ISO_IR 192, ISO 2022 escapes...). A dataset that ends
 inside an element (truncated), cannot be parsed, lacks a required UID or carries an invalid one
 raises `DicomInputError` with a reason slug; nothing here writes or names a file.
@@ -34,7 +37,15 @@ from pydicom.uid import UID
 from pydicom.valuerep import PersonName
 from pydicom.values import convert_value
 
-from dicom.header import PREFIX, UNDEFINED, HeaderError, walk_file
+from dicom.header import (
+    PREFIX,
+    UNDEFINED,
+    HeaderError,
+    RawElement,
+    WalkedFile,
+    walk_file,
+    walk_items,
+)
 from ingest.errors import InputError
 from ingest.records import PatientName, PatientRef
 
@@ -102,22 +113,48 @@ def read_metadata(
 ) -> InstanceMetadata:
     """Parse the header of the Part 10 file at `path`; raise `DicomInputError` when refused."""
     try:
-        ds = _walked(path)
-        if ds is None:
+        walked = _walk(path)
+        if walked is not None:
+            try:
+                return _extract(
+                    walked.transfer_syntax,
+                    _RawValues(walked.elements, walked.implicit),
+                    calling_ae,
+                    command_sop_instance_uid,
+                    command_sop_class_uid,
+                )
+            except _NotPlain:
+                ds = _dataset(walked)
+        else:
             ds = dcmread(path, defer_size=_DEFER, force=True)
             _check_complete(ds, path)
         return _extract(
-            ds, _Values(ds), calling_ae, command_sop_instance_uid, command_sop_class_uid
+            transfer_syntax_of(ds),
+            _Values(ds),
+            calling_ae,
+            command_sop_instance_uid,
+            command_sop_class_uid,
         )
-    except (DicomInputError, OSError):
+    except DicomInputError:
         raise
+    except OSError as exc:
+        if exc.errno is not None:
+            raise  # the file could not be read: not the sender's fault
+        # pydicom's own word for a dataset that ends inside a sequence item
+        raise DicomInputError("unparseable", "dataset cannot be parsed: truncated") from exc
     except Exception as exc:  # pydicom raises many kinds of errors on malformed input
         raise DicomInputError(
             "unparseable", f"dataset cannot be parsed: {type(exc).__name__}"
         ) from exc
 
 
-def _walked(path: Path) -> Dataset | None:
+def transfer_syntax_of(ds: Dataset) -> str:
+    """The Transfer Syntax UID of a dataset read by pydicom ("" when its file meta lacks one)."""
+    meta = getattr(ds, "file_meta", None)
+    return str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+
+
+def _walk(path: Path) -> WalkedFile | None:
     """The elements `_extract` reads, found by `dicom.header` in a file it walked to its end; None
     when it does not walk this file (pydicom reads it instead)."""
     with open(path, "rb") as file:
@@ -125,20 +162,28 @@ def _walked(path: Path) -> Dataset | None:
             return None
         with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as view:
             try:
-                walked = walk_file(view, _WANTED)
+                return walk_file(view, _WANTED)
             except HeaderError:
                 return None
-    implicit = walked.implicit
-    elements: dict[BaseTag, DataElement | RawDataElement] = {}
-    for tag, raw in walked.elements.items():
-        value = raw.value or empty_value_for_VR(raw.vr, raw=True)  # what pydicom's reader gives
-        elements[BaseTag(tag)] = RawDataElement(
-            BaseTag(tag), raw.vr, raw.length, cast(bytes | None, value), raw.offset, implicit, True
-        )
+
+
+def _raw(raw: RawElement, implicit: bool) -> RawDataElement:
+    """An element `dicom.header` found, as pydicom's reader gives it."""
+    value = raw.value or empty_value_for_VR(raw.vr, raw=True)
+    return RawDataElement(
+        BaseTag(raw.tag), raw.vr, raw.length, cast(bytes | None, value), raw.offset, implicit, True
+    )
+
+
+def _dataset(walked: WalkedFile) -> Dataset:
+    """The elements `dicom.header` found, as a pydicom dataset (pydicom decodes them)."""
+    elements: dict[BaseTag, DataElement | RawDataElement] = {
+        BaseTag(tag): _raw(raw, walked.implicit) for tag, raw in walked.elements.items()
+    }
     ds = Dataset(elements)
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = UID(walked.transfer_syntax)
-    ds.set_original_encoding(implicit, True)
+    ds.set_original_encoding(walked.implicit, True)
     return ds
 
 
@@ -206,6 +251,55 @@ class _Values:
         return element.value
 
 
+class _NotPlain(Exception):
+    """An element `_RawValues` does not convert on its own (written with a VR other than the
+    dictionary's, or a sequence it does not walk): pydicom decodes the whole header instead."""
+
+
+class _RawValues:
+    """The same values as `_Values`, straight from the elements `dicom.header` found: no pydicom
+    `Dataset` around them (building one, and reading the Other Patient IDs items through it,
+    was most of the parse). An element `_Values` would hand to pydicom's hooks raises `_NotPlain`
+    instead."""
+
+    def __init__(
+        self, elements: dict[int, RawElement], implicit: bool, encodings: list[str] | None = None
+    ) -> None:
+        self._elements = elements
+        self._implicit = implicit
+        charset = elements.get(_CHARSET)
+        if charset is not None:
+            encodings = convert_encodings(self._decode(charset, None))
+        self._encodings = encodings or convert_encodings(None)
+
+    def get(self, keyword: str) -> Any:
+        if keyword == "OtherPatientIDsSequence":
+            return self._items(self._elements.get(_OTHER_PATIENT_IDS))
+        element = self._elements.get(_TAGS[keyword])
+        return None if element is None else self._decode(element, self._encodings)
+
+    def item(self, item: Any) -> Values:
+        """An item of `get("OtherPatientIDsSequence")`: its own Specific Character Set, else its
+        dataset's."""
+        return _RawValues(item, self._implicit, self._encodings)
+
+    def _items(self, element: RawElement | None) -> list[dict[int, RawElement]] | None:
+        if element is None:
+            return None
+        if element.vr not in (None, "SQ"):
+            raise _NotPlain
+        try:
+            return walk_items(element.value, self._implicit, _ITEM_WANTED)
+        except HeaderError as exc:
+            raise _NotPlain from exc
+
+    def _decode(self, element: RawElement, encodings: list[str] | None) -> Any:
+        vr = _VRS[element.tag]
+        if element.vr not in (None, vr):
+            raise _NotPlain
+        return convert_value(vr, _raw(element, self._implicit), encodings)
+
+
 _CHARSET: Final = 0x00080005
 _TAGS: Final[dict[str, int]] = {
     keyword: tag
@@ -243,16 +337,17 @@ pydicom's `convert_value` straight away, without the hooks and the `DataElement`
 _OTHER_PATIENT_IDS: Final = 0x00101002
 _WANTED: Final = frozenset({*_TAGS.values(), _OTHER_PATIENT_IDS})
 """Every top-level element `_extract` reads."""
+_ITEM_WANTED: Final = frozenset({_CHARSET, _TAGS["PatientID"], _TAGS["IssuerOfPatientID"]})
+"""What `_extract` reads in an Other Patient IDs item."""
 
 
 def _extract(
-    ds: Dataset,
+    transfer_syntax: str,
     values: Values,
     calling_ae: str,
     command_instance: str | None,
     command_class: str | None,
 ) -> InstanceMetadata:
-    meta = ds.file_meta
     sop_instance = _uid(values, "SOPInstanceUID")
     sop_class = _uid(values, "SOPClassUID")
     study = _uid(values, "StudyInstanceUID")
@@ -263,7 +358,6 @@ def _extract(
         raise DicomInputError("uid-mismatch", "SOP Instance UID differs from the command's")
     if command_class is not None and command_class != sop_class:
         raise DicomInputError("uid-mismatch", "SOP Class UID differs from the command's")
-    transfer_syntax = str(meta.get("TransferSyntaxUID", "") or "")
     if not valid_uid(transfer_syntax):
         raise DicomInputError("unparseable", "no valid transfer syntax in the file meta")
 

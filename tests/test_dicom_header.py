@@ -19,7 +19,7 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
 )
 
-from dicom.header import UNDEFINED, HeaderError, walk_file
+from dicom.header import UNDEFINED, HeaderError, walk_file, walk_items
 
 PATIENT_ID = 0x00100020
 OTHER_IDS = 0x00101002
@@ -78,6 +78,60 @@ def test_undefined_lengths_are_walked_to_their_delimiters(syntax: str) -> None:
     assert sequence.length == UNDEFINED
     assert sequence.value.endswith(b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")  # its delimiter
     assert walked.elements[PIXEL_DATA].offset + len(walked.elements[PIXEL_DATA].value) == len(data)
+
+
+ISSUER = 0x00100021
+
+
+def other_ids(syntax: str, undefined: bool) -> bytes:
+    """The Other Patient IDs value of a file with two items, the second holding a sequence of
+    its own (jumped over) between its wanted elements."""
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.10.8.2"
+    first, second, nested = Dataset(), Dataset(), Dataset()
+    first.PatientID = "AB123456"
+    first.IssuerOfPatientID = "CIN"
+    second.PatientID = "77"
+    second.IssuerOfPatientID = "CHU"
+    nested.CodeValue = "X"
+    second.IssuerOfPatientIDQualifiersSequence = Sequence([nested])  # (0010,0024)
+    ds.OtherPatientIDsSequence = Sequence([first, second])
+    if undefined:
+        ds["OtherPatientIDsSequence"].is_undefined_length = True
+        second["IssuerOfPatientIDQualifiersSequence"].is_undefined_length = True
+        for item in (first, second, nested):
+            item.is_undefined_length_sequence_item = True
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    buffer = BytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=True)
+    return walk_file(buffer.getvalue(), {OTHER_IDS}).elements[OTHER_IDS].value
+
+
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined", "undefined"])
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_the_items_of_a_sequence_give_their_wanted_elements(syntax: str, undefined: bool) -> None:
+    items = walk_items(
+        other_ids(syntax, undefined), syntax == ImplicitVRLittleEndian, {PATIENT_ID, ISSUER}
+    )
+    assert [(i[PATIENT_ID].value, i[ISSUER].value) for i in items] == [
+        (b"AB123456", b"CIN "),
+        (b"77", b"CHU "),
+    ]
+
+
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined", "undefined"])
+def test_a_sequence_cut_inside_an_item_is_left_to_pydicom(undefined: bool) -> None:
+    value = other_ids(ExplicitVRLittleEndian, undefined)
+    cut = value[:-10] if not undefined else value[:-16]  # inside the last item
+    with pytest.raises(HeaderError):
+        walk_items(cut, False, {PATIENT_ID})
+
+
+def test_a_sequence_holding_something_else_than_items_is_left_to_pydicom() -> None:
+    with pytest.raises(HeaderError):
+        walk_items(b"\x10\x00\x20\x00\x02\x00\x00\x00P1", True, {PATIENT_ID})
 
 
 def test_a_file_cut_inside_its_last_value_is_left_to_pydicom() -> None:

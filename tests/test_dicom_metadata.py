@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import tempfile
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom.metadata import (
     DicomInputError,
@@ -23,6 +24,7 @@ from dicom.metadata import (
     _check_complete,
     _extract,
     read_metadata,
+    transfer_syntax_of,
 )
 
 DATA = Path(pydicom.data.__file__).parent  # the files pydicom ships, not those it downloads
@@ -59,7 +61,7 @@ def reference(path: Path) -> InstanceMetadata | str:
         try:
             ds = dcmread(path, defer_size=512, force=True)
             _check_complete(ds, path)
-            return _extract(ds, DatasetValues(ds), "MODALITY", None, None)
+            return _extract(transfer_syntax_of(ds), DatasetValues(ds), "MODALITY", None, None)
         except DicomInputError:
             raise
         except Exception as exc:  # as read_metadata does
@@ -80,7 +82,9 @@ def test_charset_files_give_their_names_as_written() -> None:
     assert (arabic.patient_name, french.patient_name) == ("قباني^لنزار", "Buc^Jérôme")
 
 
-def test_other_patient_ids_are_decoded_in_their_items_own_character_set(tmp_path: Path) -> None:
+def with_other_ids(syntax: str = ExplicitVRLittleEndian, undefined: bool = False) -> Dataset:
+    """An Arabic header whose Other Patient IDs items inherit its character set or carry their
+    own."""
     ds = Dataset()
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
     ds.SOPInstanceUID = "1.2.826.0.1.3680043.10.9.1"
@@ -97,10 +101,18 @@ def test_other_patient_ids_are_decoded_in_their_items_own_character_set(tmp_path
     own.PatientID = "77"
     own.IssuerOfPatientID = "Hôpital Ibn Sina"  # in the item's own ISO_IR 100
     ds.OtherPatientIDsSequence = Sequence([inherits, own])
+    if undefined:
+        ds["OtherPatientIDsSequence"].is_undefined_length = True
+        for item in (inherits, own):
+            item.is_undefined_length_sequence_item = True
     ds.file_meta = Dataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.TransferSyntaxUID = syntax
+    return ds
+
+
+def test_other_patient_ids_are_decoded_in_their_items_own_character_set(tmp_path: Path) -> None:
     path = tmp_path / "other-ids.dcm"
-    ds.save_as(path, enforce_file_format=True)
+    with_other_ids().save_as(path, enforce_file_format=True)
 
     meta = read_metadata(path, calling_ae="MODALITY")
     assert [(r.system, r.value) for r in meta.patient] == [
@@ -121,7 +133,28 @@ def test_a_file_meta_without_a_dataset_is_refused_as_unparseable(tmp_path: Path)
     assert reference(path) == "refused: unparseable"
 
 
+def test_a_dataset_cut_inside_a_sequence_item_is_refused_not_taken_for_a_disk_error(
+    tmp_path: Path,
+) -> None:
+    """pydicom says so with an OSError without an errno; the listener would have answered
+    0xA700 (disk) and kept no dead letter."""
+    data = part10(with_other_ids(ImplicitVRLittleEndian, undefined=True))
+    path = tmp_path / "cut.dcm"
+    path.write_bytes(data[: data.index(b"\x10\x00\x02\x10") + 20])
+    assert outcome(lambda: read_metadata(path, calling_ae="MODALITY")) == "refused: unparseable"
+
+
+def part10(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 CT_SMALL = (DATA / "test_files" / "CT_small.dcm").read_bytes()
+OTHER_IDS = [
+    part10(with_other_ids(ExplicitVRLittleEndian)),
+    part10(with_other_ids(ImplicitVRLittleEndian, undefined=True)),
+]
 
 
 @settings(max_examples=150, deadline=None)
@@ -131,7 +164,27 @@ def test_a_damaged_file_gives_its_values_or_a_refusal_and_nothing_else(
 ) -> None:
     at %= len(CT_SMALL)
     damaged = CT_SMALL[:at] + garbage + (b"" if cut else CT_SMALL[at + len(garbage) :])
+    assert_read_as_pydicom_reads(damaged)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    sample=st.sampled_from(OTHER_IDS),
+    at=st.integers(min_value=0),
+    garbage=st.binary(min_size=1, max_size=16),
+    cut=st.booleans(),
+)
+def test_damaged_other_patient_ids_give_their_values_or_a_refusal_and_nothing_else(
+    sample: bytes, at: int, garbage: bytes, cut: bool
+) -> None:
+    start = sample.index(b"\x10\x00\x02\x10")  # (0010,1002) Other Patient IDs Sequence
+    at = start + at % (len(sample) - start)
+    damaged = sample[:at] + garbage + (b"" if cut else sample[at + len(garbage) :])
+    assert_read_as_pydicom_reads(damaged)
+
+
+def assert_read_as_pydicom_reads(data: bytes) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "damaged.dcm"
-        path.write_bytes(damaged)
+        path.write_bytes(data)
         assert outcome(lambda: read_metadata(path, calling_ae="MODALITY")) == reference(path)
