@@ -170,6 +170,26 @@ def own_patient(pid: str, **elements: object) -> Dataset:
     return ds
 
 
+async def test_a_new_patient_of_an_image_is_found_by_its_arabic_name(
+    scp: RunningDicom, client: httpx.AsyncClient, reader: dict[str, str]
+) -> None:
+    ds = renumbered(charset_file("chrArab.dcm"))
+    ds.PatientID = f"MRN-{secrets.token_hex(4)}"
+    ds.IssuerOfPatientID = "CHU-FES"
+    [code] = await asyncio.to_thread(store, scp.port, [ds])
+    assert code == status.SUCCESS
+    mine = await client.get(
+        "/fhir/Patient", params={"identifier": f"CHU-FES|{ds.PatientID}"}, headers=reader
+    )
+    [entry] = mine.json()["entry"]
+
+    found = await client.get(
+        "/fhir/Patient", params={"name": "قباني", "_count": "1000"}, headers=reader
+    )
+    assert found.status_code == 200
+    assert entry["resource"]["id"] in {e["resource"]["id"] for e in found.json()["entry"]}
+
+
 async def test_further_images_of_a_patient_leave_its_row_untouched(scp: RunningDicom) -> None:
     pid = f"MRN-{secrets.token_hex(3)}"
     first = own_patient(pid, PatientBirthDate="19800101", PatientSex="F")
