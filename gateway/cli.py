@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Send N synthetic studies (CR, DX, US or CT; patients with Arabic names "
         "in ISO_IR 127 / ISO_IR 192 and French ones in ISO_IR 100, a facility id and the "
         "national id) to the DICOM listener at QANTARA_BIND:QANTARA_DICOM_PORT on one "
-        "association, and print the C-STORE statuses.",
+        "association, and print the C-STORE statuses. Exit status 1 when the association is "
+        "refused or aborted, or when any status is not a success.",
     )
     modality.add_argument("--studies", type=int, default=1, help="studies to send (1)")
     modality.add_argument(

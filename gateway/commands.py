@@ -290,7 +290,7 @@ async def simulate_modality(settings: Settings, args: argparse.Namespace) -> int
         ),
     )
     print(report.summary())  # noqa: T201
-    return 0 if not report.refused and report.failed == 0 else 1
+    return 0 if not (report.refused or report.aborted or report.failed) else 1
 
 
 async def simulate_fleet(settings: Settings, args: argparse.Namespace) -> int:

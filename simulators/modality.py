@@ -69,13 +69,15 @@ class ModalityReport:
     statuses: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
     refused: bool = False
+    aborted: bool = False  # the association ended under the simulator (gateway gone, A-ABORT)
 
     def summary(self) -> str:
         if self.refused:
             return "association refused"
         parts = ", ".join(f"{code}: {n}" for code, n in sorted(self.statuses.items()))
         rate = self.sent / self.seconds if self.seconds else 0.0
-        return f"sent {self.sent} instance(s) in {self.seconds:.1f}s ({rate:.1f}/s); {parts}"
+        line = f"sent {self.sent} instance(s) in {self.seconds:.1f}s ({rate:.1f}/s); {parts}"
+        return line + ("; association aborted" if self.aborted else "")
 
     @property
     def failed(self) -> int:
@@ -184,14 +186,20 @@ def run_modality(config: ModalityConfig) -> ModalityReport:
                 if config.rate > 0:
                     due = started + report.sent / config.rate
                     time.sleep(max(0.0, due - time.monotonic()))
+                if not assoc.is_established:  # pynetdicom would raise
+                    report.aborted = True
+                    break
                 answer = assoc.send_c_store(ds)
                 code = int(answer.Status) if "Status" in answer else None
                 report.sent += 1
                 report.statuses[_status(code)] += 1
-                if not assoc.is_established:
+                if code is None:  # aborted or timed out: pynetdicom has ended the association
+                    report.aborted = True
                     break
             if not config.quiet:
                 print(f"\rstudies {n + 1}/{config.studies}", end="", file=sys.stderr)  # noqa: T201
+            if report.aborted:
+                break
     finally:
         if assoc.is_established:
             assoc.release()

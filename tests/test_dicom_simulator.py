@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from pydicom.filebase import DicomBytesIO
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
 
 from simulators.modality import CHARSETS, ModalityConfig, run_modality, study_datasets
 from simulators.population import REGIONS, Population
@@ -48,3 +50,29 @@ def test_every_text_of_a_simulated_study_is_encodable_in_its_charset(charset: st
         for patient in patients:
             for ds in study_datasets(patient, "CR", charset, rng, datetime.now(UTC))[:1]:
                 ds.save_as(DicomBytesIO(), enforce_file_format=True)
+
+
+def test_an_association_the_gateway_aborts_is_reported_not_raised() -> None:
+    stores = 0
+
+    def abort_the_second(event: Event) -> int:
+        nonlocal stores
+        stores += 1
+        if stores == 2:
+            event.assoc.abort()
+        return 0x0000
+
+    ae = AE(ae_title="QANTARA")
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.1")  # CR Image Storage
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, abort_the_second)]
+    )
+    try:
+        port = server.server_address[1]
+        report = run_modality(ModalityConfig(host="127.0.0.1", port=port, studies=4, quiet=True))
+    finally:
+        server.shutdown()
+    assert report.aborted
+    assert report.sent == 2
+    assert report.statuses["0x0000"] == 1
+    assert report.summary().endswith("association aborted")
