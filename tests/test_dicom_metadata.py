@@ -133,6 +133,17 @@ def test_a_file_meta_without_a_dataset_is_refused_as_unparseable(tmp_path: Path)
     assert reference(path) == "refused: unparseable"
 
 
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_empty_values_are_read_as_pydicom_reads_them(tmp_path: Path, syntax: str) -> None:
+    """Empty in implicit VR, or an empty IS, is a value of None in pydicom's raw elements."""
+    ds = with_other_ids(syntax)
+    ds.PatientID = ds.IssuerOfPatientID = ds.PatientName = ds.StudyDate = ds.Modality = ""
+    ds.InstanceNumber = ds.SeriesNumber = None
+    path = tmp_path / "empty.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert outcome(lambda: read_metadata(path, calling_ae="MODALITY")) == reference(path)
+
+
 def test_a_dataset_cut_inside_a_sequence_item_is_refused_not_taken_for_a_disk_error(
     tmp_path: Path,
 ) -> None:
