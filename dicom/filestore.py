@@ -2,17 +2,18 @@
 
 A received file is in `<root>/tmp/` under a random name, written there by the listener through
 `dicom.spool` (digest computed while it arrived). Committing it links it to
-`<root>/<h[0:2]>/<h[2:4]>/<h>.dcm`, `h` being the SHA-256 of its bytes; `make_durable` then
-fsyncs the file and the folders whose entries changed, before the listener submits the index
-row. No UID or any other received string ever becomes part of a path. The sender is told 0x0000
-only once the file and its name are durable and the index row is committed.
+`<root>/<h[0:2]>/<h[2:4]>/<h>.dcm`, `h` being the SHA-256 of its bytes; the listener then
+fsyncs the file and the folders whose entries changed (`StoredFile.folders`, each beside the
+file's fsync in a worker of its own) and tells the store (`mark_durable`), before it submits the
+index row. No UID or any other received string ever becomes part of a path. The sender is told
+0x0000 only once the file and its name are durable and the index row is committed.
 
 Content naming makes a resend of the same bytes land on the same name (no second file). A crash
 of the process leaves a temp file (swept: `sweep_temp`) or a complete file under its final name
 that the index may not name; a resend puts its own copy there again, and `orphans` +
 `quarantine` let the listener remove those that stay unnamed (`DicomServer.sweep_orphans`).
 A file is complete before it gets its final name, but its data reaches the disk only at
-`make_durable`: after a power loss (not a process crash), a final name that was never
+the listener's fsync: after a power loss (not a process crash), a final name that was never
 acknowledged may hold a cut file; a resend replaces it with an fsynced copy, the sweep removes it
 when no index row names it. An acknowledged file is never replaced by an unsynced one.
 """
@@ -52,8 +53,8 @@ class StagedFile:
 @dataclass(frozen=True, slots=True)
 class StoredFile:
     """A file under its final name; `relative` is what the index stores. `folders`: the folders
-    whose entries changed and still need an fsync, `synced`: whether the file's data was
-    (`FileStore.make_durable` does what is left)."""
+    whose entries changed and still need an fsync, `synced`: whether the file's data was (the
+    caller fsyncs what is left, then calls `FileStore.mark_durable`)."""
 
     relative: str
     sha256: bytes
@@ -119,16 +120,16 @@ class FileStore:
             raise ValueError("not a path of this store")
         return path
 
-    def commit(self, staged: StagedFile, *, durable: bool = True) -> StoredFile:
+    def commit(self, staged: StagedFile) -> StoredFile:
         """Give a staged file its final name.
 
-        A new name is linked without waiting for the data's fsync (no-clobber); `make_durable`
-        then fsyncs the file and the folders whose entries changed: the caller submits the index
-        row only after it. A name that already exists (the same
+        A new name is linked without waiting for the data's fsync (no-clobber); the caller then
+        fsyncs the file (unless `synced`) and the folders whose entries changed, and submits the
+        index row only after them. A name that already exists (the same
         bytes stored before, or a leftover) is replaced only by a copy whose data is fsynced
         first, so an acknowledged file is never swapped for one a power loss could cut. Either
         way the name then points at a fresh file (a new mtime), which `quarantine` relies on.
-        With `durable`, `make_durable` runs here. Raises OSError; the staged file is then removed.
+        Raises OSError; the staged file is then removed.
         """
         hexdigest = staged.sha256.hex()
         relative = f"{hexdigest[:2]}/{hexdigest[2:4]}/{hexdigest}.dcm"
@@ -149,24 +150,11 @@ class FileStore:
         except BaseException:
             staged.path.unlink(missing_ok=True)
             raise
-        stored = StoredFile(relative, staged.sha256, staged.size, folders, synced)
-        if durable:
-            self.make_durable(stored)
-        return stored
-
-    def make_durable(self, stored: StoredFile) -> None:
-        """Fsync a committed file (unless its data already was) and the folders of its name,
-        deepest first. On ext4 the first fsync commits the journal with the link and the
-        folders; the others find little left to write."""
-        if not stored.synced:
-            fsync_file(self.root / stored.relative)
-        for folder in stored.folders:
-            fsync_dir(folder)
-        self.mark_durable(stored)
+        return StoredFile(relative, staged.sha256, staged.size, folders, synced)
 
     def mark_durable(self, stored: StoredFile) -> None:
-        """Remember the folders `make_durable` (or a caller fsyncing them itself) made durable:
-        a file stored there later needs fewer folder fsyncs."""
+        """Remember the folders of a committed file that the caller has fsynced: a file stored
+        there later needs fewer folder fsyncs."""
         if stored.folders:
             with _lock:
                 self._folders.add(stored.folders[0])

@@ -582,7 +582,7 @@ class DicomServer:
         staged = StagedFile(spool.path, sha256, size, durable=False)
         try:
             try:
-                stored = self._store.commit(staged, durable=False)
+                stored = self._store.commit(staged)
             except OSError as exc:
                 raise _DiskError("rename", exc) from exc
         except BaseException:
