@@ -375,7 +375,7 @@ class DicomServer:
             self._metrics.dicom_associations.set(self._associations)
             await link.send(link.acceptor.accept(answer))
             link.pump()  # what arrived while we decided
-            spools = _Spools(self._store.tmp, SerialQueue(self._spooler_pool()))
+            spools = _Spools(self._store.tmp, SerialQueue(_started(self._spoolers)))
             try:
                 await self._serve(link, calling, spools)
             finally:
@@ -590,7 +590,8 @@ class DicomServer:
             raise
         path = self._store.root / stored.relative
         complete = bool(command.affected_sop_class) and bool(command.affected_sop_instance)
-        parsing = self._pool().submit(
+        workers = _started(self._workers)
+        parsing = workers.submit(
             read_metadata,
             path,
             calling_ae=calling,
@@ -600,7 +601,7 @@ class DicomServer:
         # Each folder in a worker of its own, beside the file: on ext4 their fsyncs and the
         # file's wait for the same journal commit, and their cache flushes overlap instead of
         # following one another.
-        folders = [self._pool().submit(fsync_dir, folder) for folder in stored.folders]
+        folders = [workers.submit(fsync_dir, folder) for folder in stored.folders]
         unsynced: OSError | None = None
         try:
             try:
@@ -628,16 +629,6 @@ class DicomServer:
         if unsynced is not None:
             raise _DiskError("fsync", unsynced, stored.relative)
         return meta, stored
-
-    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._workers is None:
-            raise RuntimeError("DICOM listener not started")
-        return self._workers
-
-    def _spooler_pool(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._spoolers is None:
-            raise RuntimeError("DICOM listener not started")
-        return self._spoolers
 
     async def _answer(self, outcome: Outcome, stored: StoredFile) -> _Answer:
         if outcome.kind is OutcomeKind.STORED:
@@ -862,6 +853,15 @@ class DicomServer:
                 continue  # gone already
             (ready if mtime < limit else later).append(relative)
         return ready, later
+
+
+def _started(
+    pool: concurrent.futures.ThreadPoolExecutor | None,
+) -> concurrent.futures.ThreadPoolExecutor:
+    """One of the listener's thread pools, which exist between `start` and `stop`."""
+    if pool is None:
+        raise RuntimeError("DICOM listener not started")
+    return pool
 
 
 def _prefix(path: Path) -> bytes:
