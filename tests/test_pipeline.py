@@ -456,6 +456,22 @@ async def indexed_under(pool: asyncpg.Pool, base: str) -> dict[str, bytes]:
     return {r["sop_instance_uid"]: bytes(r["sha256"]) for r in rows}
 
 
+async def assert_first_copies_kept(pool: asyncpg.Pool, base: str, digest: list[bytes]) -> None:
+    """Where both DICOM batch tests below end: `{base}.1.1`, `.1.2` and `.1.3` indexed with
+    their first bytes (`digest[0]`, `[1]`, `[2]`), the later `.1.2` with `digest[3]` and `.1.3`
+    with `digest[4]` recorded as conflicts, in that order."""
+    old_same, old_other, new = f"{base}.1.1", f"{base}.1.2", f"{base}.1.3"
+    assert await conflicts_under(pool, base) == [
+        (old_other, digest[3], 1000 + digest[3][0]),
+        (new, digest[4], 1000 + digest[4][0]),
+    ]
+    assert await indexed_under(pool, base) == {
+        old_same: digest[0],
+        old_other: digest[1],
+        new: digest[2],
+    }
+
+
 async def test_dicom_batch_indexes_the_first_copy_and_records_conflicts_in_batch_order(
     pool: asyncpg.Pool,
 ) -> None:
@@ -490,15 +506,7 @@ async def test_dicom_batch_indexes_the_first_copy_and_records_conflicts_in_batch
         Outcome(OutcomeKind.DUPLICATE),
         Outcome(OutcomeKind.DUPLICATE, reason="content-conflict"),
     ]
-    assert await conflicts_under(pool, base) == [
-        (old_other, digest[3], 1000 + digest[3][0]),
-        (new, digest[4], 1000 + digest[4][0]),
-    ]
-    assert await indexed_under(pool, base) == {
-        old_same: digest[0],
-        old_other: digest[1],
-        new: digest[2],
-    }
+    await assert_first_copies_kept(pool, base, digest)
     patients = await pool.fetchval(
         "SELECT count(DISTINCT patient_id) FROM dicom_study WHERE study_uid = $1", f"{series}.0"
     )
@@ -539,15 +547,7 @@ async def test_dicom_instances_one_per_batch_give_the_outcomes_and_rows_of_one_b
         Outcome(OutcomeKind.DUPLICATE),
         Outcome(OutcomeKind.DUPLICATE, reason="content-conflict"),
     ]
-    assert await conflicts_under(pool, base) == [
-        (old_other, digest[3], 1000 + digest[3][0]),
-        (new, digest[4], 1000 + digest[4][0]),
-    ]
-    assert await indexed_under(pool, base) == {
-        old_same: digest[0],
-        old_other: digest[1],
-        new: digest[2],
-    }
+    await assert_first_copies_kept(pool, base, digest)
     linked = await pool.fetch(
         """SELECT s.patient_id FROM dicom_study s JOIN patient_identifier pi
            ON pi.patient_id = s.patient_id AND pi.value = $2
