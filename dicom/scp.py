@@ -68,6 +68,7 @@ from dicom.negotiation import gateway_policy, limit_reached, negotiate
 from dicom.pdu import AssociateReject
 from dicom.serial_queue import SerialQueue
 from dicom.spool import Chunk, SpoolFile
+from dicom.writeback import drop_cached
 from ingest.errors import StorageUnavailable
 from ingest.pipeline import GroupCommitPipeline, PipelineClosed
 from ingest.records import (
@@ -569,7 +570,8 @@ class DicomServer:
     ) -> tuple[InstanceMetadata, StoredFile]:
         """On the association's file queue, after its batches: write the last one, give the file
         its content name, then fsync it while a worker fsyncs the folders of its name and another
-        parses its header. Raises `_Refused` (the file is removed again) or `_DiskError`."""
+        parses its header; the page cache then drops it. Raises `_Refused` (the file is removed
+        again) or `_DiskError`."""
         spool = writer.spool
         try:
             if writer.failed is not None:
@@ -585,30 +587,38 @@ class DicomServer:
                 stored = self._store.commit(staged)
             except OSError as exc:
                 raise _DiskError("rename", exc) from exc
-        except BaseException:
+            path = self._store.root / stored.relative
+            complete = bool(command.affected_sop_class) and bool(command.affected_sop_instance)
+            workers = _started(self._workers)
+            parsing = workers.submit(
+                read_metadata,
+                path,
+                calling_ae=calling,
+                command_sop_instance_uid=command.affected_sop_instance if complete else "",
+                command_sop_class_uid=command.affected_sop_class if complete else "",
+            )
+            # Each folder in a worker of its own, beside the file: on ext4 their fsyncs and the
+            # file's wait for the same journal commit, and their cache flushes overlap instead
+            # of following one another.
+            folders = [workers.submit(fsync_dir, folder) for folder in stored.folders]
+            return self._durable(stored, fd, folders, parsing.result), stored
+        finally:
             os.close(fd)
-            raise
-        path = self._store.root / stored.relative
-        complete = bool(command.affected_sop_class) and bool(command.affected_sop_instance)
-        workers = _started(self._workers)
-        parsing = workers.submit(
-            read_metadata,
-            path,
-            calling_ae=calling,
-            command_sop_instance_uid=command.affected_sop_instance if complete else "",
-            command_sop_class_uid=command.affected_sop_class if complete else "",
-        )
-        # Each folder in a worker of its own, beside the file: on ext4 their fsyncs and the
-        # file's wait for the same journal commit, and their cache flushes overlap instead of
-        # following one another.
-        folders = [workers.submit(fsync_dir, folder) for folder in stored.folders]
+
+    def _durable(
+        self,
+        stored: StoredFile,
+        fd: int,
+        folders: list[concurrent.futures.Future[None]],
+        parsed: Callable[[], InstanceMetadata],
+    ) -> InstanceMetadata:
+        """`_settle`'s end: fsync the file (its folders' fsyncs run in workers), take the parse's
+        result, then let the page cache drop the file (`drop_cached`): an answered instance is
+        cold, and the next one's writes reuse those pages instead of growing the cache."""
         unsynced: OSError | None = None
         try:
-            try:
-                if not stored.synced:
-                    os.fsync(fd)  # not fdatasync: the new link goes in the same journal commit
-            finally:
-                os.close(fd)
+            if not stored.synced:
+                os.fsync(fd)  # not fdatasync: the new link goes in the same journal commit
         except OSError as exc:
             unsynced = exc
         for folder in folders:
@@ -618,17 +628,19 @@ class DicomServer:
                 unsynced = unsynced or exc
         if unsynced is None:
             self._store.mark_durable(stored)
+        path = self._store.root / stored.relative
         try:
-            meta = parsing.result()
+            meta = parsed()
         except DicomInputError as exc:
             prefix = _prefix(path)
             self._store.remove(stored)  # refused bytes are refused again: no good copy there
-            raise _Refused(exc, sha256, prefix) from exc
+            raise _Refused(exc, stored.sha256, prefix) from exc
         except OSError as exc:
             raise _DiskError("reading", exc, stored.relative) from exc
         if unsynced is not None:
             raise _DiskError("fsync", unsynced, stored.relative)
-        return meta, stored
+        drop_cached(fd)
+        return meta
 
     async def _answer(self, outcome: Outcome, stored: StoredFile) -> _Answer:
         if outcome.kind is OutcomeKind.STORED:

@@ -1,4 +1,5 @@
-"""Start writing a file's new pages to disk while the rest of it still arrives.
+"""Page cache hints for the files the listener writes: start writing a file's new pages to disk
+while the rest of it still arrives; drop the pages of a file once it is durable.
 
 A C-STORE answers 0x0000 only after the file's fsync. Left to itself, the kernel writes the
 received half megabyte or gigabyte at that fsync, all at once: the fsync then lasts as long as
@@ -9,12 +10,24 @@ final fsync finds only the tail and the journal left (0.9 ms). It is a hint: it 
 anything durable nor reports write errors (the fsync does both), so a platform without it, or a
 call that fails, changes nothing but speed. Called from the spool's worker threads; ctypes
 releases the GIL during the call.
+
+Once a file is fsynced and its header parsed, nothing reads it soon (a viewer's retrieval, if
+any, comes later), yet Linux keeps its pages cached until memory runs short: a stream of images
+would fill the page cache with cold pixel data and push out what PostgreSQL and the rest of the
+machine read. `drop_cached` (`POSIX_FADV_DONTNEED`) frees them at once, and the next instance's
+writes reuse them. On the benchmark's virtual machine, whose freed memory goes back to the host
+(free page reporting), a write into memory the guest had not touched lately took up to ten
+times longer (0.13 against 1.45 ms per 0.5 MB once the cache passed 1.2 GB): without the drop,
+the gateway's file threads spent 2.3 to 2.9 ms per instance instead of 1.2 to 1.7 ms, and four
+associations stored 218-237 instead of 251-280 instances/s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import os
 import sys
 from collections.abc import Callable
 from typing import Final
@@ -47,3 +60,10 @@ def start_writeback(fd: int, offset: int, length: int) -> bool:
     if _sync_file_range is None or length <= 0:
         return False
     return _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE) == 0
+
+
+def drop_cached(fd: int) -> None:
+    """Let the kernel drop the cached pages of `fd`'s file (call it once the file is fsynced:
+    dirty pages are not dropped). Best effort: never raises."""
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: no posix_fadvise here
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

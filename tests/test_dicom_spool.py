@@ -1,9 +1,13 @@
 """The spool file a C-STORE dataset is received into: batches in order, digest on the way, and
-writeback started early (`dicom.writeback`) so that the final fsync finds little to do."""
+writeback started early (`dicom.writeback`) so that the final fsync finds little to do, and the
+pages of a durable file dropped from the page cache."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
+import mmap
 import os
 import sys
 from pathlib import Path
@@ -49,6 +53,55 @@ def test_writeback_of_written_pages_is_started_on_linux(tmp_path: Path) -> None:
         f.write(os.urandom(256 << 10))
         f.flush()
         assert writeback.start_writeback(f.fileno(), 0, 256 << 10)
+
+
+def _resident_pages(path: Path) -> int:
+    """How many of the file's pages are in the page cache: mincore(2) over a mapping of it."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    )
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    size = path.stat().st_size
+    vector = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        try:
+            assert libc.mincore(address, size, vector) == 0, ctypes.get_errno()
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+    return sum(byte & 1 for byte in vector)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and fadvise as on Linux")
+def test_a_durable_file_leaves_the_page_cache(tmp_path: Path) -> None:
+    """On a disk-backed folder (tmpfs keeps its pages whatever the hint)."""
+    path = tmp_path / "f"
+    with open(path, "wb") as f:
+        f.write(os.urandom(1 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+        assert _resident_pages(path) == 256
+        writeback.drop_cached(f.fileno())
+    assert _resident_pages(path) == 0
+
+
+def test_dropping_the_cache_is_a_hint_that_never_raises(tmp_path: Path) -> None:
+    with open(tmp_path / "f", "wb") as f:
+        closed = os.dup(f.fileno())
+    os.close(closed)
+    writeback.drop_cached(closed)  # EBADF: no exception
 
 
 def test_writeback_is_a_hint_that_never_raises(tmp_path: Path) -> None:
