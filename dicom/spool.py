@@ -8,9 +8,11 @@ the listener receives the first fragments meanwhile. The association hands it ea
 it comes off the wire (`add`); the fragment is kept, by reference, until `take()` hands the
 batch to `write`, which feeds SHA-256 from the same buffers (no second read for the digest),
 writes them with one `writev` and has the kernel start writing them to disk (`dicom.writeback`),
-so that the final fsync finds little left. The listener has a worker write a batch every few
-hundred KiB, one at a time, and the last one in the worker that then fsyncs, so neither the
-hashing (0.26 ms per 0.5 MB here) nor the writing holds up the event loop.
+so that the final fsync finds little left; what lies more than `DROP_BEHIND` behind the bytes
+written and is already on disk leaves the page cache (a 1 GB instance does not stay cached in
+full). The listener has a worker write a batch every 64 KiB, one at a time, and the last one in
+the worker that then fsyncs, so neither the hashing (0.26 ms per 0.5 MB here) nor the writing
+holds up the event loop.
 `finish()` gives digest, size and a descriptor for the fsync; `discard()` removes an unfinished
 transfer's file (the association ended mid-dataset, or the disk failed). Temp files of a process
 that died are swept by `FileStore.open` and `FileStore.sweep_temp`.
@@ -30,11 +32,13 @@ from pathlib import Path
 from typing import Final
 
 from dicom.filestore import TMP_SUFFIX
-from dicom.writeback import start_writeback
+from dicom.writeback import drop_cached, start_writeback
 
 logger = logging.getLogger(__name__)
 
 IOV_MAX: Final = 512
+DROP_BEHIND: Final = 8 << 20
+"""How far behind the bytes written a spool file's pages are let go (`SpoolFile.write`)."""
 Chunk = bytes | bytearray | memoryview
 
 _lock = threading.Lock()
@@ -52,6 +56,7 @@ class SpoolFile:
         self._digest = hashlib.sha256()
         self._size = 0
         self._written = 0
+        self._dropped = 0  # bytes at the start of the file let go from the page cache
         self._batch: list[Chunk] = []
         self.batched = 0  # bytes added and not yet taken
 
@@ -93,6 +98,13 @@ class SpoolFile:
         _write_all(self._fd, views)
         start_writeback(self._fd, self._written, length)  # the fsync will find less to do
         self._written += length
+        if self._written - self._dropped >= 2 * DROP_BEHIND:
+            # Drop-behind: a large instance (a tomosynthesis, a whole-slide image) would else
+            # sit in the page cache in full until its fsync. Pages written back by now go; the
+            # rest stay, for the drop after the fsync.
+            end = self._written - DROP_BEHIND
+            drop_cached(self._fd, self._dropped, end - self._dropped)
+            self._dropped = end
 
     def finish(self) -> tuple[bytes, int, int]:
         """The SHA-256 and size of what was added, and a duplicate of the descriptor for the

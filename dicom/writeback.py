@@ -62,8 +62,12 @@ def start_writeback(fd: int, offset: int, length: int) -> bool:
     return _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE) == 0
 
 
-def drop_cached(fd: int) -> None:
-    """Let the kernel drop the cached pages of `fd`'s file (call it once the file is fsynced:
-    dirty pages are not dropped). Best effort: never raises."""
+def drop_cached(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Let the kernel drop the cached pages of `length` bytes at `offset` of `fd`'s file (0: to
+    its end). Only clean pages go: call it once the file is fsynced, or on a range whose
+    writeback was started long enough ago (pages still dirty or being written stay, and the
+    call does not wait for them). Best effort: never raises, and never consumes a write error
+    the file's fsync must report (no wait on writeback, unlike `sync_file_range` with
+    `SYNC_FILE_RANGE_WAIT_*`)."""
     with contextlib.suppress(OSError, AttributeError):  # AttributeError: no posix_fadvise here
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)

@@ -55,8 +55,8 @@ def test_writeback_of_written_pages_is_started_on_linux(tmp_path: Path) -> None:
         assert writeback.start_writeback(f.fileno(), 0, 256 << 10)
 
 
-def _resident_pages(path: Path) -> int:
-    """How many of the file's pages are in the page cache: mincore(2) over a mapping of it."""
+def _resident(path: Path) -> list[bool]:
+    """Which of the file's pages are in the page cache: mincore(2) over a mapping of it."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = (
@@ -81,7 +81,7 @@ def _resident_pages(path: Path) -> int:
             libc.munmap(address, size)
     finally:
         os.close(fd)
-    return sum(byte & 1 for byte in vector)
+    return [bool(byte & 1) for byte in vector]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and fadvise as on Linux")
@@ -92,9 +92,29 @@ def test_a_durable_file_leaves_the_page_cache(tmp_path: Path) -> None:
         f.write(os.urandom(1 << 20))
         f.flush()
         os.fsync(f.fileno())
-        assert _resident_pages(path) == 256
+        assert sum(_resident(path)) == 256
         writeback.drop_cached(f.fileno())
-    assert _resident_pages(path) == 0
+    assert sum(_resident(path)) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and fadvise as on Linux")
+def test_a_large_file_leaves_the_page_cache_behind_its_writes(tmp_path: Path) -> None:
+    """Once twice `DROP_BEHIND` is written, what lies further back than `DROP_BEHIND` and is on
+    disk goes (here all of it was fsynced through another descriptor first)."""
+    file = SpoolFile(tmp_path)
+    file.open()
+    mebibyte = [os.urandom(1 << 20)]
+    for _ in range((2 * spool.DROP_BEHIND >> 20) - 1):
+        file.write(mebibyte)
+    with open(file.path, "rb") as other:
+        os.fsync(other.fileno())
+    assert all(_resident(file.path))
+    file.write(mebibyte)
+    resident = _resident(file.path)
+    behind = spool.DROP_BEHIND // mmap.PAGESIZE
+    assert not any(resident[:behind])
+    assert all(resident[behind:])
+    file.discard()
 
 
 def test_dropping_the_cache_is_a_hint_that_never_raises(tmp_path: Path) -> None:
