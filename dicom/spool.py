@@ -86,8 +86,9 @@ class SpoolFile:
         return batch
 
     def write(self, batch: Sequence[Chunk]) -> None:
-        """Hash a batch and write it to the page cache (blocking: call it in a worker, one batch
-        at a time, in the order taken). Raises OSError."""
+        """Hash a batch, write it to the page cache and start its writeback; let go of the pages
+        far behind it (blocking: call it in a worker, one batch at a time, in the order taken).
+        Raises OSError."""
         if self._fd is None:
             raise ValueError("spool file not open")
         views = [memoryview(b) for b in batch if len(b)]
@@ -99,7 +100,7 @@ class SpoolFile:
         start_writeback(self._fd, self._written, length)  # the fsync will find less to do
         self._written += length
         if self._written - self._dropped >= 2 * DROP_BEHIND:
-            # Drop-behind: a large instance (a tomosynthesis, a whole-slide image) would else
+            # Drop-behind: a large instance (a tomosynthesis, a whole-slide image) would otherwise
             # sit in the page cache in full until its fsync. Pages written back by now go; the
             # rest stay, for the drop after the fsync.
             end = self._written - DROP_BEHIND
