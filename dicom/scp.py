@@ -628,11 +628,10 @@ class DicomServer:
                 unsynced = unsynced or exc
         if unsynced is None:
             self._store.mark_durable(stored)
-        path = self._store.root / stored.relative
         try:
             meta = parsed()
         except DicomInputError as exc:
-            prefix = _prefix(path)
+            prefix = _prefix(self._store.root / stored.relative)
             self._store.remove(stored)  # refused bytes are refused again: no good copy there
             raise _Refused(exc, stored.sha256, prefix) from exc
         except OSError as exc:
