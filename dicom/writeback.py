@@ -2,14 +2,15 @@
 while the rest of it still arrives; drop the pages of a file once it is durable.
 
 A C-STORE answers 0x0000 only after the file's fsync. Left to itself, the kernel writes the
-received half megabyte or gigabyte at that fsync, all at once: the fsync then lasts as long as
-the whole transfer to disk (2.2 to 3.4 ms per 0.5 MB instance on the benchmark machine). Linux's
-`sync_file_range(SYNC_FILE_RANGE_WRITE)` queues the pages of a range for writeback and returns
-without waiting, so each batch the spool writes goes to disk while the next ones arrive, and the
-final fsync finds only the tail and the journal left (0.9 ms). It is a hint: it neither makes
-anything durable nor reports write errors (the fsync does both), so a platform without it, or a
-call that fails, changes nothing but speed. Called from the spool's worker threads; ctypes
-releases the GIL during the call.
+received gigabyte at that fsync, all at once: the fsync then lasts as long as the whole transfer
+to disk. Linux's `sync_file_range(SYNC_FILE_RANGE_WRITE)` queues the pages of a range for
+writeback and returns without waiting, so each MiB the spool writes (`spool.WRITEBACK_EVERY`)
+goes to disk while the next ones arrive, and the final fsync finds only the tail and the journal
+left. The queueing is not free (the calling thread submits the I/O), and it is paid while the
+dataset arrives: a 0.5 MB instance has none and is written out by its fsync. It is a hint: it
+neither makes anything durable nor reports write errors (the fsync does both), so a platform
+without it, or a call that fails, changes nothing but speed. Called from the spool's worker
+threads; ctypes releases the GIL during the call.
 
 Once a file is fsynced and its header parsed, nothing reads it soon (a viewer's retrieval, if
 any, comes later), yet Linux keeps its pages cached until memory runs short: a stream of images

@@ -55,6 +55,27 @@ def test_writeback_of_written_pages_is_started_on_linux(tmp_path: Path) -> None:
         assert writeback.start_writeback(f.fileno(), 0, 256 << 10)
 
 
+def test_writeback_starts_once_per_mebibyte_written_not_per_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[tuple[int, int]] = []
+
+    def record(fd: int, offset: int, length: int) -> bool:
+        started.append((offset, length))
+        return True
+
+    monkeypatch.setattr(spool, "start_writeback", record)
+    small, large = SpoolFile(tmp_path), SpoolFile(tmp_path)
+    for file, batches in ((small, 8), (large, 40)):  # 0.5 MiB, 2.5 MiB in 64 KiB batches
+        file.open()
+        for _ in range(batches):
+            file.add(bytes(64 << 10))
+            file.write(file.take())
+        os.close(file.finish()[2])
+    every = spool.WRITEBACK_EVERY
+    assert started == [(0, every), (every, every)]  # none for the small file, nor the tail
+
+
 def _resident(path: Path) -> list[bool]:
     """Which of the file's pages are in the page cache: mincore(2) over a mapping of it."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
