@@ -17,6 +17,12 @@ one after the other, each a subprocess:
   link and fsync the file), `dicom-file` (parse, folder fsyncs). The kernel samples each
   thread's time on its own, so the groups add up to the total only roughly.
 
+With one association, each round then measures the durability floor (`durability_floor.py`):
+the fsync, folder fsync and COMMIT that any receiver honouring "0x0000 only once the file and its
+index row are safe" must add after the last byte of each instance, taken alone on the same
+instances; added to dcmtk's own cycle, it bounds what such a receiver could reach in that round,
+and the line prints that bound as a ratio to dcmtk next to the gateway's.
+
 The four run `--rounds` times in turn (3 by default), each round with fresh folders and
 database, each after an `os.sync()` so that none pays for the writeback of what the one before
 left dirty; a line per round, then the medians and the ratio of the medians. On this shared
@@ -58,6 +64,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from durability_floor import Floor, measure  # noqa: E402
 from proc_stats import proc_cpu_seconds, proc_status_kib, thread_cpu_seconds  # noqa: E402
 
 from gateway.local_services import drop_database, ensure_database, free_port  # noqa: E402
@@ -280,6 +287,18 @@ def thread_split(by_thread: dict[str, float], n: int) -> str:
     return ", ".join(parts)
 
 
+def floor_line(floor: Floor, reference_rate: float) -> str:
+    """The round's durability floor (`durability_floor`) and the bound it sets."""
+    bound = floor.bound(reference_rate)
+    return (
+        f"  durability floor, ms per instance: fsync {floor.fsync:.2f} + folder fsync "
+        f"{floor.folder:.2f} + commit {floor.commit:.2f} = {floor.after_transfer:.2f} after the "
+        f"last byte (hash + write {floor.write:.2f}, overlappable with the transfer) | bound with "
+        f"one association: dcmtk's cycle {1000 / reference_rate:.2f} + "
+        f"{floor.after_transfer:.2f} ms = {bound:.0f}/s = {bound / reference_rate:.2f} x dcmtk"
+    )
+
+
 MAX_LARGE_MIB = 65535 // 32  # 32 rows of 16,384 16-bit columns per MiB
 
 
@@ -353,6 +372,7 @@ async def main() -> None:
         n = len(files)
         for streams in (1, 4):
             rates: list[tuple[float, float, float, float]] = []
+            bounds: list[float] = []
             for round_ in range(1, args.rounds + 1):
                 tag = f"{streams}-{round_}"
                 name = f"qantara_bench_{secrets.token_hex(4)}"
@@ -370,6 +390,9 @@ async def main() -> None:
                         streams,
                         tag,
                         shlex.split(args.gateway_prefix),
+                    )
+                    floor = (
+                        await measure(files, work / f"floor-{tag}", dsn) if streams == 1 else None
                     )
                 finally:
                     await drop_database(args.database, name)
@@ -391,6 +414,9 @@ async def main() -> None:
                     f"gateway CPU {1000 * cpu / n:.1f} ms/instance "
                     f"({thread_split(by_thread, n)}), peak RSS {rss:.0f} MiB"
                 )
+                if floor is not None:
+                    bounds.append(floor.bound(ref_rate) / ref_rate)
+                    print(floor_line(floor, ref_rate))
             ref_med, bare_med, app_med, gw_med = (
                 statistics.median(r[i] for r in rates) for i in range(4)
             )
@@ -402,6 +428,12 @@ async def main() -> None:
                 f"(of bare pynetdicom {gw_med / bare_med:.2f}, of the app "
                 f"{gw_med / app_med:.2f})"
             )
+            if bounds:
+                print(
+                    f"  durability floor: no receiver that fsyncs and commits before 0x0000 "
+                    f"could exceed {statistics.median(bounds):.2f} x dcmtk with one "
+                    f"association (median of the rounds' bounds)"
+                )
         if args.large_mb > 0:
             for path in files:
                 path.unlink()  # room on the disk
