@@ -10,8 +10,10 @@ every step after the last byte arrives adds to the time between two instances. d
 the benchmark's own instances, one after the other, as the fastest conceivable receiver would:
 
 - `write`: hash (SHA-256) and write the bytes in 64 KiB pieces, each piece's writeback started
-  (`dicom.writeback`), as the gateway does. A streaming receiver does this while the dataset
-  arrives, so it need not add to the cycle;
+  (`dicom.writeback`), so that the fsync after the last byte is as short as it can be (the
+  gateway starts writeback only once per MiB, `spool.WRITEBACK_EVERY`: on a busy machine the
+  starts cost more CPU during the transfer than they save at the fsync). A streaming receiver
+  does this while the dataset arrives, so it need not add to the cycle;
 - `fsync`: link the file under its final name, then fsync it (what is left of its data, and the
   journal commit that holds its name);
 - `folder`: fsync the folder of the name;
