@@ -64,7 +64,7 @@ class SpoolFile:
         self._digest = hashlib.sha256()
         self._size = 0
         self._written = 0
-        self._unstarted = 0  # bytes written since the last start of writeback
+        self._started = 0  # bytes at the start of the file whose writeback was started
         self._dropped = 0  # bytes at the start of the file let go from the page cache
         self._batch: list[Chunk] = []
         self.batched = 0  # bytes added and not yet taken
@@ -107,10 +107,9 @@ class SpoolFile:
             length += view.nbytes
         _write_all(self._fd, views)
         self._written += length
-        self._unstarted += length
-        if self._unstarted >= WRITEBACK_EVERY:  # the fsync will find less to do
-            start_writeback(self._fd, self._written - self._unstarted, self._unstarted)
-            self._unstarted = 0
+        if self._written - self._started >= WRITEBACK_EVERY:  # the fsync will find less to do
+            start_writeback(self._fd, self._started, self._written - self._started)
+            self._started = self._written
         if self._written - self._dropped >= 2 * DROP_BEHIND:
             # Drop-behind: a large instance (a tomosynthesis, a whole-slide image) would otherwise
             # sit in the page cache in full until its fsync. Pages written back by now go; the
