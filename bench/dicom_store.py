@@ -331,6 +331,68 @@ def bench_large(
         return dcmtk_seconds, dcmtk_rss, seconds, peak_rss_mib(proc.pid), before
 
 
+async def rounds(
+    args: argparse.Namespace, files: list[Path], work: Path, databases: list[str]
+) -> None:
+    """The rounds of the four receivers, one then four associations; each round's database is
+    appended to `databases` for the caller to drop."""
+    n = len(files)
+    for streams in (1, 4):
+        rates: list[tuple[float, float, float, float]] = []
+        bounds: list[float] = []
+        for round_ in range(1, args.rounds + 1):
+            tag = f"{streams}-{round_}"
+            name = f"qantara_bench_{secrets.token_hex(4)}"
+            dsn = await ensure_database(args.database, name)
+            databases.append(name)
+            load = os.getloadavg()[0]
+            reference = bench_storescp(files, work, streams, tag)
+            bare = await asyncio.to_thread(bench_pynetdicom, files, work, streams, tag)
+            app = await asyncio.to_thread(bench_pynetdicom_app, files, work, streams, tag)
+            gateway, rss, cpu, by_thread = await asyncio.to_thread(
+                bench_gateway, files, work, dsn, streams, tag, shlex.split(args.gateway_prefix)
+            )
+            floor = await measure(files, work / f"floor-{tag}", dsn) if streams == 1 else None
+            ref_rate, bare_rate, app_rate, gw_rate = (
+                n / reference,
+                n / bare,
+                n / app,
+                n / gateway,
+            )
+            rates.append((ref_rate, bare_rate, app_rate, gw_rate))
+            print(
+                f"{streams} association(s), round {round_}, load {load:.1f}: "
+                f"dcmtk storescp {ref_rate:6.1f}/s | "
+                f"bare pynetdicom + fsync {bare_rate:6.1f}/s | "
+                f"pynetdicom storescp app {app_rate:6.1f}/s | "
+                f"qantara (fsync + index) {gw_rate:6.1f}/s | "
+                f"ratio {gw_rate / ref_rate:.2f} (of bare pynetdicom "
+                f"{gw_rate / bare_rate:.2f}, of the app {gw_rate / app_rate:.2f}) | "
+                f"gateway CPU {1000 * cpu / n:.1f} ms/instance "
+                f"({thread_split(by_thread, n)}), peak RSS {rss:.0f} MiB"
+            )
+            if floor is not None:
+                bounds.append(floor.bound(ref_rate) / ref_rate)
+                print(floor_line(floor, ref_rate))
+        ref_med, bare_med, app_med, gw_med = (
+            statistics.median(r[i] for r in rates) for i in range(4)
+        )
+        print(
+            f"{streams} association(s), median of {len(rates)} rounds: "
+            f"dcmtk storescp {ref_med:6.1f}/s | bare pynetdicom + fsync {bare_med:6.1f}/s | "
+            f"pynetdicom storescp app {app_med:6.1f}/s | "
+            f"qantara {gw_med:6.1f}/s | ratio of medians {gw_med / ref_med:.2f} "
+            f"(of bare pynetdicom {gw_med / bare_med:.2f}, of the app "
+            f"{gw_med / app_med:.2f})"
+        )
+        if bounds:
+            print(
+                f"  durability floor: no receiver that fsyncs and commits before 0x0000 "
+                f"could exceed {statistics.median(bounds):.2f} x dcmtk with one "
+                f"association (median of the rounds' bounds)"
+            )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--instances", type=int, default=200)
@@ -369,71 +431,15 @@ async def main() -> None:
         files = make_files(source, args.instances)
         size = sum(f.stat().st_size for f in files) / len(files) / 1e6
         print(f"{len(files)} CR instances of {size:.2f} MB, storescu sender, TCP_NODELAY=1")
-        n = len(files)
-        for streams in (1, 4):
-            rates: list[tuple[float, float, float, float]] = []
-            bounds: list[float] = []
-            for round_ in range(1, args.rounds + 1):
-                tag = f"{streams}-{round_}"
-                name = f"qantara_bench_{secrets.token_hex(4)}"
-                dsn = await ensure_database(args.database, name)
-                load = os.getloadavg()[0]
-                try:
-                    reference = bench_storescp(files, work, streams, tag)
-                    bare = await asyncio.to_thread(bench_pynetdicom, files, work, streams, tag)
-                    app = await asyncio.to_thread(bench_pynetdicom_app, files, work, streams, tag)
-                    gateway, rss, cpu, by_thread = await asyncio.to_thread(
-                        bench_gateway,
-                        files,
-                        work,
-                        dsn,
-                        streams,
-                        tag,
-                        shlex.split(args.gateway_prefix),
-                    )
-                    floor = (
-                        await measure(files, work / f"floor-{tag}", dsn) if streams == 1 else None
-                    )
-                finally:
-                    await drop_database(args.database, name)
-                ref_rate, bare_rate, app_rate, gw_rate = (
-                    n / reference,
-                    n / bare,
-                    n / app,
-                    n / gateway,
-                )
-                rates.append((ref_rate, bare_rate, app_rate, gw_rate))
-                print(
-                    f"{streams} association(s), round {round_}, load {load:.1f}: "
-                    f"dcmtk storescp {ref_rate:6.1f}/s | "
-                    f"bare pynetdicom + fsync {bare_rate:6.1f}/s | "
-                    f"pynetdicom storescp app {app_rate:6.1f}/s | "
-                    f"qantara (fsync + index) {gw_rate:6.1f}/s | "
-                    f"ratio {gw_rate / ref_rate:.2f} (of bare pynetdicom "
-                    f"{gw_rate / bare_rate:.2f}, of the app {gw_rate / app_rate:.2f}) | "
-                    f"gateway CPU {1000 * cpu / n:.1f} ms/instance "
-                    f"({thread_split(by_thread, n)}), peak RSS {rss:.0f} MiB"
-                )
-                if floor is not None:
-                    bounds.append(floor.bound(ref_rate) / ref_rate)
-                    print(floor_line(floor, ref_rate))
-            ref_med, bare_med, app_med, gw_med = (
-                statistics.median(r[i] for r in rates) for i in range(4)
-            )
-            print(
-                f"{streams} association(s), median of {len(rates)} rounds: "
-                f"dcmtk storescp {ref_med:6.1f}/s | bare pynetdicom + fsync {bare_med:6.1f}/s | "
-                f"pynetdicom storescp app {app_med:6.1f}/s | "
-                f"qantara {gw_med:6.1f}/s | ratio of medians {gw_med / ref_med:.2f} "
-                f"(of bare pynetdicom {gw_med / bare_med:.2f}, of the app "
-                f"{gw_med / app_med:.2f})"
-            )
-            if bounds:
-                print(
-                    f"  durability floor: no receiver that fsyncs and commits before 0x0000 "
-                    f"could exceed {statistics.median(bounds):.2f} x dcmtk with one "
-                    f"association (median of the rounds' bounds)"
-                )
+        # Each round's database is dropped once every round has run, and every receiver's
+        # output stays until then: files removed in the middle slow the next round's creates
+        # (`durability_floor.measure` says why).
+        databases: list[str] = []
+        try:
+            await rounds(args, files, work, databases)
+        finally:
+            for name in databases:
+                await drop_database(args.database, name)
         if args.large_mb > 0:
             for path in files:
                 path.unlink()  # room on the disk
