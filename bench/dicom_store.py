@@ -17,15 +17,19 @@ one after the other, each a subprocess:
   link and fsync the file), `dicom-file` (parse, folder fsyncs). The kernel samples each
   thread's time on its own, so the groups add up to the total only roughly.
 
-With one association, each round then measures the durability floor (`durability_floor.py`):
-the fsync, folder fsync and COMMIT that any receiver honouring "0x0000 only once the file and its
-index row are safe" must add after the last byte of each instance, taken alone on the same
-instances; added to dcmtk's own cycle, it bounds what such a receiver could reach in that round,
-and the line prints that bound as a ratio to dcmtk next to the gateway's.
+Once every round has run, the durability floor (`durability_floor.py`) is measured, once for
+each one-association round: the fsync, folder fsync and COMMIT that any receiver honouring
+"0x0000 only once the file and its index row are safe" must add after the last byte of each
+instance, taken alone on the same instances; added to that round's dcmtk cycle, it bounds what
+such a receiver could reach in that round, and the line prints that bound as a ratio to dcmtk.
+It runs after the rounds, not between them, because it writes 0.2 GB and removes it: files
+removed between rounds slowed the next round's creates (`durability_floor.measure` says why),
+and keeping them grew the page cache that the next dcmtk round writes into.
 
 The four run `--rounds` times in turn (3 by default), each round with fresh folders and
 database, each after an `os.sync()` so that none pays for the writeback of what the one before
-left dirty; a line per round, then the medians and the ratio of the medians. On this shared
+left dirty; a line per round, then the medians and the ratio of the medians. Nothing is
+removed until every round has run (outputs, databases). On this shared
 virtual machine dcmtk's own rate moves between 540 and 2,100 instances/s from one run to the
 next: one round's ratio says more about dcmtk's luck than about the gateway.
 
@@ -333,13 +337,14 @@ def bench_large(
 
 async def rounds(
     args: argparse.Namespace, files: list[Path], work: Path, databases: list[str]
-) -> None:
+) -> list[float]:
     """The rounds of the four receivers, one then four associations; each round's database is
-    appended to `databases` for the caller to drop."""
+    appended to `databases` for the caller to drop. dcmtk's rate in each one-association
+    round."""
     n = len(files)
+    single: list[float] = []
     for streams in (1, 4):
         rates: list[tuple[float, float, float, float]] = []
-        bounds: list[float] = []
         for round_ in range(1, args.rounds + 1):
             tag = f"{streams}-{round_}"
             name = f"qantara_bench_{secrets.token_hex(4)}"
@@ -352,7 +357,6 @@ async def rounds(
             gateway, rss, cpu, by_thread = await asyncio.to_thread(
                 bench_gateway, files, work, dsn, streams, tag, shlex.split(args.gateway_prefix)
             )
-            floor = await measure(files, work / f"floor-{tag}", dsn) if streams == 1 else None
             ref_rate, bare_rate, app_rate, gw_rate = (
                 n / reference,
                 n / bare,
@@ -371,9 +375,8 @@ async def rounds(
                 f"gateway CPU {1000 * cpu / n:.1f} ms/instance "
                 f"({thread_split(by_thread, n)}), peak RSS {rss:.0f} MiB"
             )
-            if floor is not None:
-                bounds.append(floor.bound(ref_rate) / ref_rate)
-                print(floor_line(floor, ref_rate))
+            if streams == 1:
+                single.append(ref_rate)
         ref_med, bare_med, app_med, gw_med = (
             statistics.median(r[i] for r in rates) for i in range(4)
         )
@@ -385,12 +388,32 @@ async def rounds(
             f"(of bare pynetdicom {gw_med / bare_med:.2f}, of the app "
             f"{gw_med / app_med:.2f})"
         )
-        if bounds:
-            print(
-                f"  durability floor: no receiver that fsyncs and commits before 0x0000 "
-                f"could exceed {statistics.median(bounds):.2f} x dcmtk with one "
-                f"association (median of the rounds' bounds)"
-            )
+    return single
+
+
+async def floors(
+    args: argparse.Namespace, files: list[Path], work: Path, rates: list[float]
+) -> None:
+    """The durability floor once for each one-association round (`rates`: dcmtk's), measured
+    after every round, in a database of its own; its files are removed at the end."""
+    name = f"qantara_bench_{secrets.token_hex(4)}"
+    dsn = await ensure_database(args.database, name)
+    bounds: list[float] = []
+    try:
+        for round_, rate in enumerate(rates, 1):
+            floor = await measure(files, work / f"floor-{round_}", dsn)
+            bounds.append(floor.bound(rate) / rate)
+            print(f"1 association, round {round_}:")
+            print(floor_line(floor, rate))
+    finally:
+        await drop_database(args.database, name)
+        for round_ in range(1, len(rates) + 1):
+            shutil.rmtree(work / f"floor-{round_}", ignore_errors=True)
+    print(
+        f"  durability floor: no receiver that fsyncs and commits before 0x0000 could exceed "
+        f"{statistics.median(bounds):.2f} x dcmtk with one association (median of the rounds' "
+        f"bounds)"
+    )
 
 
 async def main() -> None:
@@ -431,15 +454,16 @@ async def main() -> None:
         files = make_files(source, args.instances)
         size = sum(f.stat().st_size for f in files) / len(files) / 1e6
         print(f"{len(files)} CR instances of {size:.2f} MB, storescu sender, TCP_NODELAY=1")
-        # Each round's database is dropped once every round has run, and every receiver's
-        # output stays until then: files removed in the middle slow the next round's creates
+        # Nothing is removed between rounds (outputs, databases), and the floor is measured
+        # after them: files removed in the middle slow the next round's creates
         # (`durability_floor.measure` says why).
         databases: list[str] = []
         try:
-            await rounds(args, files, work, databases)
+            single = await rounds(args, files, work, databases)
         finally:
             for name in databases:
                 await drop_database(args.database, name)
+        await floors(args, files, work, single)
         if args.large_mb > 0:
             for path in files:
                 path.unlink()  # room on the disk
