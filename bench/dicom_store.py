@@ -398,17 +398,17 @@ async def floors(
     after every round, in a database of its own; its files are removed at the end."""
     name = f"qantara_bench_{secrets.token_hex(4)}"
     dsn = await ensure_database(args.database, name)
+    folder = work / "floors"
     bounds: list[float] = []
     try:
         for round_, rate in enumerate(rates, 1):
-            floor = await measure(files, work / f"floor-{round_}", dsn)
+            floor = await measure(files, folder / str(round_), dsn)
             bounds.append(floor.bound(rate) / rate)
             print(f"1 association, round {round_}:")
             print(floor_line(floor, rate))
     finally:
         await drop_database(args.database, name)
-        for round_ in range(1, len(rates) + 1):
-            shutil.rmtree(work / f"floor-{round_}", ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
     print(
         f"  durability floor: no receiver that fsyncs and commits before 0x0000 could exceed "
         f"{statistics.median(bounds):.2f} x dcmtk with one association (median of the rounds' "

@@ -63,15 +63,16 @@ class Floor:
 
 async def measure(files: list[Path], folder: Path, dsn: str) -> Floor:
     """Take the steps for each of `files` in `folder` (created; the files stay there, for the
-    caller to remove once nothing is measured any more: see below), the rows in a table of the
+    caller to remove once nothing else is measured: see below), the rows in a table of the
     database at `dsn` (created, then dropped).
 
     On ext4 without a journal (the benchmark's VM of 2026-11-28, afternoon), an inode freed less
     than a minute ago is not handed out again: every file or folder created meanwhile in the
     same block group first skips past each of them (`recently_deleted` in the kernel's inode
-    allocator). Removing these 400 files here slowed the next round's receivers: the gateway,
-    which creates a file and up to two folders per instance, stored 0.934 times as many
-    instances a second right after 400 removals (6 alternated rounds)."""
+    allocator). When this function removed its 400 files between two rounds, it slowed the next
+    round's receivers: the gateway, which creates a file and up to two folders per instance,
+    stored 0.934 times as many instances a second right after 400 removals (6 alternated
+    rounds)."""
     tmp, final = folder / "tmp", folder / "final"
     tmp.mkdir(parents=True)
     final.mkdir()
