@@ -179,7 +179,14 @@ class FileStore:
 
     def orphans(self, older_than: float, newer_than: float | None = None) -> list[str]:
         """Relative names of final files last modified more than `older_than` seconds ago (and
-        less than `newer_than` seconds ago when given): candidates for an index lookup."""
+        less than `newer_than` seconds ago when given): candidates for an index lookup.
+
+        With `newer_than`, a shard folder last modified before that window is skipped without a
+        look at its files. A final name is only ever made by a link or a rename into its folder,
+        after the file's last write, and each of those sets the folder's mtime: a file modified
+        within the window sits in a folder modified within it. A store of a year holds millions
+        of files; the start-up scan then stats the 65,536 folders, not every file (it runs in a
+        thread beside the listener, and holds the GIL between system calls)."""
         now = time.time()
         upper = now - older_than
         lower = now - newer_than if newer_than is not None else 0.0
@@ -189,6 +196,8 @@ class FileStore:
                 continue
             for second in os.scandir(first.path):
                 if not (second.is_dir(follow_symlinks=False) and _SHARD.fullmatch(second.name)):
+                    continue
+                if lower and _mtime(second) < lower:
                     continue
                 for entry in os.scandir(second.path):
                     if not _NAME.fullmatch(entry.name):
@@ -238,6 +247,13 @@ class FileStore:
             return []
         folder.mkdir(parents=True, exist_ok=True)
         return [folder.parent] if known[1] else [folder.parent, self.root]
+
+
+def _mtime(entry: os.DirEntry[str]) -> float:
+    try:
+        return entry.stat(follow_symlinks=False).st_mtime
+    except FileNotFoundError:
+        return 0.0  # removed meanwhile: nothing to find there
 
 
 _lock = threading.Lock()

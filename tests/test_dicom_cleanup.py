@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dicom import spool, status
-from dicom.filestore import FileStore
+from dicom.filestore import TMP_SUFFIX, FileStore, StagedFile
 from tests.dicom_support import (
     RunningDicom,
     associate_for,
@@ -162,6 +162,32 @@ def test_quarantine_puts_back_a_file_a_store_has_just_placed(tmp_path: Path) -> 
     assert not stale.exists()
     store_.restore(aside, str(stale.relative_to(store_.root)))
     assert stale.exists()
+
+
+def test_orphan_scan_does_not_look_into_folders_unchanged_since_the_lookback(
+    tmp_path: Path,
+) -> None:
+    store_ = FileStore(tmp_path)
+    store_.open()
+    inside = orphan(store_.root, HOUR)
+    age(inside.parent, 3 * HOUR)  # as if nothing had been linked there for three hours
+    assert store_.orphans(older_than=600.0, newer_than=2 * HOUR) == []
+    assert store_.orphans(older_than=600.0) == [str(inside.relative_to(store_.root))]
+
+
+def test_orphan_scan_finds_a_file_linked_into_an_old_folder(tmp_path: Path) -> None:
+    store_ = FileStore(tmp_path)
+    store_.open()
+    neighbour = orphan(store_.root, 3 * HOUR)
+    age(neighbour.parent, 3 * HOUR)
+    staged = store_.tmp / f"x{TMP_SUFFIX}"
+    staged.write_bytes(b"\0" * 128 + b"DICM")
+    digest = bytes.fromhex(neighbour.parent.parent.name + neighbour.parent.name) + bytes(30)
+    stored = store_.commit(StagedFile(staged, digest, 132))
+    linked = store_.root / stored.relative
+    assert linked.parent == neighbour.parent
+    age(linked, HOUR)
+    assert store_.orphans(older_than=600.0, newer_than=2 * HOUR) == [stored.relative]
 
 
 def test_orphan_candidates_are_final_names_only(tmp_path: Path) -> None:
