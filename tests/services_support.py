@@ -1,4 +1,4 @@
-"""Helpers for tests that talk to real services (no mocks): bounded waiting."""
+"""Helpers for tests that talk to real services (no mocks): bounded waiting, query plans."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
 
 
 async def wait_until(
@@ -30,3 +33,16 @@ async def wait_until(
                 await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
     except TimeoutError:
         raise AssertionError(message or f"condition not met within {timeout} s") from None
+
+
+class ExplainingConnection:
+    """A real connection that records each query and its plan (EXPLAIN with the same args)."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+        self.plans: list[str] = []
+
+    async def fetch(self, query: str, *args: object) -> list[Any]:
+        plan = await self._conn.fetch("EXPLAIN " + query, *args)
+        self.plans.append("\n".join(r[0] for r in plan))
+        return list(await self._conn.fetch(query, *args))

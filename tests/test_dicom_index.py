@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 
 from dicom import status
 from dicom.config import DicomSettings
+from storage.dicom_queries import FindRequest, find
 from tests.conftest import PrivatePostgresFactory
 from tests.dicom_support import (
     PATIENT_ROOT_FIND,
@@ -29,6 +30,7 @@ from tests.dicom_support import (
     stored_files,
     temp_files,
 )
+from tests.services_support import ExplainingConnection
 
 CHARSET_FILES = [
     "chrArab.dcm",  # ISO_IR 127, Arabic
@@ -289,6 +291,20 @@ async def test_find_at_study_level_matches_dates_and_wildcards(
     [match] = found
     assert match.StudyInstanceUID == indexed[3].StudyInstanceUID
     assert list(match.ModalitiesInStudy) == ["CR"] or match.ModalitiesInStudy == "CR"
+
+
+@pytest.mark.parametrize("name", ["El Amr*", "El Amrani^Fatima", "العلوي*"])
+async def test_find_by_patient_name_reads_an_index_not_every_study(
+    scp: RunningDicom, indexed: list[Dataset], name: str
+) -> None:
+    async with scp.pool.acquire() as conn, conn.transaction():
+        # The test database is small enough for a sequential scan to look cheaper: forbid it,
+        # as an archive of millions of studies would.
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        explaining = ExplainingConnection(conn)
+        await find(explaining, FindRequest("STUDY", (("PatientName", name),), 10))
+    [plan] = explaining.plans
+    assert "dicom_study_patient_name_idx" in plan, plan
 
 
 async def test_find_at_series_level_counts_instances(

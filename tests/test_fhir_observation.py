@@ -15,6 +15,7 @@ from gateway.http import ApiSettings, FhirResponse
 from ingest.records import PatientRef
 from storage import queries
 from tests.http_support import AppFactory, VitalsFeed, at, new_cin, validate_fhir
+from tests.services_support import ExplainingConnection
 
 HR, SPO2, GLUCOSE = "8867-4", "59408-5", "2339-0"
 
@@ -346,19 +347,6 @@ async def test_cursor_reused_with_other_criteria_is_a_400(
     await _search(client, reader, other, status=400)
 
 
-class _ExplainingConnection:
-    """A real connection that records each query and its plan (EXPLAIN with the same args)."""
-
-    def __init__(self, conn: asyncpg.Connection) -> None:
-        self._conn = conn
-        self.plans: list[str] = []
-
-    async def fetch(self, query: str, *args: object) -> list[Any]:
-        plan = await self._conn.fetch("EXPLAIN " + query, *args)
-        self.plans.append("\n".join(r[0] for r in plan))
-        return list(await self._conn.fetch(query, *args))
-
-
 async def test_search_with_date_bounds_reads_only_partitions_in_range(
     api_pool: asyncpg.Pool, feed: VitalsFeed
 ) -> None:
@@ -370,7 +358,7 @@ async def test_search_with_date_bounds_reads_only_partitions_in_range(
         query = queries.VitalQuery(
             tuple(patient_ids), None, at("2026-11-24T00:00:00Z"), at("2026-11-26T00:00:00Z")
         )
-        explaining = _ExplainingConnection(conn)
+        explaining = ExplainingConnection(conn)
         rows = await queries.search_vital_observations(explaining, query, None, 10)
         assert await queries.count_vital_observations(explaining, query) == 1
     assert [r.value for r in rows] == [72]
