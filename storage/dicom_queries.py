@@ -4,6 +4,12 @@ C-FIND criteria arrive as (keyword, value) pairs; each known keyword maps to one
 expression of its level and each value is a numbered parameter: single value, wildcard (`*`, `?`),
 a list of UIDs (`\\`-separated) or a date range (`A-B`, `A-`, `-B`). Unknown keywords and
 universal (empty) values match everything. Nothing of the request is ever spliced into SQL text.
+
+Person names (PatientName, ReferringPhysicianName) match whatever their case and Latin accents,
+as the standard allows for the PN VR and as Patient search in the FHIR API does (`qantara_fold`,
+migration 0005): a modality that sends `BENANI^HELENE` is found by `Benani^Hélène*`. Arabic
+script is compared as written. PatientName, exact or with a trailing wildcard, reads an index
+(migration 0014); the other keys compare exactly, as the standard has it.
 """
 
 from __future__ import annotations
@@ -32,12 +38,14 @@ FindMatch = dict[str, Any]
 _TEXT: Final = "text"
 _DATE: Final = "date"
 _UIDS: Final = "uid"
+_NAME: Final = "name"
 
 # keyword → (SQL expression, kind); the expressions use the aliases s (study), se (series), i.
+# A `_NAME` key's expression is the stored folded name, compared with the folded value.
 _PATIENT_KEYS: Final = {
     "PatientID": ("s.dicom_patient_id", _TEXT),
     "IssuerOfPatientID": ("s.issuer_of_patient_id", _TEXT),
-    "PatientName": ("s.patient_name", _TEXT),
+    "PatientName": ("s.patient_name_folded", _NAME),
     "PatientBirthDate": ("s.patient_birth_date", _DATE),
     "PatientSex": ("s.patient_sex", _TEXT),
 }
@@ -48,7 +56,7 @@ _STUDY_KEYS: Final = {
     "AccessionNumber": ("s.accession_number", _TEXT),
     "StudyID": ("s.study_id", _TEXT),
     "StudyDescription": ("s.description", _TEXT),
-    "ReferringPhysicianName": ("s.referring_physician", _TEXT),
+    "ReferringPhysicianName": ("s.referring_physician_folded", _NAME),
 }
 _SERIES_KEYS: Final = {
     **_STUDY_KEYS,
@@ -147,6 +155,10 @@ def _conditions(request: FindRequest) -> tuple[str, list[object]]:
                     where.append(f"{column} <= {param(_parse_date(high))}")
             else:
                 where.append(f"{column} = {param(_parse_date(value))}")
+        elif kind == _NAME:
+            wildcard = "*" in value or "?" in value
+            operator, pattern = ("LIKE", _like(value)) if wildcard else ("=", value)
+            where.append(f"{column} {operator} qantara_fold({param(pattern)})")
         elif kind == _UIDS and "\\" in value:
             where.append(f"{column} = ANY({param([v.strip() for v in value.split(chr(92))])})")
         elif "*" in value or "?" in value:

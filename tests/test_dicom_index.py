@@ -293,6 +293,30 @@ async def test_find_at_study_level_matches_dates_and_wildcards(
     assert list(match.ModalitiesInStudy) == ["CR"] or match.ModalitiesInStudy == "CR"
 
 
+@pytest.mark.parametrize("name", ["Benani^Hélène*", "benani^helene", "BENANI*", "ben?ni^h*"])
+async def test_find_matches_a_person_name_whatever_its_case_and_accents(
+    scp: RunningDicom, name: str
+) -> None:
+    pid = f"CASE-{secrets.token_hex(3)}"
+    sent = ct(pid, PatientName="BENANI^HELENE")  # as a modality's worklist often has it
+    assert await asyncio.to_thread(store, scp.port, [sent]) == [status.SUCCESS]
+    identifier = query("STUDY", PatientID=pid, PatientName=name, StudyInstanceUID="")
+    identifier.SpecificCharacterSet = "ISO_IR 192"
+    found, final = await asyncio.to_thread(c_find, scp.port, identifier, STUDY_ROOT_FIND)
+    assert final == status.SUCCESS
+    [match] = found
+    assert str(match.PatientName) == "BENANI^HELENE"  # answered as stored
+
+
+async def test_find_by_person_name_does_not_match_another_name(scp: RunningDicom) -> None:
+    pid = f"CASE-{secrets.token_hex(3)}"
+    codes = await asyncio.to_thread(store, scp.port, [ct(pid, PatientName="BENANI^HELENE")])
+    assert codes == [status.SUCCESS]
+    identifier = query("STUDY", PatientID=pid, PatientName="Bennani*", StudyInstanceUID="")
+    found, final = await asyncio.to_thread(c_find, scp.port, identifier, STUDY_ROOT_FIND)
+    assert (found, final) == ([], status.SUCCESS)
+
+
 @pytest.mark.parametrize("name", ["El Amr*", "El Amrani^Fatima", "العلوي*"])
 async def test_find_by_patient_name_reads_an_index_not_every_study(
     scp: RunningDicom, indexed: list[Dataset], name: str
@@ -304,7 +328,7 @@ async def test_find_by_patient_name_reads_an_index_not_every_study(
         explaining = ExplainingConnection(conn)
         await find(explaining, FindRequest("STUDY", (("PatientName", name),), 10))
     [plan] = explaining.plans
-    assert "dicom_study_patient_name_idx" in plan, plan
+    assert "dicom_study_patient_name_folded_idx" in plan, plan
 
 
 async def test_find_at_series_level_counts_instances(
