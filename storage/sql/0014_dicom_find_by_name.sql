@@ -9,6 +9,9 @@
 -- (27-30 ms at 300,000 studies, growing with the archive); with it, 0.5 ms for an exact name
 -- (bench machine of 2026-11-28). `text_pattern_ops` compares byte by byte, so a prefix is a range
 -- whatever the database's collation; `=` uses it too. Adding the columns rewrites the table once.
+-- The folded values are computed when a row is written: a migration that ever changes what
+-- `qantara_fold` returns must rewrite them (`UPDATE dicom_study SET patient_name = patient_name,
+-- referring_physician = referring_physician`), as it must rebuild `patient_name_part`.
 ALTER TABLE dicom_study
     ADD COLUMN patient_name_folded text
         GENERATED ALWAYS AS (qantara_fold(patient_name)) STORED,
