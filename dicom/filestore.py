@@ -115,7 +115,7 @@ class FileStore:
             leaves = _shards(self.root / top)
             fsync_dir(self.root / top)
             known.add(top)
-            known.update(f"{top}/{leaf}" for leaf in leaves)
+            known.update(_leaf_key(top, leaf) for leaf in leaves)
         with _lock:
             self._folders |= known
 
@@ -182,7 +182,7 @@ class FileStore:
         if stored.folders:
             leaf = stored.folders[0]
             with _lock:
-                self._folders.add(f"{leaf.parent.name}/{leaf.name}")
+                self._folders.add(_leaf_key(leaf.parent.name, leaf.name))
                 if len(stored.folders) > 2:
                     self._folders.add(leaf.parent.name)
 
@@ -216,15 +216,12 @@ class FileStore:
         upper = now - older_than
         lower = now - newer_than if newer_than is not None else 0.0
         found: list[str] = []
-        for first in os.scandir(self.root):
-            if not (first.is_dir(follow_symlinks=False) and _SHARD.fullmatch(first.name)):
-                continue
-            for second in os.scandir(first.path):
-                if not (second.is_dir(follow_symlinks=False) and _SHARD.fullmatch(second.name)):
+        for top in _shards(self.root):
+            for leaf in _shards(self.root / top):
+                folder = self.root / top / leaf
+                if lower and _mtime(folder) < lower:
                     continue
-                if lower and _mtime(second) < lower:
-                    continue
-                for entry in os.scandir(second.path):
+                for entry in os.scandir(folder):
                     if not _NAME.fullmatch(entry.name):
                         continue
                     try:
@@ -232,7 +229,7 @@ class FileStore:
                     except FileNotFoundError:
                         continue
                     if lower <= mtime < upper:
-                        found.append(f"{first.name}/{second.name}/{entry.name}")
+                        found.append(f"{top}/{leaf}/{entry.name}")
         return found
 
     def quarantine(self, relative: str, older_than: float) -> Path | None:
@@ -268,7 +265,7 @@ class FileStore:
         (also when another store created it and may not have synced it yet)."""
         with _lock:
             known = (
-                f"{folder.parent.name}/{folder.name}" in self._folders,
+                _leaf_key(folder.parent.name, folder.name) in self._folders,
                 folder.parent.name in self._folders,
             )
         if known[0]:
@@ -286,9 +283,14 @@ def _shards(folder: Path) -> list[str]:
     ]
 
 
-def _mtime(entry: os.DirEntry[str]) -> float:
+def _leaf_key(top: str, leaf: str) -> str:
+    """How `FileStore._folders` names the leaf shard folder `root/<top>/<leaf>`."""
+    return f"{top}/{leaf}"
+
+
+def _mtime(folder: Path) -> float:
     try:
-        return entry.stat(follow_symlinks=False).st_mtime
+        return os.stat(folder, follow_symlinks=False).st_mtime
     except FileNotFoundError:
         return 0.0  # removed meanwhile: nothing to find there
 
