@@ -155,16 +155,15 @@ def _conditions(request: FindRequest) -> tuple[str, list[object]]:
                     where.append(f"{column} <= {param(_parse_date(high))}")
             else:
                 where.append(f"{column} = {param(_parse_date(value))}")
-        elif kind == _NAME:
-            wildcard = "*" in value or "?" in value
-            operator, pattern = ("LIKE", _like(value)) if wildcard else ("=", value)
-            where.append(f"{column} {operator} qantara_fold({param(pattern)})")
         elif kind == _UIDS and "\\" in value:
             where.append(f"{column} = ANY({param([v.strip() for v in value.split(chr(92))])})")
-        elif "*" in value or "?" in value:
-            where.append(f"{column} LIKE {param(_like(value))}")
         else:
-            where.append(f"{column} = {param(value)}")
+            wildcard = "*" in value or "?" in value
+            operator, operand = ("LIKE", _like(value)) if wildcard else ("=", value)
+            placeholder = param(operand)
+            if kind == _NAME:  # the column holds the folded name
+                placeholder = f"qantara_fold({placeholder})"
+            where.append(f"{column} {operator} {placeholder}")
     return (" AND ".join(where) or "true"), param.values
 
 
