@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dicom import spool, status
-from dicom.filestore import TMP_SUFFIX, FileStore, StagedFile
+from dicom.filestore import FileStore
 from tests.dicom_support import (
     RunningDicom,
     associate_for,
@@ -26,6 +26,7 @@ from tests.dicom_support import (
     temp_files,
 )
 from tests.services_support import wait_until
+from tests.test_dicom_filestore import commit
 from tests.test_dicom_store import fresh, large
 
 HOUR = 3600.0
@@ -180,10 +181,7 @@ def test_orphan_scan_finds_a_file_linked_into_an_old_folder(tmp_path: Path) -> N
     store_.open()
     neighbour = orphan(store_.root, 3 * HOUR)
     age(neighbour.parent, 3 * HOUR)
-    staged = store_.tmp / f"x{TMP_SUFFIX}"
-    staged.write_bytes(b"\0" * 128 + b"DICM")
-    digest = bytes.fromhex(neighbour.parent.parent.name + neighbour.parent.name) + bytes(30)
-    stored = store_.commit(StagedFile(staged, digest, 132))
+    stored = commit(store_, neighbour.parent.parent.name + neighbour.parent.name)
     linked = store_.root / stored.relative
     assert linked.parent == neighbour.parent
     age(linked, HOUR)
