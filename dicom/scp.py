@@ -92,6 +92,8 @@ _T = TypeVar("_T")
 DEAD_LETTER_PREFIX: Final = 64 * 1024
 CONFLICT_REASON: Final = "content-conflict"  # storage.writer_dicom.CONFLICT
 STOP_GRACE_SECONDS: Final = 5.0
+RELEASE_CLEANUP_SECONDS: Final = 5.0
+"""At most this long, the A-RELEASE-RP waits for the association's prepared spool file to go."""
 ORPHAN_BATCH: Final = 1000
 PLACEHOLDER_UID: Final = "0"
 """Stands for an Affected SOP UID a C-STORE command lacked; never indexed (refused)."""
@@ -170,6 +172,15 @@ class _Spools:
             self._next.discard()
             self._next = None
 
+    async def release(self, within: float) -> None:
+        """The peer asks for a release: remove the prepared file and wait until it is gone (at
+        most `within` seconds), so that a released association has left no spool file."""
+        prepared, self._next = self._next, None
+        removed = prepared.discard() if prepared is not None else None
+        if removed is not None:
+            # asyncio.wait, not wait_for: a timeout must not cancel the removal itself.
+            await asyncio.wait([asyncio.wrap_future(removed)], timeout=within)
+
 
 class _WriteBehind:
     """A spool file's steps on its association's file queue, in order: the create, each batch as
@@ -220,12 +231,14 @@ class _WriteBehind:
         that the file is settled (or removed) even when this task is cancelled."""
         return await asyncio.shield(asyncio.wrap_future(self._queue.submit(function, *args)))
 
-    def discard(self) -> None:
-        """Remove the spool file once the steps queued before are done."""
+    def discard(self) -> concurrent.futures.Future[None] | None:
+        """Remove the spool file once the steps queued before are done; the removal's future
+        (None when it ran at once)."""
         try:
-            self._queue.submit(self.spool.discard)
+            return self._queue.submit(self.spool.discard)
         except RuntimeError:  # the listener's threads are gone: nothing runs on the file
             self.spool.discard()
+            return None
 
 
 class DicomServer:
@@ -409,6 +422,7 @@ class DicomServer:
                     self._end(link, ended)
                     return
             elif isinstance(event, ReleaseRequested):
+                await spools.release(RELEASE_CLEANUP_SECONDS)
                 link.close(link.acceptor.release_reply())
                 return
             elif not isinstance(event, DatasetFragment | DatasetComplete):

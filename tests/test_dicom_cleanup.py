@@ -70,6 +70,24 @@ async def test_received_dataset_is_spooled_in_the_store_not_the_system_temp_fold
     assert spool.pending() == 0
 
 
+async def test_a_released_association_has_removed_the_spool_file_it_prepared(
+    scp: RunningDicom, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After each answer the association creates the next C-STORE's spool file; the release
+    # reply must wait until that file is gone, however slow the file system is.
+    remove = spool.SpoolFile.discard
+
+    def slow_remove(self: spool.SpoolFile) -> None:
+        time.sleep(0.3)
+        remove(self)
+
+    monkeypatch.setattr(spool.SpoolFile, "discard", slow_remove)
+    [code] = await asyncio.to_thread(store, scp.port, [fresh()])
+    assert code == status.SUCCESS
+    assert temp_files(scp.root) == []
+    assert spool.pending() == 0
+
+
 async def test_transfer_aborted_mid_dataset_leaves_no_temp_file(scp: RunningDicom) -> None:
     ds = fresh("CT_small.dcm")  # command, then three dataset fragments of up to 16 KiB
     # The command and only the first fragment: MR_small would fit whole in two PDUs, and its
