@@ -166,17 +166,16 @@ class _Spools:
     def _new(self) -> _WriteBehind:
         return _WriteBehind(SpoolFile(self._folder), self._queue)
 
-    def close(self) -> None:
-        """The association ends: remove the file prepared for a C-STORE that did not come."""
-        if self._next is not None:
-            self._next.discard()
-            self._next = None
+    def close(self) -> concurrent.futures.Future[None] | None:
+        """The association ends: remove the file prepared for a C-STORE that did not come; the
+        removal's future (None when nothing was prepared or it ran at once)."""
+        prepared, self._next = self._next, None
+        return prepared.discard() if prepared is not None else None
 
     async def release(self, within: float) -> None:
-        """The peer asks for a release: remove the prepared file and wait until it is gone (at
-        most `within` seconds), so that a released association has left no spool file."""
-        prepared, self._next = self._next, None
-        removed = prepared.discard() if prepared is not None else None
+        """The peer asks for a release: `close`, and wait until the file is gone (at most
+        `within` seconds), so that a released association has left no spool file."""
+        removed = self.close()
         if removed is not None:
             # asyncio.wait, not wait_for: a timeout must not cancel the removal itself.
             await asyncio.wait([asyncio.wrap_future(removed)], timeout=within)
