@@ -583,7 +583,7 @@ class DicomServer:
         self, writer: _WriteBehind, rest: list[Chunk], calling: str, command: dimse.Command
     ) -> tuple[InstanceMetadata, StoredFile]:
         """On the association's file queue, after its batches: write the last one, give the file
-        its content name, then fsync it while a worker fsyncs the folders of its name and another
+        its content name, then fsync it while workers fsync the folders of its name and another
         parses its header; the page cache then drops it. Raises `_Refused` (the file is removed
         again) or `_DiskError`."""
         spool = writer.spool
@@ -604,6 +604,12 @@ class DicomServer:
             path = self._store.root / stored.relative
             complete = bool(command.affected_sop_class) and bool(command.affected_sop_instance)
             workers = _started(self._workers)
+            # Each folder in a worker of its own, beside the file: on ext4 their fsyncs and the
+            # file's wait for the same journal commit, and their cache flushes overlap instead
+            # of following one another. Submitted before the parse: a worker needs the GIL to
+            # reach its fsync, and the parse holds it for 0.2-0.5 ms (pure Python); behind it,
+            # the folders' fsyncs started 0.25-0.45 ms after the file's instead of with it.
+            folders = [workers.submit(fsync_dir, folder) for folder in stored.folders]
             parsing = workers.submit(
                 read_metadata,
                 path,
@@ -611,10 +617,6 @@ class DicomServer:
                 command_sop_instance_uid=command.affected_sop_instance if complete else "",
                 command_sop_class_uid=command.affected_sop_class if complete else "",
             )
-            # Each folder in a worker of its own, beside the file: on ext4 their fsyncs and the
-            # file's wait for the same journal commit, and their cache flushes overlap instead
-            # of following one another.
-            folders = [workers.submit(fsync_dir, folder) for folder in stored.folders]
             return self._durable(stored, fd, folders, parsing.result), stored
         finally:
             os.close(fd)
