@@ -3,8 +3,8 @@
 Our own DICOM upper layer on the gateway's event loop: `asyncio` accepts the connections, each
 association is one task in the server's `TaskGroup`, the protocol is the sans-IO core
 (`dicom.pdu`, `dicom.dimse`, `dicom.association`; the policy in `dicom.negotiation`), the socket
-side is `dicom.link`. A C-STORE dataset is written to a file in the store's temp folder as its
-fragments come off the wire, hashed on the way, by batches on the association's file queue
+side is `dicom.link`. A C-STORE dataset is hashed as its fragments come off the wire and written
+to a file in the store's temp folder by batches on the association's file queue
 (`dicom.serial_queue`, `dicom.spool`: never held in memory, never copied, never read twice), after
 a Part 10 header (`dicom.filemeta`). Then, queued behind them and in worker threads: the file
 is linked to its content-derived name by `FileStore.commit`, its header parsed without pixel data
@@ -185,10 +185,9 @@ class _WriteBehind:
     """A spool file's steps on its association's file queue, in order: the create, each batch as
     it is handed over, then the settle. The event loop does not wait for a batch to be written
     before it receives the next one (a create or a write to the page cache can wait for the ext4
-    journal, and the SHA-256 of a batch takes longer than its transfer on loopback): the hashing
-    runs while the dataset arrives, not after it. Beyond `SPOOL_BACKLOG` bytes handed over and
-    not yet written, `write` waits. The first step that fails is kept (`failed`); the steps after
-    it do nothing, and the settle reports it."""
+    journal); it has hashed the batch already (`SpoolFile.add`). Beyond `SPOOL_BACKLOG` bytes
+    handed over and not yet written, `write` waits. The first step that fails is kept
+    (`failed`); the steps after it do nothing, and the settle reports it."""
 
     def __init__(self, spool: SpoolFile, queue: SerialQueue) -> None:
         self.spool = spool
