@@ -1,26 +1,26 @@
 """Where a C-STORE dataset goes while it arrives: a file in the store's temp folder, hashed on
 the way.
 
-`SpoolFile(folder)` names `<storage>/tmp/<random>.part` (the final step is a link, never a
-copy); `open()` creates it, in a worker like every other file step: on ext4 a create right after
-other files' and folders' fsyncs waits about a millisecond for the journal (measured here), and
-the listener receives the first fragments meanwhile. The association hands it each fragment as
-it comes off the wire (`add`), which feeds SHA-256 from it at once, in the caller's thread (the
-event loop: `hashlib` lets go of the GIL while it hashes, but the loop waits for it); the
-fragment is then kept, by reference, until `take()` hands the batch to `write`, which writes
-them with one `writev` and, once `WRITEBACK_EVERY` bytes have been written since it last did,
-has the kernel start writing them to disk (`dicom.writeback`), so that the final fsync of a
-large instance finds little left; what lies more than `DROP_BEHIND` behind the bytes written
-and is already on disk leaves the page cache (a 1 GB instance does not stay cached in full).
-The listener has a worker write a batch every 64 KiB, one at a time, and the last one in the
-worker that then fsyncs, so that no write (which on ext4 can wait for the journal) holds up the
-event loop. The hashing moved from that worker to `add` on 2026-11-28: the worker got neither
-the GIL nor a CPU while the event loop and the sender were busy with the transfer, so it hashed
-the whole instance after the last byte (0.45 ms of a 3.4 ms cycle, one association, a 2-vCPU
-VM with SHA extensions); hashed as it arrives, an instance's cycle was 0.87 times as long.
-`finish()` gives digest, size and a descriptor for the fsync; `discard()` removes an unfinished
-transfer's file (the association ended mid-dataset, or the disk failed). Temp files of a process
-that died are swept by `FileStore.open` and `FileStore.sweep_temp`.
+`SpoolFile(folder)` names `<storage>/tmp/<random>.part` (the final step is a link, never a copy);
+`open()` creates it, in a worker like every other file step: on ext4 a create right after other
+files' and folders' fsyncs waits about a millisecond for the journal (measured here), and the
+listener receives the first fragments meanwhile. The association hands it each fragment as it comes
+off the wire (`add`), which feeds SHA-256 from it at once, in the caller's thread (the event loop:
+`hashlib` lets go of the GIL while it hashes, but the loop waits for it); the fragment is then kept,
+by reference, until `take()` hands the batch to `write`, which writes them with one `writev` and,
+once `WRITEBACK_EVERY` bytes have been written since it last did, has the kernel start writing them
+to disk (`dicom.writeback`), so that the final fsync of a large instance finds little left; what
+lies more than `DROP_BEHIND` behind the bytes written and is already on disk leaves the page cache
+(a 1 GB instance does not stay cached in full). The listener has a worker write a batch every MiB
+(`dicom.scp.SPOOL_BATCH`), one at a time, and the last one in the worker that then fsyncs, so that
+no write (which on ext4 can wait for the journal) holds up the event loop. The hashing moved from
+that worker to `add` on 2026-11-28: the worker got neither the GIL nor a CPU while the event loop
+and the sender were busy with the transfer, so it hashed the whole instance after the last byte
+(0.45 ms of a 3.4 ms cycle, one association, a 2-vCPU VM with SHA extensions); hashed as it arrives,
+an instance's cycle was 0.87 times as long. `finish()` gives digest, size and a descriptor for the
+fsync; `discard()` removes an unfinished transfer's file (the association ended mid-dataset, or the
+disk failed). Temp files of a process that died are swept by `FileStore.open` and
+`FileStore.sweep_temp`.
 
 `pending()` counts the spool files open in this process (tests check none is left behind).
 """
