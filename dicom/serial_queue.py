@@ -1,9 +1,9 @@
 """Calls that must run one at a time and in order, on the threads of a shared pool.
 
 An association's file steps (create the spool file, write each batch, then settle it) must keep
-their order, yet the event loop must not wait for one to end before it hands over the next: the
-hashing of a 0.5 MB dataset (1.4 to 2.3 ms of SHA-256 on a CPU without SHA extensions) then runs
-while the rest of the dataset arrives, instead of after it. `SerialQueue.submit` appends a call
+their order, yet the event loop must not wait for one to end before it hands over the next: a
+create, or a write to the page cache, can wait for the ext4 journal while other associations
+fsync, and the loop serves every association. `SerialQueue.submit` appends a call
 and returns its future at once; one pool thread at a time drains the queue, so a queue occupies
 at most one thread of the pool, and only while it has work.
 

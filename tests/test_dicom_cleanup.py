@@ -102,9 +102,9 @@ async def test_transfer_aborted_mid_dataset_leaves_no_temp_file(scp: RunningDico
 async def test_transfer_aborted_after_batches_were_written_leaves_no_temp_file(
     scp: RunningDicom,
 ) -> None:
-    ds = large(fresh())  # 512 KiB of pixels: 33 fragments of up to 16 KiB
-    # 400 KiB arrive: a spool batch has gone to a worker for writing when the abort comes.
-    _, assoc = await asyncio.to_thread(send_raw_store, scp.port, ds, pdus=26)
+    ds = large(fresh(), rows=2048)  # 2 MiB of pixels: 129 fragments of up to 16 KiB
+    # 1.5 MiB arrive: a 1 MiB spool batch has gone to a worker for writing when the abort comes.
+    _, assoc = await asyncio.to_thread(send_raw_store, scp.port, ds, pdus=98)
     assert assoc.is_aborted
     await wait_until(lambda: spool.pending() == 0 and not temp_files(scp.root), timeout=10)
     assert await instance_row(scp.pool, str(ds.SOPInstanceUID)) is None

@@ -270,12 +270,13 @@ async def test_truncated_dataset_is_refused_and_leaves_nothing(
     assert (accepted, echoed) == (True, status.SUCCESS)
 
 
-def large(ds: Dataset, trailing: bool = False) -> Dataset:
-    """The image as 512x512 16-bit: 512 KiB of pixels, written in several spool batches (the
-    test files are a few KiB); Pixel Data is the last element unless `trailing` puts padding
-    after it."""
-    ds.Rows = ds.Columns = 512
-    ds.PixelData = bytes(range(256)) * (512 * 512 * 2 // 256)
+def large(ds: Dataset, trailing: bool = False, rows: int = 512) -> Dataset:
+    """The image as `rows` x 512 16-bit: 512 KiB of pixels by default (the test files are a few
+    KiB), written in one piece by the settle; from 1024 rows on (`SPOOL_BATCH`, 1 MiB) a batch is
+    written while the rest arrives. Pixel Data is the last element unless `trailing` puts
+    padding after it."""
+    ds.Rows, ds.Columns = rows, 512
+    ds.PixelData = bytes(range(256)) * (rows * 512 * 2 // 256)
     if not trailing and 0xFFFCFFFC in ds:
         del ds[0xFFFCFFFC]
     if trailing:
@@ -314,13 +315,18 @@ async def test_truncated_large_image_is_refused_and_leaves_nothing(
     assert temp_files(scp.root) == []
 
 
-@pytest.mark.parametrize("limit", [0, 128 * 1024], ids=["first-byte", "mid-file"])
+@pytest.mark.parametrize(
+    ("limit", "rows"),
+    [(0, 2048), (128 * 1024, 2048), (128 * 1024, 512)],
+    ids=["first-byte", "mid-transfer", "last-batch"],
+)
 async def test_disk_refusing_the_file_answers_a700_leaves_nothing_and_the_resend_is_stored(
-    scp: RunningDicom, limit: int
+    scp: RunningDicom, limit: int, rows: int
 ) -> None:
     # The kernel refuses to grow a file beyond RLIMIT_FSIZE (EFBIG, SIGXFSZ ignored) as a full
-    # disk does (ENOSPC): from the first byte, or in the middle of the file.
-    ds = large(fresh())
+    # disk does (ENOSPC): from the first byte, or in the middle of the file; in a batch written
+    # while the rest of the dataset arrives (2 MiB), or in the one the settle writes (512 KiB).
+    ds = large(fresh(), rows=rows)
     before = scp.metrics.sample("qantara_dicom_unavailable_total", {"cause": "disk"}) or 0.0
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
