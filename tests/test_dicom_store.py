@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import resource
 import secrets
 import signal
+import stat
 import tempfile
 from collections.abc import AsyncIterator
 from io import BytesIO
@@ -345,6 +348,32 @@ async def test_disk_refusing_the_file_answers_a700_leaves_nothing_and_the_resend
     assert again == status.SUCCESS
     row = await instance_row(scp.pool, str(ds.SOPInstanceUID))
     assert sha256_of(scp.root / row["file_path"]) == bytes(row["sha256"])
+
+
+async def test_a_file_whose_fsync_fails_is_answered_a700_not_indexed_and_the_resend_is_stored(
+    scp: RunningDicom, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_fsync = os.fsync
+
+    def failing(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # the folders' fsyncs go through
+            raise OSError(errno.EIO, "injected")
+        real_fsync(fd)
+
+    ds = large(fresh())
+    before = scp.metrics.sample("qantara_dicom_unavailable_total", {"cause": "disk"}) or 0.0
+    monkeypatch.setattr(os, "fsync", failing)
+    [code] = await asyncio.to_thread(store, scp.port, [ds])
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert code == status.OUT_OF_RESOURCES
+    assert await instance_row(scp.pool, str(ds.SOPInstanceUID)) is None
+    after = scp.metrics.sample("qantara_dicom_unavailable_total", {"cause": "disk"})
+    assert after == before + 1
+    [again] = await asyncio.to_thread(store, scp.port, [ds])
+    assert again == status.SUCCESS
+    row = await instance_row(scp.pool, str(ds.SOPInstanceUID))
+    assert sha256_of(scp.root / row["file_path"]) == bytes(row["sha256"])
+    assert temp_files(scp.root) == []
 
 
 def store_raw(port: int, ds: Dataset, part10: bytes) -> int | None:
