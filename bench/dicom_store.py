@@ -14,9 +14,8 @@ one after the other, each a subprocess:
   0x0000); its peak RSS (VmHWM) and CPU time are read from /proc, the CPU time also by thread
   group, in ms per instance: `main` (the event loop: network, DICOM protocol, SHA-256,
   database client), `dicom-spool` (each association's file queue: create and write the
-  batches, link the file, parse its header), `dicom-file` (the file's and folders' fsyncs). The
-  kernel samples each thread's time on its own, so the groups add up to the total only
-  roughly.
+  batches, link and fsync the file), `dicom-file` (parse, folder fsyncs). The kernel samples
+  each thread's time on its own, so the groups add up to the total only roughly.
 
 Once every round has run, the durability floor (`durability_floor.py`) is measured, once for
 each one-association round: the fsync, folder fsync and COMMIT that any receiver honouring

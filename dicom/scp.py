@@ -607,26 +607,23 @@ class DicomServer:
                 stored = self._store.commit(staged)
             except OSError as exc:
                 raise _DiskError("rename", exc) from exc
+            path = self._store.root / stored.relative
             complete = bool(command.affected_sop_class) and bool(command.affected_sop_instance)
             workers = _started(self._workers)
-            # The file's fsync (not fdatasync: the new link goes in the same journal commit) and
-            # each folder's, every one in a worker of its own and all at once: on ext4 they wait
-            # for the same journal commit, and their cache flushes overlap instead of following
-            # one another. They are handed out before the parse, which holds the GIL a worker
-            # needs to reach its fsync (behind a parse in a worker, the folders' fsyncs started
-            # 0.25-0.45 ms after the file's). The parse runs here meanwhile: in a worker, its
-            # result had to wake this thread and hand it the GIL before the settle went on
-            # (instances alternated inside one gateway: a cycle 0.88-0.92 times as long here).
-            syncs = [] if stored.synced else [workers.submit(os.fsync, fd)]
-            syncs += [workers.submit(fsync_dir, folder) for folder in stored.folders]
-            parse = functools.partial(
+            # Each folder in a worker of its own, beside the file: on ext4 their fsyncs and the
+            # file's wait for the same journal commit, and their cache flushes overlap instead
+            # of following one another. Submitted before the parse: a worker needs the GIL to
+            # reach its fsync, and the parse holds it for 0.2-0.5 ms (pure Python); behind it,
+            # the folders' fsyncs started 0.25-0.45 ms after the file's instead of with it.
+            folders = [workers.submit(fsync_dir, folder) for folder in stored.folders]
+            parsing = workers.submit(
                 read_metadata,
-                self._store.root / stored.relative,
+                path,
                 calling_ae=calling,
                 command_sop_instance_uid=command.affected_sop_instance if complete else "",
                 command_sop_class_uid=command.affected_sop_class if complete else "",
             )
-            return self._durable(stored, fd, syncs, parse), stored
+            return self._durable(stored, fd, folders, parsing.result), stored
         finally:
             os.close(fd)
 
@@ -634,28 +631,33 @@ class DicomServer:
         self,
         stored: StoredFile,
         fd: int,
-        syncs: list[concurrent.futures.Future[None]],
-        parse: Callable[[], InstanceMetadata],
+        folders: list[concurrent.futures.Future[None]],
+        parsed: Callable[[], InstanceMetadata],
     ) -> InstanceMetadata:
-        """`_settle`'s end: parse the header while the file and its folders are fsynced in
-        workers, wait for every fsync (whatever the parse gave: `fd` must stay open until they
-        are done), then let the page cache drop the file (`drop_cached`): an answered instance
-        is cold, and the next one's writes reuse those pages instead of growing the cache."""
-        failure: DicomInputError | OSError | None = None
+        """`_settle`'s end: fsync the file (its folders' fsyncs run in workers), take the parse's
+        result, then let the page cache drop the file (`drop_cached`): an answered instance is
+        cold, and the next one's writes reuse those pages instead of growing the cache."""
+        unsynced: OSError | None = None
         try:
-            meta = parse()
-        except (DicomInputError, OSError) as exc:
-            failure = exc
-        finally:
-            unsynced = _first_failure(syncs)
+            if not stored.synced:
+                os.fsync(fd)  # not fdatasync: the new link goes in the same journal commit
+        except OSError as exc:
+            unsynced = exc
+        for folder in folders:
+            try:
+                folder.result()
+            except OSError as exc:
+                unsynced = unsynced or exc
         if unsynced is None:
             self._store.mark_durable(stored)
-        if isinstance(failure, DicomInputError):
+        try:
+            meta = parsed()
+        except DicomInputError as exc:
             prefix = _prefix(self._store.root / stored.relative)
             self._store.remove(stored)  # refused bytes are refused again: no good copy there
-            raise _Refused(failure, stored.sha256, prefix) from failure
-        if failure is not None:
-            raise _DiskError("reading", failure, stored.relative) from failure
+            raise _Refused(exc, stored.sha256, prefix) from exc
+        except OSError as exc:
+            raise _DiskError("reading", exc, stored.relative) from exc
         if unsynced is not None:
             raise _DiskError("fsync", unsynced, stored.relative)
         drop_cached(fd)
@@ -893,17 +895,6 @@ def _started(
     if pool is None:
         raise RuntimeError("DICOM listener not started")
     return pool
-
-
-def _first_failure(steps: list[concurrent.futures.Future[None]]) -> OSError | None:
-    """Wait for every one of `steps`; the first one's error, if any failed."""
-    failure: OSError | None = None
-    for step in steps:
-        try:
-            step.result()
-        except OSError as exc:
-            failure = failure or exc
-    return failure
 
 
 def _prefix(path: Path) -> bytes:
