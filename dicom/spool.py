@@ -49,8 +49,8 @@ WRITEBACK_EVERY: Final = 1 << 20
 pages' I/O in the calling thread, while the dataset still arrives and the event loop and the
 sender want the same two CPUs: started every 64 KiB batch, it cost 0.2-0.4 ms of the file
 thread per 0.5 MB instance and the bench stored 6 % (one association) and 10 % (four) fewer
-instances a second than with one start per MiB, where a 0.5 MB instance has none while it
-arrives (2026-11-28); `finish` starts the rest, once the transfer is over."""
+instances a second than with one start per MiB, where a 0.5 MB instance has none and its fsync
+writes it whole, once the transfer is over (2026-11-28)."""
 Chunk = bytes | bytearray | memoryview
 
 _lock = threading.Lock()
@@ -124,15 +124,9 @@ class SpoolFile:
     def finish(self) -> tuple[bytes, int, int]:
         """The SHA-256 and size of what was added, and a duplicate of the descriptor for the
         fsync (the caller closes it); the spool file itself is closed. Everything added must
-        have been written. The writeback of what was written since it last started begins here
-        (a 0.5 MB instance: all of it), while the caller names the file and hands out its
-        folders' fsyncs: the file's fsync then finds its data on the way to the disk. Instances
-        alternated inside one gateway had a cycle 0.895-0.909 times as long with it (three runs,
-        a 2-vCPU VM, 2026-11-28)."""
+        have been written."""
         if self._fd is None:
             raise ValueError("spool file not open")
-        start_writeback(self._fd, self._started, self._written - self._started)
-        self._started = self._written
         fd = os.dup(self._fd)
         self._close()
         return self._digest.digest(), self._size, fd

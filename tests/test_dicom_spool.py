@@ -55,48 +55,25 @@ def test_writeback_of_written_pages_is_started_on_linux(tmp_path: Path) -> None:
         assert writeback.start_writeback(f.fileno(), 0, 256 << 10)
 
 
-@pytest.fixture
-def started(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
-    """Where and how much each `start_writeback` of the spool files was asked (not done)."""
-    calls: list[tuple[int, int]] = []
+def test_writeback_starts_once_per_mebibyte_written_not_per_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[tuple[int, int]] = []
 
     def record(fd: int, offset: int, length: int) -> bool:
-        calls.append((offset, length))
+        started.append((offset, length))
         return True
 
     monkeypatch.setattr(spool, "start_writeback", record)
-    return calls
-
-
-def test_writeback_starts_once_per_mebibyte_written_not_per_batch(
-    tmp_path: Path, started: list[tuple[int, int]]
-) -> None:
     small, large = SpoolFile(tmp_path), SpoolFile(tmp_path)
     for file, batches in ((small, 8), (large, 40)):  # 0.5 MiB, 2.5 MiB in 64 KiB batches
         file.open()
         for _ in range(batches):
             file.add(bytes(64 << 10))
             file.write(file.take())
-        file.discard()
+        os.close(file.finish()[2])
     every = spool.WRITEBACK_EVERY
     assert started == [(0, every), (every, every)]  # none for the small file, nor the tail
-
-
-def test_finishing_starts_the_writeback_of_what_was_not_started_yet(
-    tmp_path: Path, started: list[tuple[int, int]]
-) -> None:
-    tails = []
-    for batches in (8, 40):  # 0.5 MiB, 2.5 MiB in 64 KiB batches
-        file = SpoolFile(tmp_path)
-        file.open()
-        for _ in range(batches):
-            file.add(bytes(64 << 10))
-            file.write(file.take())
-        started.clear()
-        os.close(file.finish()[2])
-        tails.append(started[:])
-    every = spool.WRITEBACK_EVERY
-    assert tails == [[(0, 8 << 16)], [(2 * every, (40 << 16) - 2 * every)]]
 
 
 def _resident(path: Path) -> list[bool]:
