@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import resource
@@ -10,7 +11,7 @@ import secrets
 import signal
 import stat
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -318,27 +319,14 @@ async def test_truncated_large_image_is_refused_and_leaves_nothing(
     assert temp_files(scp.root) == []
 
 
-@pytest.mark.parametrize(
-    ("limit", "rows"),
-    [(0, 2048), (128 * 1024, 2048), (128 * 1024, 512)],
-    ids=["first-byte", "mid-transfer", "last-batch"],
-)
-async def test_disk_refusing_the_file_answers_a700_leaves_nothing_and_the_resend_is_stored(
-    scp: RunningDicom, limit: int, rows: int
+async def answered_a700_then_stored(
+    scp: RunningDicom, ds: Dataset, fault: contextlib.AbstractContextManager[object]
 ) -> None:
-    # The kernel refuses to grow a file beyond RLIMIT_FSIZE (EFBIG, SIGXFSZ ignored) as a full
-    # disk does (ENOSPC): from the first byte, or in the middle of the file; in a batch written
-    # while the rest of the dataset arrives (2 MiB), or in the one the settle writes (512 KiB).
-    ds = large(fresh(), rows=rows)
+    """Store `ds` while `fault` fails the disk: 0xA700, no row, one more disk 0xA700 counted, no
+    temp file left; then the resend, with the disk back, is stored whole."""
     before = scp.metrics.sample("qantara_dicom_unavailable_total", {"cause": "disk"}) or 0.0
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    try:
+    with fault:
         [code] = await asyncio.to_thread(store, scp.port, [ds])
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, previous)
     assert code == status.OUT_OF_RESOURCES
     assert await instance_row(scp.pool, str(ds.SOPInstanceUID)) is None
     after = scp.metrics.sample("qantara_dicom_unavailable_total", {"cause": "disk"})
@@ -348,6 +336,33 @@ async def test_disk_refusing_the_file_answers_a700_leaves_nothing_and_the_resend
     assert again == status.SUCCESS
     row = await instance_row(scp.pool, str(ds.SOPInstanceUID))
     assert sha256_of(scp.root / row["file_path"]) == bytes(row["sha256"])
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """The kernel refuses to grow a file beyond RLIMIT_FSIZE (EFBIG, SIGXFSZ ignored) as a full
+    disk does (ENOSPC)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+@pytest.mark.parametrize(
+    ("limit", "rows"),
+    [(0, 2048), (128 * 1024, 2048), (128 * 1024, 512)],
+    ids=["first-byte", "mid-transfer", "last-batch"],
+)
+async def test_disk_refusing_the_file_answers_a700_leaves_nothing_and_the_resend_is_stored(
+    scp: RunningDicom, limit: int, rows: int
+) -> None:
+    # From the first byte, or in the middle of the file; in a batch written while the rest of
+    # the dataset arrives (2 MiB), or in the one the settle writes (512 KiB).
+    await answered_a700_then_stored(scp, large(fresh(), rows=rows), file_size_limit(limit))
 
 
 async def test_a_file_whose_fsync_fails_is_answered_a700_not_indexed_and_the_resend_is_stored(
@@ -360,19 +375,13 @@ async def test_a_file_whose_fsync_fails_is_answered_a700_not_indexed_and_the_res
             raise OSError(errno.EIO, "injected")
         real_fsync(fd)
 
-    ds = large(fresh())
-    before = scp.metrics.sample("qantara_dicom_unavailable_total", {"cause": "disk"}) or 0.0
-    monkeypatch.setattr(os, "fsync", failing)
-    [code] = await asyncio.to_thread(store, scp.port, [ds])
-    monkeypatch.setattr(os, "fsync", real_fsync)
-    assert code == status.OUT_OF_RESOURCES
-    assert await instance_row(scp.pool, str(ds.SOPInstanceUID)) is None
-    after = scp.metrics.sample("qantara_dicom_unavailable_total", {"cause": "disk"})
-    assert after == before + 1
-    [again] = await asyncio.to_thread(store, scp.port, [ds])
-    assert again == status.SUCCESS
-    row = await instance_row(scp.pool, str(ds.SOPInstanceUID))
-    assert sha256_of(scp.root / row["file_path"]) == bytes(row["sha256"])
+    @contextlib.contextmanager
+    def fsync_failing() -> Iterator[None]:
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "fsync", failing)
+            yield
+
+    await answered_a700_then_stored(scp, large(fresh()), fsync_failing())
     assert temp_files(scp.root) == []
 
 
