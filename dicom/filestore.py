@@ -204,7 +204,19 @@ class FileStore:
 
     def orphans(self, older_than: float, newer_than: float | None = None) -> list[str]:
         """Relative names of final files last modified more than `older_than` seconds ago (and
-        less than `newer_than` seconds ago when given): candidates for an index lookup.
+        less than `newer_than` seconds ago when given): candidates for an index lookup. The
+        whole store at once: `orphans_in` each of `tops()` is the same in steps."""
+        found: list[str] = []
+        for top in self.tops():
+            found += self.orphans_in(top, older_than, newer_than)
+        return found
+
+    def tops(self) -> list[str]:
+        """The top-level shard folders (`aa`), the steps of a scan for orphans."""
+        return _shards(self.root)
+
+    def orphans_in(self, top: str, older_than: float, newer_than: float | None = None) -> list[str]:
+        """`orphans` under the top-level shard folder `top` only.
 
         With `newer_than`, a shard folder last modified before that window is skipped without a
         look at its files. A final name is only ever made by a link or a rename into its folder,
@@ -216,20 +228,19 @@ class FileStore:
         upper = now - older_than
         lower = now - newer_than if newer_than is not None else 0.0
         found: list[str] = []
-        for top in _shards(self.root):
-            for leaf in _shards(self.root / top):
-                folder = self.root / top / leaf
-                if lower and _mtime(folder) < lower:
+        for leaf in _shards(self.root / top):
+            folder = self.root / top / leaf
+            if lower and _mtime(folder) < lower:
+                continue
+            for entry in os.scandir(folder):
+                if not _NAME.fullmatch(entry.name):
                     continue
-                for entry in os.scandir(folder):
-                    if not _NAME.fullmatch(entry.name):
-                        continue
-                    try:
-                        mtime = entry.stat(follow_symlinks=False).st_mtime
-                    except FileNotFoundError:
-                        continue
-                    if lower <= mtime < upper:
-                        found.append(f"{top}/{leaf}/{entry.name}")
+                try:
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:
+                    continue
+                if lower <= mtime < upper:
+                    found.append(f"{top}/{leaf}/{entry.name}")
         return found
 
     def quarantine(self, relative: str, older_than: float) -> Path | None:

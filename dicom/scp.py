@@ -96,6 +96,9 @@ STOP_GRACE_SECONDS: Final = 5.0
 RELEASE_CLEANUP_SECONDS: Final = 5.0
 """At most this long, the A-RELEASE-RP waits for the association's prepared spool file to go."""
 ORPHAN_BATCH: Final = 1000
+ORPHAN_SCAN_SHARE: Final = 0.25
+"""The start-up scan for orphans works at most this share of its time, a top-level shard folder
+at a time (`DicomServer._scan`)."""
 PLACEHOLDER_UID: Final = "0"
 """Stands for an Affected SOP UID a C-STORE command lacked; never indexed (refused)."""
 SPOOL_BATCH: Final = 1 << 20
@@ -827,9 +830,7 @@ class DicomServer:
             return 0
         s = self._settings
         if candidates is None:
-            candidates = await asyncio.to_thread(
-                self._store.orphans, s.orphan_age, s.orphan_lookback
-            )
+            candidates = await self._scan()
         removed = 0
         for start in range(0, len(candidates), ORPHAN_BATCH):
             chunk = candidates[start : start + ORPHAN_BATCH]
@@ -849,6 +850,25 @@ class DicomServer:
             logger.warning("removed %d DICOM file(s) that no index row names", removed)
             self._metrics.dicom_orphans_removed.inc(removed)
         return removed
+
+    async def _scan(self) -> list[str]:
+        """The store's files of the last `orphan_lookback` seconds older than `orphan_age`, one
+        top-level shard folder at a time in a thread, paced to `ORPHAN_SCAN_SHARE`.
+
+        The scan holds the GIL between its system calls, beside the event loop: run at once, it
+        halved the stores a second of a gateway restarted on a store with all its shard folders
+        (0.75 s of CPU for 65,536 of them, empty; a `stat` more per recent file). In steps, a
+        stop cancels it between two folders instead of waiting for a thread to finish."""
+        s = self._settings
+        found: list[str] = []
+        for top in await asyncio.to_thread(self._store.tops):
+            began = time.monotonic()
+            found += await asyncio.to_thread(
+                self._store.orphans_in, top, s.orphan_age, s.orphan_lookback
+            )
+            worked = time.monotonic() - began
+            await asyncio.sleep(worked * (1.0 - ORPHAN_SCAN_SHARE) / ORPHAN_SCAN_SHARE)
+        return found
 
     async def _sweep_forever(self) -> None:
         """At start, scan the store for orphans; then, every `sweep_interval`, check the files

@@ -4,6 +4,7 @@ names, and C-STORE commands a well-behaved SCU would not send."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import secrets
 import tempfile
@@ -166,6 +167,51 @@ async def test_orphans_left_by_a_crash_are_removed_at_start(
     async with running_dicom(module_dsn, root):
         await wait_until(lambda: not left.exists(), timeout=10)
     assert not leftover_temp.exists()
+
+
+async def test_start_up_scan_rests_three_times_as_long_as_it_works(
+    module_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "store"
+    for top in ("00", "01", "02", "03"):
+        (root / top).mkdir(parents=True)
+    scan = FileStore.orphans_in
+    calls: list[tuple[float, float]] = []
+
+    def slow_scan(store_: FileStore, *args: object) -> list[str]:
+        began = time.monotonic()
+        time.sleep(0.05)  # a top folder of a large store
+        found = scan(store_, *args)  # type: ignore[arg-type]
+        calls.append((began, time.monotonic()))
+        return found
+
+    monkeypatch.setattr(FileStore, "orphans_in", slow_scan)
+    async with running_dicom(module_dsn, root):
+        await wait_until(lambda: len(calls) == 4, timeout=10)
+    for (began, ended), (next_began, _) in itertools.pairwise(calls):
+        assert next_began - ended >= 0.9 * 3 * (ended - began)
+
+
+async def test_stopping_does_not_wait_for_the_start_up_scan_to_end(
+    module_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "store"
+    for top in range(256):
+        (root / f"{top:02x}").mkdir(parents=True)
+    scan = FileStore.orphans_in
+    scanned: list[str] = []
+
+    def slow_scan(store_: FileStore, top: str, *args: object) -> list[str]:
+        time.sleep(0.05)  # 256 of them: 13 s of work
+        scanned.append(top)
+        return scan(store_, top, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(FileStore, "orphans_in", slow_scan)
+    async with running_dicom(module_dsn, root):
+        await wait_until(lambda: len(scanned) >= 2, timeout=10)
+    at_stop = len(scanned)
+    await asyncio.sleep(0.5)  # a scan going on in a thread would have done 10 folders more
+    assert len(scanned) <= at_stop + 1  # the folder being scanned at the stop, at most
 
 
 def test_quarantine_puts_back_a_file_a_store_has_just_placed(tmp_path: Path) -> None:
