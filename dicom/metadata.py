@@ -366,7 +366,7 @@ def _extract(
     pid = _text(values, "PatientID")
     issuer = _text(values, "IssuerOfPatientID")
     name_value = get("PatientName")
-    name_text = str(name_value) if name_value is not None else ""
+    name_text = _without_nul(str(name_value)) if name_value is not None else ""
     study_date = _date(get("StudyDate"))
     study_time = _time(get("StudyTime"))
     return InstanceMetadata(
@@ -413,8 +413,8 @@ def _charset(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
-        return value
-    return "\\".join(str(v) for v in value)
+        return _without_nul(value)
+    return _without_nul("\\".join(str(v) for v in value))
 
 
 def _text(values: Values, keyword: str) -> str:
@@ -423,7 +423,14 @@ def _text(values: Values, keyword: str) -> str:
         return ""
     if not isinstance(value, str) and hasattr(value, "__iter__"):
         value = "\\".join(str(v) for v in value)
-    return str(value).strip()[:_TEXT_MAX]
+    return _without_nul(str(value)).strip()[:_TEXT_MAX]
+
+
+def _without_nul(text: str) -> str:
+    """A text value without its NUL characters. DICOM allows NUL only as the padding of a UID
+    or binary value, yet some devices pad or cut text with it; PostgreSQL stores no NUL in text
+    or jsonb, so a value keeping one made the whole index row refused (0xC003)."""
+    return text.replace("\x00", "")
 
 
 def _identifiers(values: Values, pid: str, issuer: str, calling_ae: str) -> tuple[PatientRef, ...]:
@@ -451,7 +458,7 @@ def _names(value: Any) -> tuple[PatientName, ...]:
     for group in value.components:
         parts = group.split("^")
         parts += [""] * (5 - len(parts))
-        family, given, middle, prefix, suffix = (p.strip() for p in parts[:5])
+        family, given, middle, prefix, suffix = (_without_nul(p).strip() for p in parts[:5])
         if not any((family, given, middle, prefix, suffix)):
             continue
         names.append(

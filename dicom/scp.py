@@ -496,6 +496,7 @@ class DicomServer:
     ) -> Ended | None:
         started = time.perf_counter()
         received_at = datetime.now(UTC)
+        self._metrics.received.labels(Protocol.DICOM.value).inc()
         command = event.command
         if not command.has_dataset:
             answer = _Answer(status.CANNOT_UNDERSTAND, "C-STORE without a dataset")
@@ -677,6 +678,9 @@ class DicomServer:
             await self._work(self._store.remove, stored)
             logger.warning("DICOM conflict: a stored SOP Instance UID came with other content")
             return _Answer(status.ELEMENTS_DISCARDED, CONFLICT_COMMENT)
+        # Refused by the database (dead-lettered): no row names the file, and the sender was not
+        # told 0x0000. The sweep removes it once no store of the same bytes has named it.
+        self._suspects.add(stored.relative)
         return _Answer(status.for_reason(outcome.reason), outcome.reason)
 
     async def _refuse(

@@ -44,9 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="run the gateway (QANTARA_DATABASE_URL required)",
-        description="Run the gateway: MQTT adapter, pipeline and HTTP API in one process. "
-        "Ingest uses QANTARA_DATABASE_URL, the HTTP API QANTARA_API_DATABASE_URL (default: the "
-        "same). Pending migrations are applied at start under an advisory lock, as the user of "
+        description="Run the gateway in one process: the MQTT adapter (QANTARA_MQTT_URL), the "
+        "HL7 MLLP listener (QANTARA_MLLP_PORT), the DICOM listener (QANTARA_DICOM_PORT, AE title "
+        "QANTARA_DICOM_AE_TITLE, files under QANTARA_DICOM_STORAGE, calling AE titles limited by "
+        "QANTARA_DICOM_ALLOWED_AES), the pipeline and the HTTP API (QANTARA_HTTP_PORT); every "
+        "setting is listed in the README. Ingest uses QANTARA_DATABASE_URL, the HTTP API "
+        "QANTARA_API_DATABASE_URL (default: the same). Pending migrations are applied at start "
+        "under an advisory lock, as the user of "
         "QANTARA_MIGRATE_DATABASE_URL (default: QANTARA_DATABASE_URL); when that user may not "
         "apply them (a runtime role of least privilege), or with --no-migrate, serve refuses "
         "to start on a schema with pending migrations (exit status 4).",

@@ -198,6 +198,63 @@ async def test_stored_bytes_and_latency_are_counted(scp: RunningDicom) -> None:
     assert scp.metrics.sample("qantara_dicom_store_seconds_count") == count_before + 1
 
 
+async def test_each_c_store_request_is_counted_as_received(scp: RunningDicom) -> None:
+    name, labels = "qantara_messages_received_total", {"protocol": "dicom"}
+    before = scp.metrics.sample(name, labels) or 0.0
+    await asyncio.to_thread(store, scp.port, [fresh(), fresh()])
+    assert scp.metrics.sample(name, labels) == before + 2
+
+
+async def test_nul_characters_in_text_values_are_left_out_and_the_instance_stored(
+    scp: RunningDicom,
+) -> None:
+    ds = fresh()
+    ds.StudyDescription = "CHEST\x00 PA"  # PostgreSQL keeps no NUL in text or jsonb
+    ds.PatientName = "Benali\x00^Fatima"
+    [code] = await asyncio.to_thread(store, scp.port, [ds])
+    assert code == status.SUCCESS
+    study = await scp.pool.fetchrow(
+        "SELECT description, patient_name FROM dicom_study WHERE study_uid = $1",
+        str(ds.StudyInstanceUID),
+    )
+    assert study is not None
+    assert (study["description"], study["patient_name"]) == ("CHEST PA", "Benali^Fatima")
+
+
+async def test_a_file_whose_row_the_database_refuses_is_swept_away(
+    module_dsn: str, tmp_path: Path
+) -> None:
+    settings = DicomSettings(orphan_age=0.5, sweep_interval=0.5)
+    async with running_dicom(module_dsn, tmp_path / "store", settings) as quick:
+        await quick.pool.execute(REFUSING_TRIGGER)
+        try:
+            ds = fresh()
+            ds.StudyDescription = "REFUSE ME"
+            [code] = await asyncio.to_thread(store, quick.port, [ds])
+        finally:
+            await quick.pool.execute("DROP TRIGGER test_refuse ON dicom_study")
+        assert code == status.REFUSED
+        letters = await quick.pool.fetchval(
+            "SELECT count(*) FROM dead_letter WHERE protocol = 'dicom'"
+            " AND reason = 'storage-refused' AND received_at > now() - interval '1 minute'"
+        )
+        assert letters >= 1
+        await wait_until(lambda: not list(quick.root.rglob("*.dcm")), timeout=10)
+        assert await instance_row(quick.pool, str(ds.SOPInstanceUID)) is None
+
+
+REFUSING_TRIGGER = """
+CREATE OR REPLACE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.description = 'REFUSE ME' THEN
+        RAISE EXCEPTION 'refused by the test';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER test_refuse BEFORE INSERT ON dicom_study FOR EACH ROW EXECUTE FUNCTION test_refuse();
+"""
+
+
 HOSTILE_UIDS = [
     "../../../../etc/passwd",
     "1.2.840/../../x",
