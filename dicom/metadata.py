@@ -47,12 +47,8 @@ from dicom.header import (
     walk_items,
 )
 from ingest.errors import InputError
-from ingest.records import PatientName, PatientRef
+from ingest.records import NATIONAL_ID_AUTHORITIES, NATIONAL_ID_SYSTEM, PatientName, PatientRef
 
-NATIONAL_ID_SYSTEM: Final = "CIN"
-"""Identifier system of the national id, as MQTT payloads and HL7 name it."""
-NATIONAL_ID_ISSUERS: Final = frozenset({"CIN", "MA-CIN", "CNIE"})
-"""Issuer of Patient ID values (upper-cased) that mean the Moroccan national id card number."""
 LOCAL_ID_PREFIX: Final = "dicom-ae/"
 """A PatientID without an issuer belongs to the sender: its system is `dicom-ae/<calling AE>`."""
 
@@ -446,7 +442,7 @@ def _identifiers(values: Values, pid: str, issuer: str, calling_ae: str) -> tupl
 
 
 def _system(issuer: str, calling_ae: str) -> str:
-    if issuer.upper() in NATIONAL_ID_ISSUERS:
+    if issuer.upper() in NATIONAL_ID_AUTHORITIES:
         return NATIONAL_ID_SYSTEM
     return issuer or LOCAL_ID_PREFIX + calling_ae
 

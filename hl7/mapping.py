@@ -27,6 +27,8 @@ from hl7.ack import AckError, ErrorCode, ErrorLocation
 from hl7.er7 import Encoding, Hl7Message, Repetition, Segment
 from ingest.errors import InputError
 from ingest.records import (
+    NATIONAL_ID_AUTHORITIES,
+    NATIONAL_ID_SYSTEM,
     CodedValue,
     LabObservation,
     LabReport,
@@ -38,7 +40,6 @@ from ingest.records import (
     Record,
 )
 
-NATIONAL_ID_SYSTEM = "CIN"
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
 DEMOGRAPHIC_EVENTS = frozenset({"A01", "A04", "A08", "A28", "A31"})
@@ -386,7 +387,7 @@ def identifiers(
             continue
         authority = rep.component(4, 1).strip() or rep.component(4, 2).strip()
         kind = rep.component(5).strip().upper()
-        if authority.upper() == NATIONAL_ID_SYSTEM or kind == "NI":
+        if authority.upper() in NATIONAL_ID_AUTHORITIES or kind == "NI":
             system = NATIONAL_ID_SYSTEM
         else:
             system = authority or facility.strip() or "HL7"

@@ -10,12 +10,21 @@ import asyncio
 import enum
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
+from typing import Final
 
 
 class Protocol(enum.StrEnum):
     MQTT = "mqtt"
     HL7 = "hl7"
     DICOM = "dicom"
+
+
+NATIONAL_ID_SYSTEM: Final = "CIN"
+"""The identifier system of the Moroccan national id card number (CNIE), whatever the protocol:
+a patient's records from MQTT, HL7 and DICOM meet on it."""
+NATIONAL_ID_AUTHORITIES: Final = frozenset({"CIN", "MA-CIN", "CNIE"})
+"""Assigning authorities (HL7 CX-4) and Issuer of Patient ID values (DICOM), upper-cased, that
+mean the national id: they are all stored under `NATIONAL_ID_SYSTEM`."""
 
 
 @dataclass(frozen=True, slots=True)

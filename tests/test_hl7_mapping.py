@@ -121,6 +121,12 @@ def test_national_id_by_type_ni_maps_to_the_cin_system() -> None:
     assert patient.identifiers == (PatientRef("CIN", "AB1"),)
 
 
+@pytest.mark.parametrize("authority", ["CIN", "MA-CIN", "cnie"])
+def test_national_id_by_its_authority_maps_to_the_cin_system_as_in_dicom(authority: str) -> None:
+    [patient] = only(records(oru("C1", f"AB1^^^{authority}")), PatientDemographics)
+    assert patient.identifiers == (PatientRef("CIN", "AB1"),)
+
+
 def test_every_pid3_identifier_is_kept_national_id_first() -> None:
     text = oru("C1", "MRN77^^^CHU-RABAT^MR~CNSS-9^^^CNSS^SS~AB1^^^CIN")
     [patient] = only(records(text), PatientDemographics)
