@@ -33,6 +33,9 @@ from dicom.pdu import (
 
 IMPLEMENTATION_CLASS_UID: Final = "2.25.49029946949131750760937250553924891668"
 IMPLEMENTATION_VERSION: Final = "QANTARA_1"
+"""Both go into the File Meta Information of every stored file (`dicom.filemeta`): changing one
+changes the content name and SHA-256 of the instances received after it, and a resend of an
+instance stored before would be answered as a conflict (0xB006). See docs/dicom.md, Known limits."""
 
 
 @dataclass(frozen=True, slots=True)
