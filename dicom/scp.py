@@ -794,6 +794,9 @@ class DicomServer:
         if level not in LEVELS:
             await reply(status.FIND_IDENTIFIER_INVALID, comment="unknown query/retrieve level")
             return None
+        if level not in sop_classes.FIND_LEVELS[event.abstract_syntax]:
+            await reply(status.FIND_IDENTIFIER_INVALID, comment="level not in this query model")
+            return None
         keywords = [k for k, _ in criteria]
         request = FindRequest(level, criteria, self._settings.max_find_results)
         try:

@@ -14,7 +14,13 @@ from typing import Final
 VERIFICATION: Final = "1.2.840.10008.1.1"
 PATIENT_ROOT_FIND: Final = "1.2.840.10008.5.1.4.1.2.1.1"
 STUDY_ROOT_FIND: Final = "1.2.840.10008.5.1.4.1.2.2.1"
-FIND_MODELS: Final = frozenset({PATIENT_ROOT_FIND, STUDY_ROOT_FIND})
+FIND_LEVELS: Final = {
+    PATIENT_ROOT_FIND: frozenset({"PATIENT", "STUDY", "SERIES", "IMAGE"}),
+    STUDY_ROOT_FIND: frozenset({"STUDY", "SERIES", "IMAGE"}),
+}
+"""The Query/Retrieve Levels of each C-FIND information model (PS3.4 C.6.1, C.6.2: the Study Root
+model has no patient level)."""
+FIND_MODELS: Final = frozenset(FIND_LEVELS)
 
 IMPLICIT_VR_LITTLE_ENDIAN: Final = "1.2.840.10008.1.2"
 EXPLICIT_VR_LITTLE_ENDIAN: Final = "1.2.840.10008.1.2.1"

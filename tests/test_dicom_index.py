@@ -402,3 +402,13 @@ async def test_database_down_answers_a700_and_a_resend_after_recovery_stores_onc
             await conn.close()
         assert rows == 1
         assert len(stored_files(scp.root)) == 1
+
+
+async def test_find_at_patient_level_in_the_study_root_model_is_refused(
+    scp: RunningDicom, indexed: list[Dataset]
+) -> None:
+    found, final = await asyncio.to_thread(
+        c_find, scp.port, query("PATIENT", PatientID=str(indexed[0].PatientID)), STUDY_ROOT_FIND
+    )
+    assert found == []
+    assert final == status.FIND_IDENTIFIER_INVALID  # PS3.4 C.6.2: Study Root has no patient level
