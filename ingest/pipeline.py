@@ -129,7 +129,7 @@ class GroupCommitPipeline:
                 outcomes = await self._store.write(batch)
             except StorageUnavailable:
                 outcomes = None
-            except Exception:  # noqa: BLE001 - refused content, or a failure in disguise
+            except Exception as exc:  # noqa: BLE001 - refused content, or a failure in disguise
                 if not await self._database_answers():
                     outcomes = None  # the database went away mid-batch: not the data's fault
                 else:
@@ -139,7 +139,7 @@ class GroupCommitPipeline:
                         await self._commit(batch[:middle])
                         await self._commit(batch[middle:])
                         return
-                    outcomes = await self._dead_letter(batch[0])
+                    outcomes = await self._dead_letter(batch[0], exc)
             if outcomes is None:
                 self._metrics.db_errors.labels("unavailable").inc()
                 self._set_available(False)
@@ -160,13 +160,18 @@ class GroupCommitPipeline:
             return False
         return True
 
-    async def _dead_letter(self, env: Envelope) -> list[Outcome] | None:
-        """Keep a refused envelope as a dead letter; None when the database went away."""
+    async def _dead_letter(self, env: Envelope, cause: Exception) -> list[Outcome] | None:
+        """Keep a refused envelope as a dead letter; None when the database went away.
+
+        The log names the error by its class and SQLSTATE only: PostgreSQL's message and detail
+        quote the values at fault (`Key (system, value)=(CIN, AB123456) already exists`, a birth
+        date that is not one), and patient data never goes into the log."""
         logger.error(
-            "database refused %s envelope from %s; dead-lettering it",
+            "database refused %s envelope from %s (%s, SQLSTATE %s); dead-lettering it",
             env.protocol.value,
             env.source or "?",
-            exc_info=True,
+            type(cause).__name__,
+            getattr(cause, "sqlstate", None) or "-",
         )
         letter = DeadLetter(
             protocol=env.protocol,
@@ -188,8 +193,13 @@ class GroupCommitPipeline:
             return await self._store.write([replacement])
         except StorageUnavailable:
             return None
-        except Exception:  # not even the dead letter: acknowledge nothing
-            logger.exception("dead letter for a refused %s envelope failed", env.protocol.value)
+        except Exception as exc:  # noqa: BLE001 - not even the dead letter: acknowledge nothing
+            logger.error(
+                "dead letter for a refused %s envelope failed (%s, SQLSTATE %s)",
+                env.protocol.value,
+                type(exc).__name__,
+                getattr(exc, "sqlstate", None) or "-",
+            )
             self._metrics.pending.labels(env.protocol.value).dec()
             if not env.ack.done():
                 env.ack.set_exception(StorageUnavailable("refused and not dead-lettered"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
+import secrets
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -213,6 +215,38 @@ async def test_refused_envelope_is_dead_lettered_and_the_rest_of_its_batch_store
         )
         == 1
     )
+
+
+async def test_a_refusal_is_logged_without_the_values_the_database_quoted(
+    pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    cin = f"LEAK{secrets.token_hex(4).upper()}"
+    await pool.execute(QUOTING_TRIGGER)
+    try:
+        pipeline = GroupCommitPipeline(BatchWriter(pool), PipelineSettings(), Metrics())
+        env = mqtt(unit_name(), 1, cin=cin)
+        with caplog.at_level(logging.INFO):
+            await pipeline.submit(env)
+            await pipeline.close()
+            await asyncio.wait_for(pipeline.run(), 30)
+    finally:
+        await pool.execute("DROP TRIGGER test_quote ON patient_identifier")
+    assert env.ack.result().reason == "storage-refused"
+    assert "(RaiseError, SQLSTATE P0001)" in caplog.text
+    assert cin not in caplog.text
+
+
+QUOTING_TRIGGER = """
+CREATE OR REPLACE FUNCTION test_quote() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.value LIKE 'LEAK%' THEN
+        RAISE EXCEPTION 'refused %', NEW.value USING DETAIL = 'Key (value)=(' || NEW.value || ')';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER test_quote BEFORE INSERT ON patient_identifier
+    FOR EACH ROW EXECUTE FUNCTION test_quote();
+"""
 
 
 async def test_partition_created_later_takes_the_rows_of_the_default_partition(
