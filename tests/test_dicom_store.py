@@ -46,6 +46,8 @@ TEST_FILES = [
     "JPEG2000.dcm",  # JPEG 2000
     "MR_small_jp2klossless.dcm",  # JPEG 2000 lossless
     "JPGExtended.dcm",  # JPEG extended
+    "SC_rgb_jpeg_gdcm.dcm",  # JPEG lossless, first-order prediction (1.2.840.10008.1.2.4.70)
+    "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS lossless
     "image_dfl.dcm",  # deflated explicit VR little endian
     "rtplan.dcm",  # RT Plan, no pixel data
 ]
