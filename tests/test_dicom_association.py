@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AllStoragePresentationContexts
 
 from dicom import dimse, pdu
 from dicom.association import (
@@ -34,7 +36,7 @@ from dicom.pdu import (
     RejectSource,
     UserInformation,
 )
-from dicom.sop_classes import STUDY_ROOT_FIND, VERIFICATION
+from dicom.sop_classes import STORAGE, STUDY_ROOT_FIND, TRANSFER_SYNTAXES, VERIFICATION
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 IMPLICIT = "1.2.840.10008.1.2"
@@ -361,3 +363,12 @@ def test_closed_connection_before_a_request_is_reported() -> None:
     acceptor = Acceptor(1 << 16)
     acceptor.receive_data(b"")
     assert [type(e) for e in drain(acceptor)] == [ConnectionClosed]
+
+
+def test_every_storage_sop_class_pynetdicom_serves_is_accepted() -> None:
+    served = {str(context.abstract_syntax) for context in AllStoragePresentationContexts}
+    assert served <= STORAGE
+
+
+def test_every_transfer_syntax_pydicom_knows_is_offered() -> None:
+    assert {str(uid) for uid in AllTransferSyntaxes} <= set(TRANSFER_SYNTAXES)
