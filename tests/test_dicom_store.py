@@ -195,9 +195,12 @@ async def test_association_to_another_called_ae_is_rejected_when_required(
 async def test_stored_bytes_and_latency_are_counted(scp: RunningDicom) -> None:
     before = scp.metrics.sample("qantara_dicom_stored_bytes_total") or 0.0
     count_before = scp.metrics.sample("qantara_dicom_store_seconds_count") or 0.0
+    stored = {"protocol": "dicom"}
+    stored_before = scp.metrics.sample("qantara_messages_stored_total", stored) or 0.0
     await asyncio.to_thread(store, scp.port, [fresh()])
     assert (scp.metrics.sample("qantara_dicom_stored_bytes_total") or 0.0) > before
     assert scp.metrics.sample("qantara_dicom_store_seconds_count") == count_before + 1
+    assert scp.metrics.sample("qantara_messages_stored_total", stored) == stored_before + 1
 
 
 async def test_each_c_store_request_is_counted_as_received(scp: RunningDicom) -> None:
@@ -262,6 +265,7 @@ HOSTILE_UIDS = [
     "1.2.840/../../x",
     "/tmp/qantara-hostile",
     "1." * 99 + "1",  # 199 characters
+    "1." * 99 + "12",  # 200 characters
 ]
 
 
