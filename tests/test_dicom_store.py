@@ -376,10 +376,22 @@ async def test_truncated_large_image_is_refused_and_leaves_nothing(
     encoded = BytesIO()
     ds.save_as(encoded, enforce_file_format=True)
     whole = encoded.getvalue()
+    rejected = {"protocol": "dicom", "reason": "unparseable"}
+    before = scp.metrics.sample("qantara_messages_rejected_total", rejected) or 0.0
+    letters = await unparseable_letters(scp)
     code = await asyncio.to_thread(store_raw, scp.port, ds, whole[: len(whole) - cut])
     assert code == status.CANNOT_UNDERSTAND
     assert await instance_row(scp.pool, str(ds.SOPInstanceUID)) is None
     assert temp_files(scp.root) == []
+    assert await unparseable_letters(scp) == letters + 1
+    assert scp.metrics.sample("qantara_messages_rejected_total", rejected) == before + 1
+
+
+async def unparseable_letters(scp: RunningDicom) -> int:
+    count: int = await scp.pool.fetchval(
+        "SELECT count(*) FROM dead_letter WHERE protocol = 'dicom' AND reason = 'unparseable'"
+    )
+    return count
 
 
 async def answered_a700_then_stored(
