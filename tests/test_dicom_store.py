@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import errno
 import os
 import resource
@@ -317,6 +318,29 @@ async def test_missing_uid_is_refused_and_dead_lettered(scp: RunningDicom, keywo
     )
     assert after == (before or 0.0) + 1
     assert temp_files(scp.root) == []
+
+
+@pytest.mark.parametrize("keyword", ["SOPInstanceUID", "SOPClassUID"])
+async def test_dataset_without_its_own_sop_uid_is_refused_and_dead_lettered(
+    scp: RunningDicom, monkeypatch: pytest.MonkeyPatch, keyword: str
+) -> None:
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send the bytes as they are
+    ds = fresh()  # the command still carries both UIDs (from the file meta)
+    sent = copy.deepcopy(ds)
+    delattr(sent, keyword)
+    encoded = BytesIO()
+    sent.save_as(encoded, enforce_file_format=True)
+    letters = await scp.pool.fetchval(
+        "SELECT count(*) FROM dead_letter WHERE protocol = 'dicom' AND reason = 'missing-uid'"
+    )
+    code = await asyncio.to_thread(store_raw, scp.port, ds, encoded.getvalue())
+    assert code == status.MISSING_UID
+    assert await instance_row(scp.pool, str(ds.SOPInstanceUID)) is None
+    assert temp_files(scp.root) == []
+    after = await scp.pool.fetchval(
+        "SELECT count(*) FROM dead_letter WHERE protocol = 'dicom' AND reason = 'missing-uid'"
+    )
+    assert after == letters + 1
 
 
 @pytest.mark.parametrize("cut", [1, 100, 2000])
