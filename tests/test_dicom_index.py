@@ -412,3 +412,27 @@ async def test_find_at_patient_level_in_the_study_root_model_is_refused(
     )
     assert found == []
     assert final == status.FIND_IDENTIFIER_INVALID  # PS3.4 C.6.2: Study Root has no patient level
+
+
+@pytest.mark.parametrize(
+    ("model", "level", "expected"),
+    [
+        (PATIENT_ROOT_FIND, "STUDY", 2),  # the patient's two studies
+        (PATIENT_ROOT_FIND, "SERIES", 2),  # the CT's two series
+        (STUDY_ROOT_FIND, "IMAGE", 2),  # the first series' two images
+    ],
+)
+async def test_find_answers_each_level_of_both_models(
+    scp: RunningDicom, indexed: list[Dataset], model: str, level: str, expected: int
+) -> None:
+    first = indexed[0]
+    keys = {
+        "STUDY": {"PatientID": str(first.PatientID), "StudyInstanceUID": ""},
+        "SERIES": {"StudyInstanceUID": first.StudyInstanceUID, "SeriesInstanceUID": ""},
+        "IMAGE": {"SeriesInstanceUID": first.SeriesInstanceUID, "SOPInstanceUID": ""},
+    }[level]
+    found, final = await asyncio.to_thread(c_find, scp.port, query(level, **keys), model)
+    assert final == status.SUCCESS
+    assert len(found) == expected
+    unique = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
+    assert len({str(match.get(unique[level])) for match in found}) == expected
