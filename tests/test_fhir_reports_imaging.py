@@ -191,3 +191,28 @@ async def test_bad_imaging_search_value_is_a_400_naming_it(
     query = {"patient": "1", **params} if parameter != "identifier" else params
     outcome = await _get(client, reader, "/fhir/ImagingStudy", query, status=400)
     assert f"'{parameter}'" in outcome["issue"][0]["diagnostics"]
+
+
+async def test_imaging_study_started_is_the_instant_with_an_offset_else_the_date(
+    client: httpx.AsyncClient, reader: dict[str, str], scp: RunningDicom
+) -> None:
+    cin = new_id()
+    timed = _study(cin, "CR", "20261120")
+    timed.StudyTime = "093000"
+    timed.TimezoneOffsetFromUTC = "+0100"
+    dated = _study(cin, "US", "20261121")
+    dated.StudyTime = "101500"  # no offset: a time of day in an unknown zone is no instant
+    if "TimezoneOffsetFromUTC" in dated:
+        del dated.TimezoneOffsetFromUTC
+    codes = await asyncio.to_thread(store, scp.port, [timed, dated])
+    assert codes == [status.SUCCESS, status.SUCCESS]
+    bundle = await _get(client, reader, "/fhir/ImagingStudy", {"patient:identifier": f"CIN|{cin}"})
+    started = {
+        e["resource"]["modality"][0]["code"]: e["resource"]["started"] for e in bundle["entry"]
+    }
+    assert started == {"CR": "2026-11-20T08:30:00Z", "US": "2026-11-21"}
+    counts = {
+        (e["resource"]["numberOfSeries"], e["resource"]["numberOfInstances"])
+        for e in bundle["entry"]
+    }
+    assert counts == {(1, 1)}
