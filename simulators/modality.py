@@ -102,7 +102,7 @@ def study_datasets(
     patient: Patient, modality: str, charset: str, rng: random.Random, when: datetime
 ) -> list[Dataset]:
     """The instances of one study of `patient` (one series)."""
-    study_uid, series_uid = generate_uid(), generate_uid()
+    study_uid, series_uid, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
     rows, columns, bits = GEOMETRY[modality]
     description = rng.choice(DESCRIPTIONS[modality])
     province = patient.province
@@ -152,8 +152,54 @@ def study_datasets(
         ds.HighBit = ds.BitsStored - 1
         ds.PixelRepresentation = 0
         ds.PixelData = rng.randbytes(rows * columns * bits // 8)
+        _image_modules(ds, modality, number, frame_of_reference)
         datasets.append(ds)
     return datasets
+
+
+def _image_modules(ds: Dataset, modality: str, number: int, frame_of_reference: str) -> None:
+    """The Type 1 and Type 2 elements of the IOD's mandatory modules (PS3.3 A.2 CR, A.26 DX
+    For Presentation, A.59 US, A.3 CT) beyond the patient, study, series and pixel data ones:
+    the image type, the content time, and each modality's own image modules."""
+    ds.ContentTime = ds.StudyTime
+    ds.PatientOrientation = ""  # General Image, Type 2C: no orientation known
+    if modality == "CR":
+        ds.ViewPosition = "PA"  # CR Series, Type 2
+        ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    elif modality == "DX":
+        ds.PresentationIntentType = "FOR PRESENTATION"  # DX Series
+        ds.ImageType = ["ORIGINAL", "PRIMARY"]  # DX Image
+        ds.PixelIntensityRelationship = "LIN"
+        ds.PixelIntensityRelationshipSign = 1
+        ds.RescaleIntercept = 0
+        ds.RescaleSlope = 1
+        ds.RescaleType = "US"
+        ds.PresentationLUTShape = "IDENTITY"
+        ds.LossyImageCompression = "00"
+        ds.BurnedInAnnotation = "NO"
+        ds.DetectorType = "SCINTILLATOR"  # DX Detector
+        ds.ImagerPixelSpacing = [0.143, 0.143]
+        ds.ImageLaterality = "U"  # DX Anatomy Imaged: unpaired (pelvis, chest...)
+        ds.ViewPosition = "AP"
+        ds.WindowCenter = 2048  # VOI LUT, for presentation: the whole 12-bit range
+        ds.WindowWidth = 4096
+    elif modality == "US":
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "ABDOMINAL"]  # US Image
+        ds.LossyImageCompression = "00"
+    elif modality == "CT":
+        ds.PatientPosition = "HFS"  # General Series, Type 2C for CT
+        ds.FrameOfReferenceUID = frame_of_reference  # Frame of Reference, one per series
+        ds.PositionReferenceIndicator = ""
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]  # CT Image
+        ds.RescaleIntercept = -1024
+        ds.RescaleSlope = 1
+        ds.KVP = 120
+        ds.AcquisitionNumber = 1
+        ds.PixelSpacing = [0.5, 0.5]  # Image Plane: contiguous 5 mm axial slices
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-128, -128, 5.0 * (number - 1)]
+        ds.SliceThickness = 5
+        ds.SliceLocation = 5.0 * (number - 1)
 
 
 def _status(code: int | None) -> str:

@@ -21,6 +21,7 @@ COMMANDS: tuple[list[str], ...] = (
     ["up"],
     ["simulate"],
     ["simulate", "units"],
+    ["simulate", "modality"],
     ["token"],
     ["token", "create"],
     ["token", "revoke"],

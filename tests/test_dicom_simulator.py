@@ -16,9 +16,10 @@ from pynetdicom.events import Event
 from simulators.modality import CHARSETS, ModalityConfig, run_modality, study_datasets
 from simulators.population import REGIONS, Population
 from tests.dicom_support import running_dicom
+from tests.test_cli import qantara
 
 
-@pytest.mark.parametrize("modality", ["CR", "US"])
+@pytest.mark.parametrize("modality", ["CR", "DX", "US", "CT"])
 async def test_simulated_studies_are_all_stored_with_their_names_in_three_charsets(
     fresh_dsn: str, tmp_path: Path, modality: str
 ) -> None:
@@ -76,3 +77,98 @@ def test_an_association_the_gateway_aborts_is_reported_not_raised() -> None:
     assert report.sent == 2
     assert report.statuses["0x0000"] == 1
     assert report.summary().endswith("association aborted")
+
+
+# The Type 1 and 2 elements of each IOD's mandatory image modules (PS3.3 A.2, A.26, A.59, A.3)
+# beyond those every image has (Image Pixel, General Image, SOP Common).
+MODULE_ELEMENTS = {
+    "CR": ("ViewPosition", "BodyPartExamined", "PatientOrientation"),
+    "DX": (
+        "PresentationIntentType",
+        "ImageType",
+        "PixelIntensityRelationship",
+        "PixelIntensityRelationshipSign",
+        "RescaleIntercept",
+        "RescaleSlope",
+        "RescaleType",
+        "PresentationLUTShape",
+        "LossyImageCompression",
+        "BurnedInAnnotation",
+        "DetectorType",
+        "ImagerPixelSpacing",
+        "ImageLaterality",
+        "WindowCenter",
+        "WindowWidth",
+    ),
+    "US": ("ImageType",),
+    "CT": (
+        "PatientPosition",
+        "FrameOfReferenceUID",
+        "PositionReferenceIndicator",
+        "ImageType",
+        "RescaleIntercept",
+        "RescaleSlope",
+        "KVP",
+        "AcquisitionNumber",
+        "PixelSpacing",
+        "ImageOrientationPatient",
+        "ImagePositionPatient",
+        "SliceThickness",
+    ),
+}
+IMAGE_PIXEL = (
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+)
+
+
+@pytest.mark.parametrize("modality", list(MODULE_ELEMENTS))
+def test_simulated_images_carry_their_iods_image_modules(modality: str) -> None:
+    patient = Population(date(2026, 11, 27)).patient(random.Random(5), REGIONS[0].provinces[0])
+    images = study_datasets(patient, modality, "ISO_IR 192", random.Random(5), datetime.now(UTC))
+    for ds in images:
+        missing = [k for k in (*MODULE_ELEMENTS[modality], *IMAGE_PIXEL) if k not in ds]
+        assert missing == []
+        assert ds.HighBit == ds.BitsStored - 1 <= ds.BitsAllocated - 1
+        frame = ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8
+        assert len(ds.PixelData) == frame
+    if modality == "CT":  # one frame of reference; slices stacked along the patient's axis
+        assert len({str(ds.FrameOfReferenceUID) for ds in images}) == 1
+        assert len({float(ds.ImagePositionPatient[2]) for ds in images}) == len(images)
+
+
+async def test_the_rate_paces_the_sending(fresh_dsn: str, tmp_path: Path) -> None:
+    async with running_dicom(fresh_dsn, tmp_path / "store") as scp:
+        config = ModalityConfig(
+            host="127.0.0.1", port=scp.port, modality="CR", studies=3, rate=4.0, quiet=True
+        )
+        report = await asyncio.to_thread(run_modality, config)
+    assert report.sent == 6
+    assert report.seconds >= 0.8 * (report.sent - 1) / config.rate  # 1.25 s; unpaced: ~0.1 s
+
+
+async def test_the_command_sends_a_study_and_reports_its_statuses(
+    fresh_dsn: str, tmp_path: Path
+) -> None:
+    async with running_dicom(fresh_dsn, tmp_path / "store") as scp:
+        args = (
+            "--studies",
+            "1",
+            "--modality",
+            "DX",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(scp.port),
+        )
+        result = await asyncio.to_thread(qantara, "simulate", "modality", *args)
+        stored = await scp.pool.fetchval("SELECT count(*) FROM dicom_instance")
+    assert result.returncode == 0, result.stderr
+    assert "0x0000" in result.stdout + result.stderr
+    assert stored == 2  # a DX study: two images
