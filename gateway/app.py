@@ -35,6 +35,7 @@ from ingest.mqtt_payload import RejectReason
 from ingest.pipeline import GroupCommitPipeline
 from monitoring.health import record_readiness, record_storage_usage
 from monitoring.metrics import Metrics
+from storage import connection_loss
 from storage.dicom_queries import find as find_dicom
 from storage.dicom_queries import indexed_files as dicom_indexed_files
 from storage.ledger import LedgerPruning, run_ledger_pruning
@@ -92,6 +93,7 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
     """Run the gateway until SIGTERM/SIGINT; `extras` run beside it (simulators of `up`)."""
     if settings.database.url is None:
         raise StorageUnavailable("no database: set QANTARA_DATABASE_URL (or use 'qantara up')")
+    connection_loss.install(asyncio.get_running_loop())
     async with AsyncExitStack() as stack:
         pool = await create_pool(
             PoolSettings(
