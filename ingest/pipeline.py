@@ -167,11 +167,10 @@ class GroupCommitPipeline:
         quote the values at fault (`Key (system, value)=(CIN, AB123456) already exists`, a birth
         date that is not one), and patient data never goes into the log."""
         logger.error(
-            "database refused %s envelope from %s (%s, SQLSTATE %s); dead-lettering it",
+            "database refused %s envelope from %s (%s); dead-lettering it",
             env.protocol.value,
             env.source or "?",
-            type(cause).__name__,
-            getattr(cause, "sqlstate", None) or "-",
+            _error_name(cause),
         )
         letter = DeadLetter(
             protocol=env.protocol,
@@ -195,10 +194,9 @@ class GroupCommitPipeline:
             return None
         except Exception as exc:  # noqa: BLE001 - not even the dead letter: acknowledge nothing
             logger.error(
-                "dead letter for a refused %s envelope failed (%s, SQLSTATE %s)",
+                "dead letter for a refused %s envelope failed (%s)",
                 env.protocol.value,
-                type(exc).__name__,
-                getattr(exc, "sqlstate", None) or "-",
+                _error_name(exc),
             )
             self._metrics.pending.labels(env.protocol.value).dec()
             if not env.ack.done():
@@ -251,3 +249,9 @@ class GroupCommitPipeline:
             self._metrics.pending.labels(env.protocol.value).dec()
             if not env.ack.done():
                 env.ack.set_exception(StorageUnavailable("gateway stopping"))
+
+
+def _error_name(exc: Exception) -> str:
+    """A database error as the log may show it: its class and SQLSTATE, never its message or
+    detail, which quote the values at fault (`_dead_letter`)."""
+    return f"{type(exc).__name__}, SQLSTATE {getattr(exc, 'sqlstate', None) or '-'}"
