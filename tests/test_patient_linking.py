@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset
 
 from dicom import status
 from tests.dicom_support import RunningDicom, running_dicom, store
+from tests.test_dicom_index import other_ids
 from tests.test_dicom_store import fresh
 
 
@@ -35,14 +36,6 @@ async def known_patient(scp: RunningDicom, system: str, value: str) -> int:
     return patient
 
 
-def with_national_id(ds: Dataset, cin: str, issuer: str = "CIN") -> Dataset:
-    item = Dataset()
-    item.PatientID = cin
-    item.IssuerOfPatientID = issuer
-    ds.OtherPatientIDsSequence = [item]
-    return ds
-
-
 async def study_patient(scp: RunningDicom, ds: Dataset) -> int:
     patient: int = await scp.pool.fetchval(
         "SELECT patient_id FROM dicom_study WHERE study_uid = $1", str(ds.StudyInstanceUID)
@@ -60,7 +53,8 @@ async def test_the_national_id_wins_when_the_header_ids_name_different_patients(
     right = await known_patient(scp, "CIN", cin)
     ds = fresh()
     ds.PatientID, ds.IssuerOfPatientID = mrn, "CHU-FES"
-    [code] = await asyncio.to_thread(store, scp.port, [with_national_id(ds, cin)])
+    ds.OtherPatientIDsSequence = other_ids((cin, "CIN"))
+    [code] = await asyncio.to_thread(store, scp.port, [ds])
     assert code == status.SUCCESS
     assert other < right
     assert await study_patient(scp, ds) == right
@@ -74,6 +68,7 @@ async def test_a_national_id_issuer_alias_links_to_the_patient_of_the_cin(
     known = await known_patient(scp, "CIN", cin)
     ds = fresh()
     ds.PatientID, ds.IssuerOfPatientID = f"MRN-{secrets.token_hex(4)}", "CHU-OUJDA"
-    [code] = await asyncio.to_thread(store, scp.port, [with_national_id(ds, cin, issuer)])
+    ds.OtherPatientIDsSequence = other_ids((cin, issuer))
+    [code] = await asyncio.to_thread(store, scp.port, [ds])
     assert code == status.SUCCESS
     assert await study_patient(scp, ds) == known
