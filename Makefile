@@ -5,10 +5,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEV    := $(VENV)/.installed-dev
 # Debian packages the tests use: mosquitto (private brokers for fault tests), promtool
-# (prometheus) to check /metrics and the alert rules, dcmtk as a DICOM peer, docker-compose to
+# (prometheus) to check /metrics and the alert rules, dcmtk as a DICOM peer, dicom3tools (dciodvfy) to check the simulator's images
+# against their IODs, docker-compose to
 # validate docker-compose.yml (no Docker daemon is needed for `config -q`).
-DEBIAN_PACKAGES := mosquitto prometheus dcmtk docker-compose
-DEBIAN_COMMANDS := mosquitto promtool storescu docker-compose
+DEBIAN_PACKAGES := mosquitto prometheus dcmtk dicom3tools docker-compose
+DEBIAN_COMMANDS := mosquitto promtool storescu dciodvfy docker-compose
 
 .PHONY: up test lint format install install-dev system-deps bench clean
 

@@ -21,6 +21,8 @@ from datetime import UTC, date, datetime
 from typing import Final
 
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
@@ -42,7 +44,7 @@ GEOMETRY: Final = {
 }
 DESCRIPTIONS: Final = {
     "CR": ("Thorax face", "Radiographie thoracique"),
-    "DX": ("Bassin face", "Genou face et profil"),
+    "DX": ("Bassin face", "Bassin et hanches face"),
     "US": ("Echographie abdominale", "Echographie obstetricale"),
     "CT": ("TDM cerebrale sans injection", "TDM thoraco-abdominale"),
 }
@@ -137,6 +139,7 @@ def study_datasets(
         ds.ContentDate = ds.StudyDate
         ds.AccessionNumber = f"A{rng.randrange(10**7, 10**8)}"
         ds.StudyID = str(rng.randrange(1, 10**5))
+        ds.ReferringPhysicianName = ""  # General Study, Type 2: a walk-in at the mobile unit
         ds.StudyDescription = description
         ds.SeriesDescription = description
         ds.SeriesNumber = 1
@@ -151,10 +154,29 @@ def study_datasets(
         ds.BitsStored = bits if bits == 8 else 12
         ds.HighBit = ds.BitsStored - 1
         ds.PixelRepresentation = 0
-        ds.PixelData = rng.randbytes(rows * columns * bits // 8)
+        ds.PixelData = _noise(rng, rows * columns, bits, ds.BitsStored)
         _image_modules(ds, modality, number, frame_of_reference)
         datasets.append(ds)
     return datasets
+
+
+def _noise(rng: random.Random, pixels: int, allocated: int, stored: int) -> bytes:
+    """Random pixels whose values fit in `stored` bits, as real 12-bit detectors send them."""
+    size = pixels * allocated // 8
+    raw = rng.randbytes(size)
+    if stored == allocated:
+        return raw
+    mask = int.from_bytes(((1 << stored) - 1).to_bytes(allocated // 8, "little") * pixels, "little")
+    return (int.from_bytes(raw, "little") & mask).to_bytes(size, "little")
+
+
+def _code(code: Code) -> Dataset:
+    """A Code Sequence item (PS3.3 Table 8.8-1), from pydicom's tables of the standard's codes."""
+    item = Dataset()
+    item.CodeValue = code.value
+    item.CodingSchemeDesignator = code.scheme_designator
+    item.CodeMeaning = code.meaning
+    return item
 
 
 def _image_modules(ds: Dataset, modality: str, number: int, frame_of_reference: str) -> None:
@@ -180,7 +202,12 @@ def _image_modules(ds: Dataset, modality: str, number: int, frame_of_reference: 
         ds.DetectorType = "SCINTILLATOR"  # DX Detector
         ds.ImagerPixelSpacing = [0.143, 0.143]
         ds.ImageLaterality = "U"  # DX Anatomy Imaged: unpaired (pelvis, chest...)
-        ds.ViewPosition = "AP"
+        ds.AnatomicRegionSequence = [_code(codes.SCT.Pelvis)]  # CID 4009
+        ds.PatientOrientation = ["L", "F"]  # DX Image, Type 1: an AP view, seen from the front
+        ds.ViewPosition = "AP"  # DX Positioning
+        ds.ViewCodeSequence = [_code(codes.SCT.AnteroPosterior)]  # CID 4010
+        ds.PositionerType = "COLUMN"
+        ds.AcquisitionContextSequence = []  # Acquisition Context, Type 2: nothing recorded
         ds.WindowCenter = 2048  # VOI LUT, for presentation: the whole 12-bit range
         ds.WindowWidth = 4096
     elif modality == "US":

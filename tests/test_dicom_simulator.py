@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
+import subprocess
 import warnings
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -141,6 +143,38 @@ def test_simulated_images_carry_their_iods_image_modules(modality: str) -> None:
     if modality == "CT":  # one frame of reference; slices stacked along the patient's axis
         assert len({str(ds.FrameOfReferenceUID) for ds in images}) == 1
         assert len({float(ds.ImagePositionPatient[2]) for ds in images}) == len(images)
+
+
+def test_simulated_pixels_fit_in_the_bits_stored() -> None:
+    patient = Population(date(2026, 11, 27)).patient(random.Random(5), REGIONS[0].provinces[0])
+    for modality in MODULE_ELEMENTS:
+        ds = study_datasets(patient, modality, "ISO_IR 100", random.Random(5), datetime.now(UTC))[0]
+        width = ds.BitsAllocated // 8
+        data = bytes(ds.PixelData)
+        values = [int.from_bytes(data[i : i + width], "little") for i in range(0, len(data), width)]
+        assert max(values) < 2**ds.BitsStored
+        assert max(values) >= 2 ** (ds.BitsStored - 1)  # noise over the whole range, not zeros
+
+
+IODS = {"CR": "CRImage", "DX": "DXImageForPresentation", "US": "USImage", "CT": "CTImage"}
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="needs dicom3tools (make system-deps)")
+@pytest.mark.parametrize("charset", CHARSETS)
+@pytest.mark.parametrize("modality", list(MODULE_ELEMENTS))
+def test_simulated_images_pass_the_dicom3tools_iod_checker(
+    tmp_path: Path, modality: str, charset: str
+) -> None:
+    patient = Population(date(2026, 11, 27)).patient(random.Random(5), REGIONS[0].provinces[0])
+    ds = study_datasets(patient, modality, charset, random.Random(5), datetime.now(UTC))[0]
+    path = tmp_path / "image.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    checked = subprocess.run(
+        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    report = (checked.stdout + checked.stderr).splitlines()
+    assert [line for line in report if line.startswith(("Error", "Warning"))] == []
+    assert report[0] == IODS[modality]  # the checker recognised the IOD it was meant to be
 
 
 async def test_the_rate_paces_the_sending(fresh_dsn: str, tmp_path: Path) -> None:
