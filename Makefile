@@ -5,9 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEV    := $(VENV)/.installed-dev
 # Debian packages the tests use: mosquitto (private brokers for fault tests), promtool
-# (prometheus) to check /metrics and the alert rules, dcmtk as a DICOM peer, dicom3tools (dciodvfy) to check the simulator's images
-# against their IODs, docker-compose to
-# validate docker-compose.yml (no Docker daemon is needed for `config -q`).
+# (prometheus) to check /metrics and the alert rules, dcmtk as a DICOM peer, dicom3tools
+# (dciodvfy) to check the simulator's images against their IODs, docker-compose to validate
+# docker-compose.yml (no Docker daemon is needed for `config -q`).
 DEBIAN_PACKAGES := mosquitto prometheus dcmtk dicom3tools docker-compose
 DEBIAN_COMMANDS := mosquitto promtool storescu dciodvfy docker-compose
 
