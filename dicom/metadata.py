@@ -490,12 +490,14 @@ def _time(value: Any) -> time | None:
 
 
 def _started(day: date | None, at: time | None, offset: Any) -> datetime | None:
+    """The study's instant, when its date, time and UTC offset are all known. An offset without
+    a time is no instant: midnight there would move the study to the day before in UTC."""
     text = str(offset).strip() if offset is not None else ""
-    if day is None or len(text) != 5 or text[0] not in "+-" or not text[1:].isdigit():
+    if day is None or at is None or len(text) != 5 or text[0] not in "+-" or not text[1:].isdigit():
         return None
     delta = timedelta(hours=int(text[1:3]), minutes=int(text[3:5]))
     zone = timezone(-delta if text[0] == "-" else delta)
-    return datetime.combine(day, at or time(0), zone).astimezone(UTC)
+    return datetime.combine(day, at, zone).astimezone(UTC)
 
 
 def _int(value: Any) -> int | None:

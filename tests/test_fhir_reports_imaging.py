@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -19,6 +20,7 @@ from dicom import status
 from hl7.server import MllpServer, MllpSettings
 from ingest.pipeline import GroupCommitPipeline, PipelineSettings
 from monitoring.metrics import Metrics
+from storage.migrations import available_migrations
 from storage.writer import BatchWriter
 from tests.dicom_support import RunningDicom, running_dicom, store
 from tests.hl7_support import MllpClient, control_id, encode, new_id, oru
@@ -216,3 +218,41 @@ async def test_imaging_study_started_is_the_instant_with_an_offset_else_the_date
         for e in bundle["entry"]
     }
     assert counts == {(1, 1)}
+
+
+async def test_imaging_study_with_an_offset_but_no_time_started_on_its_date(
+    client: httpx.AsyncClient, reader: dict[str, str], scp: RunningDicom
+) -> None:
+    cin = new_id()
+    undated = _study(cin, "DX", "20261120")
+    if "StudyTime" in undated:
+        del undated.StudyTime
+    undated.TimezoneOffsetFromUTC = "+0100"  # midnight there would be 2026-11-19 in UTC
+    codes = await asyncio.to_thread(store, scp.port, [undated])
+    assert codes == [status.SUCCESS]
+    query = {"patient:identifier": f"CIN|{cin}", "started": "2026-11-20"}
+    bundle = await _get(client, reader, "/fhir/ImagingStudy", query)
+    assert [e["resource"]["started"] for e in bundle.get("entry", [])] == ["2026-11-20"]
+
+
+async def test_migration_0016_takes_the_invented_instant_from_studies_stored_before(
+    scp: RunningDicom,
+) -> None:
+    undated = _study(new_id(), "DX", "20261120")
+    if "StudyTime" in undated:
+        del undated.StudyTime
+    timed = _study(new_id(), "CR", "20261120")
+    timed.StudyTime, timed.TimezoneOffsetFromUTC = "093000", "+0100"
+    assert await asyncio.to_thread(store, scp.port, [undated, timed]) == [status.SUCCESS] * 2
+    uids = [str(undated.StudyInstanceUID), str(timed.StudyInstanceUID)]
+    await scp.pool.execute(  # as the listener wrote it before the fix
+        "UPDATE dicom_study SET started = '2026-11-19T23:00:00Z' WHERE study_uid = $1", uids[0]
+    )
+    (migration,) = [m for m in available_migrations() if m.version == 16]
+    await scp.pool.execute(migration.sql)
+    rows = await scp.pool.fetch(
+        "SELECT study_uid, started FROM dicom_study WHERE study_uid = ANY($1::text[])", uids
+    )
+    started = {r["study_uid"]: r["started"] for r in rows}
+    assert started[uids[0]] is None
+    assert started[uids[1]] == datetime(2026, 11, 20, 8, 30, tzinfo=UTC)
