@@ -25,6 +25,7 @@ import uvicorn
 
 from dicom.filestore import FileStore
 from dicom.scp import DicomServer
+from gateway import redacted_logs
 from gateway.http import ApiSettings, create_app
 from gateway.settings import Settings
 from hl7.server import REJECT_REASONS as HL7_REJECT_REASONS
@@ -93,7 +94,8 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
     """Run the gateway until SIGTERM/SIGINT; `extras` run beside it (simulators of `up`)."""
     if settings.database.url is None:
         raise StorageUnavailable("no database: set QANTARA_DATABASE_URL (or use 'qantara up')")
-    connection_loss.install(asyncio.get_running_loop())
+    redacted_logs.install(asyncio.get_running_loop())  # the loop's reports, without messages
+    connection_loss.install(asyncio.get_running_loop())  # lost connections: before the above
     async with AsyncExitStack() as stack:
         pool = await create_pool(
             PoolSettings(

@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from gateway.redacted_logs import RedactingFormatter
 from gateway.settings import Settings
 from ingest.errors import ConfigError, StorageUnavailable
 from storage.migrations import MigrationError
@@ -304,11 +305,10 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    # Tracebacks keep their frames and exception types, not their messages (patient data).
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     # Libraries that would log payloads or connection details at INFO stay at WARNING.
     for noisy in ("aiomqtt", "paho", "uvicorn.error", "amqtt", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
