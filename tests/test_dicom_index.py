@@ -417,13 +417,13 @@ async def test_find_at_patient_level_in_the_study_root_model_is_refused(
 @pytest.mark.parametrize(
     ("model", "level", "expected"),
     [
-        (PATIENT_ROOT_FIND, "STUDY", 2),  # the patient's two studies
-        (PATIENT_ROOT_FIND, "SERIES", 2),  # the CT's two series
-        (STUDY_ROOT_FIND, "IMAGE", 2),  # the first series' two images
+        (PATIENT_ROOT_FIND, "STUDY", [0, 3]),  # the patient's two studies
+        (PATIENT_ROOT_FIND, "SERIES", [0, 2]),  # the CT's two series
+        (STUDY_ROOT_FIND, "IMAGE", [0, 1]),  # the first series' two images
     ],
 )
 async def test_find_answers_each_level_of_both_models(
-    scp: RunningDicom, indexed: list[Dataset], model: str, level: str, expected: int
+    scp: RunningDicom, indexed: list[Dataset], model: str, level: str, expected: list[int]
 ) -> None:
     first = indexed[0]
     keys = {
@@ -433,6 +433,7 @@ async def test_find_answers_each_level_of_both_models(
     }[level]
     found, final = await asyncio.to_thread(c_find, scp.port, query(level, **keys), model)
     assert final == status.SUCCESS
-    assert len(found) == expected
     unique = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
-    assert len({str(match.get(unique[level])) for match in found}) == expected
+    uids = sorted(str(match.get(unique[level])) for match in found)
+    assert uids == sorted(str(indexed[i].get(unique[level])) for i in expected)
+    assert all(match.QueryRetrieveLevel == level for match in found)
