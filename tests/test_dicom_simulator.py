@@ -159,6 +159,16 @@ def test_simulated_pixels_fit_in_the_bits_stored() -> None:
 IODS = {"CR": "CRImage", "DX": "DXImageForPresentation", "US": "USImage", "CT": "CTImage"}
 
 
+def dciodvfy(path: Path) -> tuple[str, list[str]]:
+    """The IOD dicom3tools' checker recognises in the file at `path`, and its errors and
+    warnings."""
+    checked = subprocess.run(
+        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    lines = (checked.stdout + checked.stderr).splitlines()
+    return lines[0] if lines else "", [x for x in lines if x.startswith(("Error", "Warning"))]
+
+
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="needs dicom3tools (make system-deps)")
 @pytest.mark.parametrize("charset", CHARSETS)
 @pytest.mark.parametrize("modality", list(MODULE_ELEMENTS))
@@ -169,12 +179,24 @@ def test_simulated_images_pass_the_dicom3tools_iod_checker(
     ds = study_datasets(patient, modality, charset, random.Random(5), datetime.now(UTC))[0]
     path = tmp_path / "image.dcm"
     ds.save_as(path, enforce_file_format=True)
-    checked = subprocess.run(
-        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False
-    )
-    report = (checked.stdout + checked.stderr).splitlines()
-    assert [line for line in report if line.startswith(("Error", "Warning"))] == []
-    assert report[0] == IODS[modality]  # the checker recognised the IOD it was meant to be
+    assert dciodvfy(path) == (IODS[modality], [])  # the IOD it was meant to be, nothing amiss
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="needs dicom3tools (make system-deps)")
+async def test_the_file_the_gateway_stores_passes_the_iod_checker_too(
+    fresh_dsn: str, tmp_path: Path
+) -> None:
+    async with running_dicom(fresh_dsn, tmp_path / "store") as scp:
+        config = ModalityConfig(
+            host="127.0.0.1", port=scp.port, modality="DX", studies=1, quiet=True
+        )
+        report = await asyncio.to_thread(run_modality, config)
+        paths = await scp.pool.fetch("SELECT file_path FROM dicom_instance")
+        stored = [scp.root / r["file_path"] for r in paths]
+    assert report.failed == 0
+    assert len(stored) == 2
+    for path in stored:  # our File Meta Information, then the dataset as the modality sent it
+        assert dciodvfy(path) == (IODS["DX"], [])
 
 
 async def test_the_rate_paces_the_sending(fresh_dsn: str, tmp_path: Path) -> None:
