@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import tempfile
+from datetime import UTC, date, datetime
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -199,3 +200,33 @@ def assert_read_as_pydicom_reads(data: bytes) -> None:
         path = Path(folder) / "damaged.dcm"
         path.write_bytes(data)
         assert outcome(lambda: read_metadata(path, calling_ae="MODALITY")) == reference(path)
+
+
+@pytest.mark.parametrize(
+    ("time_", "offset", "started"),
+    [
+        ("093000", "+0100", datetime(2026, 11, 20, 8, 30, tzinfo=UTC)),
+        ("220000", "-0330", datetime(2026, 11, 21, 1, 30, tzinfo=UTC)),  # the next day in UTC
+        ("001500", "+1400", datetime(2026, 11, 19, 10, 15, tzinfo=UTC)),  # the day before
+        ("093000.123456", "+0000", datetime(2026, 11, 20, 9, 30, tzinfo=UTC)),  # whole seconds
+        (None, "+0100", None),  # an offset without a time: the date alone, no invented midnight
+        ("093000", None, None),  # a time in an unknown zone is no instant
+        ("093000", "+01:00", None),  # not the DICOM form ±HHMM
+        ("093000", "0100", None),
+    ],
+)
+def test_the_study_instant_needs_a_date_a_time_and_an_offset(
+    tmp_path: Path, time_: str | None, offset: str | None, started: datetime | None
+) -> None:
+    ds = with_other_ids()
+    ds.StudyDate = "20261120"
+    for keyword, value in (("StudyTime", time_), ("TimezoneOffsetFromUTC", offset)):
+        if value is not None:
+            setattr(ds, keyword, value)
+        elif keyword in ds:
+            delattr(ds, keyword)
+    path = tmp_path / "timed.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    meta = read_metadata(path, calling_ae="MODALITY")
+    assert meta.study_started == started
+    assert meta.study_date == date(2026, 11, 20)
