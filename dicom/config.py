@@ -6,8 +6,11 @@ can be read without it.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
+
+from ingest.tls import server_context
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,3 +32,10 @@ class DicomSettings:
     orphan_age: float = 600.0  # a final file no index row names is removed after this long
     orphan_lookback: float = 2 * 86400.0  # the start-up scan looks at files this recent
     sweep_interval: float = 600.0  # stale temp files and suspected orphans checked this often
+    tls_cert: Path | None = None  # with tls_key: DICOM over TLS only (PS3.15 B.1, port 2762)
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # callers must present a certificate it signed
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The listener's TLS context when a certificate is configured, else None."""
+        return server_context(self.tls_cert, self.tls_key, self.tls_client_ca)

@@ -13,6 +13,7 @@ between two responses.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Final, cast
 
 from dicom.association import (
@@ -32,8 +33,15 @@ STUCK_WRITES: Final = 256 * 1024
 class Link(asyncio.Protocol):
     """One connection; the association's task reads `next_event` and writes with `send`."""
 
-    def __init__(self, acceptor: Acceptor, high_water: int, send_timeout: float) -> None:
+    def __init__(
+        self,
+        acceptor: Acceptor,
+        high_water: int,
+        send_timeout: float,
+        on_made: Callable[[Link], None] | None = None,
+    ) -> None:
         self.acceptor = acceptor
+        self._on_made = on_made
         self._high_water = high_water
         self._send_timeout = send_timeout
         self._events: asyncio.Queue[Event] = asyncio.Queue()
@@ -52,6 +60,8 @@ class Link(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # a stream server's transport
         if self._refused:
             self._transport.abort()
+        elif self._on_made is not None:
+            self._on_made(self)  # may refuse, which aborts
 
     def data_received(self, data: bytes) -> None:
         self.acceptor.receive_data(data)
@@ -137,3 +147,5 @@ class Link(asyncio.Protocol):
     def refuse(self) -> None:
         """The listener is stopping: drop the connection as soon as it is made."""
         self._refused = True
+        if self._transport is not None:
+            self._transport.abort()

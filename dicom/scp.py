@@ -320,7 +320,13 @@ class DicomServer:
         self._runner = asyncio.create_task(self._run(ready), name="dicom-listener")
         await ready.wait()
         loop = asyncio.get_running_loop()
-        self._listener = await loop.create_server(self._connect, self._bind, s.port)
+        self._listener = await loop.create_server(
+            self._connect,
+            self._bind,
+            s.port,
+            ssl=s.ssl_context(),
+            ssl_handshake_timeout=s.acse_timeout if s.tls_cert is not None else None,
+        )
         self.port = int(self._listener.sockets[0].getsockname()[1])
         return self.port
 
@@ -356,17 +362,26 @@ class DicomServer:
                     task.cancel()
 
     def _connect(self) -> Link:
-        """A new connection (protocol factory): its association's task joins the group."""
+        """A new connection (protocol factory). Its association's task starts once the
+        connection is made: with TLS, after the handshake, so that a peer whose handshake fails
+        leaves no task behind."""
         s = self._settings
-        link = Link(Acceptor(s.max_pdu), high_water=2 * s.max_pdu, send_timeout=s.dimse_timeout)
+        return Link(
+            Acceptor(s.max_pdu),
+            high_water=2 * s.max_pdu,
+            send_timeout=s.dimse_timeout,
+            on_made=self._begin,
+        )
+
+    def _begin(self, link: Link) -> None:
+        """The association's task joins the group; refused while stopping."""
         group = self._group
-        if group is None:  # stopping
+        if group is None:
             link.refuse()
-            return link
+            return
         task = group.create_task(self._association(link), name="dicom-association")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return link
 
     # --- one association --------------------------------------------------------------------
 

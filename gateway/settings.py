@@ -329,6 +329,18 @@ def _file(text: str) -> Path:
     return path
 
 
+def _listener_tls(r: _Reader, listener: str) -> tuple[Path | None, Path | None, Path | None]:
+    """`{listener}_TLS_CERT`, `_KEY` and `_CLIENT_CA`: a key or a CA needs the certificate."""
+    cert = r.get(f"{listener}_TLS_CERT", None, _file, "must name a readable PEM certificate file")
+    key = r.get(f"{listener}_TLS_KEY", None, _file, "must name a readable PEM private key file")
+    client_ca = r.get(f"{listener}_TLS_CLIENT_CA", None, _file, "must name a readable PEM CA file")
+    if (key is not None or client_ca is not None) and cert is None:
+        raise ConfigError(
+            f"{PREFIX}{listener}_TLS_CERT: must be set with {listener}_TLS_KEY/_CLIENT_CA"
+        )
+    return cert, key, client_ca
+
+
 def _mllp(r: _Reader) -> MllpSettings:
     def seconds(name: str, default: float) -> float:
         value = r.duration(name, timedelta(seconds=default)).total_seconds()
@@ -336,11 +348,7 @@ def _mllp(r: _Reader) -> MllpSettings:
             raise ConfigError(f"{PREFIX}{name}: must be a positive duration")
         return value
 
-    cert = r.get("MLLP_TLS_CERT", None, _file, "must name a readable PEM certificate file")
-    key = r.get("MLLP_TLS_KEY", None, _file, "must name a readable PEM private key file")
-    client_ca = r.get("MLLP_TLS_CLIENT_CA", None, _file, "must name a readable PEM CA file")
-    if (key is not None or client_ca is not None) and cert is None:
-        raise ConfigError(f"{PREFIX}MLLP_TLS_CERT: must be set with MLLP_TLS_KEY/_CLIENT_CA")
+    cert, key, client_ca = _listener_tls(r, "MLLP")
     return MllpSettings(
         host=r.text("BIND", "127.0.0.1"),
         port=r.port("MLLP_PORT", 2575),
@@ -367,6 +375,7 @@ def _dicom(r: _Reader) -> DicomSettings:
     def seconds(name: str, default: float) -> float:
         return r.duration(name, timedelta(seconds=default)).total_seconds()
 
+    cert, key, client_ca = _listener_tls(r, "DICOM")
     return DicomSettings(
         port=r.port("DICOM_PORT", 11112),
         ae_title=r.get(
@@ -392,6 +401,9 @@ def _dicom(r: _Reader) -> DicomSettings:
         orphan_age=seconds("DICOM_ORPHAN_AGE", 600.0),
         orphan_lookback=seconds("DICOM_ORPHAN_LOOKBACK", 2 * 86400.0),
         sweep_interval=seconds("DICOM_SWEEP_INTERVAL", 600.0),
+        tls_cert=cert,
+        tls_key=key,
+        tls_client_ca=client_ca,
     )
 
 

@@ -63,6 +63,7 @@ from ingest.records import (
     Protocol,
 )
 from ingest.records import Outcome as StoreOutcome
+from ingest.tls import server_context
 from monitoring.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -116,15 +117,7 @@ class MllpSettings:
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The server TLS context when a certificate is configured, else None."""
-        if self.tls_cert is None:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.tls_cert, self.tls_key)
-        if self.tls_client_ca is not None:
-            context.load_verify_locations(cafile=self.tls_client_ca)
-            context.verify_mode = ssl.CERT_REQUIRED
-        return context
+        return server_context(self.tls_cert, self.tls_key, self.tls_client_ca)
 
 
 @dataclass(slots=True)

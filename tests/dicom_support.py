@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -111,11 +112,17 @@ def scu(ae_title: str = "MODALITY") -> AE:
     return ae
 
 
-def echo(port: int, ae_title: str = "MODALITY", called: str = SCP_AE) -> tuple[bool, int | None]:
-    """(association accepted, C-ECHO status), calling as `ae_title` and calling `called`."""
+def echo(
+    port: int,
+    ae_title: str = "MODALITY",
+    called: str = SCP_AE,
+    tls: ssl.SSLContext | None = None,
+) -> tuple[bool, int | None]:
+    """(association accepted, C-ECHO status), calling as `ae_title` and calling `called`; over
+    TLS with `tls` (the server's name checked as 127.0.0.1)."""
     ae = scu(ae_title)
     ae.add_requested_context(VERIFICATION)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, tls_args=_tls_args(tls))
     if not assoc.is_established:
         return False, None
     try:
@@ -125,7 +132,16 @@ def echo(port: int, ae_title: str = "MODALITY", called: str = SCP_AE) -> tuple[b
         assoc.release()
 
 
-def store(port: int, datasets: Sequence[Dataset], ae_title: str = "MODALITY") -> list[int | None]:
+def _tls_args(tls: ssl.SSLContext | None) -> tuple[ssl.SSLContext, str] | None:
+    return (tls, "127.0.0.1") if tls is not None else None
+
+
+def store(
+    port: int,
+    datasets: Sequence[Dataset],
+    ae_title: str = "MODALITY",
+    tls: ssl.SSLContext | None = None,
+) -> list[int | None]:
     """C-STORE each dataset (its own transfer syntax) on one association; their statuses."""
     ae = scu(ae_title)
     seen: set[tuple[str, str]] = set()
@@ -134,7 +150,7 @@ def store(port: int, datasets: Sequence[Dataset], ae_title: str = "MODALITY") ->
         if pair not in seen:
             seen.add(pair)
             ae.add_requested_context(pair[0], [pair[1]])
-    assoc = ae.associate("127.0.0.1", port, ae_title=SCP_AE)
+    assoc = ae.associate("127.0.0.1", port, ae_title=SCP_AE, tls_args=_tls_args(tls))
     if not assoc.is_established:
         raise ConnectionError("association refused")
     statuses: list[int | None] = []

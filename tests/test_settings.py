@@ -120,6 +120,31 @@ def test_http_tls_file_that_does_not_exist_is_named() -> None:
         Settings.load({"QANTARA_HTTP_TLS_KEY": "/nowhere/gateway.key"})
 
 
+@pytest.mark.parametrize("listener", ["MLLP", "DICOM"])
+@pytest.mark.parametrize("without_certificate", ["TLS_KEY", "TLS_CLIENT_CA"])
+def test_a_listener_s_tls_key_or_client_ca_needs_its_certificate(
+    tmp_path: Path, listener: str, without_certificate: str
+) -> None:
+    pem = tmp_path / "file.pem"
+    pem.write_text("not checked here")
+    with pytest.raises(ConfigError, match=f"QANTARA_{listener}_TLS_CERT"):
+        Settings.load({f"QANTARA_{listener}_{without_certificate}": str(pem)})
+
+
+def test_dicom_tls_settings_reach_the_listener(tmp_path: Path) -> None:
+    cert, key, ca = (tmp_path / n for n in ("gw.crt", "gw.key", "ca.pem"))
+    for path in (cert, key, ca):
+        path.write_text("not checked here")
+    dicom = Settings.load(
+        {
+            "QANTARA_DICOM_TLS_CERT": str(cert),
+            "QANTARA_DICOM_TLS_KEY": str(key),
+            "QANTARA_DICOM_TLS_CLIENT_CA": str(ca),
+        }
+    ).dicom
+    assert (dicom.tls_cert, dicom.tls_key, dicom.tls_client_ca) == (cert, key, ca)
+
+
 def test_migrate_and_api_urls_default_to_the_database_url() -> None:
     database = Settings.load({"QANTARA_DATABASE_URL": "postgresql://app@db/qantara"}).database
     assert database.migrate_dsn == "postgresql://app@db/qantara"

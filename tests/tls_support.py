@@ -1,0 +1,68 @@
+"""A test PKI made with the openssl CLI: a CA, a server certificate for 127.0.0.1 and a client
+certificate, for the listeners' TLS tests (MLLP, DICOM)."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@dataclass(frozen=True, slots=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _openssl(*args: str | Path, cwd: Path) -> None:
+    subprocess.run(
+        ["openssl", *map(str, args)], cwd=cwd, check=True, capture_output=True, timeout=60
+    )
+
+
+EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
+
+def _issue(directory: Path, name: str, usage: str) -> tuple[Path, Path]:
+    """A P-256 key and a certificate for 127.0.0.1 signed by the test CA."""
+    key, csr, cert, ext = (directory / f"{name}.{x}" for x in ("key", "csr", "pem", "ext"))
+    ext.write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n"
+        f"extendedKeyUsage={usage}\nsubjectAltName=IP:127.0.0.1\n"
+    )
+    _openssl(
+        "req", "-new", *EC_KEY, "-keyout", key, "-out", csr, "-subj", f"/CN={name}", cwd=directory
+    )
+    signing = ("-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1")
+    _openssl("x509", "-req", "-in", csr, *signing, "-out", cert, "-extfile", ext, cwd=directory)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make test certificates")
+    directory = tmp_path_factory.mktemp("pki")
+    ca_extensions = (
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+    )  # fmt: skip
+    _openssl("req", "-x509", *EC_KEY, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+             "-subj", "/CN=Qantara test CA", *ca_extensions, cwd=directory)  # fmt: skip
+    server_cert, server_key = _issue(directory, "server", "serverAuth")
+    client_cert, client_key = _issue(directory, "client", "clientAuth")
+    return Pki(directory / "ca.pem", server_cert, server_key, client_cert, client_key)
+
+
+def client_context(pki: Pki, *, with_certificate: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=pki.ca)
+    if with_certificate:
+        context.load_cert_chain(pki.client_cert, pki.client_key)
+    return context
