@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from gateway.redacted_logs import RedactingFormatter
 from gateway.settings import Settings
@@ -189,6 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
     modality.add_argument("--host", default=None, help="gateway host (QANTARA_BIND)")
     modality.add_argument("--port", type=int, default=None, help="port (QANTARA_DICOM_PORT)")
     modality.add_argument("--calling-ae", default="SIM-MODALITY", help="our AE title")
+    modality.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=None,
+        metavar="PEM",
+        help="DICOM over TLS, the gateway's certificate checked against this CA",
+    )
+    modality.add_argument(
+        "--tls-cert", type=Path, default=None, metavar="PEM", help="our certificate (mutual TLS)"
+    )
+    modality.add_argument(
+        "--tls-key", type=Path, default=None, metavar="PEM", help="its private key"
+    )
     modality.add_argument("--quiet", action="store_true", help="no progress line")
 
     fleet = targets.add_parser(

@@ -287,6 +287,9 @@ async def simulate_modality(settings: Settings, args: argparse.Namespace) -> int
             rate=args.rate,
             seed=args.seed,
             quiet=args.quiet,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
         ),
     )
     print(report.summary())  # noqa: T201

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import random
+import ssl
 import sys
 import time
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Final
 
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -63,6 +65,18 @@ class ModalityConfig:
     rate: float = 0.0  # instances per second; 0: as fast as the gateway answers
     seed: int = 1
     quiet: bool = False
+    tls_ca: Path | None = None  # DICOM over TLS, the gateway's certificate checked against it
+    tls_cert: Path | None = None  # with tls_key: our certificate, for mutual TLS
+    tls_key: Path | None = None
+
+    def tls_args(self) -> tuple[ssl.SSLContext, str] | None:
+        """pynetdicom's `tls_args` (a client context, the server name to check), or None."""
+        if self.tls_ca is None:
+            return None
+        context = ssl.create_default_context(cafile=self.tls_ca)
+        if self.tls_cert is not None:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context, self.host
 
 
 @dataclass(slots=True)
@@ -247,7 +261,9 @@ def run_modality(config: ModalityConfig) -> ModalityReport:
     ae.add_requested_context(SOP_CLASSES[config.modality], [ExplicitVRLittleEndian])
     report = ModalityReport()
     started = time.monotonic()
-    assoc = ae.associate(config.host, config.port, ae_title=config.called_ae)
+    assoc = ae.associate(
+        config.host, config.port, ae_title=config.called_ae, tls_args=config.tls_args()
+    )
     if not assoc.is_established:
         report.refused = True
         return report

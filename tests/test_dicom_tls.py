@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset
 
 from dicom import status
 from dicom.config import DicomSettings
+from simulators.modality import ModalityConfig, run_modality
 from tests.dicom_support import RunningDicom, echo, running_dicom, store
 from tests.test_dicom_index import charset_file, renumbered
 from tests.tls_support import Pki, client_context, pki
@@ -91,3 +92,32 @@ async def test_a_peer_that_never_finishes_its_handshake_leaves_no_association_ta
         assert tls_scp.server._tasks == set()
         # Closed by the handshake timeout (acse_timeout, 5 s); read in a thread, off the loop.
         assert await asyncio.to_thread(silent.recv, 1) == b""
+
+
+async def test_the_modality_simulator_sends_over_mutual_tls(
+    mutual_scp: RunningDicom, pki: Pki
+) -> None:
+    config = ModalityConfig(
+        host="127.0.0.1",
+        port=mutual_scp.port,
+        modality="DX",
+        studies=2,
+        quiet=True,
+        tls_ca=pki.ca,
+        tls_cert=pki.client_cert,
+        tls_key=pki.client_key,
+    )
+    report = await asyncio.to_thread(run_modality, config)
+    assert (report.refused, report.failed, report.sent) == (False, 0, 4)
+    assert await mutual_scp.pool.fetchval("SELECT count(*) FROM dicom_instance") == 4
+
+
+async def test_the_modality_simulator_without_its_certificate_is_refused(
+    mutual_scp: RunningDicom, pki: Pki
+) -> None:
+    config = ModalityConfig(
+        host="127.0.0.1", port=mutual_scp.port, studies=1, quiet=True, tls_ca=pki.ca
+    )
+    report = await asyncio.to_thread(run_modality, config)
+    assert report.refused
+    assert report.sent == 0
