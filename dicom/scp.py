@@ -93,6 +93,7 @@ _T = TypeVar("_T")
 DEAD_LETTER_PREFIX: Final = 64 * 1024
 CONFLICT_REASON: Final = "content-conflict"  # storage.writer_dicom.CONFLICT
 STOP_GRACE_SECONDS: Final = 5.0
+SLOW_OPEN_SECONDS: Final = 5.0  # a store open slower than this is logged (the disk stalls)
 RELEASE_CLEANUP_SECONDS: Final = 5.0
 """At most this long, the A-RELEASE-RP waits for the association's prepared spool file to go."""
 ORPHAN_BATCH: Final = 1000
@@ -301,7 +302,10 @@ class DicomServer:
 
     async def start(self) -> int:
         """Open the store, bind and serve; returns the bound port."""
+        opening = time.perf_counter()
         await asyncio.to_thread(self._store.open)
+        if (took := time.perf_counter() - opening) > SLOW_OPEN_SECONDS:
+            logger.warning("DICOM store took %.1f s to open (folder fsyncs, temp sweep)", took)
         self._metrics.init_reasons("dicom", [*REJECT_REASONS, "storage-refused"])
         self._metrics.dicom_associations.set(0)
         s = self._settings

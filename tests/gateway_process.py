@@ -118,7 +118,9 @@ class GatewayProcess:
         mqtt_url: str,
         client_id: str | None = None,
         env: Mapping[str, str] | None = None,
-        start_timeout: float = 30.0,
+        # 90 s: once, on a VM whose fsyncs take 2 ms, a start stalled 30 s between the MQTT
+        # session and the DICOM listener's bind (CI of 2026-11-28 23:52; cause not found).
+        start_timeout: float = 90.0,
         stop_timeout: float = 30.0,
         max_log_lines: int = 20_000,
     ) -> None:
