@@ -309,10 +309,7 @@ async def test_missing_uid_is_refused_and_dead_lettered(scp: RunningDicom, keywo
     [code] = await asyncio.to_thread(store, scp.port, [ds])
     assert code == status.MISSING_UID
     assert await instance_row(scp.pool, str(ds.SOPInstanceUID)) is None
-    letters = await scp.pool.fetchval(
-        "SELECT count(*) FROM dead_letter WHERE protocol = 'dicom' AND reason = 'missing-uid'"
-    )
-    assert letters >= 1
+    assert await dicom_letters(scp, "missing-uid") >= 1
     after = scp.metrics.sample(
         "qantara_messages_rejected_total", {"protocol": "dicom", "reason": "missing-uid"}
     )
@@ -330,17 +327,12 @@ async def test_dataset_without_its_own_sop_uid_is_refused_and_dead_lettered(
     delattr(sent, keyword)
     encoded = BytesIO()
     sent.save_as(encoded, enforce_file_format=True)
-    letters = await scp.pool.fetchval(
-        "SELECT count(*) FROM dead_letter WHERE protocol = 'dicom' AND reason = 'missing-uid'"
-    )
+    letters = await dicom_letters(scp, "missing-uid")
     code = await asyncio.to_thread(store_raw, scp.port, ds, encoded.getvalue())
     assert code == status.MISSING_UID
     assert await instance_row(scp.pool, str(ds.SOPInstanceUID)) is None
     assert temp_files(scp.root) == []
-    after = await scp.pool.fetchval(
-        "SELECT count(*) FROM dead_letter WHERE protocol = 'dicom' AND reason = 'missing-uid'"
-    )
-    assert after == letters + 1
+    assert await dicom_letters(scp, "missing-uid") == letters + 1
 
 
 @pytest.mark.parametrize("cut", [1, 100, 2000])
@@ -402,18 +394,19 @@ async def test_truncated_large_image_is_refused_and_leaves_nothing(
     whole = encoded.getvalue()
     rejected = {"protocol": "dicom", "reason": "unparseable"}
     before = scp.metrics.sample("qantara_messages_rejected_total", rejected) or 0.0
-    letters = await unparseable_letters(scp)
+    letters = await dicom_letters(scp, "unparseable")
     code = await asyncio.to_thread(store_raw, scp.port, ds, whole[: len(whole) - cut])
     assert code == status.CANNOT_UNDERSTAND
     assert await instance_row(scp.pool, str(ds.SOPInstanceUID)) is None
     assert temp_files(scp.root) == []
-    assert await unparseable_letters(scp) == letters + 1
+    assert await dicom_letters(scp, "unparseable") == letters + 1
     assert scp.metrics.sample("qantara_messages_rejected_total", rejected) == before + 1
 
 
-async def unparseable_letters(scp: RunningDicom) -> int:
+async def dicom_letters(scp: RunningDicom, reason: str) -> int:
+    """The DICOM dead letters kept for `reason`."""
     count: int = await scp.pool.fetchval(
-        "SELECT count(*) FROM dead_letter WHERE protocol = 'dicom' AND reason = 'unparseable'"
+        "SELECT count(*) FROM dead_letter WHERE protocol = 'dicom' AND reason = $1", reason
     )
     return count
 
