@@ -11,6 +11,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
@@ -130,10 +131,15 @@ IMAGE_PIXEL = (
 )
 
 
+def one_study(modality: str, charset: str) -> list[Dataset]:
+    """The images of one simulated study, always of the same patient and pixels (seed 5)."""
+    patient = Population(date(2026, 11, 27)).patient(random.Random(5), REGIONS[0].provinces[0])
+    return study_datasets(patient, modality, charset, random.Random(5), datetime.now(UTC))
+
+
 @pytest.mark.parametrize("modality", list(MODULE_ELEMENTS))
 def test_simulated_images_carry_their_iods_image_modules(modality: str) -> None:
-    patient = Population(date(2026, 11, 27)).patient(random.Random(5), REGIONS[0].provinces[0])
-    images = study_datasets(patient, modality, "ISO_IR 192", random.Random(5), datetime.now(UTC))
+    images = one_study(modality, "ISO_IR 192")
     for ds in images:
         missing = [k for k in (*MODULE_ELEMENTS[modality], *IMAGE_PIXEL) if k not in ds]
         assert missing == []
@@ -146,9 +152,8 @@ def test_simulated_images_carry_their_iods_image_modules(modality: str) -> None:
 
 
 def test_simulated_pixels_fit_in_the_bits_stored() -> None:
-    patient = Population(date(2026, 11, 27)).patient(random.Random(5), REGIONS[0].provinces[0])
     for modality in MODULE_ELEMENTS:
-        ds = study_datasets(patient, modality, "ISO_IR 100", random.Random(5), datetime.now(UTC))[0]
+        ds = one_study(modality, "ISO_IR 100")[0]
         width = ds.BitsAllocated // 8
         data = bytes(ds.PixelData)
         values = [int.from_bytes(data[i : i + width], "little") for i in range(0, len(data), width)]
@@ -175,8 +180,7 @@ def dciodvfy(path: Path) -> tuple[str, list[str]]:
 def test_simulated_images_pass_the_dicom3tools_iod_checker(
     tmp_path: Path, modality: str, charset: str
 ) -> None:
-    patient = Population(date(2026, 11, 27)).patient(random.Random(5), REGIONS[0].provinces[0])
-    ds = study_datasets(patient, modality, charset, random.Random(5), datetime.now(UTC))[0]
+    ds = one_study(modality, charset)[0]
     path = tmp_path / "image.dcm"
     ds.save_as(path, enforce_file_format=True)
     assert dciodvfy(path) == (IODS[modality], [])  # the IOD it was meant to be, nothing amiss
