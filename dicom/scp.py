@@ -324,12 +324,13 @@ class DicomServer:
         self._runner = asyncio.create_task(self._run(ready), name="dicom-listener")
         await ready.wait()
         loop = asyncio.get_running_loop()
+        tls = s.ssl_context()
         self._listener = await loop.create_server(
             self._connect,
             self._bind,
             s.port,
-            ssl=s.ssl_context(),
-            ssl_handshake_timeout=s.acse_timeout if s.tls_cert is not None else None,
+            ssl=tls,
+            ssl_handshake_timeout=s.acse_timeout if tls is not None else None,
         )
         self.port = int(self._listener.sockets[0].getsockname()[1])
         return self.port
