@@ -11,7 +11,7 @@ index row. No UID or any other received string ever becomes part of a path. The 
 Content naming makes a resend of the same bytes land on the same name (no second file). A crash
 of the process leaves a temp file (swept: `sweep_temp`) or a complete file under its final name
 that the index may not name; a resend puts its own copy there again, and `orphans` +
-`quarantine` let the listener remove those that stay unnamed (`DicomServer.sweep_orphans`).
+`quarantine` let the listener remove those that stay unnamed (`dicom.orphan_sweep`).
 A file is complete before it gets its final name, but its data reaches the disk only at
 the listener's fsync: after a power loss (not a process crash), a final name that was never
 acknowledged may hold a cut file; a resend replaces it with an fsynced copy, the sweep removes it

@@ -20,12 +20,15 @@ from dicom.association import (
     Acceptor,
     CommandReceived,
     ConnectionClosed,
+    DatasetComplete,
     DatasetFragment,
     Event,
 )
 from dicom.dimse import C_CANCEL_RQ
 
 TIMED_OUT: Final = "timed out"
+Ended = Event | str
+"""What ended an association while a handler was reading: an event, or `TIMED_OUT`."""
 STUCK_WRITES: Final = 256 * 1024
 """Unsent bytes at close beyond which the connection is dropped rather than flushed."""
 
@@ -119,6 +122,20 @@ class Link(asyncio.Protocol):
             self._paused = False
             self._transport.resume_reading()
         return event
+
+    async def receive_dataset(
+        self, sink: Callable[[bytes | memoryview], None], within: float
+    ) -> Ended | None:
+        """Hand each fragment of the announced dataset to `sink`, waiting at most `within`
+        seconds for each; None once it is complete, else what ended the association."""
+        while True:
+            event = await self.next_event(within)
+            if isinstance(event, DatasetFragment):
+                sink(event.data)
+            elif isinstance(event, DatasetComplete):
+                return None
+            else:
+                return event
 
     def cancelled(self, message_id: int) -> bool:
         return message_id in self._cancelled

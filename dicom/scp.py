@@ -5,12 +5,12 @@ association is one task in the server's `TaskGroup`, the protocol is the sans-IO
 `dicom.dimse`, `dicom.association`; the policy in `dicom.negotiation`), the socket side is
 `dicom.link`. A C-STORE dataset is hashed as its fragments come off the wire and written to a file
 in the store's temp folder by batches of a MiB on the association's file queue
-(`dicom.serial_queue`, `dicom.spool`: never more than a few MiB of it in memory, never copied, never
-read twice), after a Part 10 header (`dicom.filemeta`). Then, queued behind them and in worker
-threads: the file is linked to its content-derived name by `FileStore.commit`, its header parsed
-without pixel data by `read_metadata` while the file and, each in a worker, its new folders are
-fsynced; only then is its index row handed to the group-commit pipeline. The status goes back after
-COMMIT:
+(`dicom.write_behind`, `dicom.serial_queue`, `dicom.spool`: never more than a few MiB of it in
+memory, never copied, never read twice), after a Part 10 header (`dicom.filemeta`). Then, queued
+behind them and in worker threads: the file is linked to its content-derived name by
+`FileStore.commit`, its header parsed without pixel data by `read_metadata` while the file and, each
+in a worker, its new folders are fsynced; only then is its index row handed to the group-commit
+pipeline. The status goes back after COMMIT:
 
 - stored, or the same bytes again: 0x0000;
 - the same SOP Instance UID with other content: 0xB006, the first copy kept, a conflict counted;
@@ -19,6 +19,9 @@ COMMIT:
   file under its final name may stay: a resend reuses it, else the orphan sweep removes it);
 - a command without Affected SOP Class/Instance UID: 0xC001 (its response names `0`), the
   association goes on.
+
+C-FIND is `dicom.find_scp`; the files that no index row names (a crash between the link and the
+commit, 0xA700 from the database) are `dicom.orphan_sweep`'s, a task in the server's group.
 
 Associations over `max_associations` get an A-ASSOCIATE-RJ (transient, local limit exceeded);
 timeouts: `acse_timeout` until the request, `dimse_timeout` inside a message, `network_timeout`
@@ -34,16 +37,11 @@ import functools
 import logging
 import os
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
-from datetime import time as time_of_day
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, TypeVar
-
-from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 
 from dicom import dimse, sop_classes, status
 from dicom.association import (
@@ -54,7 +52,6 @@ from dicom.association import (
     ConnectionClosed,
     DatasetComplete,
     DatasetFragment,
-    Event,
     ProtocolError,
     ReleaseRequested,
     State,
@@ -62,13 +59,15 @@ from dicom.association import (
 from dicom.config import DicomSettings
 from dicom.filemeta import file_meta
 from dicom.filestore import FileStore, StagedFile, StoredFile, fsync_dir
-from dicom.identifier import MAX_IDENTIFIER, IdentifierError, decode_identifier, encode_identifier
-from dicom.link import TIMED_OUT, Link
+from dicom.find_scp import Finder, answer_find
+from dicom.link import TIMED_OUT, Ended, Link
 from dicom.metadata import DicomInputError, InstanceMetadata, read_metadata
 from dicom.negotiation import gateway_policy, limit_reached, negotiate
+from dicom.orphan_sweep import Indexed, OrphanSweep
 from dicom.pdu import AssociateReject
 from dicom.serial_queue import SerialQueue
-from dicom.spool import Chunk, SpoolFile
+from dicom.spool import Chunk
+from dicom.write_behind import SPOOL_BATCH, Spools, WriteBehind
 from dicom.writeback import drop_cached
 from ingest.errors import StorageUnavailable
 from ingest.pipeline import GroupCommitPipeline, PipelineClosed
@@ -85,7 +84,6 @@ from ingest.records import (
 )
 from monitoring.metrics import Metrics
 from monitoring.thread_names import name_native_thread
-from storage.dicom_queries import LEVELS, FindMatch, FindRequest, FindRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -96,31 +94,10 @@ STOP_GRACE_SECONDS: Final = 5.0
 SLOW_OPEN_SECONDS: Final = 5.0  # a store open slower than this is logged (the disk stalls)
 RELEASE_CLEANUP_SECONDS: Final = 5.0
 """At most this long, the A-RELEASE-RP waits for the association's prepared spool file to go."""
-ORPHAN_BATCH: Final = 1000
-ORPHAN_SCAN_SHARE: Final = 0.25
-"""The start-up scan for orphans works at most this share of its time, a top-level shard folder
-at a time (`DicomServer._scan`)."""
 PLACEHOLDER_UID: Final = "0"
 """Stands for an Affected SOP UID a C-STORE command lacked; never indexed (refused)."""
-SPOOL_BATCH: Final = 1 << 20
-"""Received bytes held (by reference) before they are handed to the association's file queue as
-one batch: one `writev` (`_WriteBehind`). A dataset smaller than this is written in one piece by
-its settle, once complete. Each batch wakes the file thread, which then wants the GIL while the
-event loop is busy with the transfer: with 1 MiB instead of 64 KiB, a cycle was 0.976 and 0.968
-times as long (0.5 MB instances, one association, blocks of 25 instances alternated inside one
-gateway, two runs, 2026-11-28)."""
-SPOOL_BACKLOG: Final = 1 << 20
-"""Bytes handed to the file queue and not yet written beyond which the receiving waits (and the
-socket's reading with it): what an association holds in memory stays bounded (a batch being
-gathered, the one being written and at most this much more: about 3 MiB)."""
 REJECT_REASONS: Final = ("unparseable", "missing-uid", "invalid-uid", "uid-mismatch")
 CONFLICT_COMMENT: Final = "instance already stored with other content; first copy kept"
-
-Finder = Callable[[FindRequest], Awaitable[list[FindMatch]]]
-Indexed = Callable[[list[str]], Awaitable[set[str]]]
-"""Which of these relative file names the index names (`storage.dicom_queries.indexed_files`)."""
-Ended = Event | str
-"""What ended an association while a handler was reading: an event, or `TIMED_OUT`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,106 +126,6 @@ _RECEIVED: Final = _Answer(status.SUCCESS, "received")
 """`_spool`'s sentinel: the dataset is complete, not yet answered."""
 
 
-class _Spools:
-    """An association's spool files, each created on the association's file queue one C-STORE
-    ahead: on ext4 a create right after fsyncs waits about a millisecond for the journal, so the
-    next dataset's file is created once this one's answer has gone out, while the sender reads
-    it and sends the next command, not when the next dataset arrives. Not while the index row
-    commits: the create then competed with the database call for the GIL and the journal (one
-    association: 76 against 85 stores/s). Not before the answer either: waking the file thread
-    costs the event loop about 0.1 ms on a VM, and the answer waited for it (1.047 and 1.021
-    times the stores a second, two series of 14 alternated rounds, 2026-11-28)."""
-
-    def __init__(self, folder: Path, queue: SerialQueue) -> None:
-        self._folder = folder
-        self._queue = queue
-        self._next: _WriteBehind | None = None
-
-    def prepare(self) -> None:
-        if self._next is None:
-            self._next = self._new()
-
-    def take(self) -> _WriteBehind:
-        """The next spool file, its creation maybe still running."""
-        taken, self._next = self._next or self._new(), None
-        return taken
-
-    def _new(self) -> _WriteBehind:
-        return _WriteBehind(SpoolFile(self._folder), self._queue)
-
-    def close(self) -> concurrent.futures.Future[None] | None:
-        """The association ends: remove the file prepared for a C-STORE that did not come; the
-        removal's future (None when nothing was prepared or it ran at once)."""
-        prepared, self._next = self._next, None
-        return prepared.discard() if prepared is not None else None
-
-    async def release(self, within: float) -> None:
-        """The peer asks for a release: `close`, and wait until the file is gone (at most
-        `within` seconds), so that a released association has left no spool file."""
-        removed = self.close()
-        if removed is not None:
-            # asyncio.wait, not wait_for: a timeout must not cancel the removal itself.
-            await asyncio.wait([asyncio.wrap_future(removed)], timeout=within)
-
-
-class _WriteBehind:
-    """A spool file's steps on its association's file queue, in order: the create, each batch as
-    it is handed over, then the settle. The event loop does not wait for a batch to be written
-    before it receives the next one (a create or a write to the page cache can wait for the ext4
-    journal); it has hashed the batch already (`SpoolFile.add`). Beyond `SPOOL_BACKLOG` bytes
-    handed over and not yet written, `write` waits. The first step that fails is kept
-    (`failed`); the steps after it do nothing, and the settle reports it."""
-
-    def __init__(self, spool: SpoolFile, queue: SerialQueue) -> None:
-        self.spool = spool
-        self._queue = queue
-        self.failed: OSError | None = None
-        self._unwritten: deque[tuple[concurrent.futures.Future[None], int]] = deque()
-        self._unwritten_bytes = 0
-        queue.submit(self._step, spool.open)
-
-    def _step(self, function: Callable[..., None], *args: object) -> None:
-        """On the queue: a file step, unless one failed before."""
-        if self.failed is not None:
-            return
-        try:
-            function(*args)
-        except OSError as exc:
-            self.failed = exc
-
-    async def write(self, batch: list[Chunk]) -> None:
-        """Queue `batch`; wait while too much is queued and not yet written."""
-        size = sum(len(chunk) for chunk in batch)
-        written = self._queue.submit(self._step, self.spool.write, batch)
-        self._unwritten.append((written, size))
-        self._unwritten_bytes += size
-        while self._unwritten and (
-            self._unwritten[0][0].done() or self._unwritten_bytes > SPOOL_BACKLOG
-        ):
-            oldest, oldest_size = self._unwritten[0]
-            if not oldest.done():  # else no wrapper: it would wake the loop up for nothing
-                # Shielded: the step runs on whatever happens to this task (the file stays
-                # open under it until the discard queued behind it).
-                await asyncio.shield(asyncio.wrap_future(oldest))
-            oldest.result()
-            self._unwritten.popleft()
-            self._unwritten_bytes -= oldest_size
-
-    async def settle(self, function: Callable[..., _T], *args: object) -> _T:
-        """Run `function(*args)` on the queue after the steps queued before it; shielded, so
-        that the file is settled (or removed) even when this task is cancelled."""
-        return await asyncio.shield(asyncio.wrap_future(self._queue.submit(function, *args)))
-
-    def discard(self) -> concurrent.futures.Future[None] | None:
-        """Remove the spool file once the steps queued before are done; the removal's future
-        (None when it ran at once)."""
-        try:
-            return self._queue.submit(self.spool.discard)
-        except RuntimeError:  # the listener's threads are gone: nothing runs on the file
-            self.spool.discard()
-            return None
-
-
 class DicomServer:
     """The listener on `bind:port`; `start()` in the loop, `stop()` at shutdown."""
 
@@ -270,7 +147,7 @@ class DicomServer:
         self._pipeline = pipeline
         self._store = store
         self._finder = finder
-        self._indexed = indexed
+        self._orphans = OrphanSweep(store, indexed, settings, metrics)
         self._metrics = metrics
         self._policy = gateway_policy(
             settings.ae_title, settings.max_pdu, settings.allowed_aes, settings.require_called_ae
@@ -288,7 +165,6 @@ class DicomServer:
         # remove).
         self._workers: concurrent.futures.ThreadPoolExecutor | None = None
         self._spoolers: concurrent.futures.ThreadPoolExecutor | None = None
-        self._suspects: set[str] = set()  # final files answered without success: maybe orphans
         self._associations = 0
         self.port: int | None = None
 
@@ -355,7 +231,7 @@ class DicomServer:
         """The server's task group: the sweeper and one task per association."""
         async with asyncio.TaskGroup() as group:
             self._group = group
-            sweeper = group.create_task(self._sweep_forever(), name="dicom-sweep")
+            sweeper = group.create_task(self._orphans.run(), name="dicom-sweep")
             ready.set()
             await self._stopping.wait()
             self._group = None
@@ -418,7 +294,7 @@ class DicomServer:
             self._metrics.dicom_associations.set(self._associations)
             await link.send(link.acceptor.accept(answer))
             link.pump()  # what arrived while we decided
-            spools = _Spools(self._store.tmp, SerialQueue(_started(self._spoolers)))
+            spools = Spools(self._store.tmp, SerialQueue(_started(self._spoolers)))
             try:
                 await self._serve(link, calling, spools)
             finally:
@@ -438,7 +314,7 @@ class DicomServer:
                 self._metrics.dicom_associations.set(self._associations)
             link.close()
 
-    async def _serve(self, link: Link, calling: str, spools: _Spools) -> None:
+    async def _serve(self, link: Link, calling: str, spools: Spools) -> None:
         s = self._settings
         while True:
             busy = link.acceptor.in_message
@@ -471,7 +347,7 @@ class DicomServer:
             link.close(link.acceptor.abort())
 
     async def _command(
-        self, link: Link, event: CommandReceived, calling: str, spools: _Spools
+        self, link: Link, event: CommandReceived, calling: str, spools: Spools
     ) -> Ended | None:
         command = event.command
         field = command.command_field
@@ -480,7 +356,7 @@ class DicomServer:
         if field == dimse.C_STORE_RQ and event.abstract_syntax in sop_classes.STORAGE:
             return await self._c_store(link, event, calling, spools)
         if field == dimse.C_FIND_RQ and event.abstract_syntax in sop_classes.FIND_MODELS:
-            return await self._c_find(link, event)
+            return await answer_find(link, event, self._finder, self._settings)
         ended = await self._skip_dataset(link, command)
         if ended is not None:
             return ended
@@ -491,28 +367,15 @@ class DicomServer:
         await link.send(link.acceptor.send_message(event.context_id, answer))
         return None
 
-    async def _receive_dataset(
-        self, link: Link, sink: Callable[[bytes | memoryview], None]
-    ) -> Ended | None:
-        """Hand each fragment of the announced dataset to `sink`; None once it is complete."""
-        while True:
-            event = await link.next_event(self._settings.dimse_timeout)
-            if isinstance(event, DatasetFragment):
-                sink(event.data)
-            elif isinstance(event, DatasetComplete):
-                return None
-            else:
-                return event
-
     async def _skip_dataset(self, link: Link, command: dimse.Command) -> Ended | None:
         if not command.has_dataset:
             return None
-        return await self._receive_dataset(link, lambda data: None)
+        return await link.receive_dataset(lambda data: None, self._settings.dimse_timeout)
 
     # --- C-STORE ------------------------------------------------------------------------------
 
     async def _c_store(
-        self, link: Link, event: CommandReceived, calling: str, spools: _Spools
+        self, link: Link, event: CommandReceived, calling: str, spools: Spools
     ) -> Ended | None:
         started = time.perf_counter()
         received_at = datetime.now(UTC)
@@ -535,7 +398,7 @@ class DicomServer:
         return None
 
     async def _spool(
-        self, link: Link, writer: _WriteBehind, event: CommandReceived
+        self, link: Link, writer: WriteBehind, event: CommandReceived
     ) -> _Answer | Ended:
         """Receive the dataset into `writer`'s spool file after its Part 10 header, handing it a
         batch whenever `SPOOL_BATCH` bytes have arrived. `_RECEIVED`: all received, batches
@@ -574,8 +437,8 @@ class DicomServer:
 
     async def _keep(
         self,
-        writer: _WriteBehind,
-        spools: _Spools,
+        writer: WriteBehind,
+        spools: Spools,
         event: CommandReceived,
         calling: str,
         received_at: datetime,
@@ -591,7 +454,7 @@ class DicomServer:
             )
         except _DiskError as exc:
             if exc.relative is not None:
-                self._suspects.add(exc.relative)
+                self._orphans.suspect(exc.relative)
             return self._unavailable("disk", str(exc))
         try:
             outcome = await self._commit(
@@ -604,12 +467,12 @@ class DicomServer:
         except StorageUnavailable as exc:
             # The complete file stays under its content name: a resend finds it again; if none
             # comes, the orphan sweep removes it.
-            self._suspects.add(stored.relative)
+            self._orphans.suspect(stored.relative)
             return self._unavailable("database", str(exc))
         return await self._answer(outcome, stored)
 
     def _settle(
-        self, writer: _WriteBehind, rest: list[Chunk], calling: str, command: dimse.Command
+        self, writer: WriteBehind, rest: list[Chunk], calling: str, command: dimse.Command
     ) -> tuple[InstanceMetadata, StoredFile]:
         """On the association's file queue, after its batches: write the last one, give the file
         its content name, then fsync it while workers fsync the folders of its name and another
@@ -700,7 +563,7 @@ class DicomServer:
             return _Answer(status.ELEMENTS_DISCARDED, CONFLICT_COMMENT)
         # Refused by the database (dead-lettered): no row names the file, and the sender was not
         # told 0x0000. The sweep removes it once no store of the same bytes has named it.
-        self._suspects.add(stored.relative)
+        self._orphans.suspect(stored.relative)
         return _Answer(status.for_reason(outcome.reason), outcome.reason)
 
     async def _refuse(
@@ -770,169 +633,9 @@ class DicomServer:
         loop = asyncio.get_running_loop()
         return loop.run_in_executor(self._workers, functools.partial(function, *args))
 
-    # --- C-FIND -------------------------------------------------------------------------------
-
-    async def _c_find(self, link: Link, event: CommandReceived) -> Ended | None:
-        command = event.command
-        data = bytearray()
-        too_long = False
-
-        def collect(fragment: bytes | memoryview) -> None:
-            nonlocal too_long
-            if len(data) + len(fragment) > MAX_IDENTIFIER:
-                too_long = True
-            else:
-                data.extend(fragment)
-
-        ended = await self._receive_dataset(link, collect) if command.has_dataset else None
-        if ended is not None:
-            return ended
-        message_id = command.message_id or 0
-
-        async def reply(
-            code: int, identifier: bytes | None = None, comment: str | None = None
-        ) -> None:
-            response = dimse.find_response(
-                command, code, identifier=identifier is not None, error_comment=comment
-            )
-            await link.send(link.acceptor.send_message(event.context_id, response, identifier))
-
-        try:
-            if too_long or not command.has_dataset:
-                raise IdentifierError("no identifier")
-            identifier = decode_identifier(bytes(data), event.transfer_syntax)
-            level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
-            criteria = tuple(
-                (element.keyword, _criterion(element.value))
-                for element in identifier
-                if element.keyword and element.keyword != "QueryRetrieveLevel"
-            )
-        except (IdentifierError, ValueError, TypeError, AttributeError, KeyError):
-            logger.info("DICOM C-FIND identifier cannot be decoded")
-            await reply(status.FIND_IDENTIFIER_INVALID, comment="identifier cannot be decoded")
-            return None
-        if level not in LEVELS:
-            await reply(status.FIND_IDENTIFIER_INVALID, comment="unknown query/retrieve level")
-            return None
-        if level not in sop_classes.FIND_LEVELS[event.abstract_syntax]:
-            await reply(status.FIND_IDENTIFIER_INVALID, comment="level not in this query model")
-            return None
-        keywords = [k for k, _ in criteria]
-        request = FindRequest(level, criteria, self._settings.max_find_results)
-        try:
-            async with asyncio.timeout(self._settings.store_timeout):
-                matches = await self._finder(request)
-        except FindRequestError:
-            await reply(status.FIND_IDENTIFIER_INVALID, comment="invalid matching key")
-            return None
-        except (StorageUnavailable, TimeoutError):
-            await reply(status.FIND_OUT_OF_RESOURCES, comment="database unavailable")
-            return None
-        for match in matches:
-            if link.cancelled(message_id):
-                break
-            encoded = encode_identifier(
-                _match_dataset(level, keywords, match), event.transfer_syntax
-            )
-            await reply(status.PENDING, encoded)
-        await reply(dimse.CANCEL if link.cancelled(message_id) else status.SUCCESS)
-        return None
-
-    # --- files no index row names -------------------------------------------------------------
-
     async def sweep_orphans(self, candidates: list[str] | None = None) -> int:
-        """Remove complete files under a final name that no index row names and that are older
-        than `orphan_age` (a crash between rename and commit, or 0xA700 from the database with
-        no resend since). `candidates`: relative names to check; None scans the store for files
-        of the last `orphan_lookback` seconds. Returns how many files went.
-
-        Removing, not indexing: the file lacks what only the association knew (the calling AE
-        title, which scopes a PatientID without issuer), and the sender, never told 0x0000,
-        still holds the instance and sends it again. The check is safe against a resend of the
-        same bytes racing it: the file is first moved aside atomically; if what was moved is
-        younger than `orphan_age` (a store just renamed its copy there) or the index names it
-        by now, it is put back.
-        """
-        if self._indexed is None:
-            return 0
-        s = self._settings
-        if candidates is None:
-            candidates = await self._scan()
-        removed = 0
-        for start in range(0, len(candidates), ORPHAN_BATCH):
-            chunk = candidates[start : start + ORPHAN_BATCH]
-            named = await self._indexed(chunk)
-            for relative in chunk:
-                if relative in named:
-                    continue
-                aside = await asyncio.to_thread(self._store.quarantine, relative, s.orphan_age)
-                if aside is None:
-                    continue
-                if await self._indexed([relative]):
-                    await asyncio.to_thread(self._store.restore, aside, relative)
-                    continue
-                await asyncio.to_thread(self._store.drop, aside, relative)
-                removed += 1
-        if removed:
-            logger.warning("removed %d DICOM file(s) that no index row names", removed)
-            self._metrics.dicom_orphans_removed.inc(removed)
-        return removed
-
-    async def _scan(self) -> list[str]:
-        """The store's files of the last `orphan_lookback` seconds older than `orphan_age`, one
-        top-level shard folder at a time in a thread, paced to `ORPHAN_SCAN_SHARE`.
-
-        The scan holds the GIL between its system calls, beside the event loop: run at once, it
-        halved the stores a second of a gateway restarted on a store with all its shard folders
-        (0.75 s of CPU for 65,536 of them, empty; a `stat` more per recent file). In steps, a
-        stop cancels it between two folders instead of waiting for a thread to finish."""
-        s = self._settings
-        found: list[str] = []
-        for top in await asyncio.to_thread(self._store.tops):
-            began = time.monotonic()
-            found += await asyncio.to_thread(
-                self._store.orphans_in, top, s.orphan_age, s.orphan_lookback
-            )
-            worked = time.monotonic() - began
-            await asyncio.sleep(worked * (1.0 - ORPHAN_SCAN_SHARE) / ORPHAN_SCAN_SHARE)
-        return found
-
-    async def _sweep_forever(self) -> None:
-        """At start, scan the store for orphans; then, every `sweep_interval`, check the files
-        answered without success (after `orphan_age`) and remove stale temp files."""
-        s = self._settings
-        first = True
-        while True:
-            try:
-                if first:
-                    await self.sweep_orphans()
-                    first = False
-                else:
-                    limit = time.time() - s.orphan_age
-                    due = sorted(self._suspects)
-                    self._suspects.clear()
-                    ready, later = await asyncio.to_thread(self._split_by_age, due, limit)
-                    self._suspects.update(later)
-                    await self.sweep_orphans(ready)
-                    await asyncio.to_thread(self._store.sweep_temp)
-            except StorageUnavailable:
-                logger.info("DICOM orphan sweep postponed: database unavailable")
-            except OSError as exc:
-                logger.warning("DICOM orphan sweep failed: %s", type(exc).__name__)
-            except Exception as exc:  # noqa: BLE001 - the sweep must not end the listener's group
-                logger.error("DICOM orphan sweep failed: %s", type(exc).__name__)
-            await asyncio.sleep(s.sweep_interval)
-
-    def _split_by_age(self, relatives: list[str], limit: float) -> tuple[list[str], list[str]]:
-        ready: list[str] = []
-        later: list[str] = []
-        for relative in relatives:
-            try:
-                mtime = self._store.path_of(relative).stat().st_mtime
-            except (OSError, ValueError):
-                continue  # gone already
-            (ready if mtime < limit else later).append(relative)
-        return ready, later
+        """Remove the files no index row names (`OrphanSweep.sweep`); how many went."""
+        return await self._orphans.sweep(candidates)
 
 
 def _started(
@@ -951,14 +654,6 @@ def _prefix(path: Path) -> bytes:
             return f.read(DEAD_LETTER_PREFIX)
     except OSError:
         return b""
-
-
-def _criterion(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, MultiValue | list | tuple):
-        return "\\".join(str(v) for v in value)
-    return str(value)
 
 
 def _instance(meta: InstanceMetadata, stored: StoredFile, calling: str) -> DicomInstance:
@@ -994,35 +689,3 @@ def _instance(meta: InstanceMetadata, stored: StoredFile, calling: str) -> Dicom
         instance_number=meta.instance_number,
         content_date=meta.content_date,
     )
-
-
-def _match_dataset(level: str, keywords: list[str], match: FindMatch) -> Dataset:
-    """A C-FIND response identifier: the requested keys, valued from the match, in UTF-8."""
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.QueryRetrieveLevel = level
-    for keyword in keywords:
-        if keyword == "SpecificCharacterSet":
-            continue
-        value = match.get(keyword)
-        try:
-            setattr(ds, keyword, _dicom_value(value))
-        except (ValueError, TypeError):
-            setattr(ds, keyword, None)
-    return ds
-
-
-def _dicom_value(value: object) -> object:
-    if value is None or value == "":
-        return None
-    if isinstance(value, datetime):
-        return value.strftime("%Y%m%d%H%M%S")
-    if isinstance(value, time_of_day):
-        return value.strftime("%H%M%S")
-    if isinstance(value, date):
-        return value.strftime("%Y%m%d")
-    if isinstance(value, list):
-        return [str(v) for v in value if v] or None
-    if isinstance(value, int):
-        return str(value)
-    return value

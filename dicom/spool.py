@@ -12,10 +12,10 @@ once `WRITEBACK_EVERY` bytes have been written since it last did, has the kernel
 to disk (`dicom.writeback`), so that the final fsync of a large instance finds little left; what
 lies more than `DROP_BEHIND` behind the bytes written and is already on disk leaves the page cache
 (a 1 GB instance does not stay cached in full). The listener has a worker write a batch every MiB
-(`dicom.scp.SPOOL_BATCH`), one at a time, and the last one in the worker that then fsyncs, so that
-no write (which on ext4 can wait for the journal) holds up the event loop. The hashing moved from
-that worker to `add` on 2026-11-28: the worker got neither the GIL nor a CPU while the event loop
-and the sender were busy with the transfer, so it hashed the whole instance after the last byte
+(`dicom.write_behind.SPOOL_BATCH`), one at a time, and the last one in the worker that then fsyncs,
+so that no write (which on ext4 can wait for the journal) holds up the event loop. The hashing moved
+from that worker to `add` on 2026-11-28: the worker got neither the GIL nor a CPU while the event
+loop and the sender were busy with the transfer, so it hashed the whole instance after the last byte
 (0.45 ms of a 3.4 ms cycle, one association, a 2-vCPU VM with SHA extensions); hashed as it arrives,
 an instance's cycle was 0.966 and 0.969 times as long (blocks of 25 instances alternated inside one
 gateway, two runs). `finish()` gives digest, size and a descriptor for the fsync; `discard()`

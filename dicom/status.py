@@ -1,7 +1,7 @@
 """DICOM status codes the SCP answers with (PS3.4 Annex B for Storage, C for Query/Retrieve).
 
 Every handler returns one of these; the mapping from our outcomes and errors to a status lives in
-`dicom.scp` and nowhere else.
+`dicom.scp` (Verification, Storage) and `dicom.find_scp` (C-FIND), and nowhere else.
 """
 
 from __future__ import annotations
