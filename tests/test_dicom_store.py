@@ -38,7 +38,8 @@ from tests.dicom_support import (
 )
 from tests.services_support import wait_until
 
-# (file, transfer syntax it carries) across SOP classes: CT, MR, secondary capture, RT.
+# pydicom's test files across SOP classes (CT, MR, secondary capture, RT, and what the mobile
+# units' ECGs and ultrasound send, structured reports, segmentations) and transfer syntaxes.
 TEST_FILES = [
     "CT_small.dcm",  # CT, explicit VR little endian
     "MR_small_implicit.dcm",  # MR, implicit VR little endian
@@ -51,6 +52,15 @@ TEST_FILES = [
     "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS lossless
     "image_dfl.dcm",  # deflated explicit VR little endian
     "rtplan.dcm",  # RT Plan, no pixel data
+    "JPEGLSNearLossless_08.dcm",  # JPEG-LS near-lossless
+    "waveform_ecg.dcm",  # 12-lead ECG waveform, no pixel data
+    "examples_rgb_color.dcm",  # ultrasound, RGB
+    "examples_ybr_color.dcm",  # ultrasound multi-frame, JPEG baseline
+    "reportsi.dcm",  # Basic Text SR
+    "test-SR.dcm",  # Comprehensive SR
+    "rtdose_rle.dcm",  # RT Dose, multi-frame RLE
+    "liver_1frame.dcm",  # Segmentation
+    "liver_expb_1frame.dcm",  # Segmentation, explicit VR big endian (retired, still sent)
 ]
 
 
