@@ -20,7 +20,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol, TypeVar
 
 import asyncpg
 import orjson
@@ -71,6 +71,7 @@ from gateway.fhir_search import (
     PATIENT_PARAMETERS,
     REPORT_PARAMETERS,
     DateFilter,
+    Paging,
     PatientCriterion,
     SearchParameterError,
     Token,
@@ -135,6 +136,15 @@ from storage.queries import (
 from storage.tokens import TokenGrant
 
 logger = logging.getLogger(__name__)
+
+
+class _HasId(Protocol):
+    @property
+    def id(self) -> int: ...
+
+
+_Keyed = TypeVar("_Keyed", bound=_HasId)
+"""A row of a search kept in id order (`_FhirApi._id_page`)."""
 access_logger = logging.getLogger("gateway.http.access")
 
 FHIR_JSON: Final = "application/fhir+json"
@@ -591,6 +601,29 @@ class _FhirApi:
     def _next_id(self, digest: bytes, last_id: int) -> str:
         return self._cursors.encode(digest, CursorPosition(None, last_id))
 
+    async def _id_page(
+        self,
+        request: Request,
+        paging: Paging,
+        digest: bytes,
+        count: Callable[[], Awaitable[int]],
+        fetch: Callable[[int | None, int], Awaitable[Sequence[_Keyed]]],
+        resource: Callable[[_Keyed], JsonObject],
+        used: frozenset[str],
+    ) -> Served:
+        """A searchset page of rows kept in id order: the cursor checked first, the total
+        counted, then (unless only the count is asked for) one row more than the page is read,
+        to know whether a next page exists."""
+        after = self._after_id(paging.cursor, digest)
+        total = await count()
+        if paging.summary_count or paging.count == 0:
+            return self._bundle(request, [], total, paging.cursor, None, used)
+        rows = await fetch(after, paging.count + 1)
+        page = rows[: paging.count]
+        next_cursor = self._next_id(digest, page[-1].id) if len(rows) > paging.count else None
+        resources = [resource(row) for row in page]
+        return self._bundle(request, resources, total, paging.cursor, next_cursor, used)
+
     async def _patients_by_identifiers(self, identifiers: Sequence[Token]) -> list[int]:
         found: set[int] = set()
         for token in identifiers:
@@ -781,8 +814,6 @@ class _FhirApi:
         search = parse_report_search(
             request.query_params.multi_items(), strict=strict, **self._limits()
         )
-        digest = search.digest()
-        after = self._after_id(search.paging.cursor, digest)
         query = ReportQuery(
             patient_ids=tuple(await self._whose(search.patient)),
             codes=(
@@ -794,16 +825,14 @@ class _FhirApi:
             end=search.dates.range.end,
             excluded=_ranges(search.dates),
         )
-        paging = search.paging
-        total = await count_lab_reports(self._db, query)
-        if paging.summary_count or paging.count == 0:
-            return self._bundle(request, [], total, paging.cursor, None, REPORT_PARAMETERS)
-        rows = await search_lab_reports(self._db, query, after, paging.count + 1)
-        page = rows[: paging.count]
-        next_cursor = self._next_id(digest, page[-1].id) if len(rows) > paging.count else None
-        resources = [diagnostic_report_resource(r) for r in page]
-        return self._bundle(
-            request, resources, total, paging.cursor, next_cursor, REPORT_PARAMETERS
+        return await self._id_page(
+            request,
+            search.paging,
+            search.digest(),
+            lambda: count_lab_reports(self._db, query),
+            lambda after, limit: search_lab_reports(self._db, query, after, limit),
+            diagnostic_report_resource,
+            REPORT_PARAMETERS,
         )
 
     # --- ImagingStudy, Device ---
@@ -812,8 +841,6 @@ class _FhirApi:
         search = parse_imaging_search(
             request.query_params.multi_items(), strict=strict, **self._limits()
         )
-        digest = search.digest()
-        after = self._after_id(search.paging.cursor, digest)
         query = ImagingQuery(
             patient_ids=(
                 tuple(await self._whose(search.patient)) if search.patient is not None else None
@@ -824,16 +851,14 @@ class _FhirApi:
             excluded=_ranges(search.started),
             modalities=tuple(sorted(search.modalities)) if search.modalities is not None else None,
         )
-        paging = search.paging
-        total = await count_studies(self._db, query)
-        if paging.summary_count or paging.count == 0:
-            return self._bundle(request, [], total, paging.cursor, None, IMAGING_PARAMETERS)
-        rows = await search_studies(self._db, query, after, paging.count + 1)
-        page = rows[: paging.count]
-        next_cursor = self._next_id(digest, page[-1].id) if len(rows) > paging.count else None
-        resources = [imaging_study_resource(r) for r in page]
-        return self._bundle(
-            request, resources, total, paging.cursor, next_cursor, IMAGING_PARAMETERS
+        return await self._id_page(
+            request,
+            search.paging,
+            search.digest(),
+            lambda: count_studies(self._db, query),
+            lambda after, limit: search_studies(self._db, query, after, limit),
+            imaging_study_resource,
+            IMAGING_PARAMETERS,
         )
 
     async def read_device(self, request: Request, strict: bool) -> Served:
@@ -847,8 +872,6 @@ class _FhirApi:
         search = parse_device_search(
             request.query_params.multi_items(), strict=strict, **self._limits()
         )
-        digest = search.digest()
-        after = self._after_id(search.paging.cursor, digest)
         idents: list[tuple[str | None, str]] = []
         for token in search.identifiers:
             assert token.code is not None  # noqa: S101 - parse_identifier requires a value
@@ -856,16 +879,14 @@ class _FhirApi:
                 idents.append((None, token.code))
             elif token.system.startswith(UNIT_SYSTEM_PREFIX):
                 idents.append((token.system[len(UNIT_SYSTEM_PREFIX) :], token.code))
-        paging = search.paging
-        total = await count_devices(self._db, idents)
-        if paging.summary_count or paging.count == 0:
-            return self._bundle(request, [], total, paging.cursor, None, DEVICE_PARAMETERS)
-        rows = await search_devices(self._db, idents, after, paging.count + 1)
-        page = rows[: paging.count]
-        next_cursor = self._next_id(digest, page[-1].id) if len(rows) > paging.count else None
-        resources = [device_resource(r) for r in page]
-        return self._bundle(
-            request, resources, total, paging.cursor, next_cursor, DEVICE_PARAMETERS
+        return await self._id_page(
+            request,
+            search.paging,
+            search.digest(),
+            lambda: count_devices(self._db, idents),
+            lambda after, limit: search_devices(self._db, idents, after, limit),
+            device_resource,
+            DEVICE_PARAMETERS,
         )
 
     # --- AuditEvent ---
@@ -874,8 +895,6 @@ class _FhirApi:
         search = parse_audit_search(
             request.query_params.multi_items(), strict=strict, **self._limits()
         )
-        digest = search.digest()
-        after = self._after_id(search.paging.cursor, digest)
         if search.dates.excluded:
             raise SearchParameterError("date", "prefix 'ne' is not supported for AuditEvent")
         query = AuditQuery(
@@ -886,15 +905,15 @@ class _FhirApi:
             start=search.dates.range.start,
             end=search.dates.range.end,
         )
-        paging = search.paging
-        total = await count_access(self._db, query)
-        if paging.summary_count or paging.count == 0:
-            return self._bundle(request, [], total, paging.cursor, None, AUDIT_PARAMETERS)
-        rows = await search_access(self._db, query, after, paging.count + 1)
-        page = rows[: paging.count]
-        next_cursor = self._next_id(digest, page[-1].id) if len(rows) > paging.count else None
-        resources = [audit_event_resource(r) for r in page]
-        return self._bundle(request, resources, total, paging.cursor, next_cursor, AUDIT_PARAMETERS)
+        return await self._id_page(
+            request,
+            search.paging,
+            search.digest(),
+            lambda: count_access(self._db, query),
+            lambda after, limit: search_access(self._db, query, after, limit),
+            audit_event_resource,
+            AUDIT_PARAMETERS,
+        )
 
     # --- public documents ---
 
