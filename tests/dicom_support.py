@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import secrets
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -21,6 +22,7 @@ from typing import Any
 
 import asyncpg
 from pydicom import dcmread
+from pydicom.data import get_charset_files
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.dimse_messages import C_STORE_RQ
@@ -311,3 +313,19 @@ def send_raw_store(
     if assoc.is_established:
         assoc.release()
     return (answers[0] if answers else None), assoc
+
+
+def renumbered(ds: Dataset) -> Dataset:
+    """`ds` under new UIDs, so that a test stores an instance of its own."""
+    suffix = str(int(secrets.token_hex(6), 16))
+    ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.11.{suffix}"
+    ds.StudyInstanceUID = f"1.2.826.0.1.3680043.10.12.{suffix}"
+    ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.10.13.{suffix}"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+def charset_file(name: str) -> Dataset:
+    """One of pydicom's character set files (`chrArab.dcm`...)."""
+    [path] = get_charset_files(name)
+    return dcmread(path)

@@ -12,7 +12,7 @@ import asyncpg
 import httpx
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_charset_files, get_testdata_file
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
 from dicom import status
@@ -24,7 +24,9 @@ from tests.dicom_support import (
     STUDY_ROOT_FIND,
     RunningDicom,
     c_find,
+    charset_file,
     instance_row,
+    renumbered,
     running_dicom,
     store,
     stored_files,
@@ -48,20 +50,6 @@ async def scp(
 ) -> AsyncIterator[RunningDicom]:
     async with running_dicom(api_dsn, tmp_path_factory.mktemp("dicom-index")) as running:
         yield running
-
-
-def renumbered(ds: Dataset) -> Dataset:
-    suffix = str(int(secrets.token_hex(6), 16))
-    ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.11.{suffix}"
-    ds.StudyInstanceUID = f"1.2.826.0.1.3680043.10.12.{suffix}"
-    ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.10.13.{suffix}"
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    return ds
-
-
-def charset_file(name: str) -> Dataset:
-    [path] = get_charset_files(name)
-    return dcmread(path)
 
 
 def ct(patient_id: str, **elements: object) -> Dataset:
@@ -93,6 +81,24 @@ async def test_patient_name_is_decoded_exactly_into_the_index(scp: RunningDicom,
     row = await instance_row(scp.pool, str(ds.SOPInstanceUID))
     assert row["patient_name"] == original
     assert row["charset"]
+
+
+@pytest.mark.parametrize("name", CHARSET_FILES)
+async def test_patient_name_comes_back_exactly_from_c_find(scp: RunningDicom, name: str) -> None:
+    original = str(charset_file(name).PatientName)
+    ds = renumbered(charset_file(name))
+    ds.PatientID = f"CS-{secrets.token_hex(4)}"
+    [code] = await asyncio.to_thread(store, scp.port, [ds])
+    assert code == status.SUCCESS
+    found, final = await asyncio.to_thread(
+        c_find,
+        scp.port,
+        query("STUDY", PatientID=str(ds.PatientID), PatientName="", StudyInstanceUID=""),
+        STUDY_ROOT_FIND,
+    )
+    assert final == status.SUCCESS
+    [match] = found
+    assert str(match.PatientName) == original
 
 
 async def test_arabic_name_reaches_fhir_patient_and_imaging_study(

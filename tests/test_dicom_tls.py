@@ -14,8 +14,7 @@ from pydicom.dataset import Dataset
 from dicom import status
 from dicom.config import DicomSettings
 from simulators.modality import ModalityConfig, run_modality
-from tests.dicom_support import RunningDicom, echo, running_dicom, store
-from tests.test_dicom_index import charset_file, renumbered
+from tests.dicom_support import RunningDicom, charset_file, echo, renumbered, running_dicom, store
 from tests.tls_support import Pki, client_context, pki
 
 __all__ = ["pki"]  # a fixture, used by name

@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 
 from dicom import status
-from tests.dicom_support import RunningDicom, running_dicom, store
+from tests.dicom_support import RunningDicom, charset_file, renumbered, running_dicom, store
 from tests.hl7_support import new_id
 from tests.http_support import AppFactory, TokenFactory
 
@@ -96,6 +96,21 @@ async def test_qido_finds_studies_by_patient_id_in_dicom_json(
     assert found[0][MODALITIES]["Value"] == ["CT"]
     assert found[0]["00201206"]["Value"] == [2]
     assert found[0]["00100020"]["Value"] == [cin]
+
+
+@pytest.mark.parametrize("name", ["chrArab.dcm", "chrFren.dcm", "chrX1.dcm", "chrH31.dcm"])
+async def test_qido_gives_the_patient_name_exactly_in_its_groups(
+    web: httpx.AsyncClient, reader: dict[str, str], scp: RunningDicom, name: str
+) -> None:
+    original = str(charset_file(name).PatientName)
+    ds = renumbered(charset_file(name))
+    ds.PatientID = new_id()
+    [code] = await asyncio.to_thread(store, scp.port, [ds])
+    assert code == status.SUCCESS
+    [found] = await _json(web, reader, "/dicomweb/studies", {"PatientID": str(ds.PatientID)})
+    [groups] = found["00100010"]["Value"]
+    parts = [groups.get(group, "") for group in ("Alphabetic", "Ideographic", "Phonetic")]
+    assert "=".join(parts).rstrip("=") == original
 
 
 @pytest.mark.parametrize(
