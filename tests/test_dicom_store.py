@@ -8,7 +8,6 @@ import copy
 import errno
 import os
 import resource
-import secrets
 import signal
 import stat
 import tempfile
@@ -29,6 +28,7 @@ from tests.dicom_support import (
     RunningDicom,
     echo,
     instance_row,
+    renumbered,
     running_dicom,
     scu,
     sha256_of,
@@ -80,13 +80,7 @@ def load_test_file(name: str) -> Dataset:
 
 def fresh(name: str = "CT_small.dcm") -> Dataset:
     """A test file under new UIDs, so that each test stores its own instance."""
-    ds = load_test_file(name)
-    suffix = str(int(secrets.token_hex(6), 16))
-    ds.SOPInstanceUID = f"1.2.826.0.1.3680043.10.1.{suffix}"
-    ds.StudyInstanceUID = f"1.2.826.0.1.3680043.10.2.{suffix}"
-    ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.10.3.{suffix}"
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    return ds
+    return renumbered(load_test_file(name))
 
 
 async def test_echo_is_answered_with_success(scp: RunningDicom) -> None:
