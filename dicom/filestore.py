@@ -10,7 +10,7 @@ index row. No UID or any other received string ever becomes part of a path. The 
 
 Content naming makes a resend of the same bytes land on the same name (no second file). A crash
 of the process leaves a temp file (swept: `sweep_temp`) or a complete file under its final name
-that the index may not name; a resend puts its own copy there again, and `orphans` +
+that the index may not name; a resend puts its own copy there again, and `orphans_in` +
 `quarantine` let the listener remove those that stay unnamed (`dicom.orphan_sweep`).
 A file is complete before it gets its final name, but its data reaches the disk only at
 the listener's fsync: after a power loss (not a process crash), a final name that was never
@@ -202,21 +202,14 @@ class FileStore:
 
     # --- files no index row names ------------------------------------------------------------
 
-    def orphans(self, older_than: float, newer_than: float | None = None) -> list[str]:
-        """Relative names of final files last modified more than `older_than` seconds ago (and
-        less than `newer_than` seconds ago when given): candidates for an index lookup. The
-        whole store at once: `orphans_in` each of `tops()` is the same in steps."""
-        found: list[str] = []
-        for top in self.tops():
-            found += self.orphans_in(top, older_than, newer_than)
-        return found
-
     def tops(self) -> list[str]:
-        """The top-level shard folders (`aa`), the steps of a scan for orphans."""
+        """The top-level shard folders (`aa`), the steps of a scan for orphans (`orphans_in`)."""
         return _shards(self.root)
 
     def orphans_in(self, top: str, older_than: float, newer_than: float | None = None) -> list[str]:
-        """`orphans` under the top-level shard folder `top` only.
+        """Relative names of the final files under the top-level shard folder `top` last modified
+        more than `older_than` seconds ago (and less than `newer_than` seconds ago when given):
+        candidates for an index lookup.
 
         With `newer_than`, a shard folder last modified before that window is skipped without a
         look at its files. A final name is only ever made by a link or a rename into its folder,
