@@ -411,8 +411,9 @@ async def floors(
     try:
         for round_, (rate, gateway) in enumerate(rates, 1):
             floor = await measure(files, folder / str(round_), dsn)
-            bounds.append(floor.bound(rate) / rate)
-            reached.append(gateway / floor.bound(rate))
+            bound = floor.bound(rate)
+            bounds.append(bound / rate)
+            reached.append(gateway / bound)
             print(f"1 association, round {round_}:")
             print(floor_line(floor, rate) + f" | the gateway reached {reached[-1]:.2f} of it")
     finally:
