@@ -56,11 +56,15 @@ class Link(asyncio.Protocol):
         self._cancelled: set[int] = set()
         self._refused = False
         self.closed = False
+        self.certified_names: frozenset[str] = frozenset()
+        """The subject commonNames of the peer's TLS certificate, verified by the handshake
+        against the client CA; empty without TLS or without a client certificate."""
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # a stream server's transport
+        self.certified_names = common_names(transport.get_extra_info("peercert"))
         if self._refused:
             self._transport.abort()
         elif self._on_made is not None:
@@ -166,3 +170,16 @@ class Link(asyncio.Protocol):
         self._refused = True
         if self._transport is not None:
             self._transport.abort()
+
+
+def common_names(certificate: object) -> frozenset[str]:
+    """The commonNames of a certificate's subject as `ssl.SSLSocket.getpeercert()` gives it (a
+    dict with `subject`: RDNs of (name, value) pairs), or none when there is no certificate."""
+    if not isinstance(certificate, dict):
+        return frozenset()
+    return frozenset(
+        value
+        for rdn in certificate.get("subject", ())
+        for name, value in rdn
+        if name == "commonName"
+    )

@@ -1,11 +1,16 @@
 """What the listener accepts of an association request (PS3.8 §7.1, PS3.7 Annex D), sans-IO.
 
-`negotiate(request, policy)` answers an A-ASSOCIATE-RQ with an A-ASSOCIATE-AC (one result per
-proposed presentation context: the first transfer syntax the requestor proposes that we support)
-or an A-ASSOCIATE-RJ (application context, calling AE title, called AE title). The association
-limit is the server's (`limit_reached`). SCP/SCU role selection and asynchronous operations are
-not negotiated (no item in our answer: the default roles and one operation at a time apply, PS3.7
-D.3.3.3-4); user identity is read and ignored (no server response, D.3.3.7).
+`negotiate(request, policy, certified)` answers an A-ASSOCIATE-RQ with an A-ASSOCIATE-AC (one
+result per proposed presentation context: the first transfer syntax the requestor proposes that
+we support) or a `Refused`: an A-ASSOCIATE-RJ (application context, calling AE title, called AE
+title) and the reason's metric label. The association limit is the server's (`limit_reached`).
+TLS authenticates a certificate, not an AE title (PS3.15 B.1): with `ae_from_certificate` the
+calling AE title must be one of the commonNames of the modality's certificate subject
+(`certified`), so that a modality with a valid certificate cannot call as another.
+
+SCP/SCU role selection and asynchronous operations are not negotiated (no item in our answer: the
+default roles and one operation at a time apply, PS3.7 D.3.3.3-4); user identity is read and
+ignored (no server response, D.3.3.7).
 """
 
 from __future__ import annotations
@@ -41,17 +46,33 @@ instance stored before would be answered as a conflict (0xB006). See docs/dicom.
 @dataclass(frozen=True, slots=True)
 class Policy:
     """`syntaxes`: abstract syntax → the transfer syntaxes accepted for it. `allowed_aes` empty:
-    any calling AE title; `require_called_ae`: the called AE title must be ours."""
+    any calling AE title; `require_called_ae`: the called AE title must be ours;
+    `ae_from_certificate`: the calling AE title must be a commonName of the peer's certificate."""
 
     ae_title: str
     max_pdu: int
     syntaxes: Mapping[str, frozenset[str]]
     allowed_aes: frozenset[str] = frozenset()
     require_called_ae: bool = False
+    ae_from_certificate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """An association refused: the A-ASSOCIATE-RJ to send and `reason`, the label of
+    `qantara_dicom_associations_rejected_total` (the calling AE title is not in it: it is the
+    sender's, and goes to the log)."""
+
+    reject: AssociateReject
+    reason: str
 
 
 def gateway_policy(
-    ae_title: str, max_pdu: int, allowed_aes: frozenset[str], require_called_ae: bool = False
+    ae_title: str,
+    max_pdu: int,
+    allowed_aes: frozenset[str],
+    require_called_ae: bool = False,
+    ae_from_certificate: bool = False,
 ) -> Policy:
     """Verification, Storage of every storage SOP class in every transfer syntax, C-FIND."""
     defaults = frozenset(sop_classes.DEFAULT_SYNTAXES)
@@ -60,16 +81,21 @@ def gateway_policy(
     syntaxes[sop_classes.VERIFICATION] = defaults
     for model in sop_classes.FIND_MODELS:
         syntaxes[model] = defaults
-    return Policy(ae_title, max_pdu, syntaxes, allowed_aes, require_called_ae)
+    return Policy(ae_title, max_pdu, syntaxes, allowed_aes, require_called_ae, ae_from_certificate)
 
 
-def negotiate(request: AssociateRequest, policy: Policy) -> AssociateAccept | AssociateReject:
+def negotiate(
+    request: AssociateRequest, policy: Policy, certified: frozenset[str] = frozenset()
+) -> AssociateAccept | Refused:
+    """`certified`: the commonNames of the peer's verified certificate (none without TLS)."""
     if request.application_context != APPLICATION_CONTEXT:
-        return _user_reject(REJECT_APPLICATION_CONTEXT)
+        return _user_reject(REJECT_APPLICATION_CONTEXT, "application_context")
     if policy.allowed_aes and request.calling_ae not in policy.allowed_aes:
-        return _user_reject(REJECT_CALLING_AE)
+        return _user_reject(REJECT_CALLING_AE, "calling_ae")
+    if policy.ae_from_certificate and request.calling_ae not in certified:
+        return _user_reject(REJECT_CALLING_AE, "certificate")
     if policy.require_called_ae and request.called_ae != policy.ae_title:
-        return _user_reject(REJECT_CALLED_AE)
+        return _user_reject(REJECT_CALLED_AE, "called_ae")
     answers: list[ContextAnswer] = []
     for proposed in request.contexts:
         accepted = policy.syntaxes.get(proposed.abstract_syntax)
@@ -98,10 +124,11 @@ def negotiate(request: AssociateRequest, policy: Policy) -> AssociateAccept | As
     )
 
 
-def limit_reached() -> AssociateReject:
+def limit_reached() -> Refused:
     """Too many associations open: transient, so that the sender retries later."""
-    return AssociateReject(RejectResult.TRANSIENT, RejectSource.PRESENTATION, REJECT_LOCAL_LIMIT)
+    reject = AssociateReject(RejectResult.TRANSIENT, RejectSource.PRESENTATION, REJECT_LOCAL_LIMIT)
+    return Refused(reject, "local_limit")
 
 
-def _user_reject(reason: int) -> AssociateReject:
-    return AssociateReject(RejectResult.PERMANENT, RejectSource.SERVICE_USER, reason)
+def _user_reject(code: int, reason: str) -> Refused:
+    return Refused(AssociateReject(RejectResult.PERMANENT, RejectSource.SERVICE_USER, code), reason)

@@ -62,9 +62,8 @@ from dicom.filestore import FileStore, StagedFile, StoredFile, fsync_dir
 from dicom.find_scp import Finder, answer_find
 from dicom.link import TIMED_OUT, Ended, Link
 from dicom.metadata import DicomInputError, InstanceMetadata, read_metadata
-from dicom.negotiation import gateway_policy, limit_reached, negotiate
+from dicom.negotiation import Refused, gateway_policy, limit_reached, negotiate
 from dicom.orphan_sweep import Indexed, OrphanSweep
-from dicom.pdu import AssociateReject
 from dicom.serial_queue import SerialQueue
 from dicom.spool import Chunk
 from dicom.write_behind import SPOOL_BATCH, Spools, WriteBehind
@@ -125,6 +124,15 @@ class _Refused(Exception):
 _RECEIVED: Final = _Answer(status.SUCCESS, "received")
 """`_spool`'s sentinel: the dataset is complete, not yet answered."""
 
+_REFUSALS: Final = {
+    "application_context": "not the DICOM application context",
+    "calling_ae": "calling AE title not in QANTARA_DICOM_ALLOWED_AES",
+    "certificate": "calling AE title not a commonName of its TLS certificate",
+    "called_ae": "called AE title not ours",
+    "local_limit": "local limit (QANTARA_DICOM_MAX_ASSOCIATIONS)",
+}
+"""What the log says of each `Refused.reason`."""
+
 
 class DicomServer:
     """The listener on `bind:port`; `start()` in the loop, `stop()` at shutdown."""
@@ -150,7 +158,11 @@ class DicomServer:
         self._orphans = OrphanSweep(store, indexed, settings, metrics)
         self._metrics = metrics
         self._policy = gateway_policy(
-            settings.ae_title, settings.max_pdu, settings.allowed_aes, settings.require_called_ae
+            settings.ae_title,
+            settings.max_pdu,
+            settings.allowed_aes,
+            settings.require_called_ae,
+            settings.tls_ae_from_cn,
         )
         self._listener: asyncio.Server | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -275,19 +287,14 @@ class DicomServer:
                 self._end(link, event)
                 return
             calling = event.request.calling_ae[:16]
-            answer = negotiate(event.request, self._policy)
-            if isinstance(answer, AssociateReject):
-                logger.info(
-                    "DICOM association from %s rejected (source %d, reason %d)",
-                    calling,
-                    answer.source,
-                    answer.reason,
-                )
-                link.close(link.acceptor.reject(answer))
-                return
-            if self._associations >= s.max_associations:
-                logger.warning("DICOM association from %s rejected: local limit", calling)
-                link.close(link.acceptor.reject(limit_reached()))
+            answer = negotiate(event.request, self._policy, link.certified_names)
+            if self._associations >= s.max_associations and not isinstance(answer, Refused):
+                answer = limit_reached()
+            if isinstance(answer, Refused):
+                log = logger.warning if answer.reason == "local_limit" else logger.info
+                log("DICOM association from %s rejected: %s", calling, _REFUSALS[answer.reason])
+                self._metrics.dicom_associations_rejected.labels(answer.reason).inc()
+                link.close(link.acceptor.reject(answer.reject))
                 return
             counted = True
             self._associations += 1

@@ -376,6 +376,11 @@ def _dicom(r: _Reader) -> DicomSettings:
         return r.duration(name, timedelta(seconds=default)).total_seconds()
 
     cert, key, client_ca = _listener_tls(r, "DICOM")
+    ae_from_cn = r.get("DICOM_TLS_AE_FROM_CN", False, _boolean, "must be true or false")
+    if ae_from_cn and client_ca is None:
+        raise ConfigError(
+            f"{PREFIX}DICOM_TLS_AE_FROM_CN: needs DICOM_TLS_CLIENT_CA (modalities' certificates)"
+        )
     return DicomSettings(
         port=r.port("DICOM_PORT", 11112),
         ae_title=r.get(
@@ -404,6 +409,7 @@ def _dicom(r: _Reader) -> DicomSettings:
         tls_cert=cert,
         tls_key=key,
         tls_client_ca=client_ca,
+        tls_ae_from_cn=ae_from_cn,
     )
 
 

@@ -13,6 +13,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PROTOCOLS = ("mqtt", "hl7", "dicom")
 HL7_ACK_CODES = ("AA", "AE", "AR", "CA", "CE", "CR")
+DICOM_REFUSAL_REASONS = (
+    "application_context",
+    "calling_ae",
+    "certificate",
+    "called_ae",
+    "local_limit",
+)
+"""The reasons `dicom.negotiation` gives an A-ASSOCIATE-RJ (`Refused.reason`)."""
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Sent to received, for units on 2G/3G links that drop for hours: 1 s to 2 days.
@@ -116,6 +124,16 @@ class Metrics:
         self.dicom_associations = Gauge(
             "qantara_dicom_associations", "Open DICOM associations.", registry=r
         )
+        self.dicom_associations_rejected = Counter(
+            "qantara_dicom_associations_rejected_total",
+            "DICOM associations refused (A-ASSOCIATE-RJ), by reason: application_context,"
+            " calling_ae (not in the allowed list), certificate (not the AE title of the"
+            " modality's certificate), called_ae, local_limit.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in DICOM_REFUSAL_REASONS:
+            self.dicom_associations_rejected.labels(reason)
         self.mqtt_connected = Gauge(
             "qantara_mqtt_connected", "1 while connected to the MQTT broker.", registry=r
         )

@@ -21,7 +21,7 @@ from dicom.association import (
     ReleaseRequested,
     State,
 )
-from dicom.negotiation import Policy, gateway_policy, limit_reached, negotiate
+from dicom.negotiation import Policy, Refused, gateway_policy, limit_reached, negotiate
 from dicom.pdu import (
     Abort,
     AbortReason,
@@ -37,6 +37,7 @@ from dicom.pdu import (
     UserInformation,
 )
 from dicom.sop_classes import STORAGE, STUDY_ROOT_FIND, TRANSFER_SYNTAXES, VERIFICATION
+from monitoring.metrics import DICOM_REFUSAL_REASONS
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 IMPLICIT = "1.2.840.10008.1.2"
@@ -285,28 +286,73 @@ def test_responses_respect_the_peers_maximum_length() -> None:
 # --- negotiation --------------------------------------------------------------------------------
 
 
-def decided(policy: Policy, *contexts: ProposedContext, calling: str = "CT01") -> object:
+def decided(
+    policy: Policy,
+    *contexts: ProposedContext,
+    calling: str = "CT01",
+    certified: frozenset[str] = frozenset(),
+) -> object:
     acceptor = Acceptor(1 << 16)
     acceptor.receive_data(request(calling, *contexts))
     [event] = drain(acceptor)
     assert isinstance(event, AssociationRequested)
-    return negotiate(event.request, policy)
+    return negotiate(event.request, policy, certified)
 
 
 def test_calling_ae_not_allowed_is_rejected_permanently_by_the_service_user() -> None:
     policy = gateway_policy("QANTARA", 1 << 16, frozenset({"CT01"}))
-    assert decided(policy, calling="INTRUDER") == AssociateReject(
-        RejectResult.PERMANENT, RejectSource.SERVICE_USER, pdu.REJECT_CALLING_AE
+    assert decided(policy, calling="INTRUDER") == Refused(
+        AssociateReject(RejectResult.PERMANENT, RejectSource.SERVICE_USER, pdu.REJECT_CALLING_AE),
+        "calling_ae",
     )
     assert isinstance(decided(policy, calling="CT01"), AssociateAccept)
 
 
 def test_called_ae_is_checked_only_when_required() -> None:
     strict = gateway_policy("OTHER", 1 << 16, frozenset(), require_called_ae=True)
-    assert decided(strict) == AssociateReject(
-        RejectResult.PERMANENT, RejectSource.SERVICE_USER, pdu.REJECT_CALLED_AE
+    assert decided(strict) == Refused(
+        AssociateReject(RejectResult.PERMANENT, RejectSource.SERVICE_USER, pdu.REJECT_CALLED_AE),
+        "called_ae",
     )
     assert isinstance(decided(gateway_policy("OTHER", 1 << 16, frozenset())), AssociateAccept)
+
+
+BOUND = gateway_policy("QANTARA", 1 << 16, frozenset(), ae_from_certificate=True)
+
+
+def test_a_calling_ae_that_is_its_certificate_s_common_name_is_accepted() -> None:
+    answer = decided(BOUND, calling="CR-UNIT-07", certified=frozenset({"CR-UNIT-07"}))
+    assert isinstance(answer, AssociateAccept)
+
+
+def test_a_calling_ae_other_than_its_certificate_s_common_name_is_refused() -> None:
+    answer = decided(BOUND, calling="CT01", certified=frozenset({"CR-UNIT-07"}))
+    assert answer == Refused(
+        AssociateReject(RejectResult.PERMANENT, RejectSource.SERVICE_USER, pdu.REJECT_CALLING_AE),
+        "certificate",
+    )
+
+
+def test_a_peer_without_a_certificate_is_refused_when_the_ae_is_bound_to_it() -> None:
+    answer = decided(BOUND, calling="CT01")
+    assert isinstance(answer, Refused)
+    assert answer.reason == "certificate"
+
+
+def test_the_certificate_s_names_are_ignored_unless_the_ae_is_bound_to_them() -> None:
+    answer = decided(POLICY, calling="CT01", certified=frozenset({"CR-UNIT-07"}))
+    assert isinstance(answer, AssociateAccept)
+
+
+def test_every_refusal_reason_has_its_metric_series() -> None:
+    refusals = [
+        decided(gateway_policy("Q", 1 << 16, frozenset({"X"})), calling="CT01"),
+        decided(BOUND, calling="CT01"),
+        decided(gateway_policy("OTHER", 1 << 16, frozenset(), require_called_ae=True)),
+        limit_reached(),
+    ]
+    reasons = {refusal.reason for refusal in refusals if isinstance(refusal, Refused)}
+    assert reasons | {"application_context"} == set(DICOM_REFUSAL_REASONS)
 
 
 def test_unknown_application_context_is_rejected() -> None:
@@ -322,8 +368,11 @@ def test_unknown_application_context_is_rejected() -> None:
     acceptor.receive_data(encoded)
     [event] = drain(acceptor)
     assert isinstance(event, AssociationRequested)
-    assert negotiate(event.request, POLICY) == AssociateReject(
-        RejectResult.PERMANENT, RejectSource.SERVICE_USER, pdu.REJECT_APPLICATION_CONTEXT
+    assert negotiate(event.request, POLICY) == Refused(
+        AssociateReject(
+            RejectResult.PERMANENT, RejectSource.SERVICE_USER, pdu.REJECT_APPLICATION_CONTEXT
+        ),
+        "application_context",
     )
 
 
@@ -351,7 +400,9 @@ def test_our_maximum_length_is_advertised() -> None:
 
 
 def test_local_limit_is_a_transient_presentation_reject() -> None:
-    reject = limit_reached()
+    refused = limit_reached()
+    reject = refused.reject
+    assert refused.reason == "local_limit"
     assert (reject.result, reject.source, reject.reason) == (
         RejectResult.TRANSIENT,
         RejectSource.PRESENTATION,

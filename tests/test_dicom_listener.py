@@ -153,6 +153,23 @@ async def test_calling_ae_not_allowed_gets_a_permanent_user_reject(
     )
 
 
+async def test_refused_associations_are_counted_by_reason(module_dsn: str, tmp_path: Path) -> None:
+    settings = DicomSettings(allowed_aes=frozenset({"CT01"}), max_associations=1)
+    async with running_dicom(module_dsn, tmp_path / "store", settings) as limited:
+        await exchange(limited.port, echo_request("INTRUDER"))
+        held = await asyncio.to_thread(associate_for, limited.port, fresh(), "CT01")
+        try:
+            await exchange(limited.port, echo_request("CT01"))
+        finally:
+            await asyncio.to_thread(held.release)
+        rejected = limited.metrics.dicom_associations_rejected
+        counts = {
+            reason: rejected.labels(reason)._value.get()
+            for reason in ("calling_ae", "local_limit", "certificate")
+        }
+    assert counts == {"calling_ae": 1, "local_limit": 1, "certificate": 0}
+
+
 async def test_garbage_gets_an_abort_and_the_listener_keeps_serving(scp: RunningDicom) -> None:
     [reply] = await exchange(scp.port, b"\x42" * 64)
     assert reply == Abort(2, AbortReason.UNRECOGNIZED_PDU)

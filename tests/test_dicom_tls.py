@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset
 
 from dicom import status
 from dicom.config import DicomSettings
+from dicom.link import common_names
 from simulators.modality import ModalityConfig, run_modality
 from tests.dicom_support import RunningDicom, charset_file, echo, renumbered, running_dicom, store
 from tests.tls_support import Pki, client_context, pki
@@ -22,18 +23,33 @@ __all__ = ["pki"]  # a fixture, used by name
 pytestmark = pytest.mark.timeout(120)
 
 
+def tls_settings(pki: Pki, *, mutual: bool = False, ae_from_cn: bool = False) -> DicomSettings:
+    return DicomSettings(
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        tls_client_ca=pki.ca if mutual else None,
+        tls_ae_from_cn=ae_from_cn,
+        acse_timeout=5.0,
+    )
+
+
 @pytest.fixture
 async def tls_scp(fresh_dsn: str, tmp_path: Path, pki: Pki) -> AsyncIterator[RunningDicom]:
-    settings = DicomSettings(tls_cert=pki.server_cert, tls_key=pki.server_key, acse_timeout=5.0)
-    async with running_dicom(fresh_dsn, tmp_path / "store", settings) as scp:
+    async with running_dicom(fresh_dsn, tmp_path / "store", tls_settings(pki)) as scp:
         yield scp
 
 
 @pytest.fixture
 async def mutual_scp(fresh_dsn: str, tmp_path: Path, pki: Pki) -> AsyncIterator[RunningDicom]:
-    settings = DicomSettings(
-        tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca, acse_timeout=5.0
-    )
+    settings = tls_settings(pki, mutual=True)
+    async with running_dicom(fresh_dsn, tmp_path / "store", settings) as scp:
+        yield scp
+
+
+@pytest.fixture
+async def bound_scp(fresh_dsn: str, tmp_path: Path, pki: Pki) -> AsyncIterator[RunningDicom]:
+    """Mutual TLS, and the calling AE title must be the certificate's commonName ("client")."""
+    settings = tls_settings(pki, mutual=True, ae_from_cn=True)
     async with running_dicom(fresh_dsn, tmp_path / "store", settings) as scp:
         yield scp
 
@@ -120,3 +136,41 @@ async def test_the_modality_simulator_without_its_certificate_is_refused(
     report = await asyncio.to_thread(run_modality, config)
     assert report.refused
     assert report.sent == 0
+
+
+async def test_a_modality_calling_as_its_certificate_s_common_name_is_answered(
+    bound_scp: RunningDicom, pki: Pki
+) -> None:
+    context = client_context(pki, with_certificate=True)
+    assert await asyncio.to_thread(echo, bound_scp.port, "client", tls=context) == (
+        True,
+        status.SUCCESS,
+    )
+
+
+async def test_a_modality_calling_as_another_ae_than_its_certificate_s_is_refused_and_counted(
+    bound_scp: RunningDicom, pki: Pki
+) -> None:
+    context = client_context(pki, with_certificate=True)
+    established, _ = await asyncio.to_thread(echo, bound_scp.port, "CT01", tls=context)
+    assert not established
+    rejected = bound_scp.metrics.dicom_associations_rejected.labels("certificate")
+    assert rejected._value.get() == 1
+    assert bound_scp.metrics.dicom_associations._value.get() == 0
+
+
+def test_the_common_names_are_read_from_every_rdn_of_the_subject() -> None:
+    certificate = {
+        "subject": (
+            (("countryName", "MA"),),
+            (("organizationName", "CMMU Souss-Massa"),),
+            (("commonName", "CR-UNIT-07"),),
+            (("commonName", "CR07"),),
+        )
+    }
+    assert common_names(certificate) == {"CR-UNIT-07", "CR07"}
+
+
+def test_no_certificate_or_an_unverified_one_has_no_common_name() -> None:
+    assert common_names(None) == frozenset()
+    assert common_names({}) == frozenset()  # getpeercert() without a client CA

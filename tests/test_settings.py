@@ -143,6 +143,28 @@ def test_dicom_tls_settings_reach_the_listener(tmp_path: Path) -> None:
         }
     ).dicom
     assert (dicom.tls_cert, dicom.tls_key, dicom.tls_client_ca) == (cert, key, ca)
+    assert not dicom.tls_ae_from_cn
+
+
+def test_dicom_ae_from_the_certificate_reaches_the_listener(tmp_path: Path) -> None:
+    cert, key, ca = (tmp_path / n for n in ("gw.crt", "gw.key", "ca.pem"))
+    for path in (cert, key, ca):
+        path.write_text("not checked here")
+    environ = {
+        "QANTARA_DICOM_TLS_CERT": str(cert),
+        "QANTARA_DICOM_TLS_KEY": str(key),
+        "QANTARA_DICOM_TLS_CLIENT_CA": str(ca),
+        "QANTARA_DICOM_TLS_AE_FROM_CN": "true",
+    }
+    assert Settings.load(environ).dicom.tls_ae_from_cn
+
+
+def test_dicom_ae_from_the_certificate_needs_a_client_ca(tmp_path: Path) -> None:
+    cert = tmp_path / "gw.crt"
+    cert.write_text("not checked here")
+    environ = {"QANTARA_DICOM_TLS_CERT": str(cert), "QANTARA_DICOM_TLS_AE_FROM_CN": "true"}
+    with pytest.raises(ConfigError, match="QANTARA_DICOM_TLS_AE_FROM_CN: needs"):
+        Settings.load(environ)
 
 
 def test_migrate_and_api_urls_default_to_the_database_url() -> None:
