@@ -36,6 +36,7 @@ import concurrent.futures
 import functools
 import logging
 import os
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ from ingest.records import (
     Protocol,
     Record,
 )
+from ingest.tls import Handshakes, TlsIntake
 from monitoring.metrics import Metrics
 from monitoring.thread_names import name_native_thread
 
@@ -168,6 +170,7 @@ class DicomServer:
         self._runner: asyncio.Task[None] | None = None
         self._group: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._handshakes = Handshakes("dicom-tls-handshake")
         self._stopping = asyncio.Event()
         self._grace = STOP_GRACE_SECONDS
         # Blocking file work of every association, in two sets of threads so that no step ever
@@ -213,13 +216,8 @@ class DicomServer:
         await ready.wait()
         loop = asyncio.get_running_loop()
         tls = s.ssl_context()
-        self._listener = await loop.create_server(
-            self._connect,
-            self._bind,
-            s.port,
-            ssl=tls,
-            ssl_handshake_timeout=s.acse_timeout if tls is not None else None,
-        )
+        factory = self._connect if tls is None else functools.partial(self._connect_tls, tls)
+        self._listener = await loop.create_server(factory, self._bind, s.port)
         self.port = int(self._listener.sockets[0].getsockname()[1])
         return self.port
 
@@ -243,11 +241,13 @@ class DicomServer:
         """The server's task group: the sweeper and one task per association."""
         async with asyncio.TaskGroup() as group:
             self._group = group
+            self._handshakes.open(group)
             sweeper = group.create_task(self._orphans.run(), name="dicom-sweep")
             ready.set()
             await self._stopping.wait()
             self._group = None
             sweeper.cancel()
+            self._handshakes.close()
             running = set(self._tasks)
             if running:
                 _, late = await asyncio.wait(running, timeout=self._grace)
@@ -264,6 +264,18 @@ class DicomServer:
             high_water=2 * s.max_pdu,
             send_timeout=s.dimse_timeout,
             on_made=self._begin,
+        )
+
+    def _connect_tls(self, tls: ssl.SSLContext) -> TlsIntake:
+        """A new connection to the TLS listener (protocol factory): its handshake runs in a task
+        of the group, within the ACSE timeout; then `_connect`'s link gets the TLS transport."""
+        return TlsIntake(
+            tls,
+            self._connect,
+            self._handshakes.start,
+            listener="dicom",
+            within=self._settings.acse_timeout,
+            metrics=self._metrics,
         )
 
     def _begin(self, link: Link) -> None:

@@ -25,6 +25,7 @@ per-connection boundary.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
 import logging
@@ -63,12 +64,14 @@ from ingest.records import (
     Protocol,
 )
 from ingest.records import Outcome as StoreOutcome
-from ingest.tls import server_context
+from ingest.tls import Handshakes, TlsIntake, server_context
 from monitoring.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
+TLS_HANDSHAKE_SECONDS = 30.0
+"""A TLS client must finish its handshake within this (asyncio's own default is 60 s)."""
 HEAD_BYTES = 8 * 1024  # what is kept of a frame's start, to answer an oversize message
 MAX_REFUSING = 16  # refused connections answered at once; beyond, closed without an answer
 TOO_MANY_CONNECTIONS = "too many connections to this gateway; retry later"
@@ -151,6 +154,7 @@ class MllpServer:
         self._validator = validator
         self._tz: tzinfo = ZoneInfo(settings.timezone)
         self._connections: set[_Connection] = set()
+        self._handshakes = Handshakes("mllp-tls-handshake")
         self._refusing = 0
         self._stopping = asyncio.Event()
         self._ack_ids = itertools.count(1)
@@ -172,29 +176,47 @@ class MllpServer:
     async def run(self) -> None:
         """Listen until `stop()`, then let open connections answer what they received."""
         s = self._settings
-        server = await asyncio.start_server(
-            self._handle,
-            s.host,
-            s.port,
-            ssl=s.ssl_context(),
-            limit=READ_CHUNK,
-            backlog=min(1024, max(16, s.max_connections)),
-        )
-        self.port = int(server.sockets[0].getsockname()[1])
-        self.listening.set()
-        try:
-            async with server:
-                await self._stopping.wait()
-                server.close()
-                for connection in list(self._connections):
-                    connection.stop_reading()
-                while self._connections:
-                    done = asyncio.Event()
+        tls = s.ssl_context()
+        backlog = min(1024, max(16, s.max_connections))
+        async with asyncio.TaskGroup() as handshakes:
+            self._handshakes.open(handshakes)
+            if tls is None:
+                server = await asyncio.start_server(
+                    self._handle, s.host, s.port, limit=READ_CHUNK, backlog=backlog
+                )
+            else:
+                loop = asyncio.get_running_loop()
+                intake = functools.partial(self._intake, tls)
+                server = await loop.create_server(intake, s.host, s.port, backlog=backlog)
+            self.port = int(server.sockets[0].getsockname()[1])
+            self.listening.set()
+            try:
+                async with server:
+                    await self._stopping.wait()
+                    server.close()
+                    self._handshakes.close()
                     for connection in list(self._connections):
-                        connection.closed_callbacks.append(done.set)
-                    await done.wait()
-        finally:
-            self.listening.clear()
+                        connection.stop_reading()
+                    while self._connections:
+                        done = asyncio.Event()
+                        for connection in list(self._connections):
+                            connection.closed_callbacks.append(done.set)
+                        await done.wait()
+            finally:
+                self._handshakes.close()
+                self.listening.clear()
+
+    def _intake(self, tls: ssl.SSLContext) -> TlsIntake:
+        """A new connection to the TLS listener (protocol factory): its handshake runs in a task
+        of the listener's group, then `_handle` gets the streams over TLS."""
+        return TlsIntake(
+            tls,
+            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader(READ_CHUNK), self._handle),
+            self._handshakes.start,
+            listener="mllp",
+            within=TLS_HANDSHAKE_SECONDS,
+            metrics=self._metrics,
+        )
 
     def stop(self) -> None:
         """Stop accepting and reading; connections still answer the messages they hold."""

@@ -1,14 +1,31 @@
-"""The TLS context of a listener that receives from equipment (MLLP, DICOM): one policy for both.
+"""The TLS side of a listener that receives from equipment (MLLP, DICOM): one policy for both,
+and a handshake whose failure is told.
 
 TLS 1.2 at least, the listener's certificate chain and key, and with a client CA, mutual TLS:
 a peer must present a certificate that CA signed, or its handshake fails before any byte of
 its protocol is read.
+
+A listener with a TLS context accepts plain TCP and makes each connection a `TlsIntake`: reading
+stays paused until `loop.start_tls` takes the socket, then the listener's own protocol gets the
+TLS transport. Why not `create_server(ssl=...)`: asyncio drops a failed handshake without a
+word (it logs only in debug mode), so a modality whose certificate has expired, or that does
+not trust ours, was turned away and nobody on the gateway's side could see it. Here each failure
+is logged with the peer's address and the reason, and counted in
+`qantara_tls_handshake_failures_total{listener,reason}` (`HANDSHAKE_FAILURES`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import ssl
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, cast
+
+from monitoring.metrics import Metrics
+
+logger = logging.getLogger(__name__)
 
 
 def server_context(
@@ -24,3 +41,141 @@ def server_context(
         context.load_verify_locations(cafile=client_ca)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def handshake_failure(exc: BaseException) -> tuple[str, str]:
+    """The reason label of a server-side handshake that failed with `exc`, and what the log
+    says of it. The labels are those of `monitoring.metrics.HANDSHAKE_FAILURES`:
+
+    - `certificate`: the peer's certificate did not verify against the client CA (expired, not
+      yet valid, signed by another CA, revoked by its issuer's constraints);
+    - `no_certificate`: mutual TLS and the peer presented none;
+    - `peer_refused`: the peer ended the handshake with an alert, usually because it does not
+      trust our certificate (expired, or another CA than the one it was given);
+    - `protocol`: not TLS (a plain MLLP or DICOM peer on the TLS port), or no version or cipher
+      in common;
+    - `timeout`: the handshake did not finish in time;
+    - `closed`: the peer closed or reset the connection during the handshake.
+    """
+    if isinstance(exc, TimeoutError):
+        return "timeout", "no handshake in time"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "certificate", getattr(exc, "verify_message", None) or "certificate verify failed"
+    if isinstance(exc, ssl.SSLEOFError):
+        return "closed", "the peer closed the connection"
+    if isinstance(exc, ssl.SSLError):
+        code = str(exc.reason or exc.strerror or type(exc).__name__)
+        words = code.lower().replace("_", " ")
+        if code == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return "no_certificate", words
+        if "ALERT" in code:
+            return "peer_refused", words
+        return "protocol", words
+    return "closed", type(exc).__name__
+
+
+class Handshakes:
+    """A listener's handshakes in progress: tasks of its task group while it accepts (`open`),
+    cancelled when it stops (`close`); not connections yet, they hold none of its slots."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._group: asyncio.TaskGroup | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def open(self, group: asyncio.TaskGroup) -> None:
+        self._group = group
+
+    def close(self) -> None:
+        self._group = None
+        for task in self._tasks:
+            task.cancel()
+
+    def start(self, handshake: Coroutine[Any, Any, None]) -> bool:
+        """Run `handshake` in the group; False (and it is dropped) once closed."""
+        group = self._group
+        if group is None:
+            handshake.close()
+            return False
+        task = group.create_task(handshake, name=self._name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+
+class TlsIntake(asyncio.Protocol):
+    """A new connection to a TLS listener, until its handshake is over.
+
+    `connection_made` pauses reading (before asyncio starts it, so no byte of the ClientHello is
+    read by anyone but the TLS layer) and hands `handshake(transport)` to `spawn`, the
+    listener's task group (False: not taken, the connection is dropped). On success the
+    listener's protocol (`secured`, made then) is given the TLS transport with
+    `connection_made`; on failure the socket is closed, and the failure logged and counted."""
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        secured: Callable[[], asyncio.BaseProtocol],
+        spawn: Callable[[Coroutine[Any, Any, None]], bool],
+        *,
+        listener: str,
+        within: float,
+        metrics: Metrics,
+    ) -> None:
+        self._context = context
+        self._secured = secured
+        self._spawn = spawn
+        self._listener = listener
+        self._within = within
+        self._metrics = metrics
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        stream = cast(asyncio.Transport, transport)  # a stream server's transport
+        stream.pause_reading()
+        if not self._spawn(self.handshake(stream)):  # the listener is stopping
+            stream.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        return None  # before the handshake started: `handshake` sees the closed transport
+
+    async def handshake(self, transport: asyncio.Transport) -> None:
+        peer = _peer(transport)
+        protocol = self._secured()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._within):
+                secure = await loop.start_tls(
+                    transport,
+                    protocol,
+                    self._context,
+                    server_side=True,
+                    ssl_handshake_timeout=self._within + 1,  # ours above is the one that acts
+                )
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            transport.abort()
+            reason, detail = handshake_failure(exc)
+            level = logging.INFO if reason in ("closed", "timeout", "protocol") else logging.WARNING
+            logger.log(
+                level,
+                "%s TLS handshake from %s failed (%s): %s",
+                self._listener,
+                peer,
+                reason,
+                detail,
+            )
+            self._metrics.tls_handshake_failures.labels(self._listener, reason).inc()
+            return
+        if secure is None:  # the transport was closed under us
+            transport.abort()
+            return
+        protocol.connection_made(secure)
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    address = transport.get_extra_info("peername")
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return "unknown"

@@ -21,6 +21,16 @@ DICOM_REFUSAL_REASONS = (
     "local_limit",
 )
 """The reasons `dicom.negotiation` gives an A-ASSOCIATE-RJ (`Refused.reason`)."""
+TLS_LISTENERS = ("mllp", "dicom")
+HANDSHAKE_FAILURES = (
+    "certificate",
+    "no_certificate",
+    "peer_refused",
+    "protocol",
+    "timeout",
+    "closed",
+)
+"""The reasons `ingest.tls.handshake_failure` gives a failed TLS handshake."""
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Sent to received, for units on 2G/3G links that drop for hours: 1 s to 2 days.
@@ -134,6 +144,17 @@ class Metrics:
         )
         for reason in DICOM_REFUSAL_REASONS:
             self.dicom_associations_rejected.labels(reason)
+        self.tls_handshake_failures = Counter(
+            "qantara_tls_handshake_failures_total",
+            "TLS handshakes of the equipment listeners (mllp, dicom) that failed, by reason:"
+            " certificate (did not verify), no_certificate, peer_refused (the peer did not"
+            " accept ours), protocol (not TLS, nothing in common), timeout, closed.",
+            ["listener", "reason"],
+            registry=r,
+        )
+        for listener in TLS_LISTENERS:
+            for reason in HANDSHAKE_FAILURES:
+                self.tls_handshake_failures.labels(listener, reason)
         self.mqtt_connected = Gauge(
             "qantara_mqtt_connected", "1 while connected to the MQTT broker.", registry=r
         )

@@ -25,7 +25,16 @@ RUNBOOKS = ROOT / "docs" / "runbooks"
 PROMTOOL_TIMEOUT = 60.0
 
 # Labels a summary or description may show: none of them can carry patient data.
-ALLOWED_TEMPLATE_LABELS = {"job", "instance", "protocol", "reason", "check", "cause", "unit"}
+ALLOWED_TEMPLATE_LABELS = {
+    "job",
+    "instance",
+    "protocol",
+    "reason",
+    "check",
+    "cause",
+    "unit",
+    "listener",
+}
 
 
 def promtool() -> str:

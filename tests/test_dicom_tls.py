@@ -4,6 +4,7 @@ a modality must present a certificate that CA signed. pynetdicom is the peer."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +17,8 @@ from dicom.config import DicomSettings
 from dicom.link import common_names
 from simulators.modality import ModalityConfig, run_modality
 from tests.dicom_support import RunningDicom, charset_file, echo, renumbered, running_dicom, store
-from tests.tls_support import Pki, client_context, pki
+from tests.services_support import wait_until
+from tests.tls_support import Pki, client_context, distrustful_context, pki, stranger_context
 
 __all__ = ["pki"]  # a fixture, used by name
 
@@ -107,6 +109,64 @@ async def test_a_peer_that_never_finishes_its_handshake_leaves_no_association_ta
         assert tls_scp.server._tasks == set()
         # Closed by the handshake timeout (acse_timeout, 5 s); read in a thread, off the loop.
         assert await asyncio.to_thread(silent.recv, 1) == b""
+    assert handshake_failures(tls_scp, "timeout") == 1
+
+
+async def test_stopping_the_listener_does_not_wait_for_a_handshake_in_progress(
+    tls_scp: RunningDicom,
+) -> None:
+    with socket.create_connection(("127.0.0.1", tls_scp.port), timeout=10) as silent:
+        await asyncio.sleep(0.2)
+        assert len(tls_scp.server._handshakes) == 1
+        started = asyncio.get_running_loop().time()
+        await tls_scp.server.stop()
+        assert asyncio.get_running_loop().time() - started < 3.0  # the handshake's limit is 5 s
+        assert await asyncio.to_thread(silent.recv, 1) == b""
+
+
+def handshake_failures(scp: RunningDicom, reason: str) -> float:
+    return scp.metrics.tls_handshake_failures.labels("dicom", reason)._value.get()  # type: ignore[no-any-return]
+
+
+async def counted(scp: RunningDicom, reason: str) -> None:
+    """The listener counts a failed handshake as it sees it: after the client may have."""
+    await wait_until(lambda: handshake_failures(scp, reason) == 1, timeout=10, message=reason)
+
+
+async def test_a_modality_without_a_certificate_is_counted_and_logged_with_its_address(
+    mutual_scp: RunningDicom, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ingest.tls")
+    context = client_context(pki, with_certificate=False)
+    await asyncio.to_thread(echo, mutual_scp.port, tls=context)
+    await counted(mutual_scp, "no_certificate")
+    assert "dicom TLS handshake from 127.0.0.1:" in caplog.text
+    assert "failed (no_certificate)" in caplog.text
+
+
+async def test_a_certificate_of_another_ca_is_counted_with_the_verification_s_reason(
+    mutual_scp: RunningDicom, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ingest.tls")
+    established, _ = await asyncio.to_thread(echo, mutual_scp.port, tls=stranger_context(pki))
+    assert not established
+    await counted(mutual_scp, "certificate")
+    assert "failed (certificate): unable to get local issuer certificate" in caplog.text
+    assert mutual_scp.metrics.dicom_associations._value.get() == 0
+
+
+async def test_a_modality_that_does_not_trust_our_certificate_is_counted_as_peer_refused(
+    mutual_scp: RunningDicom, pki: Pki
+) -> None:
+    established, _ = await asyncio.to_thread(echo, mutual_scp.port, tls=distrustful_context(pki))
+    assert not established
+    await counted(mutual_scp, "peer_refused")
+
+
+async def test_plain_dicom_on_the_tls_port_is_counted_as_protocol(tls_scp: RunningDicom) -> None:
+    established, _ = await asyncio.to_thread(echo, tls_scp.port)
+    assert not established
+    await counted(tls_scp, "protocol")
 
 
 async def test_the_modality_simulator_sends_over_mutual_tls(

@@ -26,7 +26,8 @@ from tests.hl7_support import (
     new_id,
     oru,
 )
-from tests.tls_support import Pki, client_context, pki
+from tests.services_support import wait_until
+from tests.tls_support import Pki, client_context, pki, stranger_context
 
 CHU = "CHU-RABAT"
 
@@ -359,6 +360,51 @@ async def test_tls_listener_requiring_client_certificates_drops_a_client_without
         answer = None
     assert answer is None
     assert await count(pool, "SELECT count(*) FROM hl7_message WHERE control_id = $1", control) == 0
+
+
+def handshake_failures(metrics: Metrics, reason: str) -> float:
+    labels = {"listener": "mllp", "reason": reason}
+    return metrics.sample("qantara_tls_handshake_failures_total", labels) or 0.0
+
+
+async def test_tls_listener_counts_a_client_whose_certificate_another_ca_signed(
+    start_server: Callable[..., object], pki: Pki, metrics: Metrics
+) -> None:
+    server = await start_server(  # type: ignore[misc]
+        tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca
+    )
+    assert isinstance(server, MllpServer)
+    assert server.port is not None
+    before = handshake_failures(metrics, "certificate")
+    try:
+        async with MllpClient(
+            "127.0.0.1", server.port, ssl_context=stranger_context(pki)
+        ) as client:
+            await client.send(encode(oru(control_id(), f"{new_id()}^^^CIN^NI")))
+            await client.read_frame(timeout=5)
+    except (ssl.SSLError, ConnectionError):
+        pass
+    await wait_until(lambda: handshake_failures(metrics, "certificate") == before + 1, timeout=10)
+
+
+async def test_tls_listener_counts_plain_mllp_as_protocol_and_serves_on(
+    start_server: Callable[..., object], pki: Pki, metrics: Metrics
+) -> None:
+    server = await start_server(tls_cert=pki.server_cert, tls_key=pki.server_key)  # type: ignore[misc]
+    assert isinstance(server, MllpServer)
+    assert server.port is not None
+    before = handshake_failures(metrics, "protocol")
+    try:
+        async with MllpClient("127.0.0.1", server.port) as client:
+            await client.send(encode(oru(control_id(), f"{new_id()}^^^CIN^NI")))
+            assert await client.read_frame(timeout=5) is None
+    except ConnectionError:
+        pass
+    await wait_until(lambda: handshake_failures(metrics, "protocol") == before + 1, timeout=10)
+    context = client_context(pki, with_certificate=False)
+    async with MllpClient("127.0.0.1", server.port, ssl_context=context) as client:
+        ack = await client.request(encode(oru(control_id(), f"{new_id()}^^^CIN^NI")))
+    assert ack.code == "AA"
 
 
 # --- strict validation through the server (hl7apy in a worker thread) ----------------------------

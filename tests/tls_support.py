@@ -1,5 +1,6 @@
 """A test PKI made with the openssl CLI: a CA, a server certificate for 127.0.0.1 and a client
-certificate, for the listeners' TLS tests (MLLP, DICOM)."""
+certificate, for the listeners' TLS tests (MLLP, DICOM); and a second CA, which the listeners do
+not trust, with a client certificate of its own (a stranger)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ class Pki:
     server_key: Path
     client_cert: Path
     client_key: Path
+    other_ca: Path
+    stranger_cert: Path
+    stranger_key: Path
 
 
 def _openssl(*args: str | Path, cwd: Path) -> None:
@@ -30,8 +34,8 @@ def _openssl(*args: str | Path, cwd: Path) -> None:
 EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
 
 
-def _issue(directory: Path, name: str, usage: str) -> tuple[Path, Path]:
-    """A P-256 key and a certificate for 127.0.0.1 signed by the test CA."""
+def _issue(directory: Path, name: str, usage: str, ca: str = "ca") -> tuple[Path, Path]:
+    """A P-256 key and a certificate for 127.0.0.1 signed by the test CA (`ca`.pem)."""
     key, csr, cert, ext = (directory / f"{name}.{x}" for x in ("key", "csr", "pem", "ext"))
     ext.write_text(
         "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n"
@@ -40,7 +44,7 @@ def _issue(directory: Path, name: str, usage: str) -> tuple[Path, Path]:
     _openssl(
         "req", "-new", *EC_KEY, "-keyout", key, "-out", csr, "-subj", f"/CN={name}", cwd=directory
     )
-    signing = ("-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1")
+    signing = ("-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial", "-days", "1")
     _openssl("x509", "-req", "-in", csr, *signing, "-out", cert, "-extfile", ext, cwd=directory)
     return cert, key
 
@@ -54,15 +58,41 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         "-addext", "basicConstraints=critical,CA:TRUE",
         "-addext", "keyUsage=critical,keyCertSign,cRLSign",
     )  # fmt: skip
-    _openssl("req", "-x509", *EC_KEY, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-             "-subj", "/CN=Qantara test CA", *ca_extensions, cwd=directory)  # fmt: skip
+    for ca, name in (("ca", "Qantara test CA"), ("other-ca", "Another CA")):
+        _openssl("req", "-x509", *EC_KEY, "-keyout", f"{ca}.key", "-out", f"{ca}.pem",
+                 "-days", "1", "-subj", f"/CN={name}", *ca_extensions, cwd=directory)  # fmt: skip
     server_cert, server_key = _issue(directory, "server", "serverAuth")
     client_cert, client_key = _issue(directory, "client", "clientAuth")
-    return Pki(directory / "ca.pem", server_cert, server_key, client_cert, client_key)
+    stranger_cert, stranger_key = _issue(directory, "stranger", "clientAuth", ca="other-ca")
+    return Pki(
+        directory / "ca.pem",
+        server_cert,
+        server_key,
+        client_cert,
+        client_key,
+        directory / "other-ca.pem",
+        stranger_cert,
+        stranger_key,
+    )
 
 
 def client_context(pki: Pki, *, with_certificate: bool) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=pki.ca)
     if with_certificate:
         context.load_cert_chain(pki.client_cert, pki.client_key)
+    return context
+
+
+def stranger_context(pki: Pki) -> ssl.SSLContext:
+    """A client that trusts the listener and presents a certificate of the other CA."""
+    context = ssl.create_default_context(cafile=pki.ca)
+    context.load_cert_chain(pki.stranger_cert, pki.stranger_key)
+    return context
+
+
+def distrustful_context(pki: Pki) -> ssl.SSLContext:
+    """A client with a certificate of the test CA that trusts only the other CA: it refuses the
+    listener's certificate (as a modality does once ours has expired or was replaced)."""
+    context = ssl.create_default_context(cafile=pki.other_ca)
+    context.load_cert_chain(pki.client_cert, pki.client_key)
     return context
