@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to keep reconnecting for one message (30)",
     )
     lab.add_argument("--ack-log", default=None, help="append MSH-10 of each AA/CA to this file")
+    _tls_arguments(lab, "MLLP")
     lab.add_argument("--quiet", action="store_true", help="no progress line")
 
     modality = targets.add_parser(
@@ -190,19 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     modality.add_argument("--host", default=None, help="gateway host (QANTARA_BIND)")
     modality.add_argument("--port", type=int, default=None, help="port (QANTARA_DICOM_PORT)")
     modality.add_argument("--calling-ae", default="SIM-MODALITY", help="our AE title")
-    modality.add_argument(
-        "--tls-ca",
-        type=Path,
-        default=None,
-        metavar="PEM",
-        help="DICOM over TLS, the gateway's certificate checked against this CA",
-    )
-    modality.add_argument(
-        "--tls-cert", type=Path, default=None, metavar="PEM", help="our certificate (mutual TLS)"
-    )
-    modality.add_argument(
-        "--tls-key", type=Path, default=None, metavar="PEM", help="its private key"
-    )
+    _tls_arguments(modality, "DICOM")
     modality.add_argument("--quiet", action="store_true", help="no progress line")
 
     fleet = targets.add_parser(
@@ -264,6 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("name")
     token_commands.add_parser("list", help="list tokens (names, scopes, state; never secrets)")
     return parser
+
+
+def _tls_arguments(parser: argparse.ArgumentParser, protocol: str) -> None:
+    parser.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=None,
+        metavar="PEM",
+        help=f"{protocol} over TLS, the gateway's certificate checked against this CA",
+    )
+    parser.add_argument(
+        "--tls-cert", type=Path, default=None, metavar="PEM", help="our certificate (mutual TLS)"
+    )
+    parser.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="its private key")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from typing import TextIO
 
 from hl7.er7 import parse_message
 from ingest.errors import InputError
+from simulators.tls_client import client_context
 
 START, END = b"\x0b", b"\x1c\x0d"
 CHARSET_CODECS = {"UNICODE UTF-8": "utf-8", "8859/1": "iso8859-1", "8859/6": "iso8859-6"}
@@ -142,6 +143,9 @@ class LabConfig:
     control_prefix: str = ""
     ack_log: Path | None = None
     quiet: bool = False
+    tls_ca: Path | None = None  # MLLP over TLS, the gateway's certificate checked against it
+    tls_cert: Path | None = None  # with tls_key: our certificate, for mutual TLS
+    tls_key: Path | None = None
 
 
 @dataclass(slots=True)
@@ -278,6 +282,7 @@ class _Link:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._buffer = b""
+        self._tls = client_context(config.tls_ca, config.tls_cert, config.tls_key)
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -294,7 +299,10 @@ class _Link:
             try:
                 if self._writer is None or self._reader is None:
                     reader, writer = await asyncio.wait_for(
-                        asyncio.open_connection(self._config.host, self._config.port), 5
+                        asyncio.open_connection(
+                            self._config.host, self._config.port, ssl=self._tls
+                        ),
+                        5,
                     )
                     self._reader, self._writer = reader, writer
                 else:

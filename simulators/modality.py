@@ -29,6 +29,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from simulators.population import REGIONS, Patient, Population, Sex
+from simulators.tls_client import client_context
 
 SOP_CLASSES: Final = {
     "CR": "1.2.840.10008.5.1.4.1.1.1",
@@ -71,12 +72,8 @@ class ModalityConfig:
 
     def tls_args(self) -> tuple[ssl.SSLContext, str] | None:
         """pynetdicom's `tls_args` (a client context, the server name to check), or None."""
-        if self.tls_ca is None:
-            return None
-        context = ssl.create_default_context(cafile=self.tls_ca)
-        if self.tls_cert is not None:
-            context.load_cert_chain(self.tls_cert, self.tls_key)
-        return context, self.host
+        context = client_context(self.tls_ca, self.tls_cert, self.tls_key)
+        return None if context is None else (context, self.host)
 
 
 @dataclass(slots=True)

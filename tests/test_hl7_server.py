@@ -15,6 +15,7 @@ from hl7.server import MllpServer, MllpSettings
 from hl7.validation import validate_structure
 from ingest.pipeline import GroupCommitPipeline, PipelineSettings
 from monitoring.metrics import Metrics
+from simulators.lab import LabConfig, run_lab
 from storage.migrations import apply_migrations
 from storage.writer import BatchWriter
 from tests.hl7_support import (
@@ -360,6 +361,28 @@ async def test_tls_listener_requiring_client_certificates_drops_a_client_without
         answer = None
     assert answer is None
     assert await count(pool, "SELECT count(*) FROM hl7_message WHERE control_id = $1", control) == 0
+
+
+async def test_the_lab_simulator_sends_over_mutual_tls(
+    start_server: Callable[..., object], pki: Pki
+) -> None:
+    server = await start_server(  # type: ignore[misc]
+        tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca
+    )
+    assert isinstance(server, MllpServer)
+    assert server.port is not None
+    config = LabConfig(
+        port=server.port,
+        count=6,
+        rate=0,
+        control_prefix=f"{control_id()}-",
+        quiet=True,
+        tls_ca=pki.ca,
+        tls_cert=pki.client_cert,
+        tls_key=pki.client_key,
+    )
+    report = await run_lab(config)
+    assert (report.codes["AA"], report.unanswered, report.reconnects) == (6, 0, 0)
 
 
 def handshake_failures(metrics: Metrics, reason: str) -> float:
