@@ -195,7 +195,8 @@ def _image_modules(ds: Dataset, modality: str, number: int, frame_of_reference: 
     For Presentation, A.59 US, A.3 CT) beyond the patient, study, series and pixel data ones:
     the image type, the content time, and each modality's own image modules."""
     ds.ContentTime = ds.StudyTime
-    ds.PatientOrientation = ""  # General Image, Type 2C: no orientation known
+    # General Image, Type 2C: no orientation known, but for DX (its DX Image module: Type 1).
+    ds.PatientOrientation = ["L", "F"] if modality == "DX" else ""  # DX: AP, seen from the front
     if modality == "CR":
         ds.ViewPosition = "PA"  # CR Series, Type 2
         ds.ImageType = ["ORIGINAL", "PRIMARY"]
@@ -214,7 +215,6 @@ def _image_modules(ds: Dataset, modality: str, number: int, frame_of_reference: 
         ds.ImagerPixelSpacing = [0.143, 0.143]
         ds.ImageLaterality = "U"  # DX Anatomy Imaged: unpaired (pelvis, chest...)
         ds.AnatomicRegionSequence = [_code(codes.SCT.Pelvis)]  # CID 4009
-        ds.PatientOrientation = ["L", "F"]  # DX Image, Type 1: an AP view, seen from the front
         ds.ViewPosition = "AP"  # DX Positioning
         ds.ViewCodeSequence = [_code(codes.SCT.AnteroPosterior)]  # CID 4010
         ds.PositionerType = "COLUMN"

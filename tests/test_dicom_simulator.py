@@ -100,6 +100,7 @@ MODULE_ELEMENTS = {
         "DetectorType",
         "ImagerPixelSpacing",
         "ImageLaterality",
+        "PatientOrientation",
         "WindowCenter",
         "WindowWidth",
     ),
