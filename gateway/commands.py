@@ -248,9 +248,7 @@ async def simulate_units(settings: Settings, args: argparse.Namespace) -> int:
 async def simulate_lab(settings: Settings, args: argparse.Namespace) -> int:
     from simulators.lab import LabConfig, run_lab
 
-    host = args.host or settings.bind
-    if host == "0.0.0.0":  # noqa: S104 - a listen address; connect locally
-        host = "127.0.0.1"
+    host = _gateway_host(args, settings)
     report = await run_lab(
         LabConfig(
             host=host,
@@ -275,9 +273,7 @@ async def simulate_lab(settings: Settings, args: argparse.Namespace) -> int:
 async def simulate_modality(settings: Settings, args: argparse.Namespace) -> int:
     from simulators.modality import ModalityConfig, run_modality
 
-    host = args.host or settings.bind
-    if host == "0.0.0.0":  # noqa: S104 - a listen address; connect locally
-        host = "127.0.0.1"
+    host = _gateway_host(args, settings)
     report = await asyncio.to_thread(
         run_modality,
         ModalityConfig(
@@ -302,9 +298,7 @@ async def simulate_modality(settings: Settings, args: argparse.Namespace) -> int
 async def simulate_fleet(settings: Settings, args: argparse.Namespace) -> int:
     from simulators.fleet import FleetConfig, run_fleet
 
-    host = args.host or settings.bind
-    if host == "0.0.0.0":  # noqa: S104 - a listen address; connect locally
-        host = "127.0.0.1"
+    host = _gateway_host(args, settings)
     report = await run_fleet(
         FleetConfig(
             mqtt_url=settings.mqtt.url,
@@ -412,3 +406,10 @@ async def up(settings: Settings, *, simulate: int, rate: float, data_dir: str) -
             extras = (*extras, simulators)
         await app.run(settings, migrate=False, extras=extras)
     return 0
+
+
+def _gateway_host(args: argparse.Namespace, settings: Settings) -> str:
+    """Where a simulator reaches the gateway: `--host`, else `QANTARA_BIND`, a wildcard listen
+    address meaning this machine."""
+    host: str = args.host or settings.bind
+    return "127.0.0.1" if host == "0.0.0.0" else host  # noqa: S104 - a listen address
