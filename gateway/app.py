@@ -30,6 +30,7 @@ from gateway.http import ApiSettings, create_app
 from gateway.settings import Settings
 from hl7.server import REJECT_REASONS as HL7_REJECT_REASONS
 from hl7.server import MllpServer
+from ingest.certificate_dates import CertificateError, not_after
 from ingest.errors import StorageUnavailable
 from ingest.mqtt import MqttVitalsAdapter
 from ingest.mqtt_payload import RejectReason
@@ -123,6 +124,7 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
         metrics.init_reasons("mqtt", [reason.value for reason in RejectReason])
         metrics.init_reasons("mqtt", ["storage-refused"])
         metrics.init_reasons("hl7", HL7_REJECT_REASONS)
+        _certificate_expiries(settings, metrics)
         writer = BatchWriter(pool)
         pipeline = GroupCommitPipeline(writer, settings.pipeline, metrics)
         mqtt = MqttVitalsAdapter(settings.mqtt, pipeline, metrics)
@@ -287,6 +289,35 @@ def _readiness(
         "http": server.started,
         "mllp": mllp.listening.is_set(),
     }
+
+
+CERTIFICATE_WARNING_DAYS = 21
+"""A listener's certificate that expires sooner is warned about at start (and alerted on)."""
+
+
+def _certificate_expiries(settings: Settings, metrics: Metrics) -> None:
+    """Set `qantara_tls_certificate_expiry_timestamp_seconds` for each TLS listener from the
+    certificate it will present, and log when it expires."""
+    now = datetime.now(UTC)
+    listeners = {
+        "http": settings.http.tls_cert,
+        "mllp": settings.mllp.tls_cert,
+        "dicom": settings.dicom.tls_cert,
+    }
+    for listener, path in listeners.items():
+        if path is None:
+            continue
+        try:
+            ends = not_after(path)
+        except (OSError, CertificateError) as exc:
+            logger.warning(
+                "%s TLS certificate: its end of validity is unreadable (%s)", listener, exc
+            )
+            continue
+        metrics.tls_certificate_expiry.labels(listener).set(ends.timestamp())
+        days = (ends - now).total_seconds() / 86400
+        log = logger.warning if days < CERTIFICATE_WARNING_DAYS else logger.info
+        log("%s TLS certificate valid until %s (%.0f days)", listener, ends.isoformat(), days)
 
 
 async def _announce(server: uvicorn.Server, gateway: Gateway, settings: Settings) -> None:

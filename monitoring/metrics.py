@@ -152,6 +152,13 @@ class Metrics:
             ["listener", "reason"],
             registry=r,
         )
+        self.tls_certificate_expiry = Gauge(
+            "qantara_tls_certificate_expiry_timestamp_seconds",
+            "When the certificate a TLS listener (http, mllp, dicom) presents stops being valid,"
+            " Unix time; read at start (a renewed certificate is served after a restart).",
+            ["listener"],
+            registry=r,
+        )
         for listener in TLS_LISTENERS:
             for reason in HANDSHAKE_FAILURES:
                 self.tls_handshake_failures.labels(listener, reason)

@@ -18,6 +18,7 @@ import asyncpg
 import httpx
 import pytest
 
+from ingest.certificate_dates import not_after
 from tests.gateway_process import GatewayProcess
 from tests.services_support import wait_until
 from tests.test_mqtt_acl import GATEWAY, UNIT, Broker, _client, broker
@@ -57,6 +58,21 @@ async def test_http_listener_answers_over_tls_with_its_certificate(
     async with https(broker) as client:
         response = await client.get(f"https://127.0.0.1:{gateway.port}/healthz")
     assert response.status_code == 200
+
+
+async def test_metrics_give_when_the_http_certificate_expires(
+    gateway: GatewayProcess, broker: Broker
+) -> None:
+    async with https(broker) as client:
+        response = await client.get(f"https://127.0.0.1:{gateway.port}/metrics")
+    [line] = [
+        line
+        for line in response.text.splitlines()
+        if line.startswith('qantara_tls_certificate_expiry_timestamp_seconds{listener="http"}')
+    ]
+    expected = not_after(broker.secrets / "gateway.crt").timestamp()
+    assert float(line.rsplit(" ", 1)[1]) == expected
+    assert expected > datetime.now(UTC).timestamp()
 
 
 async def test_http_listener_refuses_plain_http(gateway: GatewayProcess) -> None:

@@ -1,0 +1,92 @@
+"""When a PEM certificate stops being valid: its `notAfter`, read from the DER (RFC 5280
+4.1.2.5), sans-IO but for reading the file.
+
+Python's `ssl` module decodes a certificate only for a peer or a CA; the listeners' own
+certificate is loaded into a context that never gives it back. Walking the few DER elements
+before the validity costs less than a dependency.
+"""
+
+from __future__ import annotations
+
+import ssl
+from datetime import datetime
+from pathlib import Path
+
+_SEQUENCE = 0x30
+_EXPLICIT_VERSION = 0xA0  # [0] EXPLICIT Version
+_UTC_TIME = 0x17
+_GENERALIZED_TIME = 0x18
+
+
+class CertificateError(ValueError):
+    """Not a certificate this reader understands."""
+
+
+def not_after(pem: Path) -> datetime:
+    """The end of validity of the first certificate in the PEM file `pem` (the leaf of a
+    chain). Raises CertificateError, or OSError when the file cannot be read."""
+    text = pem.read_text(encoding="ascii", errors="replace")
+    begin = text.find("-----BEGIN CERTIFICATE-----")
+    end = text.find("-----END CERTIFICATE-----", begin)
+    if begin < 0 or end < 0:
+        raise CertificateError("no PEM certificate")
+    der = ssl.PEM_cert_to_DER_cert(text[begin : end + len("-----END CERTIFICATE-----")])
+    return validity_end(der)
+
+
+def validity_end(der: bytes) -> datetime:
+    """`notAfter` of the DER certificate `der`."""
+    tag, start, _ = _element(der, 0)  # Certificate
+    _expect(tag, _SEQUENCE)
+    tag, position, _ = _element(der, start)  # TBSCertificate
+    _expect(tag, _SEQUENCE)
+    tag, _, end = _element(der, position)
+    if tag == _EXPLICIT_VERSION:  # absent in a v1 certificate
+        position = end
+    for _field in ("serialNumber", "signature", "issuer"):
+        _, _, position = _element(der, position)
+    tag, validity, _ = _element(der, position)
+    _expect(tag, _SEQUENCE)
+    _, _, position = _element(der, validity)  # notBefore
+    tag, content, after = _element(der, position)  # notAfter
+    return _time(tag, der[content:after])
+
+
+def _element(der: bytes, offset: int) -> tuple[int, int, int]:
+    """(tag, start of contents, end of contents) of the DER element at `offset`."""
+    if offset + 2 > len(der):
+        raise CertificateError("truncated")
+    tag, length = der[offset], der[offset + 1]
+    start = offset + 2
+    if length & 0x80:
+        count = length & 0x7F
+        if count == 0 or count > 4 or start + count > len(der):
+            raise CertificateError("bad length")
+        length = int.from_bytes(der[start : start + count], "big")
+        start += count
+    if start + length > len(der):
+        raise CertificateError("truncated")
+    return tag, start, start + length
+
+
+def _expect(tag: int, wanted: int) -> None:
+    if tag != wanted:
+        raise CertificateError(f"tag {tag:#04x} where {wanted:#04x} was expected")
+
+
+def _time(tag: int, value: bytes) -> datetime:
+    text = value.decode("ascii", errors="replace")
+    if not text.endswith("Z"):
+        raise CertificateError(f"time {text!r} is not in UTC")
+    utc = text[:-1] + "+0000"
+    try:
+        if tag == _UTC_TIME:  # YYMMDDHHMMSSZ; 50-99 are 19xx (RFC 5280 4.1.2.5.1)
+            moment = datetime.strptime(utc, "%y%m%d%H%M%S%z")
+            if moment.year >= 2050:
+                moment = moment.replace(year=moment.year - 100)
+            return moment
+        if tag == _GENERALIZED_TIME:
+            return datetime.strptime(utc, "%Y%m%d%H%M%S%z")
+    except ValueError as exc:
+        raise CertificateError(f"time {text!r}") from exc
+    raise CertificateError(f"tag {tag:#04x} is not a time")
