@@ -25,6 +25,7 @@ from dicom.association import (
     Event,
 )
 from dicom.dimse import C_CANCEL_RQ
+from ingest.tls import common_names
 
 TIMED_OUT: Final = "timed out"
 Ended = Event | str
@@ -170,16 +171,3 @@ class Link(asyncio.Protocol):
         self._refused = True
         if self._transport is not None:
             self._transport.abort()
-
-
-def common_names(certificate: object) -> frozenset[str]:
-    """The commonNames of a certificate's subject as `ssl.SSLSocket.getpeercert()` gives it (a
-    dict with `subject`: RDNs of (name, value) pairs), or none when there is no certificate."""
-    if not isinstance(certificate, dict):
-        return frozenset()
-    return frozenset(
-        value
-        for rdn in certificate.get("subject", ())
-        for name, value in rdn
-        if name == "commonName"
-    )

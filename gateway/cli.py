@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to keep reconnecting for one message (30)",
     )
     lab.add_argument("--ack-log", default=None, help="append MSH-10 of each AA/CA to this file")
+    lab.add_argument(
+        "--facility", default="LABO-CENTRAL", help="our sending facility, MSH-4 (LABO-CENTRAL)"
+    )
     _tls_arguments(lab, "MLLP")
     lab.add_argument("--quiet", action="store_true", help="no progress line")
 

@@ -261,6 +261,7 @@ async def simulate_lab(settings: Settings, args: argparse.Namespace) -> int:
             retry_timeout=args.retry_timeout,
             ack_log=Path(args.ack_log) if args.ack_log else None,
             quiet=args.quiet,
+            facility=args.facility,
             tls_ca=args.tls_ca,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,

@@ -341,6 +341,15 @@ def _listener_tls(r: _Reader, listener: str) -> tuple[Path | None, Path | None, 
     return cert, key, client_ca
 
 
+def _from_certificate(r: _Reader, name: str, listener: str, client_ca: Path | None) -> bool:
+    """A `{listener}_TLS_..._FROM_CN` switch: true needs the client CA whose certificates name
+    the senders."""
+    value = r.get(name, False, _boolean, "must be true or false")
+    if value and client_ca is None:
+        raise ConfigError(f"{PREFIX}{name}: needs {listener}_TLS_CLIENT_CA (senders' certificates)")
+    return value
+
+
 def _mllp(r: _Reader) -> MllpSettings:
     def seconds(name: str, default: float) -> float:
         value = r.duration(name, timedelta(seconds=default)).total_seconds()
@@ -360,6 +369,7 @@ def _mllp(r: _Reader) -> MllpSettings:
         tls_cert=cert,
         tls_key=key,
         tls_client_ca=client_ca,
+        tls_facility_from_cn=_from_certificate(r, "MLLP_TLS_FACILITY_FROM_CN", "MLLP", client_ca),
         strict_senders=strict_senders(r.text("HL7_STRICT_SENDERS", "")),
         timezone=r.get(
             "HL7_TIMEZONE", "Africa/Casablanca", _time_zone, "must be an IANA time zone name"
@@ -376,11 +386,7 @@ def _dicom(r: _Reader) -> DicomSettings:
         return r.duration(name, timedelta(seconds=default)).total_seconds()
 
     cert, key, client_ca = _listener_tls(r, "DICOM")
-    ae_from_cn = r.get("DICOM_TLS_AE_FROM_CN", False, _boolean, "must be true or false")
-    if ae_from_cn and client_ca is None:
-        raise ConfigError(
-            f"{PREFIX}DICOM_TLS_AE_FROM_CN: needs DICOM_TLS_CLIENT_CA (modalities' certificates)"
-        )
+    ae_from_cn = _from_certificate(r, "DICOM_TLS_AE_FROM_CN", "DICOM", client_ca)
     return DicomSettings(
         port=r.port("DICOM_PORT", 11112),
         ae_title=r.get(

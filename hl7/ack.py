@@ -201,6 +201,21 @@ def check_acceptance(
     return None
 
 
+def check_certified_facility(header: MessageHeader, certified: Collection[str]) -> AckError | None:
+    """The reason to reject (AR) a message whose sending facility (MSH-4.1) is not a commonName
+    of the client's TLS certificate (`certified`), or None. Identifiers without an assigning
+    authority are scoped by MSH-4.1 and ADT merges act on them: a sender with a valid
+    certificate must not write under another facility's name."""
+    facility = header.segment.value(4).strip()
+    if facility and facility in certified:
+        return None
+    return AckError(
+        ErrorCode.APPLICATION_INTERNAL_ERROR,
+        "the sending facility (MSH-4.1) is not the one named by the client's TLS certificate",
+        ErrorLocation("MSH", 1, 4),
+    )
+
+
 _REASON_CODES = {
     "undecodable-text": ErrorCode.DATA_TYPE_ERROR,
     "bad-escape-sequence": ErrorCode.DATA_TYPE_ERROR,

@@ -48,6 +48,7 @@ from hl7.ack import (
     build_ack,
     build_fallback_ack,
     check_acceptance,
+    check_certified_facility,
 )
 from hl7.er7 import Er7Error, Hl7Message, MessageHeader, parse_message
 from hl7.mapping import MappingError, map_message
@@ -64,7 +65,7 @@ from ingest.records import (
     Protocol,
 )
 from ingest.records import Outcome as StoreOutcome
-from ingest.tls import Handshakes, TlsIntake, server_context
+from ingest.tls import Handshakes, TlsIntake, common_names, server_context
 from monitoring.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ REJECT_REASONS = (
     "obx-value-not-numeric",
     "storage-refused",
     "too-many-connections",
+    "facility-not-certified",
 )
 Validator = Callable[[Hl7Message], Awaitable[str | None]]
 
@@ -114,6 +116,7 @@ class MllpSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    tls_facility_from_cn: bool = False  # MSH-4.1 must be a commonName of the client's certificate
     strict_senders: frozenset[str] = frozenset()
     timezone: str = "Africa/Casablanca"
     processing_ids: tuple[str, ...] = ("P",)
@@ -308,8 +311,11 @@ class MllpServer:
 
     # --- one message: bytes to a pending answer ---------------------------------------------
 
-    async def accept(self, payload: bytes, received: float) -> _Pending:
-        """Read one message and hand it to the pipeline; the answer is known after commit."""
+    async def accept(
+        self, payload: bytes, received: float, certified: frozenset[str] = frozenset()
+    ) -> _Pending:
+        """Read one message and hand it to the pipeline; the answer is known after commit.
+        `certified`: the commonNames of the client's verified TLS certificate."""
         received_at = datetime.now(UTC)
         self._metrics.received.labels(Protocol.HL7.value).inc()
         try:
@@ -331,6 +337,13 @@ class MllpServer:
             return await self._reject(
                 payload, received, received_at, header, Outcome.REJECTED, error, refusal
             )
+        if self._settings.tls_facility_from_cn:
+            refusal = check_certified_facility(header, certified)
+            if refusal is not None:
+                error = InputError("facility-not-certified", refusal.message)
+                return await self._reject(
+                    payload, received, received_at, header, Outcome.REJECTED, error, refusal
+                )
         try:
             records = map_message(message, self._tz)
         except MappingError as exc:
@@ -498,6 +511,7 @@ class _Connection:
         self._reader = reader
         self._writer = writer
         self._peer = peer
+        self._certified = common_names(writer.get_extra_info("peercert"))
         self._framer = MllpFramer(server.settings.max_message_bytes)
         self._pending: deque[_Pending] = deque()
         self._window = asyncio.Semaphore(server.settings.window)
@@ -567,7 +581,7 @@ class _Connection:
             for event in events:
                 if isinstance(event, Message):
                     await self._window.acquire()
-                    self._push(await self._server.accept(event.payload, received))
+                    self._push(await self._server.accept(event.payload, received, self._certified))
                 else:  # ConnectionClosed: the peer is done sending
                     return
             if (error := self._framer.pending_error) is not None:

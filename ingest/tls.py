@@ -43,6 +43,19 @@ def server_context(
     return context
 
 
+def common_names(certificate: object) -> frozenset[str]:
+    """The commonNames of a certificate's subject as `ssl.SSLSocket.getpeercert()` gives it (a
+    dict with `subject`: RDNs of (name, value) pairs), or none when there is no certificate."""
+    if not isinstance(certificate, dict):
+        return frozenset()
+    return frozenset(
+        value
+        for rdn in certificate.get("subject", ())
+        for name, value in rdn
+        if name == "commonName"
+    )
+
+
 def handshake_failure(exc: BaseException) -> tuple[str, str]:
     """The reason label of a server-side handshake that failed with `exc`, and what the log
     says of it. The labels are those of `monitoring.metrics.HANDSHAKE_FAILURES`:

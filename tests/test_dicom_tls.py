@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 
 from dicom import status
 from dicom.config import DicomSettings
-from dicom.link import common_names
+from ingest.tls import common_names
 from simulators.modality import ModalityConfig, run_modality
 from tests.dicom_support import RunningDicom, charset_file, echo, renumbered, running_dicom, store
 from tests.services_support import wait_until

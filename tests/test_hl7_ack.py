@@ -19,6 +19,7 @@ from hl7.ack import (
     build_ack,
     build_fallback_ack,
     check_acceptance,
+    check_certified_facility,
 )
 from hl7.er7 import Er7Error, MessageHeader, parse_message
 from ingest.errors import InputError
@@ -230,6 +231,22 @@ def test_enhanced_mode_with_one_condition_empty_treats_it_as_always() -> None:
 
 def test_supported_production_message_is_accepted() -> None:
     assert check_acceptance(header()) is None
+
+
+def test_a_facility_named_by_the_certificate_is_accepted_by_its_first_component() -> None:
+    with_oid = header(MSH.replace("|HOSP|", "|HOSP^2.16.504.1^ISO|"))
+    assert check_certified_facility(with_oid, {"HOSP"}) is None
+
+
+def test_another_facility_than_the_certificate_s_is_rejected_at_msh_4() -> None:
+    error = check_certified_facility(header(), {"LABO-CENTRAL"})
+    assert error is not None
+    assert error.code is ErrorCode.APPLICATION_INTERNAL_ERROR
+    assert error.location == ErrorLocation("MSH", 1, 4)
+
+
+def test_an_empty_facility_is_never_certified() -> None:
+    assert check_certified_facility(header(MSH.replace("|HOSP|", "||")), {""}) is not None
 
 
 def test_unsupported_version_is_rejected_with_203_at_msh_12() -> None:

@@ -363,13 +363,54 @@ async def test_tls_listener_requiring_client_certificates_drops_a_client_without
     assert await count(pool, "SELECT count(*) FROM hl7_message WHERE control_id = $1", control) == 0
 
 
-async def test_the_lab_simulator_sends_over_mutual_tls(
-    start_server: Callable[..., object], pki: Pki
-) -> None:
+async def bound_server(start_server: Callable[..., object], pki: Pki) -> MllpServer:
+    """Mutual TLS; MSH-4.1 must be the client certificate's commonName ("client")."""
     server = await start_server(  # type: ignore[misc]
-        tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        tls_client_ca=pki.ca,
+        tls_facility_from_cn=True,
     )
     assert isinstance(server, MllpServer)
+    return server
+
+
+async def test_a_sender_writing_as_its_certificate_s_facility_gets_aa(
+    start_server: Callable[..., object], pki: Pki
+) -> None:
+    server = await bound_server(start_server, pki)
+    assert server.port is not None
+    control = control_id()
+    context = client_context(pki, with_certificate=True)
+    async with MllpClient("127.0.0.1", server.port, ssl_context=context) as client:
+        ack = await client.request(encode(oru(control, f"{new_id()}^^^CIN^NI", facility="client")))
+    assert (ack.code, ack.acknowledged) == ("AA", control)
+
+
+async def test_a_sender_writing_as_another_facility_than_its_certificate_s_gets_ar_at_msh_4(
+    start_server: Callable[..., object], pki: Pki, pool: asyncpg.Pool
+) -> None:
+    server = await bound_server(start_server, pki)
+    assert server.port is not None
+    control = control_id()
+    context = client_context(pki, with_certificate=True)
+    async with MllpClient("127.0.0.1", server.port, ssl_context=context) as client:
+        ack = await client.request(encode(oru(control, f"{new_id()}^^^CIN^NI", facility=CHU)))
+    assert (ack.code, ack.acknowledged, ack.error_code) == ("AR", control, "207")
+    assert b"MSH^1^4" in ack.raw
+    assert "sending facility" in ack.error_text
+    reasons = await pool.fetch(
+        "SELECT reason FROM dead_letter WHERE protocol = 'hl7' AND raw LIKE $1",
+        b"%" + control.encode() + b"%",
+    )
+    assert [r["reason"] for r in reasons] == ["facility-not-certified"]
+    assert await count(pool, "SELECT count(*) FROM hl7_message WHERE control_id = $1", control) == 0
+
+
+async def test_the_lab_simulator_sends_over_mutual_tls_as_its_certificate_s_facility(
+    start_server: Callable[..., object], pki: Pki
+) -> None:
+    server = await bound_server(start_server, pki)
     assert server.port is not None
     config = LabConfig(
         port=server.port,
@@ -377,6 +418,7 @@ async def test_the_lab_simulator_sends_over_mutual_tls(
         rate=0,
         control_prefix=f"{control_id()}-",
         quiet=True,
+        facility="client",
         tls_ca=pki.ca,
         tls_cert=pki.client_cert,
         tls_key=pki.client_key,

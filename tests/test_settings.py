@@ -159,12 +159,30 @@ def test_dicom_ae_from_the_certificate_reaches_the_listener(tmp_path: Path) -> N
     assert Settings.load(environ).dicom.tls_ae_from_cn
 
 
-def test_dicom_ae_from_the_certificate_needs_a_client_ca(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "switch", ["QANTARA_DICOM_TLS_AE_FROM_CN", "QANTARA_MLLP_TLS_FACILITY_FROM_CN"]
+)
+def test_a_sender_bound_to_its_certificate_needs_a_client_ca(tmp_path: Path, switch: str) -> None:
     cert = tmp_path / "gw.crt"
     cert.write_text("not checked here")
-    environ = {"QANTARA_DICOM_TLS_CERT": str(cert), "QANTARA_DICOM_TLS_AE_FROM_CN": "true"}
-    with pytest.raises(ConfigError, match="QANTARA_DICOM_TLS_AE_FROM_CN: needs"):
+    listener = switch.split("_")[1]
+    environ = {f"QANTARA_{listener}_TLS_CERT": str(cert), switch: "true"}
+    with pytest.raises(ConfigError, match=f"{switch}: needs"):
         Settings.load(environ)
+
+
+def test_mllp_facility_from_the_certificate_reaches_the_listener(tmp_path: Path) -> None:
+    cert, key, ca = (tmp_path / n for n in ("gw.crt", "gw.key", "ca.pem"))
+    for path in (cert, key, ca):
+        path.write_text("not checked here")
+    environ = {
+        "QANTARA_MLLP_TLS_CERT": str(cert),
+        "QANTARA_MLLP_TLS_KEY": str(key),
+        "QANTARA_MLLP_TLS_CLIENT_CA": str(ca),
+        "QANTARA_MLLP_TLS_FACILITY_FROM_CN": "true",
+    }
+    assert Settings.load(environ).mllp.tls_facility_from_cn
+    assert not Settings.load({}).mllp.tls_facility_from_cn
 
 
 def test_migrate_and_api_urls_default_to_the_database_url() -> None:
