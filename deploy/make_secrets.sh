@@ -3,9 +3,14 @@
 # deploy/secrets/, git-ignored): a private CA, the broker's and the gateways' TLS certificates,
 # a broker password for the gateways and for each unit, the Mosquitto password file, and
 # compose.env (database admin, runtime and API logins, gateway broker and Grafana passwords) to
-# copy to .env.
+# copy to .env; and client certificates for the senders of mutual TLS (senders/NAME.crt, .key).
 #
 #   deploy/make_secrets.sh [OUT]            UNITS="UMMC-FM-001 UMMC-FM-002" to name the units
+#                                           SENDERS="CR-UNIT-07 LABO-CENTRAL" to name the senders
+#
+# A sender's certificate has CN=NAME: a modality's AE title (QANTARA_DICOM_TLS_AE_FROM_CN) or a
+# lab system's MSH-4.1 (QANTARA_MLLP_TLS_FACILITY_FROM_CN). The listeners trust them with
+# QANTARA_{MLLP,DICOM}_TLS_CLIENT_CA=ca.crt.
 #
 # Idempotent: what exists is kept (re-run it to add units); delete a file to regenerate it.
 # Needs openssl and mosquitto_passwd (Debian package mosquitto, installed by `make system-deps`).
@@ -17,6 +22,7 @@ set -euo pipefail
 
 OUT=${1:-deploy/secrets}
 UNITS=${UNITS:-}
+SENDERS=${SENDERS:-}
 GATEWAY_USER=${GATEWAY_USER:-qantara-gateway}
 CERT_DAYS=${CERT_DAYS:-825}
 
@@ -43,25 +49,38 @@ if [ ! -f "$OUT/ca.crt" ]; then
   echo "make_secrets: created the private CA ($OUT/ca.crt)"
 fi
 
-# issue NAME CN SUBJECT_ALT_NAMES: a server certificate signed by the private CA.
+# issue NAME CN SUBJECT_ALT_NAMES [USAGE]: a certificate signed by the private CA, for a server
+# (serverAuth, the default) or a client (clientAuth; SUBJECT_ALT_NAMES may then be empty).
 issue() {
-  local name=$1 cn=$2 sans=$3
+  local name=$1 cn=$2 sans=$3 usage=${4:-serverAuth}
   [ -f "$OUT/$name.crt" ] && return 0
   openssl req -new -newkey rsa:2048 -nodes -sha256 -subj "/CN=$cn" \
     -keyout "$OUT/$name.key" -out "$OUT/$name.csr" 2>/dev/null
-  printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n' \
-    "$sans" >"$OUT/$name.ext"
+  {
+    [ -n "$sans" ] && printf 'subjectAltName=%s\n' "$sans"
+    printf 'extendedKeyUsage=%s\nkeyUsage=digitalSignature,keyEncipherment\n' "$usage"
+  } >"$OUT/$name.ext"
   openssl x509 -req -sha256 -days "$CERT_DAYS" -in "$OUT/$name.csr" \
     -CA "$OUT/ca.crt" -CAkey "$OUT/ca.key" -CAcreateserial \
     -extfile "$OUT/$name.ext" -out "$OUT/$name.crt" 2>/dev/null
   rm -f "$OUT/$name.csr" "$OUT/$name.ext"
   chmod 644 "$OUT/$name.crt" "$OUT/$name.key"
-  echo "make_secrets: issued $OUT/$name.crt ($sans)"
+  echo "make_secrets: issued $OUT/$name.crt (CN=$cn${sans:+, $sans}, $usage)"
 }
 
 issue broker broker "DNS:broker,DNS:localhost,IP:127.0.0.1"
 issue gateway gateway "DNS:gateway-1,DNS:gateway-2,DNS:localhost,IP:127.0.0.1"
 chmod 644 "$OUT/ca.crt"
+
+# One client certificate per sender of mutual TLS, CN = its AE title or MSH-4.1.
+mkdir -p "$OUT/senders"
+for sender in $SENDERS; do
+  if ! [[ $sender =~ ^[A-Za-z0-9_.-]{1,64}$ ]]; then
+    echo "make_secrets: $sender is not a sender name (1-64 of [A-Za-z0-9_.-])" >&2
+    exit 1
+  fi
+  issue "senders/$sender" "$sender" "" clientAuth
+done
 
 # One password per broker user, kept in passwords/<user> (units read theirs from there).
 for user in "$GATEWAY_USER" $UNITS; do

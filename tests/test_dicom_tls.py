@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import socket
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -234,3 +237,60 @@ def test_the_common_names_are_read_from_every_rdn_of_the_subject() -> None:
 def test_no_certificate_or_an_unverified_one_has_no_common_name() -> None:
     assert common_names(None) == frozenset()
     assert common_names({}) == frozenset()  # getpeercert() without a client CA
+
+
+MAKE_SECRETS = Path(__file__).resolve().parent.parent / "deploy" / "make_secrets.sh"
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The production secrets, with a client certificate for the modality CR-UNIT-07."""
+    if shutil.which("openssl") is None or shutil.which("mosquitto_passwd") is None:
+        pytest.skip("needs openssl and mosquitto_passwd (make system-deps)")
+    secrets = tmp_path_factory.mktemp("deploy") / "secrets"
+    made = subprocess.run(
+        ["bash", str(MAKE_SECRETS), str(secrets)],
+        env={**os.environ, "SENDERS": "CR-UNIT-07"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert made.returncode == 0, made.stdout + made.stderr
+    return secrets
+
+
+def deployed_modality(secrets: Path, port: int, calling_ae: str) -> ModalityConfig:
+    return ModalityConfig(
+        host="127.0.0.1",
+        port=port,
+        calling_ae=calling_ae,
+        studies=1,
+        quiet=True,
+        tls_ca=secrets / "ca.crt",
+        tls_cert=secrets / "senders" / "CR-UNIT-07.crt",
+        tls_key=secrets / "senders" / "CR-UNIT-07.key",
+    )
+
+
+async def test_a_sender_certificate_of_make_secrets_binds_its_modality_s_ae_title(
+    fresh_dsn: str, tmp_path: Path, deployed: Path
+) -> None:
+    settings = DicomSettings(
+        tls_cert=deployed / "gateway.crt",
+        tls_key=deployed / "gateway.key",
+        tls_client_ca=deployed / "ca.crt",
+        tls_ae_from_cn=True,
+        acse_timeout=5.0,
+    )
+    async with running_dicom(fresh_dsn, tmp_path / "store", settings) as scp:
+        own = await asyncio.to_thread(
+            run_modality, deployed_modality(deployed, scp.port, "CR-UNIT-07")
+        )
+        other = await asyncio.to_thread(
+            run_modality, deployed_modality(deployed, scp.port, "CR-UNIT-08")
+        )
+        stored = await scp.pool.fetchval("SELECT count(*) FROM dicom_instance")
+    assert (own.refused, own.failed, own.sent) == (False, 0, 2)
+    assert other.refused
+    assert stored == 2
