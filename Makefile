@@ -65,11 +65,13 @@ clean:
 # Production shape (docker-compose.yml): generates the private CA, TLS certificates, the broker's
 # password file (one user per unit of UNITS, plus the gateways') into deploy/secrets/ (git-ignored)
 # and writes .env from deploy/secrets/compose.env when there is none. Re-run to add units.
-# SENDERS: client certificates for mutual TLS, CN = a modality's AE title or a lab's MSH-4.1.
+# SENDERS: client certificates for mutual TLS, CN = a modality's AE title or a lab's MSH-4.1;
+# REVOKE: senders whose certificates go on deploy/secrets/crl.pem (QANTARA_*_TLS_CRL).
 UNITS ?=
 SENDERS ?=
+REVOKE ?=
 .PHONY: certs
 certs: system-deps
-	UNITS="$(UNITS)" SENDERS="$(SENDERS)" bash deploy/make_secrets.sh deploy/secrets
+	UNITS="$(UNITS)" SENDERS="$(SENDERS)" REVOKE="$(REVOKE)" bash deploy/make_secrets.sh deploy/secrets
 	@if [ -f .env ]; then echo ".env exists: left as is (new values in deploy/secrets/compose.env)"; \
 	else cp deploy/secrets/compose.env .env && chmod 600 .env && echo "wrote .env"; fi

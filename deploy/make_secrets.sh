@@ -7,10 +7,15 @@
 #
 #   deploy/make_secrets.sh [OUT]            UNITS="UMMC-FM-001 UMMC-FM-002" to name the units
 #                                           SENDERS="CR-UNIT-07 LABO-CENTRAL" to name the senders
+#                                           REVOKE="CR-UNIT-07" to revoke senders' certificates
 #
 # A sender's certificate has CN=NAME: a modality's AE title (QANTARA_DICOM_TLS_AE_FROM_CN) or a
 # lab system's MSH-4.1 (QANTARA_MLLP_TLS_FACILITY_FROM_CN). The listeners trust them with
-# QANTARA_{MLLP,DICOM}_TLS_CLIENT_CA=ca.crt.
+# QANTARA_{MLLP,DICOM}_TLS_CLIENT_CA=ca.crt, and refuse the revoked ones with
+# QANTARA_{MLLP,DICOM}_TLS_CRL=crl.pem: the CA's revocation list, written on every run (empty
+# at first), valid for ten years (OpenSSL refuses every client once it is past its next update).
+# A revoked sender's files move to senders/revoked/NAME-SERIAL.*; restart the listeners to apply
+# a new list. Naming a revoked sender in SENDERS again issues it a new certificate.
 #
 # Idempotent: what exists is kept (re-run it to add units); delete a file to regenerate it.
 # Needs openssl and mosquitto_passwd (Debian package mosquitto, installed by `make system-deps`).
@@ -23,6 +28,7 @@ set -euo pipefail
 OUT=${1:-deploy/secrets}
 UNITS=${UNITS:-}
 SENDERS=${SENDERS:-}
+REVOKE=${REVOKE:-}
 GATEWAY_USER=${GATEWAY_USER:-qantara-gateway}
 CERT_DAYS=${CERT_DAYS:-825}
 
@@ -81,6 +87,38 @@ for sender in $SENDERS; do
   fi
   issue "senders/$sender" "$sender" "" clientAuth
 done
+
+# The CA's revocation list: openssl ca's database in ca-db/, the list in crl.pem.
+mkdir -p "$OUT/ca-db" "$OUT/senders/revoked"
+chmod 700 "$OUT/ca-db"
+[ -f "$OUT/ca-db/index.txt" ] || touch "$OUT/ca-db/index.txt"
+[ -f "$OUT/ca-db/crlnumber" ] || echo 01 >"$OUT/ca-db/crlnumber"
+absolute=$(cd "$OUT" && pwd)
+cat >"$OUT/ca-db/openssl.cnf" <<CONF
+[ ca ]
+default_ca = qantara
+[ qantara ]
+database = $absolute/ca-db/index.txt
+crlnumber = $absolute/ca-db/crlnumber
+certificate = $absolute/ca.crt
+private_key = $absolute/ca.key
+default_md = sha256
+default_crl_days = 3650
+CONF
+for sender in $REVOKE; do
+  if [ -f "$OUT/senders/$sender.crt" ]; then
+    serial=$(openssl x509 -in "$OUT/senders/$sender.crt" -noout -serial | cut -d= -f2)
+    openssl ca -config "$OUT/ca-db/openssl.cnf" -revoke "$OUT/senders/$sender.crt" 2>/dev/null
+    mv "$OUT/senders/$sender.crt" "$OUT/senders/revoked/$sender-$serial.crt"
+    mv "$OUT/senders/$sender.key" "$OUT/senders/revoked/$sender-$serial.key"
+    echo "make_secrets: revoked senders/$sender.crt (serial $serial)"
+  elif ! compgen -G "$OUT/senders/revoked/$sender-*.crt" >/dev/null; then
+    echo "make_secrets: no certificate senders/$sender.crt to revoke" >&2
+    exit 1
+  fi
+done
+openssl ca -config "$OUT/ca-db/openssl.cnf" -gencrl -out "$OUT/crl.pem" 2>/dev/null
+chmod 644 "$OUT/crl.pem"
 
 # One password per broker user, kept in passwords/<user> (units read theirs from there).
 for user in "$GATEWAY_USER" $UNITS; do

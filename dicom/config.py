@@ -35,8 +35,9 @@ class DicomSettings:
     tls_cert: Path | None = None  # with tls_key: DICOM over TLS only (PS3.15 B.1, port 2762)
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # callers must present a certificate it signed
+    tls_crl: Path | None = None  # with tls_client_ca: the modalities' certificates it revokes
     tls_ae_from_cn: bool = False  # the calling AE title must be a commonName of that certificate
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The listener's TLS context when a certificate is configured, else None."""
-        return server_context(self.tls_cert, self.tls_key, self.tls_client_ca)
+        return server_context(self.tls_cert, self.tls_key, self.tls_client_ca, self.tls_crl)

@@ -329,16 +329,29 @@ def _file(text: str) -> Path:
     return path
 
 
-def _listener_tls(r: _Reader, listener: str) -> tuple[Path | None, Path | None, Path | None]:
-    """`{listener}_TLS_CERT`, `_KEY` and `_CLIENT_CA`: a key or a CA needs the certificate."""
+@dataclass(frozen=True, slots=True)
+class _ListenerTls:
+    """`{listener}_TLS_CERT`, `_KEY`, `_CLIENT_CA` and `_CRL` of an equipment listener."""
+
+    cert: Path | None
+    key: Path | None
+    client_ca: Path | None
+    crl: Path | None
+
+
+def _listener_tls(r: _Reader, listener: str) -> _ListenerTls:
+    """A key or a CA needs the certificate; a CRL needs the CA whose certificates it revokes."""
     cert = r.get(f"{listener}_TLS_CERT", None, _file, "must name a readable PEM certificate file")
     key = r.get(f"{listener}_TLS_KEY", None, _file, "must name a readable PEM private key file")
     client_ca = r.get(f"{listener}_TLS_CLIENT_CA", None, _file, "must name a readable PEM CA file")
+    crl = r.get(f"{listener}_TLS_CRL", None, _file, "must name a readable PEM CRL file")
     if (key is not None or client_ca is not None) and cert is None:
         raise ConfigError(
             f"{PREFIX}{listener}_TLS_CERT: must be set with {listener}_TLS_KEY/_CLIENT_CA"
         )
-    return cert, key, client_ca
+    if crl is not None and client_ca is None:
+        raise ConfigError(f"{PREFIX}{listener}_TLS_CRL: needs {listener}_TLS_CLIENT_CA")
+    return _ListenerTls(cert, key, client_ca, crl)
 
 
 def _from_certificate(r: _Reader, name: str, listener: str, client_ca: Path | None) -> bool:
@@ -357,7 +370,7 @@ def _mllp(r: _Reader) -> MllpSettings:
             raise ConfigError(f"{PREFIX}{name}: must be a positive duration")
         return value
 
-    cert, key, client_ca = _listener_tls(r, "MLLP")
+    tls = _listener_tls(r, "MLLP")
     return MllpSettings(
         host=r.text("BIND", "127.0.0.1"),
         port=r.port("MLLP_PORT", 2575),
@@ -366,10 +379,13 @@ def _mllp(r: _Reader) -> MllpSettings:
         max_connections=r.integer("MLLP_MAX_CONNECTIONS", 256, 1, 100_000),
         window=r.integer("MLLP_WINDOW", 64, 1, 10_000),
         ack_timeout=seconds("HL7_ACK_TIMEOUT", 30.0),
-        tls_cert=cert,
-        tls_key=key,
-        tls_client_ca=client_ca,
-        tls_facility_from_cn=_from_certificate(r, "MLLP_TLS_FACILITY_FROM_CN", "MLLP", client_ca),
+        tls_cert=tls.cert,
+        tls_key=tls.key,
+        tls_client_ca=tls.client_ca,
+        tls_crl=tls.crl,
+        tls_facility_from_cn=_from_certificate(
+            r, "MLLP_TLS_FACILITY_FROM_CN", "MLLP", tls.client_ca
+        ),
         strict_senders=strict_senders(r.text("HL7_STRICT_SENDERS", "")),
         timezone=r.get(
             "HL7_TIMEZONE", "Africa/Casablanca", _time_zone, "must be an IANA time zone name"
@@ -385,8 +401,8 @@ def _dicom(r: _Reader) -> DicomSettings:
     def seconds(name: str, default: float) -> float:
         return r.duration(name, timedelta(seconds=default)).total_seconds()
 
-    cert, key, client_ca = _listener_tls(r, "DICOM")
-    ae_from_cn = _from_certificate(r, "DICOM_TLS_AE_FROM_CN", "DICOM", client_ca)
+    tls = _listener_tls(r, "DICOM")
+    ae_from_cn = _from_certificate(r, "DICOM_TLS_AE_FROM_CN", "DICOM", tls.client_ca)
     return DicomSettings(
         port=r.port("DICOM_PORT", 11112),
         ae_title=r.get(
@@ -412,9 +428,10 @@ def _dicom(r: _Reader) -> DicomSettings:
         orphan_age=seconds("DICOM_ORPHAN_AGE", 600.0),
         orphan_lookback=seconds("DICOM_ORPHAN_LOOKBACK", 2 * 86400.0),
         sweep_interval=seconds("DICOM_SWEEP_INTERVAL", 600.0),
-        tls_cert=cert,
-        tls_key=key,
-        tls_client_ca=client_ca,
+        tls_cert=tls.cert,
+        tls_key=tls.key,
+        tls_client_ca=tls.client_ca,
+        tls_crl=tls.crl,
         tls_ae_from_cn=ae_from_cn,
     )
 

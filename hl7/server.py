@@ -116,6 +116,7 @@ class MllpSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    tls_crl: Path | None = None  # with tls_client_ca: the client certificates it revokes
     tls_facility_from_cn: bool = False  # MSH-4.1 must be a commonName of the client's certificate
     strict_senders: frozenset[str] = frozenset()
     timezone: str = "Africa/Casablanca"
@@ -123,7 +124,7 @@ class MllpSettings:
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The server TLS context when a certificate is configured, else None."""
-        return server_context(self.tls_cert, self.tls_key, self.tls_client_ca)
+        return server_context(self.tls_cert, self.tls_key, self.tls_client_ca, self.tls_crl)
 
 
 @dataclass(slots=True)

@@ -3,7 +3,8 @@ and a handshake whose failure is told.
 
 TLS 1.2 at least, the listener's certificate chain and key, and with a client CA, mutual TLS:
 a peer must present a certificate that CA signed, or its handshake fails before any byte of
-its protocol is read.
+its protocol is read. With a CRL of that CA as well, a revoked certificate fails the same way
+(a stolen vehicle's modality, a decommissioned analyzer).
 
 A listener with a TLS context accepts plain TCP and makes each connection a `TlsIntake`: reading
 stays paused until `loop.start_tls` takes the socket, then the listener's own protocol gets the
@@ -29,9 +30,12 @@ logger = logging.getLogger(__name__)
 
 
 def server_context(
-    cert: Path | None, key: Path | None, client_ca: Path | None
+    cert: Path | None, key: Path | None, client_ca: Path | None, crl: Path | None = None
 ) -> ssl.SSLContext | None:
-    """The server TLS context when a certificate is configured, else None (plain TCP)."""
+    """The server TLS context when a certificate is configured, else None (plain TCP). `crl`
+    (PEM, with `client_ca`): the peers' certificates it lists are refused. OpenSSL then wants
+    a CRL of every client certificate's issuer, and refuses all of them once that CRL is past
+    its next update: `make certs` issues one valid for ten years."""
     if cert is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -40,6 +44,9 @@ def server_context(
     if client_ca is not None:
         context.load_verify_locations(cafile=client_ca)
         context.verify_mode = ssl.CERT_REQUIRED
+        if crl is not None:
+            context.load_verify_locations(cafile=crl)
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     return context
 
 

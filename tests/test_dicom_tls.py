@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
 import socket
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,9 +18,16 @@ from ingest.tls import common_names
 from simulators.modality import ModalityConfig, run_modality
 from tests.dicom_support import RunningDicom, charset_file, echo, renumbered, running_dicom, store
 from tests.services_support import wait_until
-from tests.tls_support import Pki, client_context, distrustful_context, pki, stranger_context
+from tests.tls_support import (
+    Pki,
+    client_context,
+    deployed,
+    distrustful_context,
+    pki,
+    stranger_context,
+)
 
-__all__ = ["pki"]  # a fixture, used by name
+__all__ = ["deployed", "pki"]  # fixtures, used by name
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -239,28 +243,12 @@ def test_no_certificate_or_an_unverified_one_has_no_common_name() -> None:
     assert common_names({}) == frozenset()  # getpeercert() without a client CA
 
 
-MAKE_SECRETS = Path(__file__).resolve().parent.parent / "deploy" / "make_secrets.sh"
-
-
-@pytest.fixture(scope="module")
-def deployed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The production secrets, with a client certificate for the modality CR-UNIT-07."""
-    if shutil.which("openssl") is None or shutil.which("mosquitto_passwd") is None:
-        pytest.skip("needs openssl and mosquitto_passwd (make system-deps)")
-    secrets = tmp_path_factory.mktemp("deploy") / "secrets"
-    made = subprocess.run(
-        ["bash", str(MAKE_SECRETS), str(secrets)],
-        env={**os.environ, "SENDERS": "CR-UNIT-07"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert made.returncode == 0, made.stdout + made.stderr
-    return secrets
-
-
-def deployed_modality(secrets: Path, port: int, calling_ae: str) -> ModalityConfig:
+def deployed_modality(
+    secrets: Path, port: int, calling_ae: str, certificate: Path | None = None
+) -> ModalityConfig:
+    """A modality calling as `calling_ae` with CR-UNIT-07's certificate, or `certificate`
+    (a .crt beside its .key)."""
+    cert = certificate or secrets / "senders" / "CR-UNIT-07.crt"
     return ModalityConfig(
         host="127.0.0.1",
         port=port,
@@ -268,8 +256,8 @@ def deployed_modality(secrets: Path, port: int, calling_ae: str) -> ModalityConf
         studies=1,
         quiet=True,
         tls_ca=secrets / "ca.crt",
-        tls_cert=secrets / "senders" / "CR-UNIT-07.crt",
-        tls_key=secrets / "senders" / "CR-UNIT-07.key",
+        tls_cert=cert,
+        tls_key=cert.with_suffix(".key"),
     )
 
 
@@ -294,3 +282,28 @@ async def test_a_sender_certificate_of_make_secrets_binds_its_modality_s_ae_titl
     assert (own.refused, own.failed, own.sent) == (False, 0, 2)
     assert other.refused
     assert stored == 2
+
+
+async def test_a_revoked_modality_certificate_is_refused_at_the_handshake_and_counted(
+    fresh_dsn: str, tmp_path: Path, deployed: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ingest.tls")
+    settings = DicomSettings(
+        tls_cert=deployed / "gateway.crt",
+        tls_key=deployed / "gateway.key",
+        tls_client_ca=deployed / "ca.crt",
+        tls_crl=deployed / "crl.pem",
+        acse_timeout=5.0,
+    )
+    [revoked] = (deployed / "senders" / "revoked").glob("CR-UNIT-66-*.crt")
+    async with running_dicom(fresh_dsn, tmp_path / "store", settings) as scp:
+        refused = await asyncio.to_thread(
+            run_modality, deployed_modality(deployed, scp.port, "CR-UNIT-66", revoked)
+        )
+        await counted(scp, "certificate")
+        served = await asyncio.to_thread(
+            run_modality, deployed_modality(deployed, scp.port, "CR-UNIT-07")
+        )
+    assert refused.refused
+    assert "failed (certificate): certificate revoked" in caplog.text
+    assert (served.refused, served.failed, served.sent) == (False, 0, 2)

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import ssl
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -28,7 +29,7 @@ from tests.hl7_support import (
     oru,
 )
 from tests.services_support import wait_until
-from tests.tls_support import Pki, client_context, pki, stranger_context
+from tests.tls_support import Pki, client_context, deployed, pki, stranger_context
 
 CHU = "CHU-RABAT"
 
@@ -310,7 +311,7 @@ async def test_metrics_count_connections_and_ack_latency(
 
 # --- TLS (certificates from tests.tls_support) ------------------------------------------------
 
-__all__ = ["pki"]  # a fixture, used by name
+__all__ = ["deployed", "pki"]  # fixtures, used by name
 
 
 async def test_tls_listener_answers_aa_to_a_client_that_verifies_its_certificate(
@@ -425,6 +426,35 @@ async def test_the_lab_simulator_sends_over_mutual_tls_as_its_certificate_s_faci
     )
     report = await run_lab(config)
     assert (report.codes["AA"], report.unanswered, report.reconnects) == (6, 0, 0)
+
+
+async def test_a_lab_system_with_a_revoked_certificate_is_refused_and_counted(
+    start_server: Callable[..., object], deployed: Path, metrics: Metrics
+) -> None:
+    server = await start_server(  # type: ignore[misc]
+        tls_cert=deployed / "gateway.crt",
+        tls_key=deployed / "gateway.key",
+        tls_client_ca=deployed / "ca.crt",
+        tls_crl=deployed / "crl.pem",
+    )
+    assert isinstance(server, MllpServer)
+    assert server.port is not None
+    [revoked] = (deployed / "senders" / "revoked").glob("CR-UNIT-66-*.crt")
+    before = handshake_failures(metrics, "certificate")
+    config = LabConfig(
+        port=server.port,
+        count=1,
+        rate=0,
+        control_prefix=f"{control_id()}-",
+        quiet=True,
+        retry_timeout=0.5,
+        tls_ca=deployed / "ca.crt",
+        tls_cert=revoked,
+        tls_key=revoked.with_suffix(".key"),
+    )
+    report = await run_lab(config)
+    assert (report.codes["AA"], report.unanswered) == (0, 1)
+    assert handshake_failures(metrics, "certificate") > before
 
 
 def handshake_failures(metrics: Metrics, reason: str) -> float:

@@ -222,3 +222,24 @@ def test_a_bad_database_url_is_named_without_showing_its_password() -> None:
     with pytest.raises(ConfigError, match="QANTARA_MIGRATE_DATABASE_URL") as raised:
         Settings.load({"QANTARA_MIGRATE_DATABASE_URL": "mysql://root:hunter2@db/qantara"})
     assert "hunter2" not in str(raised.value)
+
+
+@pytest.mark.parametrize("listener", ["MLLP", "DICOM"])
+def test_a_listener_s_crl_needs_its_client_ca(tmp_path: Path, listener: str) -> None:
+    pem = tmp_path / "file.pem"
+    pem.write_text("not checked here")
+    environ = {f"QANTARA_{listener}_TLS_CERT": str(pem), f"QANTARA_{listener}_TLS_CRL": str(pem)}
+    with pytest.raises(ConfigError, match=f"QANTARA_{listener}_TLS_CRL: needs"):
+        Settings.load(environ)
+
+
+def test_the_crls_reach_both_listeners(tmp_path: Path) -> None:
+    environ: dict[str, str] = {}
+    for listener in ("MLLP", "DICOM"):
+        for name in ("CERT", "KEY", "CLIENT_CA", "CRL"):
+            path = tmp_path / f"{listener}-{name}.pem"
+            path.write_text("not checked here")
+            environ[f"QANTARA_{listener}_TLS_{name}"] = str(path)
+    settings = Settings.load(environ)
+    assert settings.mllp.tls_crl == tmp_path / "MLLP-CRL.pem"
+    assert settings.dicom.tls_crl == tmp_path / "DICOM-CRL.pem"

@@ -4,6 +4,7 @@ not trust, with a client certificate of its own (a stranger)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import ssl
 import subprocess
@@ -96,3 +97,27 @@ def distrustful_context(pki: Pki) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=pki.other_ca)
     context.load_cert_chain(pki.client_cert, pki.client_key)
     return context
+
+
+MAKE_SECRETS = Path(__file__).resolve().parent.parent / "deploy" / "make_secrets.sh"
+"""The production secrets' script (`make certs`)."""
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The production secrets, with client certificates for the modalities CR-UNIT-07 and
+    CR-UNIT-66, then CR-UNIT-66's revoked (a second run, as an operator would)."""
+    if shutil.which("openssl") is None or shutil.which("mosquitto_passwd") is None:
+        pytest.skip("needs openssl and mosquitto_passwd (make system-deps)")
+    secrets = tmp_path_factory.mktemp("deploy") / "secrets"
+    for variables in ({"SENDERS": "CR-UNIT-07 CR-UNIT-66"}, {"REVOKE": "CR-UNIT-66"}):
+        made = subprocess.run(
+            ["bash", str(MAKE_SECRETS), str(secrets)],
+            env={**os.environ, **variables},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert made.returncode == 0, made.stdout + made.stderr
+    return secrets
