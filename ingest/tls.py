@@ -162,7 +162,12 @@ class TlsIntake(asyncio.Protocol):
         return None  # before the handshake started: `handshake` sees the closed transport
 
     async def handshake(self, transport: asyncio.Transport) -> None:
+        """Upgrade `transport`, then hand it to the listener's protocol. Never raises but for
+        cancellation: a task of the listener's group must not end the group."""
         peer = _peer(transport)
+        if transport.is_closing():  # the peer left before its handshake could start
+            self._failed(peer, "closed", "the peer closed the connection")
+            return
         protocol = self._secured()
         loop = asyncio.get_running_loop()
         try:
@@ -174,24 +179,25 @@ class TlsIntake(asyncio.Protocol):
                     server_side=True,
                     ssl_handshake_timeout=self._within + 1,  # ours above is the one that acts
                 )
+            if secure is None:  # the transport was closed under us
+                raise ConnectionResetError
+            protocol.connection_made(secure)
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             transport.abort()
-            reason, detail = handshake_failure(exc)
-            level = logging.INFO if reason in ("closed", "timeout", "protocol") else logging.WARNING
-            logger.log(
-                level,
-                "%s TLS handshake from %s failed (%s): %s",
-                self._listener,
-                peer,
-                reason,
-                detail,
-            )
-            self._metrics.tls_handshake_failures.labels(self._listener, reason).inc()
-            return
-        if secure is None:  # the transport was closed under us
+            self._failed(peer, *handshake_failure(exc))
+        except Exception as exc:  # noqa: BLE001 - one connection's failure must not end the others
             transport.abort()
-            return
-        protocol.connection_made(secure)
+            logger.error(
+                "%s TLS handshake from %s failed: %s", self._listener, peer, type(exc).__name__
+            )
+            self._metrics.tls_handshake_failures.labels(self._listener, "closed").inc()
+
+    def _failed(self, peer: str, reason: str, detail: str) -> None:
+        level = logging.INFO if reason in ("closed", "timeout", "protocol") else logging.WARNING
+        logger.log(
+            level, "%s TLS handshake from %s failed (%s): %s", self._listener, peer, reason, detail
+        )
+        self._metrics.tls_handshake_failures.labels(self._listener, reason).inc()
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:

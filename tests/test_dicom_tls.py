@@ -123,8 +123,7 @@ async def test_stopping_the_listener_does_not_wait_for_a_handshake_in_progress(
     tls_scp: RunningDicom,
 ) -> None:
     with socket.create_connection(("127.0.0.1", tls_scp.port), timeout=10) as silent:
-        await asyncio.sleep(0.2)
-        assert len(tls_scp.server._handshakes) == 1
+        await wait_until(lambda: len(tls_scp.server._handshakes) == 1, timeout=5)
         started = asyncio.get_running_loop().time()
         await tls_scp.server.stop()
         assert asyncio.get_running_loop().time() - started < 3.0  # the handshake's limit is 5 s
@@ -168,6 +167,15 @@ async def test_a_modality_that_does_not_trust_our_certificate_is_counted_as_peer
     established, _ = await asyncio.to_thread(echo, mutual_scp.port, tls=distrustful_context(pki))
     assert not established
     await counted(mutual_scp, "peer_refused")
+
+
+async def test_a_peer_that_hangs_up_before_its_handshake_is_counted_as_closed_at_once(
+    tls_scp: RunningDicom,
+) -> None:
+    socket.create_connection(("127.0.0.1", tls_scp.port), timeout=10).close()
+    await counted(tls_scp, "closed")  # within 10 s; a timeout would take the ACSE 5 s at least
+    assert handshake_failures(tls_scp, "timeout") == 0
+    await wait_until(lambda: len(tls_scp.server._handshakes) == 0, timeout=5)
 
 
 async def test_plain_dicom_on_the_tls_port_is_counted_as_protocol(tls_scp: RunningDicom) -> None:
