@@ -14,7 +14,7 @@
 # QANTARA_{MLLP,DICOM}_TLS_CLIENT_CA=ca.crt, and refuse the revoked ones with
 # QANTARA_{MLLP,DICOM}_TLS_CRL=crl.pem: the CA's revocation list, written on every run (empty
 # at first), valid for ten years (OpenSSL refuses every client once it is past its next update).
-# A revoked sender's files move to senders/revoked/NAME-SERIAL.*; restart the listeners to apply
+# A revoked sender's files move to senders/revoked/NAME-SERIAL.*; SIGHUP to the gateways applies
 # a new list. Naming a revoked sender in SENDERS again issues it a new certificate.
 #
 # Idempotent: what exists is kept (re-run it to add units); delete a file to regenerate it.

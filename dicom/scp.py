@@ -36,7 +36,6 @@ import concurrent.futures
 import functools
 import logging
 import os
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,7 +81,7 @@ from ingest.records import (
     Protocol,
     Record,
 )
-from ingest.tls import Handshakes, TlsIntake
+from ingest.tls import Handshakes, ListenerTls, TlsIntake, listener_tls
 from monitoring.metrics import Metrics
 from monitoring.thread_names import name_native_thread
 
@@ -171,6 +170,7 @@ class DicomServer:
         self._group: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._handshakes = Handshakes("dicom-tls-handshake")
+        self._tls: ListenerTls | None = None
         self._stopping = asyncio.Event()
         self._grace = STOP_GRACE_SECONDS
         # Blocking file work of every association, in two sets of threads so that no step ever
@@ -215,8 +215,8 @@ class DicomServer:
         self._runner = asyncio.create_task(self._run(ready), name="dicom-listener")
         await ready.wait()
         loop = asyncio.get_running_loop()
-        tls = s.ssl_context()
-        factory = self._connect if tls is None else functools.partial(self._connect_tls, tls)
+        self._tls = listener_tls("dicom", s.ssl_context)
+        factory = self._connect if self._tls is None else self._connect_tls
         self._listener = await loop.create_server(factory, self._bind, s.port)
         self.port = int(self._listener.sockets[0].getsockname()[1])
         return self.port
@@ -266,11 +266,17 @@ class DicomServer:
             on_made=self._begin,
         )
 
-    def _connect_tls(self, tls: ssl.SSLContext) -> TlsIntake:
+    def reload_tls(self) -> bool:
+        """Read the TLS files again for the associations to come (SIGHUP); the open ones keep
+        theirs. True when new files were taken."""
+        return self._tls is not None and self._tls.reload()
+
+    def _connect_tls(self) -> TlsIntake:
         """A new connection to the TLS listener (protocol factory): its handshake runs in a task
         of the group, within the ACSE timeout; then `_connect`'s link gets the TLS transport."""
+        assert self._tls is not None  # noqa: S101 - the factory of the TLS listener only
         return TlsIntake(
-            tls,
+            self._tls.context,
             self._connect,
             self._handshakes.start,
             listener="dicom",

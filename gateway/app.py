@@ -4,7 +4,9 @@ Start: pool, migrations (under an advisory lock, as the migrate URL's user, unle
 `MigrationError` when some are pending and cannot be applied), partitions ahead, then the
 pipeline, the MQTT adapter, the HTTP server and upkeep tasks. SIGTERM or SIGINT: stop reading
 (MQTT) and accepting (HTTP), let the pipeline commit what it holds so its PUBACKs go out, then
-close, all under `shutdown_timeout`; whatever is still running then is cancelled.
+close, all under `shutdown_timeout`; whatever is still running then is cancelled. SIGHUP: the
+MLLP and DICOM listeners read their TLS files again (a renewed certificate, a new CRL) for the
+connections to come.
 """
 
 from __future__ import annotations
@@ -175,6 +177,14 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+
+        def reload_tls() -> None:
+            logger.info("SIGHUP: reloading the TLS files of the MLLP and DICOM listeners")
+            taken = {"mllp": mllp.reload_tls(), "dicom": dicom.reload_tls()}
+            renewed = tuple(listener for listener, new in taken.items() if new)
+            _certificate_expiries(settings, metrics, renewed)  # not http: uvicorn does not reload
+
+        loop.add_signal_handler(signal.SIGHUP, reload_tls)
         stack.callback(_remove_signal_handlers, loop)
 
         _tune_garbage_collector()
@@ -295,16 +305,19 @@ CERTIFICATE_WARNING_DAYS = 21
 """A listener's certificate that expires sooner is warned about at start (and alerted on)."""
 
 
-def _certificate_expiries(settings: Settings, metrics: Metrics) -> None:
-    """Set `qantara_tls_certificate_expiry_timestamp_seconds` for each TLS listener from the
-    certificate it will present, and log when it expires."""
+def _certificate_expiries(
+    settings: Settings, metrics: Metrics, listeners: tuple[str, ...] = ("http", "mllp", "dicom")
+) -> None:
+    """Set `qantara_tls_certificate_expiry_timestamp_seconds` for each of `listeners` with TLS
+    from the certificate it presents, and log when it expires."""
     now = datetime.now(UTC)
-    listeners = {
+    paths = {
         "http": settings.http.tls_cert,
         "mllp": settings.mllp.tls_cert,
         "dicom": settings.dicom.tls_cert,
     }
-    for listener, path in listeners.items():
+    for listener in listeners:
+        path = paths[listener]
         if path is None:
             continue
         try:
@@ -395,5 +408,5 @@ async def _ensure_partitions(pool: asyncpg.Pool, settings: Settings) -> None:
 
 
 def _remove_signal_handlers(loop: asyncio.AbstractEventLoop) -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(sig)

@@ -25,7 +25,6 @@ per-connection boundary.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import itertools
 import logging
@@ -65,7 +64,14 @@ from ingest.records import (
     Protocol,
 )
 from ingest.records import Outcome as StoreOutcome
-from ingest.tls import Handshakes, TlsIntake, common_names, server_context
+from ingest.tls import (
+    Handshakes,
+    ListenerTls,
+    TlsIntake,
+    common_names,
+    listener_tls,
+    server_context,
+)
 from monitoring.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -159,6 +165,7 @@ class MllpServer:
         self._tz: tzinfo = ZoneInfo(settings.timezone)
         self._connections: set[_Connection] = set()
         self._handshakes = Handshakes("mllp-tls-handshake")
+        self._tls: ListenerTls | None = None
         self._refusing = 0
         self._stopping = asyncio.Event()
         self._ack_ids = itertools.count(1)
@@ -180,18 +187,17 @@ class MllpServer:
     async def run(self) -> None:
         """Listen until `stop()`, then let open connections answer what they received."""
         s = self._settings
-        tls = s.ssl_context()
+        self._tls = listener_tls("mllp", s.ssl_context)
         backlog = min(1024, max(16, s.max_connections))
         async with asyncio.TaskGroup() as handshakes:
             self._handshakes.open(handshakes)
-            if tls is None:
+            if self._tls is None:
                 server = await asyncio.start_server(
                     self._handle, s.host, s.port, limit=READ_CHUNK, backlog=backlog
                 )
             else:
                 loop = asyncio.get_running_loop()
-                intake = functools.partial(self._intake, tls)
-                server = await loop.create_server(intake, s.host, s.port, backlog=backlog)
+                server = await loop.create_server(self._intake, s.host, s.port, backlog=backlog)
             self.port = int(server.sockets[0].getsockname()[1])
             self.listening.set()
             try:
@@ -210,11 +216,17 @@ class MllpServer:
                 self._handshakes.close()
                 self.listening.clear()
 
-    def _intake(self, tls: ssl.SSLContext) -> TlsIntake:
+    def reload_tls(self) -> bool:
+        """Read the TLS files again for the connections to come (SIGHUP); the open ones keep
+        theirs. True when new files were taken."""
+        return self._tls is not None and self._tls.reload()
+
+    def _intake(self) -> TlsIntake:
         """A new connection to the TLS listener (protocol factory): its handshake runs in a task
         of the listener's group, then `_handle` gets the streams over TLS."""
+        assert self._tls is not None  # noqa: S101 - the factory of the TLS listener only
         return TlsIntake(
-            tls,
+            self._tls.context,
             lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader(READ_CHUNK), self._handle),
             self._handshakes.start,
             listener="mllp",

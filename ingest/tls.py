@@ -28,6 +28,9 @@ from monitoring.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
+LoadContext = Callable[[], ssl.SSLContext | None]
+"""Reads a listener's TLS files into a context (None: no certificate configured)."""
+
 
 def server_context(
     cert: Path | None, key: Path | None, client_ca: Path | None, crl: Path | None = None
@@ -94,6 +97,41 @@ def handshake_failure(exc: BaseException) -> tuple[str, str]:
     return "closed", type(exc).__name__
 
 
+class ListenerTls:
+    """A TLS listener's context, read from its files at start and again on `reload` (SIGHUP):
+    a renewed certificate, a new CRL, for the connections to come. Files that cannot be read
+    leave the current context in place (said in the log): the listener keeps serving."""
+
+    def __init__(self, listener: str, context: ssl.SSLContext, load: LoadContext) -> None:
+        self._listener = listener
+        self._context = context
+        self._load = load
+
+    def context(self) -> ssl.SSLContext:
+        return self._context
+
+    def reload(self) -> bool:
+        """True when new files were taken."""
+        try:
+            context = self._load()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            logger.error(
+                "%s TLS files not reloaded, the current ones stay: %s", self._listener, exc
+            )
+            return False
+        if context is None:  # the settings name no certificate: a restart made it plain
+            return False
+        self._context = context
+        logger.info("%s TLS files reloaded (certificate, client CA, CRL)", self._listener)
+        return True
+
+
+def listener_tls(listener: str, load: LoadContext) -> ListenerTls | None:
+    """The listener's TLS, or None for plain TCP (no certificate configured)."""
+    context = load()
+    return None if context is None else ListenerTls(listener, context, load)
+
+
 class Handshakes:
     """A listener's handshakes in progress: tasks of its task group while it accepts (`open`),
     cancelled when it stops (`close`); not connections yet, they hold none of its slots."""
@@ -133,11 +171,12 @@ class TlsIntake(asyncio.Protocol):
     read by anyone but the TLS layer) and hands `handshake(transport)` to `spawn`, the
     listener's task group (False: not taken, the connection is dropped). On success the
     listener's protocol (`secured`, made then) is given the TLS transport with
-    `connection_made`; on failure the socket is closed, and the failure logged and counted."""
+    `connection_made`; on failure the socket is closed, and the failure logged and counted.
+    `context` gives the listener's TLS context of the moment (`reloaded`: SIGHUP)."""
 
     def __init__(
         self,
-        context: ssl.SSLContext,
+        context: Callable[[], ssl.SSLContext],
         secured: Callable[[], asyncio.BaseProtocol],
         spawn: Callable[[Coroutine[Any, Any, None]], bool],
         *,
@@ -175,7 +214,7 @@ class TlsIntake(asyncio.Protocol):
                 secure = await loop.start_tls(
                     transport,
                     protocol,
-                    self._context,
+                    self._context(),
                     server_side=True,
                     ssl_handshake_timeout=self._within + 1,  # ours above is the one that acts
                 )

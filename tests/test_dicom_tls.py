@@ -23,6 +23,7 @@ from tests.tls_support import (
     client_context,
     deployed,
     distrustful_context,
+    make_secrets,
     pki,
     stranger_context,
 )
@@ -296,15 +297,8 @@ async def test_a_revoked_modality_certificate_is_refused_at_the_handshake_and_co
     fresh_dsn: str, tmp_path: Path, deployed: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="ingest.tls")
-    settings = DicomSettings(
-        tls_cert=deployed / "gateway.crt",
-        tls_key=deployed / "gateway.key",
-        tls_client_ca=deployed / "ca.crt",
-        tls_crl=deployed / "crl.pem",
-        acse_timeout=5.0,
-    )
     [revoked] = (deployed / "senders" / "revoked").glob("CR-UNIT-66-*.crt")
-    async with running_dicom(fresh_dsn, tmp_path / "store", settings) as scp:
+    async with running_dicom(fresh_dsn, tmp_path / "store", crl_settings(deployed)) as scp:
         refused = await asyncio.to_thread(
             run_modality, deployed_modality(deployed, scp.port, "CR-UNIT-66", revoked)
         )
@@ -315,3 +309,50 @@ async def test_a_revoked_modality_certificate_is_refused_at_the_handshake_and_co
     assert refused.refused
     assert "failed (certificate): certificate revoked" in caplog.text
     assert (served.refused, served.failed, served.sent) == (False, 0, 2)
+
+
+def crl_settings(secrets: Path) -> DicomSettings:
+    return DicomSettings(
+        tls_cert=secrets / "gateway.crt",
+        tls_key=secrets / "gateway.key",
+        tls_client_ca=secrets / "ca.crt",
+        tls_crl=secrets / "crl.pem",
+        acse_timeout=5.0,
+    )
+
+
+async def test_a_revocation_applies_to_the_next_associations_once_the_tls_files_are_reloaded(
+    fresh_dsn: str, tmp_path: Path
+) -> None:
+    secrets = tmp_path / "secrets"
+    make_secrets(secrets, SENDERS="CR-UNIT-07 CR-UNIT-66")
+    stolen = secrets / "senders" / "CR-UNIT-66.crt"
+    async with running_dicom(fresh_dsn, tmp_path / "store", crl_settings(secrets)) as scp:
+
+        async def send(calling_ae: str, certificate: Path | None = None) -> bool:
+            config = deployed_modality(secrets, scp.port, calling_ae, certificate)
+            return not (await asyncio.to_thread(run_modality, config)).refused
+
+        make_secrets(secrets, REVOKE="CR-UNIT-66")
+        [revoked] = (secrets / "senders" / "revoked").glob("CR-UNIT-66-*.crt")
+        assert not stolen.exists()
+        assert await send("CR-UNIT-66", revoked)  # the listener still has the list of its start
+        assert scp.server.reload_tls()
+        assert not await send("CR-UNIT-66", revoked)
+        assert await send("CR-UNIT-07")
+
+
+async def test_tls_files_that_cannot_be_read_are_not_reloaded_and_the_listener_serves_on(
+    fresh_dsn: str, tmp_path: Path
+) -> None:
+    secrets = tmp_path / "secrets"
+    make_secrets(secrets, SENDERS="CR-UNIT-07")
+    async with running_dicom(fresh_dsn, tmp_path / "store", crl_settings(secrets)) as scp:
+        (secrets / "crl.pem").write_text(
+            "-----BEGIN X509 CRL-----\nnot one\n-----END X509 CRL-----\n"
+        )
+        assert not scp.server.reload_tls()
+        report = await asyncio.to_thread(
+            run_modality, deployed_modality(secrets, scp.port, "CR-UNIT-07")
+        )
+    assert (report.refused, report.failed, report.sent) == (False, 0, 2)

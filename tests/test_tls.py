@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import ssl
 import uuid
 from collections.abc import AsyncIterator
@@ -125,3 +127,40 @@ async def test_gateway_session_over_mqtts_verifies_the_broker_and_stores_a_unit_
     finally:
         await asyncio.to_thread(unit.paho.disconnect)
         await asyncio.to_thread(unit.paho.loop_stop)
+
+
+async def test_sighup_reloads_the_equipment_listeners_tls_files_and_the_gateway_serves_on(
+    broker: Broker, module_dsn: str
+) -> None:
+    secrets = broker.secrets
+    files = {
+        "TLS_CERT": secrets / "gateway.crt",
+        "TLS_KEY": secrets / "gateway.key",
+        "TLS_CLIENT_CA": secrets / "ca.crt",
+        "TLS_CRL": secrets / "crl.pem",
+    }
+    env = {
+        f"QANTARA_{listener}_{name}": str(path)
+        for listener in ("MLLP", "DICOM")
+        for name, path in files.items()
+    }
+    env |= {
+        "QANTARA_MQTT_CA_FILE": str(secrets / "ca.crt"),
+        "QANTARA_MQTT_USERNAME": GATEWAY,
+        "QANTARA_MQTT_PASSWORD": broker.password(GATEWAY),
+    }
+    process = GatewayProcess(
+        database_url=module_dsn, mqtt_url=f"mqtts://127.0.0.1:{broker.port}", env=env
+    )
+    async with process:
+        await process.wait_ready()
+        assert process.pid is not None
+        os.kill(process.pid, signal.SIGHUP)
+
+        def reloaded() -> bool:
+            log = "\n".join(process.log_lines)
+            return "mllp TLS files reloaded" in log and "dicom TLS files reloaded" in log
+
+        await wait_until(reloaded, timeout=10, message="no reload in the log")
+        assert process.running
+        assert await process.readyz_status() == 200

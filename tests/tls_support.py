@@ -103,21 +103,27 @@ MAKE_SECRETS = Path(__file__).resolve().parent.parent / "deploy" / "make_secrets
 """The production secrets' script (`make certs`)."""
 
 
+def make_secrets(secrets: Path, **variables: str) -> None:
+    """Run `make certs`' script into `secrets` with `variables` (SENDERS=..., REVOKE=...); skip
+    the test where its tools are missing."""
+    if shutil.which("openssl") is None or shutil.which("mosquitto_passwd") is None:
+        pytest.skip("needs openssl and mosquitto_passwd (make system-deps)")
+    made = subprocess.run(
+        ["bash", str(MAKE_SECRETS), str(secrets)],
+        env={**os.environ, **variables},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert made.returncode == 0, made.stdout + made.stderr
+
+
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The production secrets, with client certificates for the modalities CR-UNIT-07 and
     CR-UNIT-66, then CR-UNIT-66's revoked (a second run, as an operator would)."""
-    if shutil.which("openssl") is None or shutil.which("mosquitto_passwd") is None:
-        pytest.skip("needs openssl and mosquitto_passwd (make system-deps)")
     secrets = tmp_path_factory.mktemp("deploy") / "secrets"
-    for variables in ({"SENDERS": "CR-UNIT-07 CR-UNIT-66"}, {"REVOKE": "CR-UNIT-66"}):
-        made = subprocess.run(
-            ["bash", str(MAKE_SECRETS), str(secrets)],
-            env={**os.environ, **variables},
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert made.returncode == 0, made.stdout + made.stderr
+    make_secrets(secrets, SENDERS="CR-UNIT-07 CR-UNIT-66")
+    make_secrets(secrets, REVOKE="CR-UNIT-66")
     return secrets
