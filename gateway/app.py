@@ -12,6 +12,7 @@ connections to come.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import signal
@@ -24,6 +25,7 @@ from typing import Any
 
 import asyncpg
 import uvicorn
+from prometheus_client import Gauge
 
 from dicom.filestore import FileStore
 from dicom.scp import DicomServer
@@ -32,7 +34,7 @@ from gateway.http import ApiSettings, create_app
 from gateway.settings import Settings
 from hl7.server import REJECT_REASONS as HL7_REJECT_REASONS
 from hl7.server import MllpServer
-from ingest.certificate_dates import CertificateError, not_after
+from ingest.certificate_dates import CertificateError, next_update, not_after
 from ingest.errors import StorageUnavailable
 from ingest.mqtt import MqttVitalsAdapter
 from ingest.mqtt_payload import RejectReason
@@ -126,7 +128,7 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
         metrics.init_reasons("mqtt", [reason.value for reason in RejectReason])
         metrics.init_reasons("mqtt", ["storage-refused"])
         metrics.init_reasons("hl7", HL7_REJECT_REASONS)
-        _certificate_expiries(settings, metrics)
+        _tls_dates(settings, metrics)
         writer = BatchWriter(pool)
         pipeline = GroupCommitPipeline(writer, settings.pipeline, metrics)
         mqtt = MqttVitalsAdapter(settings.mqtt, pipeline, metrics)
@@ -182,7 +184,7 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
             logger.info("SIGHUP: reloading the TLS files of the MLLP and DICOM listeners")
             taken = {"mllp": mllp.reload_tls(), "dicom": dicom.reload_tls()}
             renewed = tuple(listener for listener, new in taken.items() if new)
-            _certificate_expiries(settings, metrics, renewed)  # not http: uvicorn does not reload
+            _tls_dates(settings, metrics, renewed)  # not http: uvicorn does not reload
 
         loop.add_signal_handler(signal.SIGHUP, reload_tls)
         stack.callback(_remove_signal_handlers, loop)
@@ -305,32 +307,39 @@ CERTIFICATE_WARNING_DAYS = 21
 """A listener's certificate that expires sooner is warned about at start (and alerted on)."""
 
 
-def _certificate_expiries(
+def _tls_dates(
     settings: Settings, metrics: Metrics, listeners: tuple[str, ...] = ("http", "mllp", "dicom")
 ) -> None:
     """Set `qantara_tls_certificate_expiry_timestamp_seconds` for each of `listeners` with TLS
-    from the certificate it presents, and log when it expires."""
-    now = datetime.now(UTC)
-    paths = {
-        "http": settings.http.tls_cert,
-        "mllp": settings.mllp.tls_cert,
-        "dicom": settings.dicom.tls_cert,
+    from the certificate it presents, and `qantara_tls_crl_next_update_timestamp_seconds` from
+    the CRL it checks; log both dates."""
+    files = {
+        "http": (settings.http.tls_cert, None),
+        "mllp": (settings.mllp.tls_cert, settings.mllp.tls_crl),
+        "dicom": (settings.dicom.tls_cert, settings.dicom.tls_crl),
     }
     for listener in listeners:
-        path = paths[listener]
-        if path is None:
-            continue
-        try:
-            ends = not_after(path)
-        except (OSError, CertificateError) as exc:
-            logger.warning(
-                "%s TLS certificate: its end of validity is unreadable (%s)", listener, exc
-            )
-            continue
-        metrics.tls_certificate_expiry.labels(listener).set(ends.timestamp())
-        days = (ends - now).total_seconds() / 86400
-        log = logger.warning if days < CERTIFICATE_WARNING_DAYS else logger.info
-        log("%s TLS certificate valid until %s (%.0f days)", listener, ends.isoformat(), days)
+        cert, crl = files[listener]
+        if cert is not None:
+            gauge, what = metrics.tls_certificate_expiry, "certificate valid until"
+            _tls_date(gauge, listener, what, functools.partial(not_after, cert))
+        if crl is not None:
+            gauge, what = metrics.tls_crl_next_update, "CRL to replace by"
+            _tls_date(gauge, listener, what, functools.partial(next_update, crl))
+
+
+def _tls_date(gauge: Gauge, listener: str, what: str, read: Callable[[], datetime]) -> None:
+    """One date (a certificate's end, a CRL's next update) into `gauge` and the log: a warning
+    when it is less than `CERTIFICATE_WARNING_DAYS` away."""
+    try:
+        when = read()
+    except (OSError, CertificateError) as exc:
+        logger.warning("%s TLS: %s: the date is unreadable (%s)", listener, what, exc)
+        return
+    gauge.labels(listener).set(when.timestamp())
+    days = (when - datetime.now(UTC)).total_seconds() / 86400
+    log = logger.warning if days < CERTIFICATE_WARNING_DAYS else logger.info
+    log("%s TLS %s %s (%.0f days)", listener, what, when.isoformat(), days)
 
 
 async def _announce(server: uvicorn.Server, gateway: Gateway, settings: Settings) -> None:

@@ -1,17 +1,20 @@
-"""When a PEM certificate stops being valid: its `notAfter`, read from the DER (RFC 5280
-4.1.2.5), sans-IO but for reading the file.
+"""When a PEM certificate stops being valid (its `notAfter`, RFC 5280 4.1.2.5), and when a CRL
+must be replaced (its `nextUpdate`, 5.1.2.5): read from the DER, sans-IO but for reading the
+file.
 
-Python's `ssl` module decodes a certificate only for a peer or a CA; the listeners' own
-certificate is loaded into a context that never gives it back. Walking the few DER elements
-before the validity costs less than a dependency.
+Python's `ssl` module decodes a certificate only for a peer or a CA, and a CRL not at all; the
+listeners' own certificate is loaded into a context that never gives it back. Walking the few
+DER elements before the dates costs less than a dependency.
 """
 
 from __future__ import annotations
 
-import ssl
+import base64
+import binascii
 from datetime import datetime
 from pathlib import Path
 
+_INTEGER = 0x02
 _SEQUENCE = 0x30
 _EXPLICIT_VERSION = 0xA0  # [0] EXPLICIT Version
 _UTC_TIME = 0x17
@@ -19,30 +22,49 @@ _GENERALIZED_TIME = 0x18
 
 
 class CertificateError(ValueError):
-    """Not a certificate this reader understands."""
+    """Not a certificate (or CRL) this reader understands."""
 
 
 def not_after(pem: Path) -> datetime:
     """The end of validity of the first certificate in the PEM file `pem` (the leaf of a
     chain). Raises CertificateError, or OSError when the file cannot be read."""
+    return validity_end(_first_der(pem, "CERTIFICATE"))
+
+
+def next_update(pem: Path) -> datetime:
+    """When the first CRL in the PEM file `pem` must be replaced: past it, OpenSSL refuses
+    every certificate the CRL's issuer signed. Raises CertificateError (also for a CRL without
+    a next update), or OSError when the file cannot be read."""
+    return crl_next_update(_first_der(pem, "X509 CRL"))
+
+
+def _first_der(pem: Path, label: str) -> bytes:
     text = pem.read_text(encoding="ascii", errors="replace")
-    begin = text.find("-----BEGIN CERTIFICATE-----")
-    end = text.find("-----END CERTIFICATE-----", begin)
+    header, footer = f"-----BEGIN {label}-----", f"-----END {label}-----"
+    begin = text.find(header)
+    end = text.find(footer, begin)
     if begin < 0 or end < 0:
-        raise CertificateError("no PEM certificate")
-    der = ssl.PEM_cert_to_DER_cert(text[begin : end + len("-----END CERTIFICATE-----")])
-    return validity_end(der)
+        raise CertificateError(f"no PEM {label}")
+    try:
+        return base64.b64decode("".join(text[begin + len(header) : end].split()), validate=True)
+    except binascii.Error as exc:
+        raise CertificateError(f"PEM {label} is not base64") from exc
+
+
+def crl_next_update(der: bytes) -> datetime:
+    """`nextUpdate` of the DER CRL `der`."""
+    position = _after_version(der, _INTEGER)  # v2 CRLs only have one
+    for _field in ("signature", "issuer", "thisUpdate"):
+        _, _, position = _element(der, position)
+    tag, content, after = _element(der, position)
+    if tag not in (_UTC_TIME, _GENERALIZED_TIME):
+        raise CertificateError("the CRL has no next update")
+    return _time(tag, der[content:after])
 
 
 def validity_end(der: bytes) -> datetime:
     """`notAfter` of the DER certificate `der`."""
-    tag, start, _ = _element(der, 0)  # Certificate
-    _expect(tag, _SEQUENCE)
-    tag, position, _ = _element(der, start)  # TBSCertificate
-    _expect(tag, _SEQUENCE)
-    tag, _, end = _element(der, position)
-    if tag == _EXPLICIT_VERSION:  # absent in a v1 certificate
-        position = end
+    position = _after_version(der, _EXPLICIT_VERSION)  # absent in a v1 certificate
     for _field in ("serialNumber", "signature", "issuer"):
         _, _, position = _element(der, position)
     tag, validity, _ = _element(der, position)
@@ -50,6 +72,17 @@ def validity_end(der: bytes) -> datetime:
     _, _, position = _element(der, validity)  # notBefore
     tag, content, after = _element(der, position)  # notAfter
     return _time(tag, der[content:after])
+
+
+def _after_version(der: bytes, version_tag: int) -> int:
+    """Where the to-be-signed part of the DER certificate or CRL `der` goes on after its
+    version, which is optional and tagged `version_tag`."""
+    tag, start, _ = _element(der, 0)  # Certificate, CertificateList
+    _expect(tag, _SEQUENCE)
+    tag, position, _ = _element(der, start)  # TBSCertificate, TBSCertList
+    _expect(tag, _SEQUENCE)
+    tag, _, end = _element(der, position)
+    return end if tag == version_tag else position
 
 
 def _element(der: bytes, offset: int) -> tuple[int, int, int]:

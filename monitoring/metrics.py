@@ -159,6 +159,13 @@ class Metrics:
             ["listener"],
             registry=r,
         )
+        self.tls_crl_next_update = Gauge(
+            "qantara_tls_crl_next_update_timestamp_seconds",
+            "When the CRL a TLS listener (mllp, dicom) checks client certificates against must be"
+            " replaced, Unix time: past it, OpenSSL refuses every client certificate.",
+            ["listener"],
+            registry=r,
+        )
         for listener in TLS_LISTENERS:
             for reason in HANDSHAKE_FAILURES:
                 self.tls_handshake_failures.labels(listener, reason)

@@ -1,4 +1,5 @@
-"""A certificate's end of validity, read from its DER (`ingest.certificate_dates`)."""
+"""A certificate's end of validity and a CRL's next update, read from their DER
+(`ingest.certificate_dates`)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,27 @@ from pathlib import Path
 
 import pytest
 
-from ingest.certificate_dates import CertificateError, not_after, validity_end
+from ingest.certificate_dates import CertificateError, next_update, not_after, validity_end
+from tests.tls_support import make_secrets
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 
 
-def openssl_end(pem: Path) -> datetime:
+def openssl_date(command: str, pem: Path, field: str) -> datetime:
+    """What `openssl COMMAND -noout -FIELD` reads of `pem`, e.g. x509's enddate."""
     out = subprocess.run(
-        ["openssl", "x509", "-in", str(pem), "-noout", "-enddate", "-dateopt", "iso_8601"],
+        ["openssl", command, "-in", str(pem), "-noout", f"-{field}", "-dateopt", "iso_8601"],
         check=True,
         capture_output=True,
         text=True,
         timeout=30,
     ).stdout
-    return datetime.fromisoformat(out.strip().removeprefix("notAfter=").replace("Z", "+00:00"))
+    value = out.strip().split("=", 1)[1]
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def openssl_end(pem: Path) -> datetime:
+    return openssl_date("x509", pem, "enddate")
 
 
 def self_signed(folder: Path, name: str, days: int) -> Path:
@@ -90,3 +98,17 @@ def test_truncated_der_is_refused() -> None:
     whole = v1_certificate(b"260101000000Z", b"270101000000Z")
     with pytest.raises(CertificateError):
         validity_end(whole[: len(whole) // 2])
+
+
+def test_a_crl_s_next_update_is_the_one_openssl_reads(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    make_secrets(secrets, SENDERS="CR-UNIT-07")
+    make_secrets(secrets, REVOKE="CR-UNIT-07")
+    crl = secrets / "crl.pem"
+    expected = openssl_date("crl", crl, "nextupdate")
+    assert next_update(crl) == expected
+
+
+def test_a_certificate_file_is_not_a_crl(tmp_path: Path) -> None:
+    with pytest.raises(CertificateError, match="no PEM X509 CRL"):
+        next_update(self_signed(tmp_path, "leaf", 30))

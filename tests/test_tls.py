@@ -20,7 +20,7 @@ import asyncpg
 import httpx
 import pytest
 
-from ingest.certificate_dates import not_after
+from ingest.certificate_dates import next_update, not_after
 from tests.gateway_process import GatewayProcess
 from tests.services_support import wait_until
 from tests.test_mqtt_acl import GATEWAY, UNIT, Broker, _client, broker
@@ -164,3 +164,6 @@ async def test_sighup_reloads_the_equipment_listeners_tls_files_and_the_gateway_
         await wait_until(reloaded, timeout=10, message="no reload in the log")
         assert process.running
         assert await process.readyz_status() == 200
+        metrics = await process.metrics()
+        crl = next_update(secrets / "crl.pem").timestamp()
+        assert metrics.get("qantara_tls_crl_next_update_timestamp_seconds", listener="dicom") == crl
