@@ -39,7 +39,10 @@ def next_update(pem: Path) -> datetime:
 
 
 def _first_der(pem: Path, label: str) -> bytes:
-    text = pem.read_text(encoding="ascii", errors="replace")
+    try:
+        text = pem.read_text(encoding="ascii")  # PEM is ASCII: anything else is not one
+    except UnicodeDecodeError as exc:
+        raise CertificateError(f"not a PEM file: a byte outside ASCII at {exc.start}") from exc
     header, footer = f"-----BEGIN {label}-----", f"-----END {label}-----"
     begin = text.find(header)
     end = text.find(footer, begin)
@@ -108,7 +111,10 @@ def _expect(tag: int, wanted: int) -> None:
 
 
 def _time(tag: int, value: bytes) -> datetime:
-    text = value.decode("ascii", errors="replace")
+    try:
+        text = value.decode("ascii")  # UTCTime and GeneralizedTime are digits and Z
+    except UnicodeDecodeError as exc:
+        raise CertificateError("a time that is not ASCII") from exc
     if not text.endswith("Z"):
         raise CertificateError(f"time {text!r} is not in UTC")
     utc = text[:-1] + "+0000"

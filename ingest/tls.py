@@ -71,7 +71,7 @@ def handshake_failure(exc: BaseException) -> tuple[str, str]:
     says of it. The labels are those of `monitoring.metrics.HANDSHAKE_FAILURES`:
 
     - `certificate`: the peer's certificate did not verify against the client CA (expired, not
-      yet valid, signed by another CA, revoked by its issuer's constraints);
+      yet valid, signed by another CA, or listed in the CRL);
     - `no_certificate`: mutual TLS and the peer presented none;
     - `peer_refused`: the peer ended the handshake with an alert, usually because it does not
       trust our certificate (expired, or another CA than the one it was given);
@@ -119,7 +119,7 @@ class ListenerTls:
                 "%s TLS files not reloaded, the current ones stay: %s", self._listener, exc
             )
             return False
-        if context is None:  # the settings name no certificate: a restart made it plain
+        if context is None:  # not expected: the settings named a certificate at start
             return False
         self._context = context
         logger.info("%s TLS files reloaded (certificate, client CA, CRL)", self._listener)

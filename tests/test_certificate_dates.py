@@ -112,3 +112,15 @@ def test_a_crl_s_next_update_is_the_one_openssl_reads(tmp_path: Path) -> None:
 def test_a_certificate_file_is_not_a_crl(tmp_path: Path) -> None:
     with pytest.raises(CertificateError, match="no PEM X509 CRL"):
         next_update(self_signed(tmp_path, "leaf", 30))
+
+
+def test_a_file_with_bytes_outside_ascii_is_not_a_pem(tmp_path: Path) -> None:
+    binary = tmp_path / "gateway.der"
+    binary.write_bytes(b"\x30\x82\xff\xfe-----BEGIN CERTIFICATE-----")
+    with pytest.raises(CertificateError, match="not a PEM file"):
+        not_after(binary)
+
+
+def test_a_time_that_is_not_ascii_is_refused() -> None:
+    with pytest.raises(CertificateError, match="not ASCII"):
+        validity_end(v1_certificate(b"260101000000Z", b"27010100000\xffZ"))
