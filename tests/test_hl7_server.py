@@ -20,6 +20,7 @@ from simulators.lab import LabConfig, run_lab
 from storage.migrations import apply_migrations
 from storage.writer import BatchWriter
 from tests.hl7_support import (
+    Ack,
     MllpClient,
     adt,
     control_id,
@@ -130,6 +131,15 @@ async def test_resend_of_committed_message_gets_aa_and_stores_nothing(
     assert metrics.sample("qantara_messages_duplicate_total", {"protocol": "hl7"}) == before + 1
 
 
+async def dead_letter_reasons(pool: asyncpg.Pool, control: str) -> list[str]:
+    """The reasons of the HL7 dead letters whose bytes hold the control id `control`."""
+    rows = await pool.fetch(
+        "SELECT reason FROM dead_letter WHERE protocol = 'hl7' AND raw LIKE $1",
+        b"%" + control.encode() + b"%",
+    )
+    return [row["reason"] for row in rows]
+
+
 async def test_non_numeric_nm_value_gets_ae_with_err_at_obx_5_and_a_dead_letter(
     server: MllpServer, pool: asyncpg.Pool
 ) -> None:
@@ -139,11 +149,7 @@ async def test_non_numeric_nm_value_gets_ae_with_err_at_obx_5_and_a_dead_letter(
         ack = await client.request(encode(oru(control, f"{new_id()}^^^CIN^NI", obx=bad)))
     assert (ack.code, ack.acknowledged, ack.error_code) == ("AE", control, "102")
     assert b"OBX^1^5" in ack.raw
-    reasons = await pool.fetch(
-        "SELECT reason FROM dead_letter WHERE protocol = 'hl7' AND raw LIKE $1",
-        b"%" + control.encode() + b"%",
-    )
-    assert [r["reason"] for r in reasons] == ["obx-value-not-numeric"]
+    assert await dead_letter_reasons(pool, control) == ["obx-value-not-numeric"]
     assert await count(pool, "SELECT count(*) FROM hl7_message WHERE control_id = $1", control) == 0
 
 
@@ -376,35 +382,31 @@ async def bound_server(start_server: Callable[..., object], pki: Pki) -> MllpSer
     return server
 
 
+async def send_as_facility(server: MllpServer, pki: Pki, control: str, facility: str) -> Ack:
+    """One ORU with MSH-4 `facility`, over TLS with the client certificate (CN "client")."""
+    assert server.port is not None
+    context = client_context(pki, with_certificate=True)
+    async with MllpClient("127.0.0.1", server.port, ssl_context=context) as client:
+        return await client.request(encode(oru(control, f"{new_id()}^^^CIN^NI", facility=facility)))
+
+
 async def test_a_sender_writing_as_its_certificate_s_facility_gets_aa(
     start_server: Callable[..., object], pki: Pki
 ) -> None:
-    server = await bound_server(start_server, pki)
-    assert server.port is not None
     control = control_id()
-    context = client_context(pki, with_certificate=True)
-    async with MllpClient("127.0.0.1", server.port, ssl_context=context) as client:
-        ack = await client.request(encode(oru(control, f"{new_id()}^^^CIN^NI", facility="client")))
+    ack = await send_as_facility(await bound_server(start_server, pki), pki, control, "client")
     assert (ack.code, ack.acknowledged) == ("AA", control)
 
 
 async def test_a_sender_writing_as_another_facility_than_its_certificate_s_gets_ar_at_msh_4(
     start_server: Callable[..., object], pki: Pki, pool: asyncpg.Pool
 ) -> None:
-    server = await bound_server(start_server, pki)
-    assert server.port is not None
     control = control_id()
-    context = client_context(pki, with_certificate=True)
-    async with MllpClient("127.0.0.1", server.port, ssl_context=context) as client:
-        ack = await client.request(encode(oru(control, f"{new_id()}^^^CIN^NI", facility=CHU)))
+    ack = await send_as_facility(await bound_server(start_server, pki), pki, control, CHU)
     assert (ack.code, ack.acknowledged, ack.error_code) == ("AR", control, "207")
     assert b"MSH^1^4" in ack.raw
     assert "sending facility" in ack.error_text
-    reasons = await pool.fetch(
-        "SELECT reason FROM dead_letter WHERE protocol = 'hl7' AND raw LIKE $1",
-        b"%" + control.encode() + b"%",
-    )
-    assert [r["reason"] for r in reasons] == ["facility-not-certified"]
+    assert await dead_letter_reasons(pool, control) == ["facility-not-certified"]
     assert await count(pool, "SELECT count(*) FROM hl7_message WHERE control_id = $1", control) == 0
 
 

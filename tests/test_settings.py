@@ -131,31 +131,28 @@ def test_a_listener_s_tls_key_or_client_ca_needs_its_certificate(
         Settings.load({f"QANTARA_{listener}_{without_certificate}": str(pem)})
 
 
-def test_dicom_tls_settings_reach_the_listener(tmp_path: Path) -> None:
-    cert, key, ca = (tmp_path / n for n in ("gw.crt", "gw.key", "ca.pem"))
-    for path in (cert, key, ca):
+def tls_files(
+    folder: Path, listener: str, names: tuple[str, ...] = ("CERT", "KEY", "CLIENT_CA")
+) -> dict[str, str]:
+    """QANTARA_{listener}_TLS_{name} for each of `names`, each naming a file made in `folder`
+    (`<listener>-<name>.pem`; the settings check that it exists, not what it holds)."""
+    environ = {}
+    for name in names:
+        path = folder / f"{listener}-{name}.pem"
         path.write_text("not checked here")
-    dicom = Settings.load(
-        {
-            "QANTARA_DICOM_TLS_CERT": str(cert),
-            "QANTARA_DICOM_TLS_KEY": str(key),
-            "QANTARA_DICOM_TLS_CLIENT_CA": str(ca),
-        }
-    ).dicom
+        environ[f"QANTARA_{listener}_TLS_{name}"] = str(path)
+    return environ
+
+
+def test_dicom_tls_settings_reach_the_listener(tmp_path: Path) -> None:
+    dicom = Settings.load(tls_files(tmp_path, "DICOM")).dicom
+    cert, key, ca = (tmp_path / f"DICOM-{n}.pem" for n in ("CERT", "KEY", "CLIENT_CA"))
     assert (dicom.tls_cert, dicom.tls_key, dicom.tls_client_ca) == (cert, key, ca)
     assert not dicom.tls_ae_from_cn
 
 
 def test_dicom_ae_from_the_certificate_reaches_the_listener(tmp_path: Path) -> None:
-    cert, key, ca = (tmp_path / n for n in ("gw.crt", "gw.key", "ca.pem"))
-    for path in (cert, key, ca):
-        path.write_text("not checked here")
-    environ = {
-        "QANTARA_DICOM_TLS_CERT": str(cert),
-        "QANTARA_DICOM_TLS_KEY": str(key),
-        "QANTARA_DICOM_TLS_CLIENT_CA": str(ca),
-        "QANTARA_DICOM_TLS_AE_FROM_CN": "true",
-    }
+    environ = tls_files(tmp_path, "DICOM") | {"QANTARA_DICOM_TLS_AE_FROM_CN": "true"}
     assert Settings.load(environ).dicom.tls_ae_from_cn
 
 
@@ -172,15 +169,7 @@ def test_a_sender_bound_to_its_certificate_needs_a_client_ca(tmp_path: Path, swi
 
 
 def test_mllp_facility_from_the_certificate_reaches_the_listener(tmp_path: Path) -> None:
-    cert, key, ca = (tmp_path / n for n in ("gw.crt", "gw.key", "ca.pem"))
-    for path in (cert, key, ca):
-        path.write_text("not checked here")
-    environ = {
-        "QANTARA_MLLP_TLS_CERT": str(cert),
-        "QANTARA_MLLP_TLS_KEY": str(key),
-        "QANTARA_MLLP_TLS_CLIENT_CA": str(ca),
-        "QANTARA_MLLP_TLS_FACILITY_FROM_CN": "true",
-    }
+    environ = tls_files(tmp_path, "MLLP") | {"QANTARA_MLLP_TLS_FACILITY_FROM_CN": "true"}
     assert Settings.load(environ).mllp.tls_facility_from_cn
     assert not Settings.load({}).mllp.tls_facility_from_cn
 
@@ -234,12 +223,8 @@ def test_a_listener_s_crl_needs_its_client_ca(tmp_path: Path, listener: str) -> 
 
 
 def test_the_crls_reach_both_listeners(tmp_path: Path) -> None:
-    environ: dict[str, str] = {}
-    for listener in ("MLLP", "DICOM"):
-        for name in ("CERT", "KEY", "CLIENT_CA", "CRL"):
-            path = tmp_path / f"{listener}-{name}.pem"
-            path.write_text("not checked here")
-            environ[f"QANTARA_{listener}_TLS_{name}"] = str(path)
+    names = ("CERT", "KEY", "CLIENT_CA", "CRL")
+    environ = tls_files(tmp_path, "MLLP", names) | tls_files(tmp_path, "DICOM", names)
     settings = Settings.load(environ)
     assert settings.mllp.tls_crl == tmp_path / "MLLP-CRL.pem"
     assert settings.dicom.tls_crl == tmp_path / "DICOM-CRL.pem"
