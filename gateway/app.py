@@ -5,8 +5,8 @@ Start: pool, migrations (under an advisory lock, as the migrate URL's user, unle
 pipeline, the MQTT adapter, the HTTP server and upkeep tasks. SIGTERM or SIGINT: stop reading
 (MQTT) and accepting (HTTP), let the pipeline commit what it holds so its PUBACKs go out, then
 close, all under `shutdown_timeout`; whatever is still running then is cancelled. SIGHUP: the
-MLLP and DICOM listeners read their TLS files again (a renewed certificate, a new CRL) for the
-connections to come.
+HTTP, MLLP and DICOM listeners read their TLS files again (a renewed certificate, a new CRL) for
+the connections to come.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from dicom.filestore import FileStore
 from dicom.scp import DicomServer
 from gateway import redacted_logs
 from gateway.http import ApiSettings, create_app
+from gateway.https import https_protocol
 from gateway.settings import Settings
 from hl7.server import REJECT_REASONS as HL7_REJECT_REASONS
 from hl7.server import MllpServer
@@ -39,6 +40,7 @@ from ingest.errors import StorageUnavailable
 from ingest.mqtt import MqttVitalsAdapter
 from ingest.mqtt_payload import RejectReason
 from ingest.pipeline import GroupCommitPipeline
+from ingest.tls import Handshakes, listener_tls, server_context
 from monitoring.health import record_readiness, record_storage_usage
 from monitoring.metrics import Metrics
 from storage import connection_loss
@@ -150,6 +152,12 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
             record_readiness(metrics, checks)  # /metrics shows what /readyz answers
             return checks
 
+        # With a certificate, the handshakes are the gateway's own (`gateway.https`): told when
+        # they fail, and the files read again on SIGHUP.
+        http_tls = listener_tls(
+            "http", lambda: server_context(settings.http.tls_cert, settings.http.tls_key, None)
+        )
+        http_handshakes = Handshakes("http-tls-handshake")
         server = _EmbeddedServer(
             uvicorn.Config(
                 create_app(
@@ -165,9 +173,12 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
                 ),
                 host=settings.bind,
                 port=settings.http.port,
-                ssl_certfile=_optional_path(settings.http.tls_cert),
-                ssl_keyfile=_optional_path(settings.http.tls_key),
-                http="httptools",  # C parser; the loop stays asyncio's (MQTT, MLLP, DICOM share it)
+                # httptools: a C parser; the loop stays asyncio's (MQTT, MLLP, DICOM share it).
+                http=(
+                    "httptools"
+                    if http_tls is None
+                    else https_protocol(http_tls, http_handshakes, metrics)
+                ),
                 log_config=None,
                 access_log=False,
                 lifespan="off",
@@ -181,10 +192,14 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
             loop.add_signal_handler(sig, stop.set)
 
         def reload_tls() -> None:
-            logger.info("SIGHUP: reloading the TLS files of the MLLP and DICOM listeners")
-            taken = {"mllp": mllp.reload_tls(), "dicom": dicom.reload_tls()}
+            logger.info("SIGHUP: reloading the TLS files of the HTTP, MLLP and DICOM listeners")
+            taken = {
+                "http": http_tls is not None and http_tls.reload(),
+                "mllp": mllp.reload_tls(),
+                "dicom": dicom.reload_tls(),
+            }
             renewed = tuple(listener for listener, new in taken.items() if new)
-            _tls_dates(settings, metrics, renewed)  # not http: uvicorn does not reload
+            _tls_dates(settings, metrics, renewed)
 
         loop.add_signal_handler(signal.SIGHUP, reload_tls)
         stack.callback(_remove_signal_handlers, loop)
@@ -193,6 +208,7 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
         async with asyncio.TaskGroup() as group:
             pipeline_task = group.create_task(pipeline.run(), name="pipeline")
             mqtt_task = group.create_task(mqtt.run(), name="mqtt")
+            http_handshakes.open(group)
             http_task = group.create_task(server.serve(), name="http")
             mllp_task = group.create_task(mllp.run(), name="mllp")
             upkeep = group.create_task(_upkeep(pool, pipeline, settings, readiness), name="upkeep")
@@ -210,6 +226,7 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
             mqtt.stop()
             mllp.stop()
             server.should_exit = True
+            http_handshakes.close()
             await dicom.stop()  # running stores still commit: the pipeline drains after
             try:
                 async with asyncio.timeout(settings.shutdown_timeout):
@@ -270,10 +287,6 @@ async def _prune_ledger(pool: asyncpg.Pool, settings: Settings) -> None:
         return
     pruning = LedgerPruning(keep_seqs=settings.ledger_keep, interval=settings.ledger_prune_interval)
     await run_ledger_pruning(pool, pruning)
-
-
-def _optional_path(path: Path | None) -> str | None:
-    return None if path is None else str(path)
 
 
 def _tune_garbage_collector() -> None:

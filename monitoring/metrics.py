@@ -21,7 +21,7 @@ DICOM_REFUSAL_REASONS = (
     "local_limit",
 )
 """The reasons `dicom.negotiation` gives an A-ASSOCIATE-RJ (`Refused.reason`)."""
-TLS_LISTENERS = ("mllp", "dicom")
+TLS_LISTENERS = ("http", "mllp", "dicom")
 HANDSHAKE_FAILURES = (
     "certificate",
     "no_certificate",
@@ -146,7 +146,7 @@ class Metrics:
             self.dicom_associations_rejected.labels(reason)
         self.tls_handshake_failures = Counter(
             "qantara_tls_handshake_failures_total",
-            "TLS handshakes of the equipment listeners (mllp, dicom) that failed, by reason:"
+            "TLS handshakes of the listeners (http, mllp, dicom) that failed, by reason:"
             " certificate (did not verify), no_certificate, peer_refused (the peer did not"
             " accept ours), protocol (not TLS, nothing in common), timeout, closed.",
             ["listener", "reason"],
@@ -155,7 +155,7 @@ class Metrics:
         self.tls_certificate_expiry = Gauge(
             "qantara_tls_certificate_expiry_timestamp_seconds",
             "When the certificate a TLS listener (http, mllp, dicom) presents stops being valid,"
-            " Unix time; read at start (a renewed certificate is served after a restart).",
+            " Unix time; read at start and on SIGHUP.",
             ["listener"],
             registry=r,
         )

@@ -28,6 +28,7 @@ import re
 import secrets
 import shutil
 import signal
+import ssl
 import sys
 import tempfile
 import time
@@ -123,7 +124,10 @@ class GatewayProcess:
         start_timeout: float = 90.0,
         stop_timeout: float = 30.0,
         max_log_lines: int = 20_000,
+        https_ca: Path | None = None,
     ) -> None:
+        """`https_ca`: the gateway's HTTP listener speaks TLS (`env` names its certificate),
+        and this CA's certificate verifies it."""
         self.client_id = client_id or new_client_id()
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("QANTARA_")}
         child_env.update(
@@ -140,6 +144,7 @@ class GatewayProcess:
         )
         child_env.update(env or {})
         self._env = child_env
+        self._https_ca = https_ca
         self._start_timeout = start_timeout
         self._stop_timeout = stop_timeout
         self.log_lines: deque[str] = deque(maxlen=max_log_lines)
@@ -163,7 +168,8 @@ class GatewayProcess:
     def base_url(self) -> str:
         if self.port is None:
             raise GatewayExited("the gateway is not listening")
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "http" if self._https_ca is None else "https"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
         """Start the process and wait (bounded) for its `listening http=` line."""
@@ -324,7 +330,12 @@ class GatewayProcess:
 
     async def get(self, path: str, timeout: float = 5.0) -> httpx.Response:  # noqa: ASYNC109
         self._require_running()
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=timeout) as client:
+        verify: ssl.SSLContext | bool = True
+        if self._https_ca is not None:
+            verify = ssl.create_default_context(cafile=str(self._https_ca))
+        async with httpx.AsyncClient(
+            base_url=self.base_url, timeout=timeout, verify=verify
+        ) as client:
             return await client.get(path)
 
     async def readyz_status(self) -> int | None:

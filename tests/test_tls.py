@@ -44,6 +44,7 @@ async def gateway(broker: Broker, module_dsn: str) -> AsyncIterator[GatewayProce
             "QANTARA_HTTP_TLS_CERT": str(secrets / "gateway.crt"),
             "QANTARA_HTTP_TLS_KEY": str(secrets / "gateway.key"),
         },
+        https_ca=secrets / "ca.crt",
     )
     async with process:
         yield process
@@ -77,10 +78,13 @@ async def test_metrics_give_when_the_http_certificate_expires(
     assert expected > datetime.now(UTC).timestamp()
 
 
-async def test_http_listener_refuses_plain_http(gateway: GatewayProcess) -> None:
+async def test_http_listener_refuses_plain_http_and_counts_it(gateway: GatewayProcess) -> None:
+    failures = {"listener": "http", "reason": "protocol"}
+    before = (await gateway.metrics()).get("qantara_tls_handshake_failures_total", **failures)
     async with httpx.AsyncClient(timeout=5.0) as client:
         with pytest.raises(httpx.HTTPError):
             await client.get(f"http://127.0.0.1:{gateway.port}/healthz")
+    await gateway.wait_metric("qantara_tls_handshake_failures_total", failures, before + 1)
 
 
 async def test_gateway_session_over_mqtts_verifies_the_broker_and_stores_a_unit_s_vitals(
@@ -129,7 +133,7 @@ async def test_gateway_session_over_mqtts_verifies_the_broker_and_stores_a_unit_
         await asyncio.to_thread(unit.paho.loop_stop)
 
 
-async def test_sighup_reloads_the_equipment_listeners_tls_files_and_the_gateway_serves_on(
+async def test_sighup_reloads_the_listeners_tls_files_and_the_gateway_serves_on(
     broker: Broker, module_dsn: str
 ) -> None:
     secrets = broker.secrets
@@ -145,12 +149,17 @@ async def test_sighup_reloads_the_equipment_listeners_tls_files_and_the_gateway_
         for name, path in files.items()
     }
     env |= {
+        "QANTARA_HTTP_TLS_CERT": str(secrets / "gateway.crt"),
+        "QANTARA_HTTP_TLS_KEY": str(secrets / "gateway.key"),
         "QANTARA_MQTT_CA_FILE": str(secrets / "ca.crt"),
         "QANTARA_MQTT_USERNAME": GATEWAY,
         "QANTARA_MQTT_PASSWORD": broker.password(GATEWAY),
     }
     process = GatewayProcess(
-        database_url=module_dsn, mqtt_url=f"mqtts://127.0.0.1:{broker.port}", env=env
+        database_url=module_dsn,
+        mqtt_url=f"mqtts://127.0.0.1:{broker.port}",
+        env=env,
+        https_ca=secrets / "ca.crt",
     )
     async with process:
         await process.wait_ready()
@@ -159,7 +168,7 @@ async def test_sighup_reloads_the_equipment_listeners_tls_files_and_the_gateway_
 
         def reloaded() -> bool:
             log = "\n".join(process.log_lines)
-            return "mllp TLS files reloaded" in log and "dicom TLS files reloaded" in log
+            return all(f"{name} TLS files reloaded" in log for name in ("http", "mllp", "dicom"))
 
         await wait_until(reloaded, timeout=10, message="no reload in the log")
         assert process.running

@@ -77,6 +77,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     )
 
 
+def issue_server_certificate(pki: Pki, name: str) -> tuple[Path, Path]:
+    """Another server certificate for 127.0.0.1 from the test CA (a renewal): its certificate
+    and key."""
+    return _issue(pki.ca.parent, name, "serverAuth")
+
+
 def client_context(pki: Pki, *, with_certificate: bool) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=pki.ca)
     if with_certificate:
