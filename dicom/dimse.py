@@ -3,7 +3,8 @@
 `decode_command(data)` reads a command set into a `Command` (raises `DimseError` on malformed
 input); `encode_command(command)` writes one, its group length first. Builders give the responses
 the listener sends: C-ECHO-RSP, C-STORE-RSP, C-FIND-RSP (pending, success, cancel, failures with
-an Error Comment). Identifiers and datasets are not touched here.
+an Error Comment), and for Storage Commitment the N-ACTION-RSP and the N-EVENT-REPORT-RQ the
+listener sends as a request of its own. Identifiers and datasets are not touched here.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ C_FIND_RSP: Final = 0x8020
 C_ECHO_RQ: Final = 0x0030
 C_ECHO_RSP: Final = 0x8030
 C_CANCEL_RQ: Final = 0x0FFF
+N_EVENT_REPORT_RQ: Final = 0x0100
+N_EVENT_REPORT_RSP: Final = 0x8100
+N_ACTION_RQ: Final = 0x0130
+N_ACTION_RSP: Final = 0x8130
 RESPONSE_BIT: Final = 0x8000
 
 NO_DATASET: Final = 0x0101
@@ -41,8 +46,19 @@ _STATUS: Final = 0x0000_0900
 _ERROR_COMMENT: Final = 0x0000_0902
 _AFFECTED_SOP_INSTANCE: Final = 0x0000_1000
 _REQUESTED_SOP_INSTANCE: Final = 0x0000_1001
+_EVENT_TYPE: Final = 0x0000_1002
+_ACTION_TYPE: Final = 0x0000_1008
 _US: Final = frozenset(
-    {_COMMAND_FIELD, _MESSAGE_ID, _RESPONDED_TO, _PRIORITY, _DATASET_TYPE, _STATUS}
+    {
+        _COMMAND_FIELD,
+        _MESSAGE_ID,
+        _RESPONDED_TO,
+        _PRIORITY,
+        _DATASET_TYPE,
+        _STATUS,
+        _EVENT_TYPE,
+        _ACTION_TYPE,
+    }
 )
 _UI: Final = frozenset(
     {_AFFECTED_SOP_CLASS, _REQUESTED_SOP_CLASS, _AFFECTED_SOP_INSTANCE, _REQUESTED_SOP_INSTANCE}
@@ -70,6 +86,9 @@ class Command:
     dataset_type: int = NO_DATASET
     status: int | None = None
     error_comment: str | None = None
+    requested_sop_instance: str | None = None
+    event_type: int | None = None
+    action_type: int | None = None
 
     @property
     def has_dataset(self) -> bool:
@@ -109,6 +128,9 @@ def decode_command(data: bytes | bytearray | memoryview) -> Command:
         dataset_type=_dataset_type(values),
         status=_us(values, _STATUS),
         error_comment=_text(values, _ERROR_COMMENT),
+        requested_sop_instance=_ui(values, _REQUESTED_SOP_INSTANCE),
+        event_type=_us(values, _EVENT_TYPE),
+        action_type=_us(values, _ACTION_TYPE),
     )
 
 
@@ -157,6 +179,12 @@ def encode_command(command: Command) -> bytes:
         elements.append((_ERROR_COMMENT, comment + b" " * (len(comment) % 2)))
     if command.affected_sop_instance is not None:
         elements.append((_AFFECTED_SOP_INSTANCE, _pad_uid(command.affected_sop_instance)))
+    if command.requested_sop_instance is not None:
+        elements.append((_REQUESTED_SOP_INSTANCE, _pad_uid(command.requested_sop_instance)))
+    if command.event_type is not None:
+        elements.append((_EVENT_TYPE, _US_VALUE.pack(command.event_type)))
+    if command.action_type is not None:
+        elements.append((_ACTION_TYPE, _US_VALUE.pack(command.action_type)))
     body = b"".join(_ELEMENT.pack(0, tag, len(value)) + value for tag, value in elements)
     return _ELEMENT.pack(0, _GROUP_LENGTH, 4) + _UL_VALUE.pack(len(body)) + body
 
@@ -212,4 +240,31 @@ def unrecognized_response(request: Command) -> Command:
         responded_to=request.message_id or 0,
         affected_sop_class=request.affected_sop_class,
         status=UNRECOGNIZED_OPERATION,
+    )
+
+
+def action_response(request: Command, status: int, error_comment: str | None = None) -> Command:
+    """An N-ACTION-RSP without an Action Reply (Storage Commitment has none)."""
+    return Command(
+        N_ACTION_RSP,
+        responded_to=request.message_id or 0,
+        affected_sop_class=request.requested_sop_class or "",
+        affected_sop_instance=request.requested_sop_instance or "",
+        status=status,
+        error_comment=error_comment,
+        action_type=request.action_type,
+    )
+
+
+def event_report_request(
+    message_id: int, sop_class: str, sop_instance: str, event_type: int
+) -> Command:
+    """An N-EVENT-REPORT-RQ whose Event Information follows as a dataset."""
+    return Command(
+        N_EVENT_REPORT_RQ,
+        message_id=message_id,
+        affected_sop_class=sop_class,
+        affected_sop_instance=sop_instance,
+        dataset_type=HAS_DATASET,
+        event_type=event_type,
     )

@@ -13,6 +13,7 @@ between two responses.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable
 from typing import Final, cast
 
@@ -55,6 +56,7 @@ class Link(asyncio.Protocol):
         self._writable.set()
         self._transport: asyncio.Transport | None = None
         self._cancelled: set[int] = set()
+        self._message_ids = itertools.count(1)
         self._refused = False
         self.closed = False
         self.certified_names: frozenset[str] = frozenset()
@@ -144,6 +146,11 @@ class Link(asyncio.Protocol):
 
     def cancelled(self, message_id: int) -> bool:
         return message_id in self._cancelled
+
+    def next_message_id(self) -> int:
+        """The Message ID of the listener's next own request on this association (a Storage
+        Commitment report): 1, 2... (a US: wraps after 65,535)."""
+        return (next(self._message_ids) - 1) % 0xFFFF + 1
 
     async def send(self, data: bytes) -> None:
         """Write and wait while the peer does not read (flow control). Raises TimeoutError when

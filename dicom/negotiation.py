@@ -74,13 +74,16 @@ def gateway_policy(
     require_called_ae: bool = False,
     ae_from_certificate: bool = False,
 ) -> Policy:
-    """Verification, Storage of every storage SOP class in every transfer syntax, C-FIND."""
+    """Verification, Storage of every storage SOP class in every transfer syntax, C-FIND,
+    Storage Commitment (its N-EVENT-REPORT goes back on the same association, which needs no
+    role selection: PS3.4 J.3.3)."""
     defaults = frozenset(sop_classes.DEFAULT_SYNTAXES)
     storage = frozenset(sop_classes.TRANSFER_SYNTAXES)
     syntaxes = {uid: storage for uid in sop_classes.STORAGE}
     syntaxes[sop_classes.VERIFICATION] = defaults
     for model in sop_classes.FIND_MODELS:
         syntaxes[model] = defaults
+    syntaxes[sop_classes.STORAGE_COMMITMENT] = defaults
     return Policy(ae_title, max_pdu, syntaxes, allowed_aes, require_called_ae, ae_from_certificate)
 
 

@@ -56,6 +56,7 @@ from dicom.association import (
     ReleaseRequested,
     State,
 )
+from dicom.commitment_scp import Holder, answer_commitment, report_answered
 from dicom.config import DicomSettings
 from dicom.filemeta import file_meta
 from dicom.filestore import FileStore, StagedFile, StoredFile, fsync_dir
@@ -146,6 +147,7 @@ class DicomServer:
         pipeline: GroupCommitPipeline,
         store: FileStore,
         finder: Finder,
+        holder: Holder,
         metrics: Metrics,
         indexed: Indexed | None = None,
         file_threads: int | None = None,
@@ -156,6 +158,7 @@ class DicomServer:
         self._pipeline = pipeline
         self._store = store
         self._finder = finder
+        self._holder = holder
         self._orphans = OrphanSweep(store, indexed, settings, metrics)
         self._metrics = metrics
         self._policy = gateway_policy(
@@ -376,12 +379,18 @@ class DicomServer:
     ) -> Ended | None:
         command = event.command
         field = command.command_field
+        if field == dimse.N_EVENT_REPORT_RSP:
+            report_answered(command, calling)
         if not command.is_request or field == dimse.C_CANCEL_RQ:
             return await self._skip_dataset(link, command)  # noted by the link already
         if field == dimse.C_STORE_RQ and event.abstract_syntax in sop_classes.STORAGE:
             return await self._c_store(link, event, calling, spools)
         if field == dimse.C_FIND_RQ and event.abstract_syntax in sop_classes.FIND_MODELS:
             return await answer_find(link, event, self._finder, self._settings)
+        if field == dimse.N_ACTION_RQ and event.abstract_syntax == sop_classes.STORAGE_COMMITMENT:
+            return await answer_commitment(
+                link, event, self._holder, self._settings, self._metrics, calling
+            )
         ended = await self._skip_dataset(link, command)
         if ended is not None:
             return ended

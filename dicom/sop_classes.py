@@ -3,8 +3,8 @@
 `STORAGE`: the storage SOP classes pynetdicom 3.0 serves (`AllStoragePresentationContexts`),
 generated once from it so that the listener imports no protocol library. `TRANSFER_SYNTAXES`:
 every transfer syntax pydicom 3.0 knows (`pydicom.uid.AllTransferSyntaxes`); instances are stored
-as received, so any encoding is accepted for Storage. `DEFAULT_SYNTAXES` (Verification, C-FIND):
-those `dicom.identifier` decodes and encodes.
+as received, so any encoding is accepted for Storage. `DEFAULT_SYNTAXES` (Verification, C-FIND,
+Storage Commitment): those `dicom.identifier` decodes and encodes.
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ FIND_LEVELS: Final = {
 """The Query/Retrieve Levels of each C-FIND information model (PS3.4 C.6.1, C.6.2: the Study Root
 model has no patient level)."""
 FIND_MODELS: Final = frozenset(FIND_LEVELS)
+STORAGE_COMMITMENT: Final = "1.2.840.10008.1.20.1"
+"""Storage Commitment Push Model SOP Class (PS3.4 J.3)."""
+STORAGE_COMMITMENT_INSTANCE: Final = "1.2.840.10008.1.20.1.1"
+"""Its well-known SOP Instance: the Requested SOP Instance of an N-ACTION, the Affected SOP
+Instance of the N-EVENT-REPORT."""
 
 IMPLICIT_VR_LITTLE_ENDIAN: Final = "1.2.840.10008.1.2"
 EXPLICIT_VR_LITTLE_ENDIAN: Final = "1.2.840.10008.1.2.1"

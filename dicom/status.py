@@ -37,6 +37,22 @@ FIND_OUT_OF_RESOURCES: Final = 0xA700
 FIND_IDENTIFIER_INVALID: Final = 0xA900
 FIND_UNABLE_TO_PROCESS: Final = 0xC000
 
+# Storage Commitment (PS3.4 J.3.2.1.1.2, N-ACTION; PS3.7 C). Statuses of the N-ACTION-RSP:
+INVALID_ARGUMENT_VALUE: Final = 0x0115
+"""The Action Information cannot be read: no Transaction UID, no Referenced SOP Sequence, a UID
+that is not one."""
+INVALID_OBJECT_INSTANCE: Final = 0x0117
+"""The Requested SOP Instance is not the Storage Commitment Push Model's well-known instance."""
+NO_SUCH_ACTION: Final = 0x0123
+"""An Action Type ID other than 1 (Request Storage Commitment)."""
+RESOURCE_LIMITATION: Final = 0x0213
+"""The index cannot be read now (the database unavailable): ask again later."""
+# Failure Reasons (0008,1197) of the instances the N-EVENT-REPORT lists as not committed:
+NO_SUCH_OBJECT_INSTANCE: Final = 0x0112
+"""No instance with this SOP Instance UID is stored."""
+CLASS_INSTANCE_CONFLICT: Final = 0x0119
+"""An instance with this SOP Instance UID is stored, with another SOP Class."""
+
 REASON_STATUS: Final = {
     "unparseable": CANNOT_UNDERSTAND,
     "missing-uid": MISSING_UID,

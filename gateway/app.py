@@ -45,6 +45,7 @@ from monitoring.health import record_readiness, record_storage_usage
 from monitoring.metrics import Metrics
 from storage import connection_loss
 from storage.dicom_queries import find as find_dicom
+from storage.dicom_queries import held_instances
 from storage.dicom_queries import indexed_files as dicom_indexed_files
 from storage.ledger import LedgerPruning, run_ledger_pruning
 from storage.migrations import (
@@ -141,6 +142,7 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
             pipeline=pipeline,
             store=FileStore(settings.dicom.storage),
             finder=lambda request: find_dicom(pool, request),
+            holder=lambda uids: held_instances(pool, uids),
             metrics=metrics,
             indexed=lambda paths: dicom_indexed_files(pool, paths),
         )

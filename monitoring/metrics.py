@@ -21,6 +21,8 @@ DICOM_REFUSAL_REASONS = (
     "local_limit",
 )
 """The reasons `dicom.negotiation` gives an A-ASSOCIATE-RJ (`Refused.reason`)."""
+COMMITMENT_RESULTS = ("committed", "no_such_instance", "class_conflict")
+"""How a Storage Commitment report answers for each instance (`dicom.commitment`)."""
 TLS_LISTENERS = ("http", "mllp", "dicom")
 HANDSHAKE_FAILURES = (
     "certificate",
@@ -236,6 +238,15 @@ class Metrics:
         )
         for cause in ("database", "disk"):
             self.dicom_unavailable.labels(cause)
+        self.dicom_commitments = Counter(
+            "qantara_dicom_commitment_instances_total",
+            "Instances named in Storage Commitment requests, by what the report said:"
+            " committed, no_such_instance, class_conflict.",
+            ["result"],
+            registry=r,
+        )
+        for result in COMMITMENT_RESULTS:
+            self.dicom_commitments.labels(result)
         self.dicom_orphans_removed = Counter(
             "qantara_dicom_orphans_removed_total",
             "Complete DICOM files no index row named, removed by the orphan sweep.",

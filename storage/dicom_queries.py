@@ -219,3 +219,15 @@ async def indexed_files(db: Executor, file_paths: Sequence[str]) -> set[str]:
         list(file_paths),
     )
     return {r["file_path"] for r in rows}
+
+
+async def held_instances(db: Executor, sop_instance_uids: Sequence[str]) -> dict[str, str]:
+    """The SOP Class UID of each of these SOP Instance UIDs the index names (Storage
+    Commitment: an indexed instance's file is durable)."""
+    rows = await fetch(
+        db,
+        "SELECT sop_instance_uid, sop_class_uid FROM dicom_instance"
+        " WHERE sop_instance_uid = ANY($1::text[])",
+        list(sop_instance_uids),
+    )
+    return {r["sop_instance_uid"]: r["sop_class_uid"] for r in rows}

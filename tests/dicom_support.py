@@ -35,7 +35,7 @@ from dicom.filestore import FileStore
 from dicom.scp import DicomServer
 from ingest.pipeline import GroupCommitPipeline, PipelineSettings
 from monitoring.metrics import Metrics
-from storage.dicom_queries import find, indexed_files
+from storage.dicom_queries import find, held_instances, indexed_files
 from storage.migrations import apply_migrations
 from storage.writer import BatchWriter
 
@@ -82,6 +82,7 @@ async def running_dicom(
             pipeline=pipeline,
             store=FileStore(root),
             finder=lambda request: find(pool, request),
+            holder=lambda uids: held_instances(pool, uids),
             metrics=metrics,
             indexed=lambda paths: indexed_files(pool, paths),
             file_threads=file_threads,

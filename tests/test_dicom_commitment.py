@@ -1,0 +1,281 @@
+"""Storage Commitment Push Model (PS3.4 Annex J): a modality asks whether the gateway holds the
+instances it sent, and gets the answer as an N-EVENT-REPORT on the same association.
+
+The request and report logic (`dicom.commitment`) is tested on datasets; the listener with
+pynetdicom as the modality, its report handler bound to the association."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel
+
+from dicom import dimse, sop_classes, status
+from dicom.commitment import (
+    ALL_COMMITTED,
+    SOME_FAILED,
+    CommitmentError,
+    CommitmentRequest,
+    Reference,
+    read_request,
+    report,
+)
+from tests.dicom_support import SCP_AE, RunningDicom, charset_file, echo, renumbered, running_dicom
+from tests.dicom_support import store as c_store
+
+pytestmark = pytest.mark.timeout(120)
+
+CR = "1.2.840.10008.5.1.4.1.1.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def information(transaction: str, *references: tuple[str, str]) -> Dataset:
+    ds = Dataset()
+    ds.TransactionUID = transaction
+    items = []
+    for sop_class, sop_instance in references:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_instance
+        items.append(item)
+    ds.ReferencedSOPSequence = items
+    return ds
+
+
+# --- the request and the report, on datasets ------------------------------------------------------
+
+
+def test_a_request_reads_its_transaction_and_references_in_order() -> None:
+    request = read_request(information("1.2.3", (CR, "1.2.3.2"), (CT, "1.2.3.1")))
+    assert request == CommitmentRequest(
+        "1.2.3", (Reference(CR, "1.2.3.2"), Reference(CT, "1.2.3.1"))
+    )
+    assert request.instance_uids == ["1.2.3.1", "1.2.3.2"]
+
+
+def test_a_request_without_a_transaction_uid_is_an_invalid_argument() -> None:
+    ds = information("1.2.3", (CR, "1.2.3.1"))
+    del ds.TransactionUID
+    with pytest.raises(CommitmentError) as raised:
+        read_request(ds)
+    assert raised.value.status == status.INVALID_ARGUMENT_VALUE
+
+
+def test_a_request_without_references_is_an_invalid_argument() -> None:
+    with pytest.raises(CommitmentError, match="Referenced SOP Sequence"):
+        read_request(information("1.2.3"))
+
+
+def test_a_reference_whose_uid_is_not_one_is_an_invalid_argument() -> None:
+    with pytest.raises(CommitmentError, match="valid SOP Class and Instance UIDs"):
+        read_request(information("1.2.3", (CR, "../../etc/passwd")))
+
+
+def test_the_report_commits_what_the_index_holds_and_gives_a_reason_for_the_rest() -> None:
+    request = read_request(information("1.2.3", (CR, "1.2.3.1"), (CR, "1.2.3.2"), (CR, "1.2.3.3")))
+    result = report(request, {"1.2.3.1": CR, "1.2.3.3": CT})
+    assert result.event_type == SOME_FAILED
+    info = result.information
+    assert info.TransactionUID == "1.2.3"
+    assert [i.ReferencedSOPInstanceUID for i in info.ReferencedSOPSequence] == ["1.2.3.1"]
+    failed = [(i.ReferencedSOPInstanceUID, i.FailureReason) for i in info.FailedSOPSequence]
+    assert failed == [
+        ("1.2.3.2", status.NO_SUCH_OBJECT_INSTANCE),
+        ("1.2.3.3", status.CLASS_INSTANCE_CONFLICT),
+    ]
+    assert (result.committed, result.failed) == (
+        1,
+        {status.NO_SUCH_OBJECT_INSTANCE: 1, status.CLASS_INSTANCE_CONFLICT: 1},
+    )
+
+
+def test_a_report_without_failures_is_event_type_1_and_has_no_failed_sequence() -> None:
+    result = report(read_request(information("1.2.3", (CR, "1.2.3.1"))), {"1.2.3.1": CR})
+    assert result.event_type == ALL_COMMITTED
+    assert "FailedSOPSequence" not in result.information
+
+
+# --- the DIMSE messages ------------------------------------------------------------------------
+
+
+def test_an_n_action_request_s_fields_are_read() -> None:
+    request = dimse.Command(
+        dimse.N_ACTION_RQ,
+        message_id=7,
+        requested_sop_class=sop_classes.STORAGE_COMMITMENT,
+        requested_sop_instance=sop_classes.STORAGE_COMMITMENT_INSTANCE,
+        dataset_type=dimse.HAS_DATASET,
+        action_type=1,
+    )
+    decoded = dimse.decode_command(dimse.encode_command(request))
+    assert decoded == request
+
+
+def test_the_n_action_response_answers_for_the_requested_instance_and_action() -> None:
+    request = dimse.Command(
+        dimse.N_ACTION_RQ,
+        message_id=7,
+        requested_sop_class=sop_classes.STORAGE_COMMITMENT,
+        requested_sop_instance=sop_classes.STORAGE_COMMITMENT_INSTANCE,
+        action_type=1,
+    )
+    response = dimse.decode_command(
+        dimse.encode_command(dimse.action_response(request, status.SUCCESS))
+    )
+    assert (response.command_field, response.responded_to, response.status) == (0x8130, 7, 0)
+    assert response.affected_sop_class == sop_classes.STORAGE_COMMITMENT
+    assert response.affected_sop_instance == sop_classes.STORAGE_COMMITMENT_INSTANCE
+    assert response.action_type == 1
+
+
+def test_the_event_report_request_s_elements_are_in_ascending_order() -> None:
+    encoded = dimse.encode_command(
+        dimse.event_report_request(
+            3, sop_classes.STORAGE_COMMITMENT, sop_classes.STORAGE_COMMITMENT_INSTANCE, 2
+        )
+    )
+    tags = []
+    offset = 0
+    while offset < len(encoded):
+        element = int.from_bytes(encoded[offset + 2 : offset + 4], "little")
+        length = int.from_bytes(encoded[offset + 4 : offset + 8], "little")
+        tags.append(element)
+        offset += 8 + length
+    assert tags == sorted(tags)
+    assert 0x1002 in tags  # Event Type ID
+
+
+# --- the listener, pynetdicom as the modality ----------------------------------------------------
+
+
+@dataclass
+class Reports:
+    """What the modality's N-EVENT-REPORT handler received."""
+
+    received: list[tuple[int, Dataset]] = field(default_factory=list)
+    arrived: threading.Event = field(default_factory=threading.Event)
+
+    def handler(self, event: evt.Event) -> tuple[int, None]:
+        self.received.append((int(event.request.EventTypeID), event.event_information))
+        self.arrived.set()
+        return 0x0000, None  # the N-EVENT-REPORT-RSP's status, no Event Reply
+
+
+def request_commitment(
+    port: int, info: Dataset | bytes, action_type: int = 1
+) -> tuple[int | None, Reports]:
+    """N-ACTION on a Storage Commitment context; its status, and the reports that came on the
+    association within 10 s (none when the status is not Success)."""
+    ae = AE(ae_title="MODALITY")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(StorageCommitmentPushModel)
+    reports = Reports()
+    assoc = ae.associate(
+        "127.0.0.1",
+        port,
+        ae_title=SCP_AE,
+        evt_handlers=[(evt.EVT_N_EVENT_REPORT, reports.handler)],
+    )
+    assert assoc.is_established
+    try:
+        answer, _ = assoc.send_n_action(
+            info,  # type: ignore[arg-type]  # raw bytes are sent as they are
+            action_type,
+            StorageCommitmentPushModel,
+            sop_classes.STORAGE_COMMITMENT_INSTANCE,
+        )
+        code = int(answer.Status) if "Status" in answer else None
+        if code == status.SUCCESS:
+            reports.arrived.wait(10)
+    finally:
+        assoc.release()
+    return code, reports
+
+
+@pytest.fixture
+async def scp(fresh_dsn: str, tmp_path: Path) -> AsyncIterator[RunningDicom]:
+    async with running_dicom(fresh_dsn, tmp_path / "store") as running:
+        yield running
+
+
+def committed(scp: RunningDicom, result: str) -> float:
+    labels = {"result": result}
+    return scp.metrics.sample("qantara_dicom_commitment_instances_total", labels) or 0.0
+
+
+async def test_a_modality_gets_on_the_same_association_the_report_of_what_it_stored(
+    scp: RunningDicom,
+) -> None:
+    arabic, french = (
+        renumbered(charset_file("chrArab.dcm")),
+        renumbered(charset_file("chrFren.dcm")),
+    )
+    assert await asyncio.to_thread(c_store, scp.port, [arabic, french]) == [0, 0]
+    never_sent = generate_uid()
+    transaction = generate_uid()
+    info = information(
+        transaction,
+        (str(arabic.SOPClassUID), str(arabic.SOPInstanceUID)),
+        (str(french.SOPClassUID), str(french.SOPInstanceUID)),
+        (CR, never_sent),
+        (CT, str(arabic.SOPInstanceUID)),  # stored, but as another SOP Class
+    )
+    code, reports = await asyncio.to_thread(request_commitment, scp.port, info)
+    assert code == status.SUCCESS
+    [(event_type, report_info)] = reports.received
+    assert event_type == SOME_FAILED
+    assert report_info.TransactionUID == transaction
+    assert [i.ReferencedSOPInstanceUID for i in report_info.ReferencedSOPSequence] == [
+        arabic.SOPInstanceUID,
+        french.SOPInstanceUID,
+    ]
+    assert [
+        (i.ReferencedSOPInstanceUID, i.FailureReason) for i in report_info.FailedSOPSequence
+    ] == [
+        (never_sent, status.NO_SUCH_OBJECT_INSTANCE),
+        (arabic.SOPInstanceUID, status.CLASS_INSTANCE_CONFLICT),
+    ]
+    assert (committed(scp, "committed"), committed(scp, "no_such_instance")) == (2, 1)
+    assert committed(scp, "class_conflict") == 1
+
+
+async def test_a_modality_whose_instances_are_all_held_gets_event_type_1(
+    scp: RunningDicom, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dicom.commitment_scp")
+    ds = renumbered(charset_file("chrFren.dcm"))
+    assert await asyncio.to_thread(c_store, scp.port, [ds]) == [0]
+    info = information(generate_uid(), (str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+    code, reports = await asyncio.to_thread(request_commitment, scp.port, info)
+    assert code == status.SUCCESS
+    [(event_type, report_info)] = reports.received
+    assert event_type == ALL_COMMITTED
+    assert "FailedSOPSequence" not in report_info
+    # The modality's N-EVENT-REPORT-RSP came back before its release.
+    assert "storage commitment report 1 taken by MODALITY" in caplog.text
+
+
+async def test_an_action_other_than_a_commitment_request_is_refused_and_the_listener_serves_on(
+    scp: RunningDicom,
+) -> None:
+    info = information(generate_uid(), (CR, generate_uid()))
+    code, reports = await asyncio.to_thread(request_commitment, scp.port, info, 2)
+    assert (code, reports.received) == (status.NO_SUCH_ACTION, [])
+    established, answered = await asyncio.to_thread(echo, scp.port)
+    assert (established, answered) == (True, status.SUCCESS)
+
+
+async def test_action_information_without_references_is_an_invalid_argument_and_no_report(
+    scp: RunningDicom,
+) -> None:
+    code, reports = await asyncio.to_thread(request_commitment, scp.port, information("1.2.3"))
+    assert (code, reports.received) == (status.INVALID_ARGUMENT_VALUE, [])
