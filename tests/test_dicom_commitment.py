@@ -29,6 +29,8 @@ from dicom.commitment import (
     read_request,
     report,
 )
+from dicom.config import DicomSettings
+from tests.conftest import PrivatePostgresFactory
 from tests.dicom_support import SCP_AE, RunningDicom, charset_file, echo, renumbered, running_dicom
 from tests.dicom_support import store as c_store
 
@@ -279,3 +281,24 @@ async def test_action_information_without_references_is_an_invalid_argument_and_
 ) -> None:
     code, reports = await asyncio.to_thread(request_commitment, scp.port, information("1.2.3"))
     assert (code, reports.received) == (status.INVALID_ARGUMENT_VALUE, [])
+
+
+async def test_the_database_down_answers_resource_limitation_and_a_request_after_recovery_commits(
+    private_postgres: PrivatePostgresFactory, tmp_path: Path
+) -> None:
+    server = await private_postgres()
+    settings = DicomSettings(store_timeout=3.0)
+    async with running_dicom(server.dsn(), tmp_path / "store", settings, pool_size=2) as scp:
+        ds = renumbered(charset_file("chrArab.dcm"))
+        assert await asyncio.to_thread(c_store, scp.port, [ds]) == [status.SUCCESS]
+        info = information(generate_uid(), (str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+        await server.stop()
+        code, reports = await asyncio.to_thread(request_commitment, scp.port, info)
+        assert (code, reports.received) == (status.RESOURCE_LIMITATION, [])
+        await server.start()
+        async with asyncio.timeout(60):
+            while (code := (await asyncio.to_thread(request_commitment, scp.port, info))[0]) != 0:
+                assert code == status.RESOURCE_LIMITATION
+                await asyncio.sleep(0.5)
+        code, reports = await asyncio.to_thread(request_commitment, scp.port, info)
+        assert [event_type for event_type, _ in reports.received] == [ALL_COMMITTED]
