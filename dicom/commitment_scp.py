@@ -1,14 +1,15 @@
 """Storage Commitment Push Model on the listener: the N-ACTION answered, then the report sent as an
 N-EVENT-REPORT-RQ on the same association (PS3.4 J.3.3: the SCP may do so while the association
-is open; it needs no role selection).
+is open; it needs no role selection), or, for a modality named in
+`QANTARA_DICOM_REPORT_ADDRESSES`, on an association to its own port (`dicom.commitment_delivery`).
 
 The Action Information is read whole (at most `MAX_IDENTIFIER` bytes) in the context's transfer
 syntax, the index is asked which of the instances it names (`Holder`), and only then is the
 N-ACTION answered: Success, then the report at once, so that a modality waiting for it on this
 association gets it; or a failure and no report (`dicom.status`: the Action Information cannot
 be read, an Action Type other than 1, a Requested SOP Instance other than the well-known one,
-the index unavailable). The modality's N-EVENT-REPORT-RSP comes back as any other message and
-is logged by the listener (`report_answered`).
+the index unavailable). On the same association, the modality's N-EVENT-REPORT-RSP comes back
+as any other message and is logged and counted by the listener (`report_answered`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dicom.commitment import (
     read_request,
     report,
 )
+from dicom.commitment_delivery import ReportAddress, Reports
 from dicom.config import DicomSettings
 from dicom.identifier import MAX_IDENTIFIER, IdentifierError, decode_identifier, encode_identifier
 from dicom.link import Ended, Link
@@ -50,6 +52,7 @@ async def answer_commitment(
     settings: DicomSettings,
     metrics: Metrics,
     calling: str,
+    reports: Reports,
 ) -> Ended | None:
     """Receive an N-ACTION's Action Information, answer it and send the report; what ended the
     association while the Action Information was read, else None."""
@@ -101,6 +104,16 @@ async def answer_commitment(
     metrics.dicom_commitments.labels("committed").inc(result.committed)
     for reason, count in result.failed.items():
         metrics.dicom_commitments.labels(_RESULTS[reason]).inc(count)
+    own = settings.report_address(calling)
+    if own is not None:
+        reports.deliver(ReportAddress(calling, *own), result)
+        logger.info(
+            "DICOM storage commitment for %s: %d of %d instance(s) committed (report to its port)",
+            calling,
+            result.committed,
+            len(request.references),
+        )
+        return None
     message_id = link.next_message_id()
     notice = dimse.event_report_request(
         message_id,
@@ -120,12 +133,15 @@ async def answer_commitment(
     return None
 
 
-def report_answered(command: dimse.Command, calling: str) -> None:
-    """The modality's N-EVENT-REPORT-RSP to a report: logged (a failure as a warning)."""
+def report_answered(command: dimse.Command, calling: str, metrics: Metrics) -> None:
+    """The modality's N-EVENT-REPORT-RSP to a report: logged (a failure as a warning) and
+    counted."""
     code = command.status if command.status is not None else -1
     if code == status.SUCCESS:
+        metrics.dicom_commitment_reports.labels("delivered").inc()
         logger.info("DICOM storage commitment report %s taken by %s", command.responded_to, calling)
     else:
+        metrics.dicom_commitment_reports.labels("refused").inc()
         logger.warning(
             "DICOM storage commitment report %s answered 0x%04X by %s",
             command.responded_to,

@@ -56,6 +56,7 @@ from dicom.association import (
     ReleaseRequested,
     State,
 )
+from dicom.commitment_delivery import Reports
 from dicom.commitment_scp import Holder, answer_commitment, report_answered
 from dicom.config import DicomSettings
 from dicom.filemeta import file_meta
@@ -92,6 +93,9 @@ _T = TypeVar("_T")
 DEAD_LETTER_PREFIX: Final = 64 * 1024
 CONFLICT_REASON: Final = "content-conflict"  # storage.writer_dicom.CONFLICT
 STOP_GRACE_SECONDS: Final = 5.0
+REPORT_TIMEOUT_SECONDS: Final = 10.0
+"""Bound on each step of a Storage Commitment report on the modality's own association (connect,
+associate, answer): a stop waits at most about this long for a report in flight."""
 SLOW_OPEN_SECONDS: Final = 5.0  # a store open slower than this is logged (the disk stalls)
 RELEASE_CLEANUP_SECONDS: Final = 5.0
 """At most this long, the A-RELEASE-RP waits for the association's prepared spool file to go."""
@@ -159,6 +163,9 @@ class DicomServer:
         self._store = store
         self._finder = finder
         self._holder = holder
+        self._reports = Reports(
+            settings.ae_title, min(settings.acse_timeout, REPORT_TIMEOUT_SECONDS), metrics
+        )
         self._orphans = OrphanSweep(store, indexed, settings, metrics)
         self._metrics = metrics
         self._policy = gateway_policy(
@@ -245,6 +252,7 @@ class DicomServer:
         async with asyncio.TaskGroup() as group:
             self._group = group
             self._handshakes.open(group)
+            self._reports.open(group)
             sweeper = group.create_task(self._orphans.run(), name="dicom-sweep")
             ready.set()
             await self._stopping.wait()
@@ -256,6 +264,7 @@ class DicomServer:
                 _, late = await asyncio.wait(running, timeout=self._grace)
                 for task in late:
                     task.cancel()
+            self._reports.close()  # reports still on their way: the modalities ask again
 
     def _connect(self) -> Link:
         """A new connection (protocol factory). Its association's task starts once the
@@ -380,7 +389,7 @@ class DicomServer:
         command = event.command
         field = command.command_field
         if field == dimse.N_EVENT_REPORT_RSP:
-            report_answered(command, calling)
+            report_answered(command, calling, self._metrics)
         if not command.is_request or field == dimse.C_CANCEL_RQ:
             return await self._skip_dataset(link, command)  # noted by the link already
         if field == dimse.C_STORE_RQ and event.abstract_syntax in sop_classes.STORAGE:
@@ -389,7 +398,7 @@ class DicomServer:
             return await answer_find(link, event, self._finder, self._settings)
         if field == dimse.N_ACTION_RQ and event.abstract_syntax == sop_classes.STORAGE_COMMITMENT:
             return await answer_commitment(
-                link, event, self._holder, self._settings, self._metrics, calling
+                link, event, self._holder, self._settings, self._metrics, calling, self._reports
             )
         ended = await self._skip_dataset(link, command)
         if ended is not None:

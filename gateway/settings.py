@@ -397,6 +397,24 @@ def _ae_titles(text: str) -> frozenset[str]:
     return frozenset(_ae_title(part) for part in text.split(",") if part.strip())
 
 
+def _report_addresses(text: str) -> tuple[tuple[str, str, int], ...]:
+    """`AE=host:port,AE=host:port`: where each modality takes its commitment reports."""
+    addresses: dict[str, tuple[str, str, int]] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        title, equals, address = part.partition("=")
+        host, colon, port = address.strip().rpartition(":")
+        if not equals or not colon or not host.strip():
+            raise ValueError(part)
+        number = int(port)
+        if not 0 < number < 65536:
+            raise ValueError(part)
+        ae = _ae_title(title)
+        addresses[ae] = (ae, host.strip().strip("[]"), number)
+    return tuple(addresses.values())
+
+
 def _dicom(r: _Reader) -> DicomSettings:
     def seconds(name: str, default: float) -> float:
         return r.duration(name, timedelta(seconds=default)).total_seconds()
@@ -433,6 +451,12 @@ def _dicom(r: _Reader) -> DicomSettings:
         tls_client_ca=tls.client_ca,
         tls_crl=tls.crl,
         tls_ae_from_cn=ae_from_cn,
+        report_addresses=r.get(
+            "DICOM_REPORT_ADDRESSES",
+            (),
+            _report_addresses,
+            "must be a comma-separated list of AE=host:port",
+        ),
     )
 
 

@@ -23,6 +23,7 @@ DICOM_REFUSAL_REASONS = (
 """The reasons `dicom.negotiation` gives an A-ASSOCIATE-RJ (`Refused.reason`)."""
 COMMITMENT_RESULTS = ("committed", "no_such_instance", "class_conflict")
 """How a Storage Commitment report answers for each instance (`dicom.commitment`)."""
+COMMITMENT_REPORT_OUTCOMES = ("delivered", "refused", "undelivered", "dropped")
 TLS_LISTENERS = ("http", "mllp", "dicom")
 HANDSHAKE_FAILURES = (
     "certificate",
@@ -247,6 +248,17 @@ class Metrics:
         )
         for result in COMMITMENT_RESULTS:
             self.dicom_commitments.labels(result)
+        self.dicom_commitment_reports = Counter(
+            "qantara_dicom_commitment_reports_total",
+            "Storage Commitment reports (N-EVENT-REPORT) by outcome: delivered (the modality"
+            " answered Success), refused (it answered a failure on the association of the"
+            " request), undelivered (its own port unreachable after every retry), dropped"
+            " (stopping, or too many pending).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in COMMITMENT_REPORT_OUTCOMES:
+            self.dicom_commitment_reports.labels(outcome)
         self.dicom_orphans_removed = Counter(
             "qantara_dicom_orphans_removed_total",
             "Complete DICOM files no index row named, removed by the orphan sweep.",

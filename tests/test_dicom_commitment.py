@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from dicom.config import DicomSettings
 from tests.conftest import PrivatePostgresFactory
 from tests.dicom_support import SCP_AE, RunningDicom, charset_file, echo, renumbered, running_dicom
 from tests.dicom_support import store as c_store
+from tests.services_support import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -173,10 +176,11 @@ class Reports:
 
 
 def request_commitment(
-    port: int, info: Dataset | bytes, action_type: int = 1
+    port: int, info: Dataset | bytes, action_type: int = 1, *, wait: bool = True
 ) -> tuple[int | None, Reports]:
     """N-ACTION on a Storage Commitment context; its status, and the reports that came on the
-    association within 10 s (none when the status is not Success)."""
+    association within 10 s (none when the status is not Success; `wait=False`: released at
+    once, as a modality that takes its reports on a port of its own)."""
     ae = AE(ae_title="MODALITY")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     ae.add_requested_context(StorageCommitmentPushModel)
@@ -196,7 +200,7 @@ def request_commitment(
             sop_classes.STORAGE_COMMITMENT_INSTANCE,
         )
         code = int(answer.Status) if "Status" in answer else None
-        if code == status.SUCCESS:
+        if code == status.SUCCESS and wait:
             reports.arrived.wait(10)
     finally:
         assoc.release()
@@ -302,3 +306,97 @@ async def test_the_database_down_answers_resource_limitation_and_a_request_after
                 await asyncio.sleep(0.5)
         code, reports = await asyncio.to_thread(request_commitment, scp.port, info)
         assert [event_type for event_type, _ in reports.received] == [ALL_COMMITTED]
+
+
+# --- reports on the modality's own port ----------------------------------------------------------
+
+
+@dataclass
+class ModalityPort:
+    """A modality's own Storage Commitment SCU port (pynetdicom), taking reports."""
+
+    port: int
+    reports: Reports
+    callers: list[str] = field(default_factory=list)
+    server: object | None = None
+
+    def listen(self) -> None:
+        ae = AE(ae_title="MODALITY")
+        ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+
+        def handler(event: evt.Event) -> tuple[int, None]:
+            self.callers.append(event.assoc.requestor.ae_title)
+            return self.reports.handler(event)
+
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_N_EVENT_REPORT, handler)],
+        )
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()  # type: ignore[attr-defined]
+
+
+@asynccontextmanager
+async def modality_port(*, listening: bool = True) -> AsyncIterator[ModalityPort]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    modality = ModalityPort(port, Reports())
+    if listening:
+        modality.listen()
+    try:
+        yield modality
+    finally:
+        modality.close()
+
+
+@asynccontextmanager
+async def reporting_scp(
+    dsn: str, root: Path, modality: ModalityPort
+) -> AsyncIterator[RunningDicom]:
+    settings = DicomSettings(report_addresses=(("MODALITY", "127.0.0.1", modality.port),))
+    async with running_dicom(dsn, root, settings) as scp:
+        yield scp
+
+
+def reported(scp: RunningDicom, outcome: str) -> float:
+    labels = {"outcome": outcome}
+    return scp.metrics.sample("qantara_dicom_commitment_reports_total", labels) or 0.0
+
+
+async def test_a_modality_with_a_report_address_gets_its_report_there_from_our_ae(
+    fresh_dsn: str, tmp_path: Path
+) -> None:
+    async with modality_port() as modality, reporting_scp(fresh_dsn, tmp_path, modality) as scp:
+        ds = renumbered(charset_file("chrArab.dcm"))
+        assert await asyncio.to_thread(c_store, scp.port, [ds]) == [status.SUCCESS]
+        info = information(generate_uid(), (str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+        code, on_request = await asyncio.to_thread(request_commitment, scp.port, info, wait=False)
+        assert (code, on_request.received) == (status.SUCCESS, [])
+        assert await asyncio.to_thread(modality.reports.arrived.wait, 10)
+        [(event_type, report_info)] = modality.reports.received
+        assert (event_type, report_info.TransactionUID) == (ALL_COMMITTED, info.TransactionUID)
+        assert modality.callers == ["QANTARA"]
+        await wait_until(lambda: reported(scp, "delivered") == 1, timeout=5)
+
+
+async def test_a_report_is_sent_again_until_the_modality_s_port_answers(
+    fresh_dsn: str, tmp_path: Path
+) -> None:
+    async with (
+        modality_port(listening=False) as modality,
+        reporting_scp(fresh_dsn, tmp_path, modality) as scp,
+    ):
+        info = information(generate_uid(), (CR, generate_uid()))
+        code, _ = await asyncio.to_thread(request_commitment, scp.port, info, wait=False)
+        assert code == status.SUCCESS
+        await asyncio.sleep(1.0)  # the first attempt has found nobody
+        assert modality.reports.received == []
+        modality.listen()
+        assert await asyncio.to_thread(modality.reports.arrived.wait, 20)  # the retry, 5 s on
+        [(event_type, _)] = modality.reports.received
+        assert event_type == SOME_FAILED
+        await wait_until(lambda: reported(scp, "delivered") == 1, timeout=5)

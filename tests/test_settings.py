@@ -51,6 +51,9 @@ def test_without_shared_group_subscribes_to_every_unit() -> None:
         ("QANTARA_MQTT_LEDGER_KEEP", "-5"),
         ("QANTARA_DICOM_REQUIRE_CALLED_AE", "maybe"),
         ("QANTARA_MQTT_LEDGER_PRUNE_INTERVAL", "often"),
+        ("QANTARA_DICOM_REPORT_ADDRESSES", "CR-UNIT-07=10.8.0.7"),
+        ("QANTARA_DICOM_REPORT_ADDRESSES", "CR-UNIT-07=10.8.0.7:70000"),
+        ("QANTARA_DICOM_REPORT_ADDRESSES", "10.8.0.7:104"),
     ],
 )
 def test_bad_value_is_refused_with_the_variable_named(name: str, value: str) -> None:
@@ -81,6 +84,14 @@ def test_ledger_pruning_runs_every_ten_minutes_unless_set_to_zero() -> None:
 def test_dicom_called_ae_check_is_off_unless_asked() -> None:
     assert not Settings.load({}).dicom.require_called_ae
     assert Settings.load({"QANTARA_DICOM_REQUIRE_CALLED_AE": "true"}).dicom.require_called_ae
+
+
+def test_dicom_report_addresses_name_each_modality_s_own_port() -> None:
+    text = "CR-UNIT-07=10.8.0.7:104, US-UNIT-07 = [fd00::7]:11112"
+    dicom = Settings.load({"QANTARA_DICOM_REPORT_ADDRESSES": text}).dicom
+    assert dicom.report_address("CR-UNIT-07") == ("10.8.0.7", 104)
+    assert dicom.report_address("US-UNIT-07") == ("fd00::7", 11112)
+    assert dicom.report_address("DX-UNIT-01") is None
 
 
 def test_dicom_orphan_sweep_timings_are_settings() -> None:
