@@ -19,6 +19,7 @@ is an acceptor only, and a report is one short association now and then.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from pynetdicom import AE, build_role
 from dicom import sop_classes, status
 from dicom.commitment import CommitmentReport
 from monitoring.metrics import Metrics
+from monitoring.thread_names import name_native_thread
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,9 @@ RETRY_DELAYS: Final = (5.0, 30.0, 120.0, 600.0)
 """Seconds before each new attempt: a unit whose link dropped gets its report when it is back
 within about 13 minutes; later, it asks again."""
 MAX_PENDING: Final = 1000
+SENDING_THREADS: Final = 4
+"""Attempts in flight at once, in threads of their own: an unreachable modality holds one for
+up to its timeouts, and must not hold up the loop's default executor."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,17 +100,24 @@ class Reports:
         self._delays = tuple(retry_delays)
         self._group: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
         return len(self._tasks)
 
     def open(self, group: asyncio.TaskGroup) -> None:
         self._group = group
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            SENDING_THREADS, thread_name_prefix="dicom-report", initializer=name_native_thread
+        )
 
     def close(self) -> None:
         self._group = None
         for task in self._tasks:
             task.cancel()
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)  # attempts end on timeouts
+            self._threads = None
 
     def deliver(self, address: ReportAddress, report: CommitmentReport) -> bool:
         """Start delivering `report` to `address`; False when it cannot be (stopping, or
@@ -133,9 +145,13 @@ class Reports:
         for attempt, delay in enumerate((0.0, *self._delays), start=1):
             if delay:
                 await asyncio.sleep(delay)
+            threads = self._threads
+            if threads is None:  # closed meanwhile
+                return
+            loop = asyncio.get_running_loop()
             try:
-                code = await asyncio.to_thread(
-                    send_report, address, self._calling_ae, report, self._timeout
+                code = await loop.run_in_executor(
+                    threads, send_report, address, self._calling_ae, report, self._timeout
                 )
             except Exception as exc:  # noqa: BLE001 - pynetdicom's errors: try again later
                 logger.info("DICOM storage commitment report: %s", type(exc).__name__)

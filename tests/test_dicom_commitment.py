@@ -10,6 +10,7 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom import dimse, sop_classes, status
 from dicom.commitment import (
@@ -318,7 +320,7 @@ class ModalityPort:
     port: int
     reports: Reports
     callers: list[str] = field(default_factory=list)
-    server: object | None = None
+    server: ThreadedAssociationServer | None = None
 
     def listen(self) -> None:
         ae = AE(ae_title="MODALITY")
@@ -335,8 +337,14 @@ class ModalityPort:
         )
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()  # type: ignore[attr-defined]
+        """Stop listening once the gateway's report associations have ended (a shutdown in the
+        middle of a release leaves pynetdicom's socket to the garbage collector)."""
+        if self.server is None:
+            return
+        deadline = time.monotonic() + 5.0
+        while self.server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.server.shutdown()
 
 
 @asynccontextmanager
