@@ -34,6 +34,7 @@ ALLOWED_TEMPLATE_LABELS = {
     "cause",
     "unit",
     "listener",
+    "outcome",
 }
 
 
