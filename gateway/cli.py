@@ -181,8 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Send N synthetic studies (CR, DX, US or CT; patients with Arabic names "
         "in ISO_IR 127 / ISO_IR 192 and French ones in ISO_IR 100, a facility id and the "
         "national id) to the DICOM listener at QANTARA_BIND:QANTARA_DICOM_PORT on one "
-        "association, and print the C-STORE statuses. Exit status 1 when the association is "
-        "refused or aborted, or when any status is not a success.",
+        "association, and print the C-STORE statuses. With --commit, then ask for Storage "
+        "Commitment of what was stored and wait for the report on the same association. Exit "
+        "status 1 when the association is refused or aborted, when any status is not a "
+        "success, or with --commit when not everything stored was committed.",
     )
     modality.add_argument("--studies", type=int, default=1, help="studies to send (1)")
     modality.add_argument(
@@ -195,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     modality.add_argument("--host", default=None, help="gateway host (QANTARA_BIND)")
     modality.add_argument("--port", type=int, default=None, help="port (QANTARA_DICOM_PORT)")
     modality.add_argument("--calling-ae", default="SIM-MODALITY", help="our AE title")
+    modality.add_argument(
+        "--commit",
+        action="store_true",
+        help="then Storage Commitment of the instances stored (report on the association)",
+    )
     _tls_arguments(modality, "DICOM")
     modality.add_argument("--quiet", action="store_true", help="no progress line")
 

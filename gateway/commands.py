@@ -290,10 +290,12 @@ async def simulate_modality(settings: Settings, args: argparse.Namespace) -> int
             tls_ca=args.tls_ca,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
+            commit=args.commit,
         ),
     )
     print(report.summary())  # noqa: T201
-    return 0 if not (report.refused or report.aborted or report.failed) else 1
+    failed = report.refused or report.aborted or report.failed or report.uncommitted
+    return 0 if not failed else 1
 
 
 async def simulate_fleet(settings: Settings, args: argparse.Namespace) -> int:

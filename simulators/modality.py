@@ -14,19 +14,20 @@ import hashlib
 import random
 import ssl
 import sys
+import threading
 import time
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, evt
 
 from simulators.population import REGIONS, Patient, Population, Sex
 from simulators.tls_client import client_context
@@ -53,6 +54,8 @@ DESCRIPTIONS: Final = {
 }
 BODY_PARTS: Final = {"CR": "CHEST", "DX": "PELVIS", "US": "ABDOMEN", "CT": "HEAD"}
 CHARSETS: Final = ("ISO_IR 100", "ISO_IR 127", "ISO_IR 192")
+STORAGE_COMMITMENT: Final = UID("1.2.840.10008.1.20.1")  # Storage Commitment Push Model
+STORAGE_COMMITMENT_INSTANCE: Final = UID("1.2.840.10008.1.20.1.1")  # its well-known instance
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,8 @@ class ModalityConfig:
     tls_ca: Path | None = None  # DICOM over TLS, the gateway's certificate checked against it
     tls_cert: Path | None = None  # with tls_key: our certificate, for mutual TLS
     tls_key: Path | None = None
+    commit: bool = False  # then ask for Storage Commitment of what was stored, as units do
+    commit_wait: float = 30.0  # seconds the report may take
 
     def tls_args(self) -> tuple[ssl.SSLContext, str] | None:
         """pynetdicom's `tls_args` (a client context, the server name to check), or None."""
@@ -83,6 +88,9 @@ class ModalityReport:
     seconds: float = 0.0
     refused: bool = False
     aborted: bool = False  # the association ended under the simulator (gateway gone, A-ABORT)
+    stored: list[tuple[str, str]] = field(default_factory=list)  # SOP Class, Instance of 0x0000
+    commit_status: str | None = None  # the N-ACTION-RSP's, when asked
+    committed: int | None = None  # from the report; None: no report came
 
     def summary(self) -> str:
         if self.refused:
@@ -90,7 +98,20 @@ class ModalityReport:
         parts = ", ".join(f"{code}: {n}" for code, n in sorted(self.statuses.items()))
         rate = self.sent / self.seconds if self.seconds else 0.0
         line = f"sent {self.sent} instance(s) in {self.seconds:.1f}s ({rate:.1f}/s); {parts}"
+        if self.commit_status is not None:
+            line += f"; storage commitment {self.commit_status}"
+            if self.commit_status == "0x0000":
+                line += (
+                    ", no report"
+                    if self.committed is None
+                    else f", {self.committed} of {len(self.stored)} committed"
+                )
         return line + ("; association aborted" if self.aborted else "")
+
+    @property
+    def uncommitted(self) -> bool:
+        """Asked for commitment, and not everything stored was committed."""
+        return self.commit_status is not None and self.committed != len(self.stored)
 
     @property
     def failed(self) -> int:
@@ -257,9 +278,18 @@ def run_modality(config: ModalityConfig) -> ModalityReport:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
     ae.add_requested_context(SOP_CLASSES[config.modality], [ExplicitVRLittleEndian])
     report = ModalityReport()
+    commitment = _Commitment()
+    handlers: list[Any] = []  # pynetdicom's (event, handler) pairs
+    if config.commit:
+        ae.add_requested_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian])
+        handlers.append((evt.EVT_N_EVENT_REPORT, commitment.report))
     started = time.monotonic()
     assoc = ae.associate(
-        config.host, config.port, ae_title=config.called_ae, tls_args=config.tls_args()
+        config.host,
+        config.port,
+        ae_title=config.called_ae,
+        tls_args=config.tls_args(),
+        evt_handlers=handlers,
     )
     if not assoc.is_established:
         report.refused = True
@@ -279,6 +309,8 @@ def run_modality(config: ModalityConfig) -> ModalityReport:
                 code = int(answer.Status) if "Status" in answer else None
                 report.sent += 1
                 report.statuses[_status(code)] += 1
+                if code == 0x0000:
+                    report.stored.append((str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
                 if code is None:  # aborted or timed out: pynetdicom has ended the association
                     report.aborted = True
                     break
@@ -286,6 +318,8 @@ def run_modality(config: ModalityConfig) -> ModalityReport:
                 print(f"\rstudies {n + 1}/{config.studies}", end="", file=sys.stderr)  # noqa: T201
             if report.aborted:
                 break
+        if config.commit and report.stored and assoc.is_established:
+            _ask_commitment(assoc, report, commitment, config.commit_wait)
     finally:
         if assoc.is_established:
             assoc.release()
@@ -293,3 +327,38 @@ def run_modality(config: ModalityConfig) -> ModalityReport:
         if not config.quiet:
             print(file=sys.stderr)  # noqa: T201
     return report
+
+
+class _Commitment:
+    """The Storage Commitment report the gateway sends back on the association."""
+
+    def __init__(self) -> None:
+        self.committed: int | None = None
+        self.arrived = threading.Event()
+
+    def report(self, event: evt.Event) -> tuple[int, None]:
+        information = event.event_information
+        self.committed = len(information.get("ReferencedSOPSequence", []))
+        self.arrived.set()
+        return 0x0000, None
+
+
+def _ask_commitment(
+    assoc: object, report: ModalityReport, commitment: _Commitment, wait: float
+) -> None:
+    """N-ACTION for every instance stored, then wait for the report on this association."""
+    information = Dataset()
+    information.TransactionUID = generate_uid()
+    items = []
+    for sop_class, sop_instance in report.stored:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_instance
+        items.append(item)
+    information.ReferencedSOPSequence = items
+    answer, _ = assoc.send_n_action(  # type: ignore[attr-defined]
+        information, 1, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE
+    )
+    report.commit_status = _status(int(answer.Status) if "Status" in answer else None)
+    if report.commit_status == "0x0000" and commitment.arrived.wait(wait):
+        report.committed = commitment.committed

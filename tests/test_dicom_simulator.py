@@ -233,3 +233,13 @@ async def test_the_command_sends_a_study_and_reports_its_statuses(
     assert result.returncode == 0, result.stderr
     assert "0x0000" in result.stdout + result.stderr
     assert stored == 2  # a DX study: two images
+
+
+async def test_the_command_with_commit_gets_every_stored_instance_committed(
+    fresh_dsn: str, tmp_path: Path
+) -> None:
+    async with running_dicom(fresh_dsn, tmp_path / "store") as scp:
+        args = ("--studies", "2", "--host", "127.0.0.1", "--port", str(scp.port), "--commit")
+        result = await asyncio.to_thread(qantara, "simulate", "modality", *args)
+    assert result.returncode == 0, result.stderr
+    assert "storage commitment 0x0000, 4 of 4 committed" in result.stdout
