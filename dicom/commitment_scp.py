@@ -57,18 +57,9 @@ async def answer_commitment(
     """Receive an N-ACTION's Action Information, answer it and send the report; what ended the
     association while the Action Information was read, else None."""
     command = event.command
-    data = bytearray()
-    too_long = False
-
-    def collect(fragment: bytes | memoryview) -> None:
-        nonlocal too_long
-        if len(data) + len(fragment) > MAX_IDENTIFIER:
-            too_long = True
-        else:
-            data.extend(fragment)
-
+    data: bytes | None = None
     if command.has_dataset:
-        ended = await link.receive_dataset(collect, settings.dimse_timeout)
+        data, ended = await link.receive_whole(MAX_IDENTIFIER, settings.dimse_timeout)
         if ended is not None:
             return ended
 
@@ -81,10 +72,10 @@ async def answer_commitment(
             raise CommitmentError("Action Type ID is not 1", status.NO_SUCH_ACTION)
         if command.requested_sop_instance != sop_classes.STORAGE_COMMITMENT_INSTANCE:
             raise CommitmentError("not the well-known SOP Instance", status.INVALID_OBJECT_INSTANCE)
-        if too_long or not command.has_dataset:
+        if data is None:  # none, or longer than MAX_IDENTIFIER
             raise CommitmentError("no Action Information")
         try:
-            information = decode_identifier(bytes(data), event.transfer_syntax)
+            information = decode_identifier(data, event.transfer_syntax)
         except IdentifierError as exc:
             raise CommitmentError("Action Information cannot be decoded") from exc
         request = read_request(information)

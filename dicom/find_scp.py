@@ -41,21 +41,11 @@ async def answer_find(
     status; a C-CANCEL noted by the link ends the stream with Cancel. What ended the association
     while the identifier was read, else None."""
     command = event.command
-    data = bytearray()
-    too_long = False
-
-    def collect(fragment: bytes | memoryview) -> None:
-        nonlocal too_long
-        if len(data) + len(fragment) > MAX_IDENTIFIER:
-            too_long = True
-        else:
-            data.extend(fragment)
-
-    ended = None
+    data: bytes | None = None
     if command.has_dataset:
-        ended = await link.receive_dataset(collect, settings.dimse_timeout)
-    if ended is not None:
-        return ended
+        data, ended = await link.receive_whole(MAX_IDENTIFIER, settings.dimse_timeout)
+        if ended is not None:
+            return ended
     message_id = command.message_id or 0
 
     async def reply(code: int, identifier: bytes | None = None, comment: str | None = None) -> None:
@@ -65,9 +55,9 @@ async def answer_find(
         await link.send(link.acceptor.send_message(event.context_id, response, identifier))
 
     try:
-        if too_long or not command.has_dataset:
+        if data is None:  # none, or longer than MAX_IDENTIFIER
             raise IdentifierError("no identifier")
-        identifier = decode_identifier(bytes(data), event.transfer_syntax)
+        identifier = decode_identifier(data, event.transfer_syntax)
         level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
         criteria = tuple(
             (element.keyword, _criterion(element.value))

@@ -144,6 +144,23 @@ class Link(asyncio.Protocol):
             else:
                 return event
 
+    async def receive_whole(self, limit: int, within: float) -> tuple[bytes | None, Ended | None]:
+        """The announced dataset held in memory (a C-FIND identifier, an N-ACTION's Action
+        Information): its bytes, or None when it is longer than `limit` (read to its end and
+        dropped); and what ended the association meanwhile, else None."""
+        data = bytearray()
+        too_long = False
+
+        def collect(fragment: bytes | memoryview) -> None:
+            nonlocal too_long
+            if too_long or len(data) + len(fragment) > limit:
+                too_long = True
+            else:
+                data.extend(fragment)
+
+        ended = await self.receive_dataset(collect, within)
+        return (None if too_long else bytes(data)), ended
+
     def cancelled(self, message_id: int) -> bool:
         return message_id in self._cancelled
 

@@ -110,6 +110,14 @@ def served_certificate(port: int) -> bytes:
     return handshake(port, context)
 
 
+def copied_server_pair(pki: Pki, folder: Path) -> tuple[Path, Path]:
+    """The test server's certificate and key copied into `folder`, for a test to replace."""
+    cert, key = folder / "http.crt", folder / "http.key"
+    cert.write_bytes(pki.server_cert.read_bytes())
+    key.write_bytes(pki.server_key.read_bytes())
+    return cert, key
+
+
 def der_of(pem: Path) -> bytes:
     return ssl.PEM_cert_to_DER_cert(pem.read_text())
 
@@ -156,9 +164,7 @@ async def test_a_client_silent_past_the_handshake_time_is_counted_as_timeout(pki
 async def test_a_reload_serves_the_renewed_certificate_to_the_connections_that_follow(
     pki: Pki, tmp_path: Path
 ) -> None:
-    cert, key = tmp_path / "http.crt", tmp_path / "http.key"
-    cert.write_bytes(pki.server_cert.read_bytes())
-    key.write_bytes(pki.server_key.read_bytes())
+    cert, key = copied_server_pair(pki, tmp_path)
     renewed_cert, renewed_key = issue_server_certificate(pki, "renewed")
     async with running_https(cert, key) as https:
         assert await asyncio.to_thread(served_certificate, https.port) == der_of(pki.server_cert)
@@ -174,9 +180,7 @@ async def test_a_reload_serves_the_renewed_certificate_to_the_connections_that_f
 async def test_a_key_that_does_not_match_is_not_reloaded_and_the_listener_serves_on(
     pki: Pki, tmp_path: Path
 ) -> None:
-    cert, key = tmp_path / "http.crt", tmp_path / "http.key"
-    cert.write_bytes(pki.server_cert.read_bytes())
-    key.write_bytes(pki.server_key.read_bytes())
+    cert, key = copied_server_pair(pki, tmp_path)
     renewed_cert, _ = issue_server_certificate(pki, "half-renewed")
     async with running_https(cert, key) as https:
         cert.write_bytes(renewed_cert.read_bytes())  # the new certificate, the old key
