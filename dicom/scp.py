@@ -95,7 +95,8 @@ CONFLICT_REASON: Final = "content-conflict"  # storage.writer_dicom.CONFLICT
 STOP_GRACE_SECONDS: Final = 5.0
 REPORT_TIMEOUT_SECONDS: Final = 10.0
 """Bound on each step of a Storage Commitment report on the modality's own association (connect,
-associate, answer): a stop waits at most about this long for a report in flight."""
+associate, answer): the process's exit may wait up to about three times this for an attempt in
+flight (its thread is not interrupted)."""
 SLOW_OPEN_SECONDS: Final = 5.0  # a store open slower than this is logged (the disk stalls)
 RELEASE_CLEANUP_SECONDS: Final = 5.0
 """At most this long, the A-RELEASE-RP waits for the association's prepared spool file to go."""
