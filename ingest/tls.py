@@ -164,6 +164,45 @@ class Handshakes:
         return True
 
 
+class _UntilMade(asyncio.Protocol):
+    """The TLS transport's protocol from the end of the handshake until `hand_over`.
+
+    asyncio's TLS layer hands application data to its protocol as soon as the handshake is over,
+    before `start_tls` has returned the transport: a client's first request often arrives with
+    its handshake's last message. uvicorn's protocol, given data before `connection_made`,
+    answered with a transport it did not have. This one keeps what arrives, then gives the
+    listener's protocol the transport first and what it kept after, and steps aside."""
+
+    def __init__(self, inner: asyncio.Protocol) -> None:
+        self._inner = inner
+        self._kept: list[bytes] = []
+        self._eof = False
+        self._lost: tuple[Exception | None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self._kept.append(data)
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        return True  # the listener's protocol decides at `hand_over`
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = (exc,)
+
+    def hand_over(self, transport: asyncio.Transport) -> None:
+        inner = self._inner
+        inner.connection_made(transport)
+        if self._lost is not None:
+            inner.connection_lost(self._lost[0])
+            return
+        transport.set_protocol(inner)
+        for data in self._kept:
+            inner.data_received(data)
+        self._kept.clear()
+        if self._eof and not inner.eof_received():
+            transport.close()
+
+
 class TlsIntake(asyncio.Protocol):
     """A new connection to a TLS listener, until its handshake is over.
 
@@ -171,7 +210,8 @@ class TlsIntake(asyncio.Protocol):
     read by anyone but the TLS layer) and hands `handshake(transport)` to `spawn`, the
     listener's task group (False: not taken, the connection is dropped). On success the
     listener's protocol (`secured`, made then) is given the TLS transport with
-    `connection_made`; on failure the socket is closed, and the failure logged and counted.
+    `connection_made` (`_UntilMade`: before any byte it receives); on failure the socket is
+    closed, and the failure logged and counted.
     `context` gives the listener's TLS context of the moment (`reloaded`: SIGHUP)."""
 
     def __init__(
@@ -207,20 +247,20 @@ class TlsIntake(asyncio.Protocol):
         if transport.is_closing():  # the peer left before its handshake could start
             self._failed(peer, "closed", "the peer closed the connection")
             return
-        protocol = self._secured()
+        pending = _UntilMade(cast(asyncio.Protocol, self._secured()))
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._within):
                 secure = await loop.start_tls(
                     transport,
-                    protocol,
+                    pending,
                     self._context(),
                     server_side=True,
                     ssl_handshake_timeout=self._within + 1,  # ours above is the one that acts
                 )
             if secure is None:  # the transport was closed under us
                 raise ConnectionResetError
-            protocol.connection_made(secure)
+            pending.hand_over(secure)
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             transport.abort()
             self._failed(peer, *handshake_failure(exc))

@@ -6,6 +6,7 @@ clients. The whole gateway over HTTPS is in test_tls.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -200,3 +201,42 @@ async def test_stopping_cancels_the_handshakes_in_progress(pki: Pki) -> None:
     async with asyncio.timeout(5):
         assert await reader.read() == b""
     writer.close()
+
+
+def request_with_the_handshake_s_end(port: int, context: ssl.SSLContext) -> bytes:
+    """A TLS client whose last handshake message and first request leave in one write (as
+    they often do), over memory BIOs; the listener's answer, up to its last (empty) chunk."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                raw.sendall(outgoing.read())
+                received = raw.recv(65536)
+                if not received:
+                    raise ConnectionError("closed during the handshake") from None
+                incoming.write(received)
+        tls.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        raw.sendall(outgoing.read())  # the client's Finished and the request, together
+        answer = b""
+        while not answer.endswith(b"\r\n0\r\n\r\n") and (received := raw.recv(65536)):
+            incoming.write(received)
+            with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                while chunk := tls.read(65536):
+                    answer += chunk
+        return answer
+
+
+async def test_a_request_sent_with_the_end_of_the_handshake_is_served(
+    https: RunningHttps, pki: Pki
+) -> None:
+    # asyncio's TLS layer hands such a request to the protocol before `start_tls` returns:
+    # uvicorn then answered with a transport it had not been given (2026-11-29, httpx clients
+    # got "Server disconnected" one time in two).
+    context = ssl.create_default_context(cafile=pki.ca)
+    answer = await asyncio.to_thread(request_with_the_handshake_s_end, https.port, context)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert b"\r\n5\r\nhttps\r\n" in answer
