@@ -31,6 +31,7 @@ from dicom.filestore import FileStore
 from dicom.scp import DicomServer
 from gateway import redacted_logs
 from gateway.http import ApiSettings, create_app
+from gateway.http_protocol import HttpProtocol
 from gateway.https import https_protocol
 from gateway.settings import Settings
 from hl7.server import REJECT_REASONS as HL7_REJECT_REASONS
@@ -175,12 +176,14 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
                 ),
                 host=settings.bind,
                 port=settings.http.port,
-                # httptools: a C parser; the loop stays asyncio's (MQTT, MLLP, DICOM share it).
+                # httptools (a C parser; the loop stays asyncio's: MQTT, MLLP, DICOM share it),
+                # closing connections that send nothing (gateway.http_protocol).
                 http=(
-                    "httptools"
+                    HttpProtocol
                     if http_tls is None
                     else https_protocol(http_tls, http_handshakes, metrics)
                 ),
+                limit_concurrency=settings.http.max_connections,
                 log_config=None,
                 access_log=False,
                 lifespan="off",

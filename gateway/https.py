@@ -10,8 +10,8 @@ Here uvicorn listens on plain TCP and its protocol class is `https_protocol(...)
 connection is an `ingest.tls.TlsIntake`, as on the MLLP and DICOM listeners. The context is the
 listener's `ListenerTls` (read again on SIGHUP, for the connections to come), a failure is logged
 with the peer's address and counted in `qantara_tls_handshake_failures_total{listener="http"}`,
-and once the handshake is over uvicorn's own protocol (httptools) gets the TLS transport. It finds
-the TLS context on that transport and serves the requests as `https`.
+and once the handshake is over uvicorn's protocol (httptools, `gateway.http_protocol`) gets the
+TLS transport. It finds the TLS context on that transport and serves the requests as `https`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
+from gateway.http_protocol import HttpProtocol
 from ingest.tls import Handshakes, ListenerTls, TlsIntake
 from monitoring.metrics import Metrics
 
@@ -39,7 +38,7 @@ def https_protocol(
         def __init__(self, **uvicorn_arguments: Any) -> None:  # config, server_state...
             super().__init__(
                 tls.context,
-                lambda: HttpToolsProtocol(**uvicorn_arguments),
+                lambda: HttpProtocol(**uvicorn_arguments),
                 handshakes.start,
                 listener="http",
                 within=within,

@@ -67,6 +67,8 @@ class HttpSettings:
     statement_timeout_ms: int = 5_000
     """Statement timeout of the API's own connection pool."""
     pool_size: int = 10
+    max_connections: int = 1000
+    """Open connections (and requests in progress) beyond which a request is answered 503."""
     tls_cert: Path | None = None
     """PEM certificate (chain) of the HTTP listener; with `tls_key`, HTTPS only."""
     tls_key: Path | None = None
@@ -276,6 +278,7 @@ def _build(r: _Reader) -> Settings:
             r.duration("API_STATEMENT_TIMEOUT", timedelta(seconds=5)).total_seconds() * 1000
         ),
         pool_size=r.integer("API_DB_POOL_SIZE", 10, 1, 1000),
+        max_connections=r.integer("HTTP_MAX_CONNECTIONS", 1000, 1, 100_000),
         tls_cert=r.get("HTTP_TLS_CERT", None, _file, "must name a readable PEM certificate file"),
         tls_key=r.get("HTTP_TLS_KEY", None, _file, "must name a readable PEM private key file"),
     )

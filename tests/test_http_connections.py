@@ -1,0 +1,93 @@
+"""The HTTP listener's bounds: at most `QANTARA_HTTP_MAX_CONNECTIONS` connections before a request
+is answered 503 (uvicorn's `limit_concurrency`), and a connection that sends nothing closed after
+uvicorn's keep-alive time (`gateway.http_protocol`), so that silent clients cannot hold the
+listener's slots. uvicorn runs in the test's loop with a one-route app."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from gateway.http_protocol import HttpProtocol
+from gateway.settings import Settings
+from tests.services_support import wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def ok_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    assert scope["type"] == "http"
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@asynccontextmanager
+async def listening(max_connections: int, keep_alive: int = 1) -> AsyncIterator[int]:
+    config = uvicorn.Config(
+        ok_app,
+        host="127.0.0.1",
+        port=0,
+        http=HttpProtocol,
+        limit_concurrency=max_connections,
+        timeout_keep_alive=keep_alive,
+        log_config=None,
+        lifespan="off",
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    try:
+        await wait_until(lambda: server.started, timeout=10, message="uvicorn did not start")
+        yield int(server.servers[0].sockets[0].getsockname()[1])
+    finally:
+        server.should_exit = True
+        async with asyncio.timeout(10):
+            await serving
+
+
+async def status_of(port: int) -> int:
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        return (await client.get(f"http://127.0.0.1:{port}/")).status_code
+
+
+def test_the_bound_is_a_setting_of_a_thousand_by_default() -> None:
+    assert Settings.load({}).http.max_connections == 1000
+    assert Settings.load({"QANTARA_HTTP_MAX_CONNECTIONS": "50"}).http.max_connections == 50
+
+
+async def test_a_request_beyond_the_connections_bound_is_answered_503() -> None:
+    async with listening(max_connections=2, keep_alive=30) as port:
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        try:
+            assert await status_of(port) == 503
+        finally:
+            for _, writer in silent:
+                writer.close()
+
+
+async def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_time() -> None:
+    async with listening(max_connections=2, keep_alive=1) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""
+        assert time.monotonic() - started >= 0.9
+        writer.close()
+
+
+async def test_silent_connections_give_their_slots_back_to_requests() -> None:
+    async with listening(max_connections=2, keep_alive=1) as port:
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        assert await status_of(port) == 503
+        for reader, _ in silent:
+            async with asyncio.timeout(10):
+                assert await reader.read() == b""
+        assert await status_of(port) == 200
+        for _, writer in silent:
+            writer.close()
