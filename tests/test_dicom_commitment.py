@@ -178,7 +178,12 @@ class Reports:
 
 
 def request_commitment(
-    port: int, info: Dataset | bytes, action_type: int = 1, *, wait: bool = True
+    port: int,
+    info: Dataset | bytes,
+    action_type: int = 1,
+    *,
+    wait: bool = True,
+    instance: str = sop_classes.STORAGE_COMMITMENT_INSTANCE,
 ) -> tuple[int | None, Reports]:
     """N-ACTION on a Storage Commitment context; its status, and the reports that came on the
     association within 10 s (none when the status is not Success; `wait=False`: released at
@@ -199,7 +204,7 @@ def request_commitment(
             info,  # type: ignore[arg-type]  # raw bytes are sent as they are
             action_type,
             StorageCommitmentPushModel,
-            sop_classes.STORAGE_COMMITMENT_INSTANCE,
+            instance,
         )
         code = int(answer.Status) if "Status" in answer else None
         if code == status.SUCCESS and wait:
@@ -280,6 +285,16 @@ async def test_an_action_other_than_a_commitment_request_is_refused_and_the_list
     assert (code, reports.received) == (status.NO_SUCH_ACTION, [])
     established, answered = await asyncio.to_thread(echo, scp.port)
     assert (established, answered) == (True, status.SUCCESS)
+
+
+async def test_a_request_to_another_sop_instance_than_the_well_known_one_is_refused(
+    scp: RunningDicom,
+) -> None:
+    info = information(generate_uid(), (CR, generate_uid()))
+    code, reports = await asyncio.to_thread(
+        request_commitment, scp.port, info, instance=generate_uid()
+    )
+    assert (code, reports.received) == (status.INVALID_OBJECT_INSTANCE, [])
 
 
 async def test_action_information_without_references_is_an_invalid_argument_and_no_report(
