@@ -12,8 +12,9 @@ association's requestor performs the N-EVENT-REPORT), sends the report and relea
 images and asks again). A delivery still pending when the gateway stops is dropped the same way.
 Each report is counted in `qantara_dicom_commitment_reports_total{outcome}`.
 
-The outgoing association is pynetdicom's (blocking, in a thread): the listener's own upper layer
-is an acceptor only, and a report is one short association now and then.
+The outgoing association is pynetdicom's (blocking, in a thread), imported at the first report:
+the listener's own upper layer is an acceptor only, and a report is one short association now
+and then.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from typing import Any, Final
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_role
 
 from dicom import sop_classes, status
 from dicom.commitment import CommitmentReport
@@ -57,6 +57,9 @@ def send_report(
 ) -> int | None:
     """One attempt, blocking: the N-EVENT-REPORT-RSP's status, or None when no association or
     no answer."""
+    # Imported here: pynetdicom adds 7 MiB to a gateway that never reports this way.
+    from pynetdicom import AE, build_role
+
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
