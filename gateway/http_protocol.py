@@ -1,24 +1,63 @@
-"""uvicorn's HTTP protocol (httptools) with one change: a connection that sends nothing is closed.
+"""uvicorn's HTTP protocol (httptools) with two deadlines it lacks.
 
-uvicorn times out a keep-alive connection only after a response (`timeout_keep_alive`, 5 s): a
-client that connects and never sends a request holds its connection for as long as it likes.
-With `QANTARA_HTTP_MAX_CONNECTIONS` (uvicorn's `limit_concurrency`), a few hundred such
-connections would make the API answer 503 to everyone. Here the same timer starts when the
-connection is made, and uvicorn itself stops it at the first byte received, as it does on a
-kept-alive connection.
+uvicorn times out a keep-alive connection only after a response (`timeout_keep_alive`, 5 s), and
+gives a request's head no deadline: a client that connects and sends nothing, or sends its
+request line and headers a byte at a time, holds its connection for as long as it likes. With
+`QANTARA_HTTP_MAX_CONNECTIONS` (uvicorn's `limit_concurrency`), a few hundred such connections
+would make the API answer 503 to everyone. Here:
+
+- the keep-alive timer also starts when the connection is made (uvicorn itself stops it at the
+  first byte received, as on a kept-alive connection);
+- a request's line and headers must be complete within `head_seconds` of the connection, or of
+  the previous response; otherwise the connection is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+HEAD_SECONDS = 30.0
+"""How long a request's line and headers may take to arrive."""
+
 
 class HttpProtocol(HttpToolsProtocol):
+    head_seconds: ClassVar[float] = HEAD_SECONDS
+    _head_deadline: asyncio.TimerHandle | None = None
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if self.timeout_keep_alive_task is None:
             self.timeout_keep_alive_task = self.loop.call_later(
                 self.timeout_keep_alive, self.timeout_keep_alive_handler
             )
+        self._await_head()
+
+    def on_headers_complete(self) -> None:
+        self._stop_waiting_for_head()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_waiting_for_head()
+        super().connection_lost(exc)
+
+    def _await_head(self) -> None:
+        self._stop_waiting_for_head()
+        self._head_deadline = self.loop.call_later(self.head_seconds, self._head_too_slow)
+
+    def _stop_waiting_for_head(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()

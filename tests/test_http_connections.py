@@ -1,7 +1,8 @@
 """The HTTP listener's bounds: at most `QANTARA_HTTP_MAX_CONNECTIONS` connections before a request
-is answered 503 (uvicorn's `limit_concurrency`), and a connection that sends nothing closed after
-uvicorn's keep-alive time (`gateway.http_protocol`), so that silent clients cannot hold the
-listener's slots. uvicorn runs in the test's loop with a one-route app."""
+is answered 503 (uvicorn's `limit_concurrency`); a connection that sends nothing is closed after
+uvicorn's keep-alive time, and one whose request head does not arrive in time is closed too
+(`gateway.http_protocol`), so that silent or trickling clients cannot hold the listener's slots.
+uvicorn runs in the test's loop with a one-route app."""
 
 from __future__ import annotations
 
@@ -28,13 +29,17 @@ async def ok_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
+class QuickHead(HttpProtocol):
+    head_seconds = 1.0
+
+
 @asynccontextmanager
 async def listening(max_connections: int, keep_alive: int = 1) -> AsyncIterator[int]:
     config = uvicorn.Config(
         ok_app,
         host="127.0.0.1",
         port=0,
-        http=HttpProtocol,
+        http=QuickHead,
         limit_concurrency=max_connections,
         timeout_keep_alive=keep_alive,
         log_config=None,
@@ -91,3 +96,34 @@ async def test_silent_connections_give_their_slots_back_to_requests() -> None:
         assert await status_of(port) == 200
         for _, writer in silent:
             writer.close()
+
+
+async def test_a_request_head_sent_a_byte_at_a_time_is_cut_off_at_its_deadline() -> None:
+    async with listening(max_connections=10, keep_alive=30) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        head = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100
+        try:
+            for byte in head:  # 10 bytes a second: the head would take 13 s
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.1)
+                if reader.at_eof() or time.monotonic() - started > 5:
+                    break
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""
+        except ConnectionError:
+            pass  # closed while we were still writing: the same verdict
+        finally:
+            writer.close()
+        assert time.monotonic() - started < 5
+
+
+async def test_a_kept_alive_connection_sending_its_requests_in_time_is_not_cut() -> None:
+    async with (
+        listening(max_connections=10, keep_alive=30) as port,
+        httpx.AsyncClient(timeout=5.0) as client,
+    ):
+        for _ in range(3):  # 1.5 s in all: past one deadline from the connection's start
+            assert (await client.get(f"http://127.0.0.1:{port}/")).status_code == 200
+            await asyncio.sleep(0.5)
