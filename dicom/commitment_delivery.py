@@ -22,15 +22,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom import sop_classes, status
 from dicom.commitment import CommitmentReport
+from dicom.config import ReportAddress
+from ingest.group_tasks import GroupTasks
 from monitoring.metrics import Metrics
 from monitoring.thread_names import name_native_thread
 
@@ -43,13 +43,6 @@ MAX_PENDING: Final = 1000
 SENDING_THREADS: Final = 4
 """Attempts in flight at once, in threads of their own: an unreachable modality holds one for
 up to its timeouts, and must not hold up the loop's default executor."""
-
-
-@dataclass(frozen=True, slots=True)
-class ReportAddress:
-    ae_title: str
-    host: str
-    port: int
 
 
 def send_report(
@@ -89,35 +82,21 @@ class Reports:
     """The reports on their way to the modalities' own ports; `open` with the listener's task
     group, `close` when it stops (the pending ones are dropped)."""
 
-    def __init__(
-        self,
-        calling_ae: str,
-        timeout: float,
-        metrics: Metrics,
-        *,
-        retry_delays: Sequence[float] = RETRY_DELAYS,
-    ) -> None:
+    def __init__(self, calling_ae: str, timeout: float, metrics: Metrics) -> None:
         self._calling_ae = calling_ae
         self._timeout = timeout
         self._metrics = metrics
-        self._delays = tuple(retry_delays)
-        self._group: asyncio.TaskGroup | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._deliveries = GroupTasks("dicom-commitment-report")
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def __len__(self) -> int:
-        return len(self._tasks)
-
     def open(self, group: asyncio.TaskGroup) -> None:
-        self._group = group
+        self._deliveries.open(group)
         self._threads = concurrent.futures.ThreadPoolExecutor(
             SENDING_THREADS, thread_name_prefix="dicom-report", initializer=name_native_thread
         )
 
     def close(self) -> None:
-        self._group = None
-        for task in self._tasks:
-            task.cancel()
+        self._deliveries.close()
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)  # attempts end on timeouts
             self._threads = None
@@ -125,27 +104,20 @@ class Reports:
     def deliver(self, address: ReportAddress, report: CommitmentReport) -> bool:
         """Start delivering `report` to `address`; False when it cannot be (stopping, or
         `MAX_PENDING` reports already on their way)."""
-        if self._group is None or len(self._tasks) >= MAX_PENDING:
-            logger.warning(
-                "DICOM storage commitment report for %s dropped: %s",
-                address.ae_title,
-                "stopping" if self._group is None else f"{MAX_PENDING} reports pending",
-            )
-            self._metrics.dicom_commitment_reports.labels("dropped").inc()
-            return False
-        self._spawn(self._deliver(address, report))
-        return True
-
-    def _spawn(self, delivery: Coroutine[Any, Any, None]) -> None:
-        assert self._group is not None  # noqa: S101 - deliver checked it
-        task = self._group.create_task(delivery, name="dicom-commitment-report")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if len(self._deliveries) >= MAX_PENDING:
+            why = f"{MAX_PENDING} reports pending"
+        elif self._deliveries.start(self._deliver(address, report)):
+            return True
+        else:
+            why = "stopping"
+        logger.warning("DICOM storage commitment report for %s dropped: %s", address.ae_title, why)
+        self._metrics.dicom_commitment_reports.labels("dropped").inc()
+        return False
 
     async def _deliver(self, address: ReportAddress, report: CommitmentReport) -> None:
         """Attempts until the modality answers Success or the delays run out. Never raises but
         for cancellation: a task of the listener's group."""
-        for attempt, delay in enumerate((0.0, *self._delays), start=1):
+        for attempt, delay in enumerate((0.0, *RETRY_DELAYS), start=1):
             if delay:
                 await asyncio.sleep(delay)
             threads = self._threads

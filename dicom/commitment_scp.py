@@ -26,7 +26,7 @@ from dicom.commitment import (
     read_request,
     report,
 )
-from dicom.commitment_delivery import ReportAddress, Reports
+from dicom.commitment_delivery import Reports
 from dicom.config import DicomSettings
 from dicom.identifier import MAX_IDENTIFIER, IdentifierError, decode_identifier, encode_identifier
 from dicom.link import Ended, Link
@@ -97,7 +97,7 @@ async def answer_commitment(
         metrics.dicom_commitments.labels(_RESULTS[reason]).inc(count)
     own = settings.report_address(calling)
     if own is not None:
-        reports.deliver(ReportAddress(calling, *own), result)
+        reports.deliver(own, result)
         logger.info(
             "DICOM storage commitment for %s: %d of %d instance(s) committed (report to its port)",
             calling,

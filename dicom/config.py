@@ -14,6 +14,15 @@ from ingest.tls import server_context
 
 
 @dataclass(frozen=True, slots=True)
+class ReportAddress:
+    """Where a modality takes its Storage Commitment reports on an association of its own."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
 class DicomSettings:
     """`allowed_aes` empty means any calling AE title is accepted."""
 
@@ -37,15 +46,12 @@ class DicomSettings:
     tls_client_ca: Path | None = None  # callers must present a certificate it signed
     tls_crl: Path | None = None  # with tls_client_ca: the modalities' certificates it revokes
     tls_ae_from_cn: bool = False  # the calling AE title must be a commonName of that certificate
-    report_addresses: tuple[tuple[str, str, int], ...] = ()
-    """(AE title, host, port) of the modalities that take their Storage Commitment reports on an
-    association of their own; the others get theirs on the association of the request."""
+    report_addresses: tuple[ReportAddress, ...] = ()
+    """The modalities that take their Storage Commitment reports on an association of their own;
+    the others get theirs on the association of the request."""
 
-    def report_address(self, ae_title: str) -> tuple[str, int] | None:
-        for title, host, port in self.report_addresses:
-            if title == ae_title:
-                return host, port
-        return None
+    def report_address(self, ae_title: str) -> ReportAddress | None:
+        return next((a for a in self.report_addresses if a.ae_title == ae_title), None)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The listener's TLS context when a certificate is configured, else None."""

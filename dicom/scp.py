@@ -71,6 +71,7 @@ from dicom.spool import Chunk
 from dicom.write_behind import SPOOL_BATCH, Spools, WriteBehind
 from dicom.writeback import drop_cached
 from ingest.errors import StorageUnavailable
+from ingest.group_tasks import GroupTasks
 from ingest.pipeline import GroupCommitPipeline, PipelineClosed
 from ingest.records import (
     DeadLetter,
@@ -83,7 +84,7 @@ from ingest.records import (
     Protocol,
     Record,
 )
-from ingest.tls import Handshakes, ListenerTls, TlsIntake, listener_tls
+from ingest.tls import ListenerTls, TlsIntake, listener_tls
 from monitoring.metrics import Metrics
 from monitoring.thread_names import name_native_thread
 
@@ -180,7 +181,7 @@ class DicomServer:
         self._runner: asyncio.Task[None] | None = None
         self._group: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._handshakes = Handshakes("dicom-tls-handshake")
+        self._handshakes = GroupTasks("dicom-tls-handshake")
         self._tls: ListenerTls | None = None
         self._stopping = asyncio.Event()
         self._grace = STOP_GRACE_SECONDS

@@ -38,10 +38,11 @@ from hl7.server import REJECT_REASONS as HL7_REJECT_REASONS
 from hl7.server import MllpServer
 from ingest.certificate_dates import CertificateError, next_update, not_after
 from ingest.errors import StorageUnavailable
+from ingest.group_tasks import GroupTasks
 from ingest.mqtt import MqttVitalsAdapter
 from ingest.mqtt_payload import RejectReason
 from ingest.pipeline import GroupCommitPipeline
-from ingest.tls import Handshakes, listener_tls, server_context
+from ingest.tls import listener_tls, server_context
 from monitoring.health import record_readiness, record_storage_usage
 from monitoring.metrics import Metrics
 from storage import connection_loss
@@ -160,7 +161,7 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
         http_tls = listener_tls(
             "http", lambda: server_context(settings.http.tls_cert, settings.http.tls_key, None)
         )
-        http_handshakes = Handshakes("http-tls-handshake")
+        http_handshakes = GroupTasks("http-tls-handshake")
         server = _EmbeddedServer(
             uvicorn.Config(
                 create_app(

@@ -20,7 +20,8 @@ import asyncio
 from typing import Any
 
 from gateway.http_protocol import HttpProtocol
-from ingest.tls import Handshakes, ListenerTls, TlsIntake
+from ingest.group_tasks import GroupTasks
+from ingest.tls import ListenerTls, TlsIntake
 from monitoring.metrics import Metrics
 
 HANDSHAKE_SECONDS = 10.0
@@ -28,7 +29,7 @@ HANDSHAKE_SECONDS = 10.0
 
 
 def https_protocol(
-    tls: ListenerTls, handshakes: Handshakes, metrics: Metrics, *, within: float = HANDSHAKE_SECONDS
+    tls: ListenerTls, handshakes: GroupTasks, metrics: Metrics, *, within: float = HANDSHAKE_SECONDS
 ) -> type[asyncio.Protocol]:
     """The protocol class to give uvicorn (`Config(http=...)`, and no `ssl_*` there): each
     connection's handshake runs in `handshakes` with `tls`'s context of the moment, then

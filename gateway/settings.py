@@ -19,7 +19,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from dicom.config import DicomSettings
+from dicom.config import DicomSettings, ReportAddress
 from hl7.server import MllpSettings, strict_senders
 from ingest.errors import ConfigError
 from ingest.mqtt_session import MqttSettings
@@ -400,9 +400,9 @@ def _ae_titles(text: str) -> frozenset[str]:
     return frozenset(_ae_title(part) for part in text.split(",") if part.strip())
 
 
-def _report_addresses(text: str) -> tuple[tuple[str, str, int], ...]:
+def _report_addresses(text: str) -> tuple[ReportAddress, ...]:
     """`AE=host:port,AE=host:port`: where each modality takes its commitment reports."""
-    addresses: dict[str, tuple[str, str, int]] = {}
+    addresses: dict[str, ReportAddress] = {}
     for part in text.split(","):
         if not part.strip():
             continue
@@ -414,7 +414,7 @@ def _report_addresses(text: str) -> tuple[tuple[str, str, int], ...]:
         if not 0 < number < 65536:
             raise ValueError(part)
         ae = _ae_title(title)
-        addresses[ae] = (ae, host.strip().strip("[]"), number)
+        addresses[ae] = ReportAddress(ae, host.strip().strip("[]"), number)
     return tuple(addresses.values())
 
 

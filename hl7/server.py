@@ -54,6 +54,7 @@ from hl7.mapping import MappingError, map_message
 from hl7.mllp import DEFAULT_MAX_MESSAGE_BYTES, FramingError, Message, MllpFramer
 from hl7.validation import sender_is_strict, validate_structure
 from ingest.errors import InputError, StorageUnavailable
+from ingest.group_tasks import GroupTasks
 from ingest.pipeline import GroupCommitPipeline, PipelineClosed
 from ingest.records import (
     DeadLetter,
@@ -65,7 +66,6 @@ from ingest.records import (
 )
 from ingest.records import Outcome as StoreOutcome
 from ingest.tls import (
-    Handshakes,
     ListenerTls,
     TlsIntake,
     common_names,
@@ -164,7 +164,7 @@ class MllpServer:
         self._validator = validator
         self._tz: tzinfo = ZoneInfo(settings.timezone)
         self._connections: set[_Connection] = set()
-        self._handshakes = Handshakes("mllp-tls-handshake")
+        self._handshakes = GroupTasks("mllp-tls-handshake")
         self._tls: ListenerTls | None = None
         self._refusing = 0
         self._stopping = asyncio.Event()

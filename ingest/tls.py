@@ -132,38 +132,6 @@ def listener_tls(listener: str, load: LoadContext) -> ListenerTls | None:
     return None if context is None else ListenerTls(listener, context, load)
 
 
-class Handshakes:
-    """A listener's handshakes in progress: tasks of its task group while it accepts (`open`),
-    cancelled when it stops (`close`); not connections yet, they hold none of its slots."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._group: asyncio.TaskGroup | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def __len__(self) -> int:
-        return len(self._tasks)
-
-    def open(self, group: asyncio.TaskGroup) -> None:
-        self._group = group
-
-    def close(self) -> None:
-        self._group = None
-        for task in self._tasks:
-            task.cancel()
-
-    def start(self, handshake: Coroutine[Any, Any, None]) -> bool:
-        """Run `handshake` in the group; False (and it is dropped) once closed."""
-        group = self._group
-        if group is None:
-            handshake.close()
-            return False
-        task = group.create_task(handshake, name=self._name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return True
-
-
 class _UntilMade(asyncio.Protocol):
     """The TLS transport's protocol from the end of the handshake until `hand_over`.
 

@@ -21,7 +21,8 @@ import pytest
 import uvicorn
 
 from gateway.https import https_protocol
-from ingest.tls import Handshakes, ListenerTls, listener_tls, server_context
+from ingest.group_tasks import GroupTasks
+from ingest.tls import ListenerTls, listener_tls, server_context
 from monitoring.metrics import Metrics
 from tests.services_support import wait_until
 from tests.tls_support import Pki, distrustful_context, issue_server_certificate, pki
@@ -42,7 +43,7 @@ async def scheme_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 class RunningHttps:
     port: int
     tls: ListenerTls
-    handshakes: Handshakes
+    handshakes: GroupTasks
     metrics: Metrics
 
     def failures(self, reason: str) -> float:
@@ -58,7 +59,7 @@ async def running_https(
     tls = listener_tls("http", lambda: server_context(cert, key, None))
     assert tls is not None
     metrics = Metrics()
-    handshakes = Handshakes("http-tls-handshake")
+    handshakes = GroupTasks("http-tls-handshake")
     config = uvicorn.Config(
         scheme_app,
         host="127.0.0.1",

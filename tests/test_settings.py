@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from dicom.config import ReportAddress
 from gateway.settings import Settings, parse_duration
 from ingest.errors import ConfigError
 
@@ -89,8 +90,8 @@ def test_dicom_called_ae_check_is_off_unless_asked() -> None:
 def test_dicom_report_addresses_name_each_modality_s_own_port() -> None:
     text = "CR-UNIT-07=10.8.0.7:104, US-UNIT-07 = [fd00::7]:11112"
     dicom = Settings.load({"QANTARA_DICOM_REPORT_ADDRESSES": text}).dicom
-    assert dicom.report_address("CR-UNIT-07") == ("10.8.0.7", 104)
-    assert dicom.report_address("US-UNIT-07") == ("fd00::7", 11112)
+    assert dicom.report_address("CR-UNIT-07") == ReportAddress("CR-UNIT-07", "10.8.0.7", 104)
+    assert dicom.report_address("US-UNIT-07") == ReportAddress("US-UNIT-07", "fd00::7", 11112)
     assert dicom.report_address("DX-UNIT-01") is None
 
 
