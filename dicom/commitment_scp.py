@@ -57,11 +57,9 @@ async def answer_commitment(
     """Receive an N-ACTION's Action Information, answer it and send the report; what ended the
     association while the Action Information was read, else None."""
     command = event.command
-    data: bytes | None = None
-    if command.has_dataset:
-        data, ended = await link.receive_whole(MAX_IDENTIFIER, settings.dimse_timeout)
-        if ended is not None:
-            return ended
+    data, ended = await link.receive_whole(command, MAX_IDENTIFIER, settings.dimse_timeout)
+    if ended is not None:
+        return ended
 
     async def answer(code: int, comment: str | None = None) -> None:
         response = dimse.action_response(command, code, comment)

@@ -41,11 +41,9 @@ async def answer_find(
     status; a C-CANCEL noted by the link ends the stream with Cancel. What ended the association
     while the identifier was read, else None."""
     command = event.command
-    data: bytes | None = None
-    if command.has_dataset:
-        data, ended = await link.receive_whole(MAX_IDENTIFIER, settings.dimse_timeout)
-        if ended is not None:
-            return ended
+    data, ended = await link.receive_whole(command, MAX_IDENTIFIER, settings.dimse_timeout)
+    if ended is not None:
+        return ended
     message_id = command.message_id or 0
 
     async def reply(code: int, identifier: bytes | None = None, comment: str | None = None) -> None:

@@ -25,7 +25,7 @@ from dicom.association import (
     DatasetFragment,
     Event,
 )
-from dicom.dimse import C_CANCEL_RQ
+from dicom.dimse import C_CANCEL_RQ, Command
 from ingest.tls import common_names
 
 TIMED_OUT: Final = "timed out"
@@ -144,10 +144,14 @@ class Link(asyncio.Protocol):
             else:
                 return event
 
-    async def receive_whole(self, limit: int, within: float) -> tuple[bytes | None, Ended | None]:
-        """The announced dataset held in memory (a C-FIND identifier, an N-ACTION's Action
-        Information): its bytes, or None when it is longer than `limit` (read to its end and
-        dropped); and what ended the association meanwhile, else None."""
+    async def receive_whole(
+        self, command: Command, limit: int, within: float
+    ) -> tuple[bytes | None, Ended | None]:
+        """The dataset `command` announces, held in memory (a C-FIND identifier, an N-ACTION's
+        Action Information): its bytes, or None when there is none or it is longer than `limit`
+        (read to its end and dropped); and what ended the association meanwhile, else None."""
+        if not command.has_dataset:
+            return None, None
         data = bytearray()
         too_long = False
 

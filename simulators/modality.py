@@ -29,6 +29,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 
+from dicom.sop_classes import STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE
 from simulators.population import REGIONS, Patient, Population, Sex
 from simulators.tls_client import client_context
 
@@ -54,8 +55,6 @@ DESCRIPTIONS: Final = {
 }
 BODY_PARTS: Final = {"CR": "CHEST", "DX": "PELVIS", "US": "ABDOMEN", "CT": "HEAD"}
 CHARSETS: Final = ("ISO_IR 100", "ISO_IR 127", "ISO_IR 192")
-STORAGE_COMMITMENT: Final = UID("1.2.840.10008.1.20.1")  # Storage Commitment Push Model
-STORAGE_COMMITMENT_INSTANCE: Final = UID("1.2.840.10008.1.20.1.1")  # its well-known instance
 
 
 @dataclass(frozen=True, slots=True)
