@@ -65,10 +65,6 @@ class CommitmentReport:
     committed: int
     failed: dict[int, int]  # Failure Reason -> how many
 
-    @property
-    def all_committed(self) -> bool:
-        return self.event_type == ALL_COMMITTED
-
 
 def read_request(information: Dataset) -> CommitmentRequest:
     """The transaction an N-ACTION's Action Information asks about. Raises `CommitmentError`."""
