@@ -41,7 +41,7 @@ class HttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
+        if self.timeout_keep_alive_task is not None:  # armed by uvicorn: no request is pipelined
             self._await_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -50,14 +50,12 @@ class HttpProtocol(HttpToolsProtocol):
 
     def _await_head(self) -> None:
         self._stop_waiting_for_head()
-        self._head_deadline = self.loop.call_later(self.head_seconds, self._head_too_slow)
+        self._head_deadline = self.loop.call_later(
+            self.head_seconds,
+            self.timeout_keep_alive_handler,  # closes unless closing already
+        )
 
     def _stop_waiting_for_head(self) -> None:
         if self._head_deadline is not None:
             self._head_deadline.cancel()
             self._head_deadline = None
-
-    def _head_too_slow(self) -> None:
-        self._head_deadline = None
-        if not self.transport.is_closing():
-            self.transport.close()

@@ -25,6 +25,8 @@ pytestmark = pytest.mark.timeout(60)
 
 async def ok_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     assert scope["type"] == "http"
+    if scope["path"] == "/slow":
+        await asyncio.sleep(1.5)  # past QuickHead's deadline
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"ok"})
 
@@ -127,3 +129,19 @@ async def test_a_kept_alive_connection_sending_its_requests_in_time_is_not_cut()
         for _ in range(3):  # 1.5 s in all: past one deadline from the connection's start
             assert (await client.get(f"http://127.0.0.1:{port}/")).status_code == 200
             await asyncio.sleep(0.5)
+
+
+async def test_a_pipelined_request_served_past_the_head_deadline_still_gets_its_answer() -> None:
+    async with listening(max_connections=10, keep_alive=30) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            # Both heads arrive at once; the second is answered 1.5 s after the first.
+            writer.write(
+                b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+                b"GET /slow HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            )
+            async with asyncio.timeout(10):
+                answers = await reader.read()
+        finally:
+            writer.close()
+        assert answers.count(b"HTTP/1.1 200 OK") == 2
