@@ -114,29 +114,24 @@ def test_a_report_without_failures_is_event_type_1_and_has_no_failed_sequence() 
 # --- the DIMSE messages ------------------------------------------------------------------------
 
 
+N_ACTION = dimse.Command(
+    dimse.N_ACTION_RQ,
+    message_id=7,
+    requested_sop_class=sop_classes.STORAGE_COMMITMENT,
+    requested_sop_instance=sop_classes.STORAGE_COMMITMENT_INSTANCE,
+    dataset_type=dimse.HAS_DATASET,
+    action_type=1,
+)
+"""A modality's request for storage commitment, its Action Information to follow."""
+
+
 def test_an_n_action_request_s_fields_are_read() -> None:
-    request = dimse.Command(
-        dimse.N_ACTION_RQ,
-        message_id=7,
-        requested_sop_class=sop_classes.STORAGE_COMMITMENT,
-        requested_sop_instance=sop_classes.STORAGE_COMMITMENT_INSTANCE,
-        dataset_type=dimse.HAS_DATASET,
-        action_type=1,
-    )
-    decoded = dimse.decode_command(dimse.encode_command(request))
-    assert decoded == request
+    assert dimse.decode_command(dimse.encode_command(N_ACTION)) == N_ACTION
 
 
 def test_the_n_action_response_answers_for_the_requested_instance_and_action() -> None:
-    request = dimse.Command(
-        dimse.N_ACTION_RQ,
-        message_id=7,
-        requested_sop_class=sop_classes.STORAGE_COMMITMENT,
-        requested_sop_instance=sop_classes.STORAGE_COMMITMENT_INSTANCE,
-        action_type=1,
-    )
     response = dimse.decode_command(
-        dimse.encode_command(dimse.action_response(request, status.SUCCESS))
+        dimse.encode_command(dimse.action_response(N_ACTION, status.SUCCESS))
     )
     assert (response.command_field, response.responded_to, response.status) == (0x8130, 7, 0)
     assert response.affected_sop_class == sop_classes.STORAGE_COMMITMENT

@@ -58,6 +58,19 @@ async def listening(max_connections: int, keep_alive: int = 1) -> AsyncIterator[
             await serving
 
 
+@asynccontextmanager
+async def silent_connections(
+    port: int, count: int
+) -> AsyncIterator[list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]:
+    """`count` connections that send nothing, closed on our side at the end."""
+    silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(count)]
+    try:
+        yield silent
+    finally:
+        for _, writer in silent:
+            writer.close()
+
+
 async def status_of(port: int) -> int:
     async with httpx.AsyncClient(timeout=5.0) as client:
         return (await client.get(f"http://127.0.0.1:{port}/")).status_code
@@ -69,35 +82,29 @@ def test_the_bound_is_a_setting_of_a_thousand_by_default() -> None:
 
 
 async def test_a_request_beyond_the_connections_bound_is_answered_503() -> None:
-    async with listening(max_connections=2, keep_alive=30) as port:
-        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
-        try:
-            assert await status_of(port) == 503
-        finally:
-            for _, writer in silent:
-                writer.close()
+    async with listening(max_connections=2, keep_alive=30) as port, silent_connections(port, 2):
+        assert await status_of(port) == 503
 
 
 async def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_time() -> None:
     async with listening(max_connections=2, keep_alive=1) as port:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        started = time.monotonic()
-        async with asyncio.timeout(10):
-            assert await reader.read() == b""
+        async with silent_connections(port, 1) as [(reader, _)]:
+            started = time.monotonic()
+            async with asyncio.timeout(10):
+                assert await reader.read() == b""
         assert time.monotonic() - started >= 0.9
-        writer.close()
 
 
 async def test_silent_connections_give_their_slots_back_to_requests() -> None:
-    async with listening(max_connections=2, keep_alive=1) as port:
-        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+    async with (
+        listening(max_connections=2, keep_alive=1) as port,
+        silent_connections(port, 2) as silent,
+    ):
         assert await status_of(port) == 503
         for reader, _ in silent:
             async with asyncio.timeout(10):
                 assert await reader.read() == b""
         assert await status_of(port) == 200
-        for _, writer in silent:
-            writer.close()
 
 
 async def test_a_request_head_sent_a_byte_at_a_time_is_cut_off_at_its_deadline() -> None:
