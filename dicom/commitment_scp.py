@@ -96,28 +96,24 @@ async def answer_commitment(
     own = settings.report_address(calling)
     if own is not None:
         reports.deliver(own, result)
-        logger.info(
-            "DICOM storage commitment for %s: %d of %d instance(s) committed (report to its port)",
-            calling,
-            result.committed,
-            len(request.references),
+        where = "report to its port"
+    else:
+        message_id = link.next_message_id()
+        notice = dimse.event_report_request(
+            message_id,
+            sop_classes.STORAGE_COMMITMENT,
+            sop_classes.STORAGE_COMMITMENT_INSTANCE,
+            result.event_type,
         )
-        return None
-    message_id = link.next_message_id()
-    notice = dimse.event_report_request(
-        message_id,
-        sop_classes.STORAGE_COMMITMENT,
-        sop_classes.STORAGE_COMMITMENT_INSTANCE,
-        result.event_type,
-    )
-    information_bytes = encode_identifier(result.information, event.transfer_syntax)
-    await link.send(link.acceptor.send_message(event.context_id, notice, information_bytes))
+        information_bytes = encode_identifier(result.information, event.transfer_syntax)
+        await link.send(link.acceptor.send_message(event.context_id, notice, information_bytes))
+        where = f"report {message_id}"
     logger.info(
-        "DICOM storage commitment for %s: %d of %d instance(s) committed (report %d)",
+        "DICOM storage commitment for %s: %d of %d instance(s) committed (%s)",
         calling,
         result.committed,
         len(request.references),
-        message_id,
+        where,
     )
     return None
 
