@@ -123,6 +123,7 @@ class Acceptor:
         self._command = bytearray()
         self._command_context: int | None = None
         self._dataset_context: int | None = None
+        self._requestor_scp: frozenset[str] = frozenset()
         self.request: AssociateRequest | None = None
 
     @property
@@ -180,6 +181,7 @@ class Acceptor:
                     proposed[context.context_id], context.transfer_syntax
                 )
         self._peer_max = self.request.user_information.max_length
+        self._requestor_scp = frozenset(r.sop_class for r in answer.user_information.roles if r.scp)
         self._state = State.ESTABLISHED
         return pdu.encode(answer)
 
@@ -192,6 +194,29 @@ class Acceptor:
     ) -> bytes:
         """The P-DATA-TF PDUs of a DIMSE message, within the peer's maximum length."""
         pdus = pdu.message_pdus(context_id, encode_command(command), dataset, self._peer_max)
+        return b"".join(pdus)
+
+    def storage_context(self, sop_class: str, transfer_syntax: str) -> int | None:
+        """The accepted presentation context on which we may send the peer a C-STORE of
+        `sop_class` in `transfer_syntax` (the peer took the SCP role for it, PS3.7 D.3.3.4),
+        else None."""
+        if sop_class not in self._requestor_scp:
+            return None
+        for context_id, context in self._contexts.items():
+            if context.abstract_syntax == sop_class and context.transfer_syntax == transfer_syntax:
+                return context_id
+        return None
+
+    def send_command(self, context_id: int, command: Command) -> bytes:
+        """A command set whose dataset follows in pieces (`send_fragment`)."""
+        data = encode_command(command)
+        return b"".join(
+            pdu.fragment_pdus(context_id, data, self._peer_max, is_command=True, last=True)
+        )
+
+    def send_fragment(self, context_id: int, data: bytes | memoryview, last: bool) -> bytes:
+        """A piece of a dataset being sent; `last` for its final piece."""
+        pdus = pdu.fragment_pdus(context_id, data, self._peer_max, is_command=False, last=last)
         return b"".join(pdus)
 
     def release_reply(self) -> bytes:

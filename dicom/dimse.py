@@ -15,6 +15,8 @@ from typing import Final
 
 C_STORE_RQ: Final = 0x0001
 C_STORE_RSP: Final = 0x8001
+C_GET_RQ: Final = 0x0010
+C_GET_RSP: Final = 0x8010
 C_FIND_RQ: Final = 0x0020
 C_FIND_RSP: Final = 0x8020
 C_ECHO_RQ: Final = 0x0030
@@ -48,6 +50,10 @@ _AFFECTED_SOP_INSTANCE: Final = 0x0000_1000
 _REQUESTED_SOP_INSTANCE: Final = 0x0000_1001
 _EVENT_TYPE: Final = 0x0000_1002
 _ACTION_TYPE: Final = 0x0000_1008
+_REMAINING: Final = 0x0000_1020
+_COMPLETED: Final = 0x0000_1021
+_FAILED: Final = 0x0000_1022
+_WARNING: Final = 0x0000_1023
 _US: Final = frozenset(
     {
         _COMMAND_FIELD,
@@ -58,6 +64,10 @@ _US: Final = frozenset(
         _STATUS,
         _EVENT_TYPE,
         _ACTION_TYPE,
+        _REMAINING,
+        _COMPLETED,
+        _FAILED,
+        _WARNING,
     }
 )
 _UI: Final = frozenset(
@@ -89,6 +99,10 @@ class Command:
     requested_sop_instance: str | None = None
     event_type: int | None = None
     action_type: int | None = None
+    remaining: int | None = None
+    completed: int | None = None
+    failed: int | None = None
+    warning: int | None = None
 
     @property
     def has_dataset(self) -> bool:
@@ -131,6 +145,10 @@ def decode_command(data: bytes | bytearray | memoryview) -> Command:
         requested_sop_instance=_ui(values, _REQUESTED_SOP_INSTANCE),
         event_type=_us(values, _EVENT_TYPE),
         action_type=_us(values, _ACTION_TYPE),
+        remaining=_us(values, _REMAINING),
+        completed=_us(values, _COMPLETED),
+        failed=_us(values, _FAILED),
+        warning=_us(values, _WARNING),
     )
 
 
@@ -185,6 +203,14 @@ def encode_command(command: Command) -> bytes:
         elements.append((_EVENT_TYPE, _US_VALUE.pack(command.event_type)))
     if command.action_type is not None:
         elements.append((_ACTION_TYPE, _US_VALUE.pack(command.action_type)))
+    for tag, count in (
+        (_REMAINING, command.remaining),
+        (_COMPLETED, command.completed),
+        (_FAILED, command.failed),
+        (_WARNING, command.warning),
+    ):
+        if count is not None:
+            elements.append((tag, _US_VALUE.pack(min(count, 0xFFFF))))
     body = b"".join(_ELEMENT.pack(0, tag, len(value)) + value for tag, value in elements)
     return _ELEMENT.pack(0, _GROUP_LENGTH, 4) + _UL_VALUE.pack(len(body)) + body
 
@@ -230,6 +256,43 @@ def find_response(
         dataset_type=HAS_DATASET if identifier else NO_DATASET,
         status=status,
         error_comment=error_comment,
+    )
+
+
+def store_request(message_id: int, sop_class: str, sop_instance: str, priority: int) -> Command:
+    """A C-STORE-RQ of the listener's own (a C-GET sub-operation); its dataset follows."""
+    return Command(
+        C_STORE_RQ,
+        message_id=message_id,
+        affected_sop_class=sop_class,
+        affected_sop_instance=sop_instance,
+        priority=priority,
+        dataset_type=HAS_DATASET,
+    )
+
+
+def get_response(
+    request: Command,
+    status: int,
+    counts: tuple[int | None, int, int, int],
+    *,
+    identifier: bool = False,
+    error_comment: str | None = None,
+) -> Command:
+    """A C-GET-RSP; `counts`: remaining (None: absent, as in a final response), completed,
+    failed and warning sub-operations (PS3.7 C.4.3.1, capped at 65,535: they are US)."""
+    remaining, completed, failed, warning = counts
+    return Command(
+        C_GET_RSP,
+        responded_to=request.message_id or 0,
+        affected_sop_class=request.affected_sop_class or "",
+        dataset_type=HAS_DATASET if identifier else NO_DATASET,
+        status=status,
+        error_comment=error_comment,
+        remaining=remaining,
+        completed=completed,
+        failed=failed,
+        warning=warning,
     )
 
 

@@ -47,3 +47,18 @@ def _uid(text: str) -> bytes:
 
 def _padded(value: bytes, pad: bytes) -> bytes:
     return value + pad * (len(value) % 2)
+
+
+def dataset_offset(head: bytes) -> int:
+    """Where the dataset starts in a stored file whose first bytes are `head` (at least the
+    preamble, the prefix and the File Meta Information Group Length, 144 bytes): after group
+    0002, whose length that element gives. Raises ValueError for a file that is not Part 10
+    with a group length (every file the listener writes has one)."""
+    start = len(PREAMBLE)
+    if len(head) < start + 12 or head[:start] != PREAMBLE:
+        raise ValueError("not a Part 10 file")
+    group, element, vr, length = _SHORT.unpack_from(head, start)
+    if (group, element, vr, length) != (0x0002, 0x0000, b"UL", 4):
+        raise ValueError("no File Meta Information Group Length")
+    (group_length,) = struct.unpack_from("<I", head, start + 8)
+    return start + 12 + int(group_length)

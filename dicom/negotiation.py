@@ -8,9 +8,11 @@ TLS authenticates a certificate, not an AE title (PS3.15 B.1): with `ae_from_cer
 calling AE title must be one of the commonNames of the modality's certificate subject
 (`certified`), so that a modality with a valid certificate cannot call as another.
 
-SCP/SCU role selection and asynchronous operations are not negotiated (no item in our answer: the
-default roles and one operation at a time apply, PS3.7 D.3.3.3-4); user identity is read and
-ignored (no server response, D.3.3.7).
+SCP/SCU role selection (PS3.7 D.3.3.4): each item the requestor proposes is answered; it may take
+the SCP role for the storage SOP classes (`Policy.requestor_scp`), so that a C-GET's C-STORE
+sub-operations go to it on the same association, and keeps the SCU role it proposed for the SOP
+classes we accept. Asynchronous operations are not negotiated (no item in our answer: one operation
+at a time applies, D.3.3.3); user identity is read and ignored (no server response, D.3.3.7).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dicom.pdu import (
     ContextResult,
     RejectResult,
     RejectSource,
+    RoleSelection,
     UserInformation,
 )
 
@@ -55,6 +58,8 @@ class Policy:
     allowed_aes: frozenset[str] = frozenset()
     require_called_ae: bool = False
     ae_from_certificate: bool = False
+    requestor_scp: frozenset[str] = frozenset()
+    """The SOP classes for which the requestor may take the SCP role (role selection)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,17 +79,26 @@ def gateway_policy(
     require_called_ae: bool = False,
     ae_from_certificate: bool = False,
 ) -> Policy:
-    """Verification, Storage of every storage SOP class in every transfer syntax, C-FIND,
+    """Verification, Storage of every storage SOP class in every transfer syntax, C-FIND, C-GET
+    (the requestor may take the SCP role of every storage SOP class, for the sub-operations),
     Storage Commitment (its N-EVENT-REPORT goes back on the same association, which needs no
     role selection: PS3.4 J.3.3)."""
     defaults = frozenset(sop_classes.DEFAULT_SYNTAXES)
     storage = frozenset(sop_classes.TRANSFER_SYNTAXES)
     syntaxes = {uid: storage for uid in sop_classes.STORAGE}
     syntaxes[sop_classes.VERIFICATION] = defaults
-    for model in sop_classes.FIND_MODELS:
+    for model in sop_classes.FIND_MODELS | sop_classes.GET_MODELS:
         syntaxes[model] = defaults
     syntaxes[sop_classes.STORAGE_COMMITMENT] = defaults
-    return Policy(ae_title, max_pdu, syntaxes, allowed_aes, require_called_ae, ae_from_certificate)
+    return Policy(
+        ae_title,
+        max_pdu,
+        syntaxes,
+        allowed_aes,
+        require_called_ae,
+        ae_from_certificate,
+        requestor_scp=sop_classes.STORAGE,
+    )
 
 
 def negotiate(
@@ -122,9 +136,22 @@ def negotiate(
             max_length=policy.max_pdu,
             implementation_class_uid=IMPLEMENTATION_CLASS_UID,
             implementation_version=IMPLEMENTATION_VERSION,
+            roles=_roles(request.user_information.roles, policy),
         ),
         application_context=request.application_context,
     )
+
+
+def _roles(proposed: tuple[RoleSelection, ...], policy: Policy) -> tuple[RoleSelection, ...]:
+    """Our answer to each proposed role selection item (one per SOP class, the first kept): the
+    roles proposed that we accept, 0 for the others."""
+    answers: dict[str, RoleSelection] = {}
+    for role in proposed:
+        if role.sop_class not in answers:
+            scu = role.scu and role.sop_class in policy.syntaxes
+            scp = role.scp and role.sop_class in policy.requestor_scp
+            answers[role.sop_class] = RoleSelection(role.sop_class, scu, scp)
+    return tuple(answers.values())
 
 
 def limit_reached() -> Refused:

@@ -532,17 +532,32 @@ def message_pdus(
     context_id: int, command: bytes, dataset: bytes | None, max_length: int
 ) -> list[bytes]:
     """The P-DATA-TF PDUs of one DIMSE message, each within the peer's `max_length` (0: none)."""
-    fragment = max_length - 6 if max_length else 1 << 24
-    fragment = max(fragment, 1)
+    pdus = fragment_pdus(context_id, command, max_length, is_command=True, last=True)
+    if dataset is not None:
+        pdus += fragment_pdus(context_id, dataset, max_length, is_command=False, last=True)
+    return pdus
+
+
+def fragment_pdus(
+    context_id: int,
+    data: bytes | memoryview,
+    max_length: int,
+    *,
+    is_command: bool,
+    last: bool,
+) -> list[bytes]:
+    """`data` as P-DATA-TF PDUs of one PDV each within the peer's `max_length` (0: none); the
+    last PDV carries the last-fragment bit when `last` (a dataset sent piece by piece: only its
+    final piece is `last`)."""
+    if not len(data) and not last:
+        return []
+    fragment = max(max_length - 6 if max_length else 1 << 24, 1)
+    view = memoryview(data)
     pdus: list[bytes] = []
-    for data, is_command in ((command, True), (dataset, False)):
-        if data is None:
-            continue
-        view = memoryview(data)
-        for start in range(0, max(len(data), 1), fragment):
-            last = start + fragment >= len(data)
-            pdv = Pdv(context_id, is_command, last, view[start : start + fragment])
-            pdus.append(encode_p_data((pdv,)))
+    for start in range(0, max(len(data), 1), fragment):
+        final = last and start + fragment >= len(data)
+        pdv = Pdv(context_id, is_command, final, view[start : start + fragment])
+        pdus.append(encode_p_data((pdv,)))
     return pdus
 
 

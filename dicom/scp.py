@@ -62,6 +62,7 @@ from dicom.config import DicomSettings
 from dicom.filemeta import file_meta
 from dicom.filestore import FileStore, StagedFile, StoredFile, fsync_dir
 from dicom.find_scp import Finder, answer_find
+from dicom.get_scp import Locator, answer_get
 from dicom.link import TIMED_OUT, Ended, Link
 from dicom.metadata import DicomInputError, InstanceMetadata, read_metadata
 from dicom.negotiation import Refused, gateway_policy, limit_reached, negotiate
@@ -154,6 +155,7 @@ class DicomServer:
         store: FileStore,
         finder: Finder,
         holder: Holder,
+        locator: Locator,
         metrics: Metrics,
         indexed: Indexed | None = None,
         file_threads: int | None = None,
@@ -165,6 +167,7 @@ class DicomServer:
         self._store = store
         self._finder = finder
         self._holder = holder
+        self._locator = locator
         self._reports = Reports(
             settings.ae_title, min(settings.acse_timeout, REPORT_TIMEOUT_SECONDS), metrics
         )
@@ -398,6 +401,17 @@ class DicomServer:
             return await self._c_store(link, event, calling, spools)
         if field == dimse.C_FIND_RQ and event.abstract_syntax in sop_classes.FIND_MODELS:
             return await answer_find(link, event, self._finder, self._settings)
+        if field == dimse.C_GET_RQ and event.abstract_syntax in sop_classes.GET_MODELS:
+            return await answer_get(
+                link,
+                event,
+                self._locator,
+                self._work,
+                self._store.root,
+                self._settings,
+                self._metrics,
+                calling,
+            )
         if field == dimse.N_ACTION_RQ and event.abstract_syntax == sop_classes.STORAGE_COMMITMENT:
             return await answer_commitment(
                 link, event, self._holder, self._settings, self._metrics, calling, self._reports

@@ -21,6 +21,14 @@ FIND_LEVELS: Final = {
 """The Query/Retrieve Levels of each C-FIND information model (PS3.4 C.6.1, C.6.2: the Study Root
 model has no patient level)."""
 FIND_MODELS: Final = frozenset(FIND_LEVELS)
+PATIENT_ROOT_GET: Final = "1.2.840.10008.5.1.4.1.2.1.3"
+STUDY_ROOT_GET: Final = "1.2.840.10008.5.1.4.1.2.2.3"
+GET_LEVELS: Final = {
+    PATIENT_ROOT_GET: FIND_LEVELS[PATIENT_ROOT_FIND],
+    STUDY_ROOT_GET: FIND_LEVELS[STUDY_ROOT_FIND],
+}
+"""The Query/Retrieve Levels of each C-GET information model (PS3.4 C.6.1.3, C.6.2.3)."""
+GET_MODELS: Final = frozenset(GET_LEVELS)
 STORAGE_COMMITMENT: Final = "1.2.840.10008.1.20.1"
 """Storage Commitment Push Model SOP Class (PS3.4 J.3)."""
 STORAGE_COMMITMENT_INSTANCE: Final = "1.2.840.10008.1.20.1.1"

@@ -37,6 +37,18 @@ FIND_OUT_OF_RESOURCES: Final = 0xA700
 FIND_IDENTIFIER_INVALID: Final = 0xA900
 FIND_UNABLE_TO_PROCESS: Final = 0xC000
 
+# Query/Retrieve C-GET (PS3.4 C.4.3.1.4), final statuses of the C-GET-RSP:
+GET_TOO_MANY_MATCHES: Final = 0xA701
+"""Out of resources, unable to calculate the number of matches: more than the bound, or the index
+cannot be read now."""
+GET_SUB_OPERATIONS_FAILED: Final = 0xA702
+"""Out of resources, unable to perform sub-operations: every C-STORE sub-operation failed."""
+GET_IDENTIFIER_INVALID: Final = 0xA900
+"""The identifier does not match the SOP Class: no level, a level outside the model, a unique key
+missing or not a UID."""
+GET_SOME_FAILED: Final = 0xB000
+"""Sub-operations complete, one or more failures or warnings."""
+
 # Storage Commitment (PS3.4 J.3.2.1.1.2, N-ACTION; PS3.7 C). Statuses of the N-ACTION-RSP:
 INVALID_ARGUMENT_VALUE: Final = 0x0115
 """The Action Information cannot be read: no Transaction UID, no Referenced SOP Sequence, a UID

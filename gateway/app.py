@@ -49,6 +49,7 @@ from storage import connection_loss
 from storage.dicom_queries import find as find_dicom
 from storage.dicom_queries import held_instances
 from storage.dicom_queries import indexed_files as dicom_indexed_files
+from storage.dicom_queries import retrievable as retrievable_instances
 from storage.ledger import LedgerPruning, run_ledger_pruning
 from storage.migrations import (
     MigrationError,
@@ -145,6 +146,7 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
             store=FileStore(settings.dicom.storage),
             finder=lambda request: find_dicom(pool, request),
             holder=lambda uids: held_instances(pool, uids),
+            locator=lambda keys, limit: retrievable_instances(pool, keys, limit),
             metrics=metrics,
             indexed=lambda paths: dicom_indexed_files(pool, paths),
         )

@@ -231,3 +231,72 @@ async def held_instances(db: Executor, sop_instance_uids: Sequence[str]) -> dict
         list(sop_instance_uids),
     )
     return {r["sop_instance_uid"]: r["sop_class_uid"] for r in rows}
+
+
+# --- C-GET ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RetrieveKeys:
+    """The unique keys of a C-GET identifier (PS3.4 C.4.3.1.3.1, hierarchical): the patient's
+    (Patient Root), then the UIDs down to the retrieve level; at the level itself a list of UIDs
+    (one or more), above it one value. Empty: not given."""
+
+    level: str
+    patient_id: str = ""
+    study_uids: tuple[str, ...] = ()
+    series_uids: tuple[str, ...] = ()
+    instance_uids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RetrievableInstance:
+    """An indexed instance to send: where its file lies (relative to the DICOM store), in which
+    transfer syntax it was received, and the patient it belongs to (for the audit)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    file_path: str
+    size: int
+    patient: int | None
+
+
+_RETRIEVE: Final = """SELECT i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax, i.file_path,
+                              i.size, s.patient_id
+                       FROM dicom_instance i JOIN dicom_series se ON se.id = i.series_id
+                            JOIN dicom_study s ON s.id = se.study_id
+                       WHERE {where}
+                       ORDER BY se.id, i.instance_number NULLS LAST, i.id
+                       LIMIT {limit}"""
+
+
+async def retrievable(db: Executor, keys: RetrieveKeys, limit: int) -> list[RetrievableInstance]:
+    """The instances a C-GET with `keys` names, in the order they were indexed (by series, then
+    instance number): at most `limit` + 1, so that the caller sees when there are more."""
+    param = Params()
+    where: list[str] = []
+    for column, values in (
+        ("s.study_uid", keys.study_uids),
+        ("se.series_uid", keys.series_uids),
+        ("i.sop_instance_uid", keys.instance_uids),
+    ):
+        if values:
+            where.append(f"{column} = ANY({param(list(values), 'text[]')})")
+    if keys.patient_id:
+        where.append(f"s.dicom_patient_id = {param(keys.patient_id)}")
+    if not where:
+        raise FindRequestError("no unique key")
+    sql = _RETRIEVE.format(where=" AND ".join(where), limit=int(limit) + 1)
+    rows = await fetch(db, sql, *param.values)
+    return [
+        RetrievableInstance(
+            r["sop_class_uid"],
+            r["sop_instance_uid"],
+            r["transfer_syntax"],
+            r["file_path"],
+            int(r["size"]),
+            r["patient_id"],
+        )
+        for r in rows
+    ]

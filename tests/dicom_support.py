@@ -24,7 +24,7 @@ import asyncpg
 from pydicom import dcmread
 from pydicom.data import get_charset_files
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_role, evt
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
@@ -35,7 +35,7 @@ from dicom.filestore import FileStore
 from dicom.scp import DicomServer
 from ingest.pipeline import GroupCommitPipeline, PipelineSettings
 from monitoring.metrics import Metrics
-from storage.dicom_queries import find, held_instances, indexed_files
+from storage.dicom_queries import find, held_instances, indexed_files, retrievable
 from storage.migrations import apply_migrations
 from storage.writer import BatchWriter
 
@@ -43,6 +43,8 @@ SCP_AE = "QANTARA"
 VERIFICATION = "1.2.840.10008.1.1"
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 
 
 @dataclass
@@ -83,6 +85,7 @@ async def running_dicom(
             store=FileStore(root),
             finder=lambda request: find(pool, request),
             holder=lambda uids: held_instances(pool, uids),
+            locator=lambda keys, limit: retrievable(pool, keys, limit),
             metrics=metrics,
             indexed=lambda paths: indexed_files(pool, paths),
             file_threads=file_threads,
@@ -190,6 +193,94 @@ def c_find(
     finally:
         assoc.release()
     return found, final
+
+
+@dataclass
+class Retrieved:
+    """What a C-GET brought back: each sub-operation's dataset bytes as received (by SOP
+    Instance UID, with the transfer syntax of its context), the C-GET-RSPs in order (status and
+    counts), and the final identifier."""
+
+    datasets: dict[str, tuple[str, bytes]]
+    responses: list[dict[str, int | None]]
+    identifier: Dataset | None
+
+    @property
+    def final(self) -> dict[str, int | None]:
+        return self.responses[-1]
+
+
+def c_get(
+    port: int,
+    identifier: Dataset,
+    contexts: Iterable[tuple[str, str]],
+    model: str = STUDY_ROOT_GET,
+    *,
+    answer: int = 0x0000,
+    scp_role: bool = True,
+    cancel_after: int | None = None,
+) -> Retrieved:
+    """One C-GET, calling as VIEWER with a storage context for each (SOP class, transfer
+    syntax) and the SCP role for those classes (unless `scp_role` is False); each C-STORE
+    sub-operation is answered `answer`; with `cancel_after`, a C-CANCEL follows that many
+    Pending responses."""
+    ae = scu("VIEWER")
+    ae.add_requested_context(model)
+    roles = []
+    classes: set[str] = set()
+    for sop_class, syntax in contexts:
+        ae.add_requested_context(sop_class, [syntax])
+        if scp_role and sop_class not in classes:
+            roles.append(build_role(sop_class, scp_role=True))
+        classes.add(sop_class)
+    datasets: dict[str, tuple[str, bytes]] = {}
+
+    def received(event: Any) -> int:
+        syntax = str(event.context.transfer_syntax)
+        datasets[str(event.request.AffectedSOPInstanceUID)] = (
+            syntax,
+            event.request.DataSet.getvalue(),
+        )
+        return answer
+
+    assoc = ae.associate(
+        "127.0.0.1",
+        port,
+        ae_title=SCP_AE,
+        ext_neg=roles,
+        evt_handlers=[(evt.EVT_C_STORE, received)],
+    )
+    if not assoc.is_established:
+        raise ConnectionError("association refused")
+    responses: list[dict[str, int | None]] = []
+    final: Dataset | None = None
+    try:
+        message_id = 7
+        for answer_ds, ident in assoc.send_c_get(identifier, model, msg_id=message_id):
+            if "Status" not in answer_ds:
+                continue
+            responses.append(
+                {
+                    key: (int(answer_ds[key].value) if key in answer_ds else None)
+                    for key in (
+                        "Status",
+                        "NumberOfRemainingSuboperations",
+                        "NumberOfCompletedSuboperations",
+                        "NumberOfFailedSuboperations",
+                        "NumberOfWarningSuboperations",
+                    )
+                }
+            )
+            final = ident
+            if cancel_after is not None and len(responses) == cancel_after:
+                context_id = next(
+                    c.context_id for c in assoc.accepted_contexts if c.abstract_syntax == model
+                )
+                assoc.send_c_cancel(message_id, context_id)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return Retrieved(datasets, responses, final)
 
 
 def read(path: str | Path) -> Dataset:

@@ -1,0 +1,207 @@
+"""The sans-IO side of C-GET: the identifier's unique keys, the sub-operation counts and final
+status, role selection, the C-GET-RSP's counts, a dataset sent in pieces, the dataset's offset in a
+stored file."""
+
+from __future__ import annotations
+
+import pytest
+from pydicom.dataset import Dataset
+
+from dicom import dimse, pdu, status
+from dicom.filemeta import dataset_offset, file_meta
+from dicom.negotiation import gateway_policy, negotiate
+from dicom.pdu import (
+    AssociateAccept,
+    AssociateRequest,
+    ProposedContext,
+    RoleSelection,
+    UserInformation,
+)
+from dicom.retrieve import Progress, RetrieveError, retrieve_keys
+from dicom.sop_classes import PATIENT_ROOT_GET, STUDY_ROOT_GET
+from storage.dicom_queries import RetrieveKeys
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT = "1.2.840.10008.1.2.1"
+REQUEST = dimse.Command(dimse.C_GET_RQ, message_id=5, affected_sop_class=STUDY_ROOT_GET)
+
+
+def identifier(level: str, **keys: object) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def test_series_level_keys_are_the_series_uids_and_the_study_above_them() -> None:
+    keys = retrieve_keys(
+        identifier("SERIES", StudyInstanceUID="1.2.3", SeriesInstanceUID=["1.2.4", "1.2.5"]),
+        STUDY_ROOT_GET,
+    )
+    assert keys == RetrieveKeys("SERIES", "", ("1.2.3",), ("1.2.4", "1.2.5"), ())
+
+
+def test_keys_below_the_retrieve_level_are_ignored() -> None:
+    keys = retrieve_keys(
+        identifier("STUDY", StudyInstanceUID="1.2.3", SOPInstanceUID="1.2.9"), STUDY_ROOT_GET
+    )
+    assert keys.instance_uids == ()
+
+
+def test_patient_level_reads_the_patient_id() -> None:
+    keys = retrieve_keys(identifier("PATIENT", PatientID="CIN-AB123"), PATIENT_ROOT_GET)
+    assert keys == RetrieveKeys("PATIENT", "CIN-AB123")
+
+
+def test_other_keys_of_the_identifier_are_ignored() -> None:
+    keys = retrieve_keys(
+        identifier("STUDY", StudyInstanceUID="1.2.3", PatientName="بنعلي^فاطمة"), STUDY_ROOT_GET
+    )
+    assert keys == RetrieveKeys("STUDY", "", ("1.2.3",))
+
+
+@pytest.mark.parametrize(
+    ("ds", "model", "message"),
+    [
+        (identifier("STUDY"), STUDY_ROOT_GET, "no StudyInstanceUID"),
+        (identifier("PATIENT", PatientID="X"), STUDY_ROOT_GET, "level not in this retrieve model"),
+        (
+            identifier("IMAGES", SOPInstanceUID="1.2"),
+            STUDY_ROOT_GET,
+            "unknown query/retrieve level",
+        ),
+        (identifier("STUDY", StudyInstanceUID="1.2.abc"), STUDY_ROOT_GET, "is not a UID"),
+        (identifier("STUDY", StudyInstanceUID="1." * 40), STUDY_ROOT_GET, "is not a UID"),
+        (
+            identifier("IMAGE", SeriesInstanceUID=["1.2", "1.3"], SOPInstanceUID="1.4"),
+            STUDY_ROOT_GET,
+            "more than one SeriesInstanceUID",
+        ),
+    ],
+)
+def test_identifier_without_usable_unique_keys_is_refused(
+    ds: Dataset, model: str, message: str
+) -> None:
+    with pytest.raises(RetrieveError, match=message):
+        retrieve_keys(ds, model)
+
+
+def test_every_sub_operation_completed_is_success_without_identifier() -> None:
+    progress = Progress(2)
+    progress.answered("1.1", status.SUCCESS)
+    progress.answered("1.2", status.SUCCESS)
+    response, failed = progress.final(REQUEST, [])
+    assert (response.status, response.completed, response.remaining, failed) == (0, 2, None, None)
+
+
+def test_a_warning_answer_makes_the_final_status_b000() -> None:
+    progress = Progress(2)
+    assert progress.answered("1.1", 0xB007) == "warning"
+    assert progress.answered("1.2", status.SUCCESS) == "completed"
+    response, failed = progress.final(REQUEST, [])
+    assert (response.status, response.warning, failed) == (status.GET_SOME_FAILED, 1, None)
+
+
+def test_all_sub_operations_failed_is_a702_with_the_failed_uids() -> None:
+    progress = Progress(2)
+    progress.answered("1.1", 0xA700)
+    progress.not_sent("1.2")
+    response, failed = progress.final(REQUEST, [])
+    assert response.status == status.GET_SUB_OPERATIONS_FAILED
+    assert failed is not None
+    assert list(failed.FailedSOPInstanceUIDList) == ["1.1", "1.2"]
+
+
+def test_cancel_lists_what_was_not_sent_and_counts_it_as_remaining() -> None:
+    progress = Progress(3)
+    progress.answered("1.1", status.SUCCESS)
+    response, failed = progress.final(REQUEST, ["1.2", "1.3"])
+    assert (response.status, response.remaining, response.completed) == (dimse.CANCEL, 2, 1)
+    assert failed is not None
+    assert list(failed.FailedSOPInstanceUIDList) == ["1.2", "1.3"]
+
+
+def test_pending_response_counts_what_remains() -> None:
+    progress = Progress(3)
+    progress.answered("1.1", status.SUCCESS)
+    progress.not_sent("1.2")
+    pending = progress.pending(REQUEST)
+    assert (pending.status, pending.remaining, pending.completed, pending.failed) == (
+        status.PENDING,
+        1,
+        1,
+        1,
+    )
+
+
+def test_get_response_counts_survive_encoding() -> None:
+    response = dimse.get_response(REQUEST, status.PENDING, (3, 2, 1, 0))
+    decoded = dimse.decode_command(dimse.encode_command(response))
+    assert decoded == response
+    assert decoded.command_field == dimse.C_GET_RSP
+    assert decoded.responded_to == 5
+
+
+def test_counts_beyond_an_unsigned_short_are_capped() -> None:
+    response = dimse.get_response(REQUEST, status.PENDING, (70_000, 0, 0, 0))
+    assert dimse.decode_command(dimse.encode_command(response)).remaining == 0xFFFF
+
+
+def request_with_roles(*roles: RoleSelection) -> AssociateRequest:
+    return AssociateRequest(
+        "QANTARA",
+        "VIEWER",
+        (ProposedContext(1, STUDY_ROOT_GET, (EXPLICIT,)), ProposedContext(3, CT, (EXPLICIT,))),
+        UserInformation(max_length=16384, roles=roles),
+    )
+
+
+def answered_roles(*roles: RoleSelection) -> tuple[RoleSelection, ...]:
+    answer = negotiate(request_with_roles(*roles), gateway_policy("QANTARA", 1 << 20, frozenset()))
+    assert isinstance(answer, AssociateAccept)
+    return answer.user_information.roles
+
+
+def test_the_scp_role_is_granted_for_storage_classes() -> None:
+    assert answered_roles(RoleSelection(CT, False, True)) == (RoleSelection(CT, False, True),)
+
+
+def test_the_scp_role_is_refused_for_other_classes_and_their_scu_role_kept() -> None:
+    assert answered_roles(RoleSelection(STUDY_ROOT_GET, True, True)) == (
+        RoleSelection(STUDY_ROOT_GET, True, False),
+    )
+
+
+def test_without_role_items_the_answer_has_none() -> None:
+    assert answered_roles() == ()
+
+
+def test_a_dataset_sent_in_pieces_sets_the_last_bit_on_its_final_pdv_only() -> None:
+    first = pdu.fragment_pdus(1, b"a" * 10, 10, is_command=False, last=False)
+    final = pdu.fragment_pdus(1, b"b" * 3, 10, is_command=False, last=True)
+    reader = pdu.PduReader(1 << 20)
+    for data in (*first, *final):
+        reader.feed(data)
+    pdvs = []
+    while (unit := reader.next_pdu()) is not None:
+        assert isinstance(unit, pdu.PDataTF)
+        pdvs.extend(unit.pdvs)
+    assert [bytes(p.data) for p in pdvs] == [b"aaaa", b"aaaa", b"aa", b"bbb"]
+    assert [p.is_last for p in pdvs] == [False, False, False, True]
+    assert not any(p.is_command for p in pdvs)
+
+
+def test_an_empty_piece_that_is_not_the_last_sends_nothing() -> None:
+    assert pdu.fragment_pdus(1, b"", 16384, is_command=False, last=False) == []
+
+
+def test_the_dataset_starts_after_the_file_meta_group() -> None:
+    head = file_meta(CT, "1.2.3.4", EXPLICIT)
+    assert dataset_offset(head + b"\x08\x00") == len(head)
+
+
+@pytest.mark.parametrize("head", [b"", bytes(132), bytes(128) + b"DICM" + bytes(12)])
+def test_a_file_without_part_10_header_has_no_dataset_offset(head: bytes) -> None:
+    with pytest.raises(ValueError, match=r"Part 10|Group Length"):
+        dataset_offset(head)
