@@ -24,12 +24,14 @@ class ReportAddress:
 
 @dataclass(frozen=True, slots=True)
 class DicomSettings:
-    """`allowed_aes` empty means any calling AE title is accepted."""
+    """`allowed_aes` empty means any calling AE title is accepted; `retrieve_aes` empty means
+    nobody may C-GET."""
 
     port: int = 11112
     ae_title: str = "QANTARA"
     storage: Path = Path("./var/dicom")
     allowed_aes: frozenset[str] = frozenset()
+    retrieve_aes: frozenset[str] = frozenset()  # the calling AE titles that may C-GET
     require_called_ae: bool = False  # refuse associations addressed to another AE title
     max_associations: int = 16
     max_pdu: int = 1 << 20

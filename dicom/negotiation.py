@@ -8,11 +8,15 @@ TLS authenticates a certificate, not an AE title (PS3.15 B.1): with `ae_from_cer
 calling AE title must be one of the commonNames of the modality's certificate subject
 (`certified`), so that a modality with a valid certificate cannot call as another.
 
-SCP/SCU role selection (PS3.7 D.3.3.4): each item the requestor proposes is answered; it may take
-the SCP role for the storage SOP classes (`Policy.requestor_scp`), so that a C-GET's C-STORE
-sub-operations go to it on the same association, and keeps the SCU role it proposed for the SOP
-classes we accept. Asynchronous operations are not negotiated (no item in our answer: one operation
-at a time applies, D.3.3.3); user identity is read and ignored (no server response, D.3.3.7).
+C-GET is for the calling AE titles of `Policy.retrieve_aes` only (`QANTARA_DICOM_RETRIEVE_AES`,
+none by default: anyone who may store must not thereby read every patient's images): for the
+others, the contexts of the C-GET information models get "user rejection". SCP/SCU role
+selection (PS3.7 D.3.3.4): each item the requestor proposes is answered; a caller that may
+retrieve may take the SCP role for the storage SOP classes (`Policy.requestor_scp`), so that a
+C-GET's C-STORE sub-operations go to it on the same association; every caller keeps the SCU role
+it proposed for the SOP classes we accept. Asynchronous operations are not negotiated (no item in
+our answer: one operation at a time applies, D.3.3.3); user identity is read and ignored (no
+server response, D.3.3.7).
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ class Policy:
     ae_from_certificate: bool = False
     requestor_scp: frozenset[str] = frozenset()
     """The SOP classes for which the requestor may take the SCP role (role selection)."""
+    retrieve_aes: frozenset[str] = frozenset()
+    """The calling AE titles that may retrieve: for the others, a C-GET information model's
+    context is answered "user rejection" (none: nobody may)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +85,11 @@ def gateway_policy(
     allowed_aes: frozenset[str],
     require_called_ae: bool = False,
     ae_from_certificate: bool = False,
+    retrieve_aes: frozenset[str] = frozenset(),
 ) -> Policy:
     """Verification, Storage of every storage SOP class in every transfer syntax, C-FIND, C-GET
-    (the requestor may take the SCP role of every storage SOP class, for the sub-operations),
+    (for the calling AE titles of `retrieve_aes`; the requestor may take the SCP role of every
+    storage SOP class, for the sub-operations),
     Storage Commitment (its N-EVENT-REPORT goes back on the same association, which needs no
     role selection: PS3.4 J.3.3)."""
     defaults = frozenset(sop_classes.DEFAULT_SYNTAXES)
@@ -98,6 +107,7 @@ def gateway_policy(
         require_called_ae,
         ae_from_certificate,
         requestor_scp=sop_classes.STORAGE,
+        retrieve_aes=retrieve_aes,
     )
 
 
@@ -122,6 +132,11 @@ def negotiate(
             result = ContextResult.ABSTRACT_SYNTAX_NOT_SUPPORTED
             answers.append(ContextAnswer(proposed.context_id, result, first))
             continue
+        if proposed.abstract_syntax in sop_classes.GET_MODELS and (
+            request.calling_ae not in policy.retrieve_aes
+        ):
+            answers.append(ContextAnswer(proposed.context_id, ContextResult.USER_REJECTION, first))
+            continue
         chosen = next((ts for ts in proposed.transfer_syntaxes if ts in accepted), None)
         if chosen is None:
             result = ContextResult.TRANSFER_SYNTAXES_NOT_SUPPORTED
@@ -136,20 +151,22 @@ def negotiate(
             max_length=policy.max_pdu,
             implementation_class_uid=IMPLEMENTATION_CLASS_UID,
             implementation_version=IMPLEMENTATION_VERSION,
-            roles=_roles(request.user_information.roles, policy),
+            roles=_roles(request, policy),
         ),
         application_context=request.application_context,
     )
 
 
-def _roles(proposed: tuple[RoleSelection, ...], policy: Policy) -> tuple[RoleSelection, ...]:
+def _roles(request: AssociateRequest, policy: Policy) -> tuple[RoleSelection, ...]:
     """Our answer to each proposed role selection item (one per SOP class, the first kept): the
-    roles proposed that we accept, 0 for the others."""
+    roles proposed that we accept, 0 for the others (the SCP role only to a caller that may
+    retrieve)."""
+    retrieves = request.calling_ae in policy.retrieve_aes
     answers: dict[str, RoleSelection] = {}
-    for role in proposed:
+    for role in request.user_information.roles:
         if role.sop_class not in answers:
             scu = role.scu and role.sop_class in policy.syntaxes
-            scp = role.scp and role.sop_class in policy.requestor_scp
+            scp = role.scp and retrieves and role.sop_class in policy.requestor_scp
             answers[role.sop_class] = RoleSelection(role.sop_class, scu, scp)
     return tuple(answers.values())
 

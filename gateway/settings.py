@@ -436,6 +436,12 @@ def _dicom(r: _Reader) -> DicomSettings:
             _ae_titles,
             "must be a comma-separated list of AE titles of 1 to 16 printable ASCII characters",
         ),
+        retrieve_aes=r.get(
+            "DICOM_RETRIEVE_AES",
+            frozenset(),
+            _ae_titles,
+            "must be a comma-separated list of AE titles of 1 to 16 printable ASCII characters",
+        ),
         require_called_ae=r.get(
             "DICOM_REQUIRE_CALLED_AE", False, _boolean, "must be true or false"
         ),

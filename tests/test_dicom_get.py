@@ -14,6 +14,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom import status
+from dicom.config import DicomSettings
 from dicom.filemeta import dataset_offset
 from tests.dicom_support import (
     PATIENT_ROOT_GET,
@@ -35,7 +36,8 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 async def scp(
     module_dsn: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[RunningDicom]:
-    async with running_dicom(module_dsn, tmp_path_factory.mktemp("dicom-get")) as running:
+    settings = DicomSettings(retrieve_aes=frozenset({"VIEWER"}))
+    async with running_dicom(module_dsn, tmp_path_factory.mktemp("dicom-get"), settings) as running:
         yield running
 
 

@@ -9,10 +9,11 @@ from pydicom.dataset import Dataset
 
 from dicom import dimse, pdu, status
 from dicom.filemeta import dataset_offset, file_meta
-from dicom.negotiation import gateway_policy, negotiate
+from dicom.negotiation import Policy, gateway_policy, negotiate
 from dicom.pdu import (
     AssociateAccept,
     AssociateRequest,
+    ContextResult,
     ProposedContext,
     RoleSelection,
     UserInformation,
@@ -157,10 +158,17 @@ def request_with_roles(*roles: RoleSelection) -> AssociateRequest:
     )
 
 
-def answered_roles(*roles: RoleSelection) -> tuple[RoleSelection, ...]:
-    answer = negotiate(request_with_roles(*roles), gateway_policy("QANTARA", 1 << 20, frozenset()))
+RETRIEVING = gateway_policy("QANTARA", 1 << 20, frozenset(), retrieve_aes=frozenset({"VIEWER"}))
+
+
+def answered(request: AssociateRequest, policy: Policy = RETRIEVING) -> AssociateAccept:
+    answer = negotiate(request, policy)
     assert isinstance(answer, AssociateAccept)
-    return answer.user_information.roles
+    return answer
+
+
+def answered_roles(*roles: RoleSelection) -> tuple[RoleSelection, ...]:
+    return answered(request_with_roles(*roles)).user_information.roles
 
 
 def test_the_scp_role_is_granted_for_storage_classes() -> None:
@@ -175,6 +183,24 @@ def test_the_scp_role_is_refused_for_other_classes_and_their_scu_role_kept() -> 
 
 def test_without_role_items_the_answer_has_none() -> None:
     assert answered_roles() == ()
+
+
+def test_a_caller_not_listed_to_retrieve_gets_the_get_context_rejected_and_no_scp_role() -> None:
+    policy = gateway_policy("QANTARA", 1 << 20, frozenset(), retrieve_aes=frozenset({"OTHER"}))
+    answer = answered(request_with_roles(RoleSelection(CT, True, True)), policy)
+    results = {c.context_id: c.result for c in answer.contexts}
+    assert results == {1: ContextResult.USER_REJECTION, 3: ContextResult.ACCEPTANCE}
+    assert answer.user_information.roles == (RoleSelection(CT, True, False),)
+
+
+def test_by_default_nobody_may_retrieve() -> None:
+    policy = gateway_policy("QANTARA", 1 << 20, frozenset())
+    answer = answered(request_with_roles(), policy)
+    assert answer.contexts[0].result is ContextResult.USER_REJECTION
+
+
+def test_a_caller_listed_to_retrieve_gets_the_get_context() -> None:
+    assert answered(request_with_roles()).contexts[0].result is ContextResult.ACCEPTANCE
 
 
 def test_a_dataset_sent_in_pieces_sets_the_last_bit_on_its_final_pdv_only() -> None:
