@@ -11,8 +11,10 @@ instance is never in memory. After each sub-operation's C-STORE-RSP a Pending C-
 counts; a C-CANCEL-RQ stops before the next one (Cancel, the UIDs not sent listed as failed). A file
 that cannot be opened or is shorter than the index says fails its sub-operation before any byte of
 it is sent; a read error in the middle of one aborts the association (a DIMSE message cannot be
-cut). The database unavailable or more matches than the bound: 0xA701; a peer that does not answer
-a sub-operation within the DIMSE timeout: A-ABORT.
+cut). Before the first sub-operation, an audit row (`storage.audit`, protocol "dicom") names the
+calling AE title, the patients and the level, and is committed: no instance leaves without it.
+The database unavailable (the lookup or that row) or more matches than the bound: 0xA701; a peer
+that does not answer a sub-operation within the DIMSE timeout: A-ABORT.
 """
 
 from __future__ import annotations
@@ -33,12 +35,15 @@ from dicom.link import Ended, Link
 from dicom.retrieve import Progress, RetrieveError, retrieve_keys
 from ingest.errors import StorageUnavailable
 from monitoring.metrics import Metrics
+from storage.audit import OUTCOME_SUCCESS, AuditEntry
 from storage.dicom_queries import FindRequestError, RetrievableInstance, RetrieveKeys
 
 logger = logging.getLogger(__name__)
 
 Locator = Callable[[RetrieveKeys, int], Awaitable[list[RetrievableInstance]]]
 """Looks the instances of a C-GET up in the index (`storage.dicom_queries.retrievable`)."""
+Auditor = Callable[[AuditEntry], Awaitable[object]]
+"""Writes and commits an audit row (`storage.audit.record_access`)."""
 Work = Callable[..., Awaitable[Any]]
 """Runs a blocking file step in the listener's file workers: `work(function, *args)`."""
 
@@ -56,6 +61,7 @@ async def answer_get(
     link: Link,
     event: CommandReceived,
     locator: Locator,
+    auditor: Auditor,
     work: Work,
     store_root: Path,
     settings: DicomSettings,
@@ -87,6 +93,8 @@ async def answer_get(
     try:
         async with asyncio.timeout(settings.store_timeout):
             instances = await locator(keys, MAX_RETRIEVE)
+            if 0 < len(instances) <= MAX_RETRIEVE:
+                await auditor(_audit_entry(calling, keys, instances))
     except FindRequestError as exc:
         await fail(status.GET_IDENTIFIER_INVALID, str(exc))
         return None
@@ -100,6 +108,23 @@ async def answer_get(
         return None
     return await _sub_operations(
         link, event, instances, work, store_root, settings, metrics, calling
+    )
+
+
+def _audit_entry(
+    calling: str, keys: RetrieveKeys, instances: list[RetrievableInstance]
+) -> AuditEntry:
+    """The audit row written before the first sub-operation: who, which patients, at which
+    level and how many instances (no UID, no value of the identifier)."""
+    return AuditEntry(
+        token_name=calling,
+        action="read",
+        resource_type="ImagingStudy",
+        query_shape=f"C-GET {keys.level}, {len(instances)} instance(s)",
+        patient_ids=tuple(sorted({i.patient for i in instances if i.patient is not None})),
+        outcome=OUTCOME_SUCCESS,
+        status=status.PENDING,
+        protocol="dicom",
     )
 
 

@@ -62,7 +62,7 @@ from dicom.config import DicomSettings
 from dicom.filemeta import file_meta
 from dicom.filestore import FileStore, StagedFile, StoredFile, fsync_dir
 from dicom.find_scp import Finder, answer_find
-from dicom.get_scp import Locator, answer_get
+from dicom.get_scp import Auditor, Locator, answer_get
 from dicom.link import TIMED_OUT, Ended, Link
 from dicom.metadata import DicomInputError, InstanceMetadata, read_metadata
 from dicom.negotiation import Refused, gateway_policy, limit_reached, negotiate
@@ -156,6 +156,7 @@ class DicomServer:
         finder: Finder,
         holder: Holder,
         locator: Locator,
+        auditor: Auditor,
         metrics: Metrics,
         indexed: Indexed | None = None,
         file_threads: int | None = None,
@@ -168,6 +169,7 @@ class DicomServer:
         self._finder = finder
         self._holder = holder
         self._locator = locator
+        self._auditor = auditor
         self._reports = Reports(
             settings.ae_title, min(settings.acse_timeout, REPORT_TIMEOUT_SECONDS), metrics
         )
@@ -407,6 +409,7 @@ class DicomServer:
                 link,
                 event,
                 self._locator,
+                self._auditor,
                 self._work,
                 self._store.root,
                 self._settings,

@@ -3,7 +3,10 @@
 One AuditEvent per row: type `rest` with the interaction as subtype, action `R` for a read and `E`
 for a search or operation, the token's name as the requesting agent (`agent.who.display`), each
 patient whose data was returned as an entity (`what` = `Patient/{id}`, role patient), and the
-query's shape (parameter names, never values) as a query entity.
+query's shape (parameter names, never values) as a query entity. A row of the DICOM listener (a
+C-GET, written before its first sub-operation) has the DICOM type "Begin Transferring DICOM
+Instances" (DCM 110102, action `E`, as IHE ATNA has it), the calling AE title as the agent and the
+DICOM status in `outcomeDesc`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,16 @@ _DATE_PREFIXES: Final = frozenset({"eq", "ne", "gt", "lt", "ge", "le", "sa", "eb
 _DATE_PARAMETERS: Final = frozenset({"date", "birthdate", "started"})
 _ACTION: Final = {"read": "R", "search-type": "E", "operation": "E"}
 _OUTCOME_TEXT: Final = {"0": "success", "4": "refused", "8": "failed", "12": "failed"}
+_REST: Final = {
+    "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+    "code": "rest",
+    "display": "RESTful Operation",
+}
+_DICOM_TRANSFER: Final = {
+    "system": "http://dicom.nema.org/resources/ontology/DCM",
+    "code": "110102",
+    "display": "Begin Transferring DICOM Instances",
+}
 
 
 def query_shape(method: str, route: str, params: Sequence[tuple[str, str]]) -> str:
@@ -70,19 +83,27 @@ def audit_event_resource(record: AuditRecord) -> JsonObject:
             "query": base64.b64encode(record.query_shape.encode("utf-8")).decode("ascii"),
         }
     )
+    outcome_text = _OUTCOME_TEXT.get(record.outcome, "failed")
+    kind: JsonObject
+    if record.protocol == "dicom":
+        kind = {"type": _DICOM_TRANSFER, "action": "E"}
+        outcome = f"DICOM 0x{record.status:04X} ({outcome_text})"
+    else:
+        kind = {
+            "type": _REST,
+            "subtype": [
+                {"system": "http://hl7.org/fhir/restful-interaction", "code": record.action}
+            ],
+            "action": _ACTION.get(record.action, "E"),
+        }
+        outcome = f"HTTP {record.status} ({outcome_text})"
     return {
         "resourceType": "AuditEvent",
         "id": f"{AUDIT_ID_PREFIX}{record.id}",
-        "type": {
-            "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
-            "code": "rest",
-            "display": "RESTful Operation",
-        },
-        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": record.action}],
-        "action": _ACTION.get(record.action, "E"),
+        **kind,
         "recorded": instant(record.recorded_at),
         "outcome": record.outcome,
-        "outcomeDesc": f"HTTP {record.status} ({_OUTCOME_TEXT.get(record.outcome, 'failed')})",
+        "outcomeDesc": outcome,
         "agent": [
             {
                 "who": {"display": record.token_name},

@@ -1,4 +1,6 @@
 """The audit trail of the read API: who read which patients' data, how, when, with what outcome.
+The DICOM listener writes its C-GET rows here too (`protocol` "dicom": the agent is the calling AE
+title, the status a DICOM one).
 
 `record_access` writes one row and returns once it is committed (the pool runs it in its own
 implicit transaction), so the HTTP layer can call it before sending a response: a response that
@@ -34,6 +36,8 @@ class AuditEntry:
     patient_ids: tuple[int, ...]
     outcome: str
     status: int
+    protocol: str = "http"
+    """`http` (the read API) or `dicom` (a C-GET)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +51,7 @@ class AuditRecord:
     patient_ids: tuple[int, ...]
     outcome: str
     status: int
+    protocol: str = "http"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +80,8 @@ async def record_access(db: Executor, entry: AuditEntry) -> int:
         db,
         "fetchrow",
         """INSERT INTO api_audit (token_name, action, resource_type, query_shape, patient_ids,
-                                  outcome, status)
-           VALUES ($1, $2, $3, $4, $5::bigint[], $6, $7) RETURNING id""",
+                                  outcome, status, protocol)
+           VALUES ($1, $2, $3, $4, $5::bigint[], $6, $7, $8) RETURNING id""",
         entry.token_name,
         entry.action,
         entry.resource_type,
@@ -84,6 +89,7 @@ async def record_access(db: Executor, entry: AuditEntry) -> int:
         sorted(set(entry.patient_ids)),
         entry.outcome,
         entry.status,
+        entry.protocol,
     )
     return int(row["id"])
 
@@ -122,7 +128,7 @@ async def search_access(
         db,
         "fetch",
         f"""SELECT id, recorded_at, token_name, action, resource_type, query_shape, patient_ids,
-                   outcome, status
+                   outcome, status, protocol
             FROM api_audit WHERE {where} ORDER BY id LIMIT {limit_param}""",  # noqa: S608
         *params.values,
     )
@@ -137,6 +143,7 @@ async def search_access(
             patient_ids=tuple(r["patient_ids"]),
             outcome=r["outcome"],
             status=r["status"],
+            protocol=r["protocol"],
         )
         for r in rows
     ]

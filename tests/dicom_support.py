@@ -35,6 +35,7 @@ from dicom.filestore import FileStore
 from dicom.scp import DicomServer
 from ingest.pipeline import GroupCommitPipeline, PipelineSettings
 from monitoring.metrics import Metrics
+from storage.audit import record_access
 from storage.dicom_queries import find, held_instances, indexed_files, retrievable
 from storage.migrations import apply_migrations
 from storage.writer import BatchWriter
@@ -86,6 +87,7 @@ async def running_dicom(
             finder=lambda request: find(pool, request),
             holder=lambda uids: held_instances(pool, uids),
             locator=lambda keys, limit: retrievable(pool, keys, limit),
+            auditor=lambda entry: record_access(pool, entry),
             metrics=metrics,
             indexed=lambda paths: indexed_files(pool, paths),
             file_threads=file_threads,

@@ -30,6 +30,7 @@ import pytest
 
 from gateway.auth import issue_token
 from gateway.local_services import drop_database
+from storage.audit import AuditEntry, record_access
 from storage.ledger import LedgerPruning, prune_ledger
 from storage.migrations import apply_migrations
 from storage.roles import GroupRoles, create_group_roles, ensure_login
@@ -543,9 +544,9 @@ async def test_runtime_role_cannot_use_the_partition_function_on_another_table(
         "CREATE INDEX intruder ON patient (family)",
         "DELETE FROM hl7_message",
         "UPDATE schema_migration SET name = 'x'",
-        "SELECT count(*) FROM api_audit",
-        "INSERT INTO api_audit (token_name, action, resource_type, query_shape, outcome, status)"
-        " VALUES ('x', 'read', 'Patient', '', '0', 200)",
+        "SELECT token_name, patient_ids FROM api_audit",  # it writes C-GET rows, never reads
+        "UPDATE api_audit SET status = 0",
+        "DELETE FROM api_audit",
         "SELECT raw FROM dead_letter",
         "SELECT raw FROM hl7_message",
         "SELECT token_hash FROM api_token",
@@ -559,6 +560,18 @@ async def test_runtime_role_cannot_use_the_partition_function_on_another_table(
 async def test_runtime_role_is_refused(as_app: asyncpg.Connection, statement: str) -> None:
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
         await as_app.execute(statement)
+
+
+async def test_runtime_role_writes_the_audit_row_of_a_dicom_retrieve(
+    as_app: asyncpg.Connection,
+) -> None:
+    row_id = await record_access(
+        as_app,
+        AuditEntry(
+            "VIEWER", "read", "ImagingStudy", "C-GET STUDY, 1 instance(s)", (), "0", 0xFF00, "dicom"
+        ),
+    )
+    assert row_id > 0
 
 
 async def test_token_commands_run_as_the_runtime_role(cluster: Cluster) -> None:

@@ -347,3 +347,38 @@ async def test_dcmtk_getscu_retrieves_every_instance_of_a_study(
     for ds in received:  # getscu writes what it decoded: equal elements, not equal bytes
         assert ds.PixelData == sent[str(ds.SOPInstanceUID)].PixelData
         assert ds.PatientName == sent[str(ds.SOPInstanceUID)].PatientName
+
+
+async def test_a_get_is_audited_before_its_sub_operations_with_ae_title_and_patient(
+    scp: RunningDicom,
+) -> None:
+    instances = study(2)
+    await asyncio.to_thread(store, scp.port, instances)
+    patient = await scp.pool.fetchval(
+        "SELECT patient_id FROM dicom_study WHERE study_uid = $1", instances[0].StudyInstanceUID
+    )
+    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+
+    await asyncio.to_thread(c_get, scp.port, identifier, contexts(instances))
+
+    row = await scp.pool.fetchrow(
+        "SELECT * FROM api_audit WHERE $1 = ANY(patient_ids) AND protocol = 'dicom'"
+        " ORDER BY id DESC",
+        patient,
+    )
+    assert row is not None
+    assert (row["token_name"], row["query_shape"], row["status"]) == (
+        "VIEWER",
+        "C-GET STUDY, 2 instance(s)",
+        status.PENDING,
+    )
+    assert list(row["patient_ids"]) == [patient]
+
+
+async def test_a_get_matching_nothing_writes_no_audit_row(scp: RunningDicom) -> None:
+    before = await scp.pool.fetchval("SELECT count(*) FROM api_audit")
+    identifier = level("STUDY", StudyInstanceUID="1.2.826.0.1.3680043.10.99.405")
+
+    await asyncio.to_thread(c_get, scp.port, identifier, {(CT, EXPLICIT)})
+
+    assert await scp.pool.fetchval("SELECT count(*) FROM api_audit") == before

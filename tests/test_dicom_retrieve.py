@@ -4,6 +4,8 @@ stored file."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from pydicom.dataset import Dataset
 
@@ -20,6 +22,8 @@ from dicom.pdu import (
 )
 from dicom.retrieve import Progress, RetrieveError, retrieve_keys
 from dicom.sop_classes import PATIENT_ROOT_GET, STUDY_ROOT_GET
+from gateway.fhir_audit import audit_event_resource
+from storage.audit import AuditRecord
 from storage.dicom_queries import RetrieveKeys
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -231,3 +235,26 @@ def test_the_dataset_starts_after_the_file_meta_group() -> None:
 def test_a_file_without_part_10_header_has_no_dataset_offset(head: bytes) -> None:
     with pytest.raises(ValueError, match=r"Part 10|Group Length"):
         dataset_offset(head)
+
+
+def test_a_dicom_audit_row_is_a_begin_transferring_dicom_instances_event() -> None:
+    record = AuditRecord(
+        id=7,
+        recorded_at=datetime(2026, 11, 29, 8, 0, tzinfo=UTC),
+        token_name="VIEWER",  # noqa: S106 - an AE title
+        action="read",
+        resource_type="ImagingStudy",
+        query_shape="C-GET STUDY, 2 instance(s)",
+        patient_ids=(42,),
+        outcome="0",
+        status=status.PENDING,
+        protocol="dicom",
+    )
+    event = audit_event_resource(record)
+    assert event["type"]["code"] == "110102"
+    assert event["type"]["system"] == "http://dicom.nema.org/resources/ontology/DCM"
+    assert "subtype" not in event
+    assert event["action"] == "E"
+    assert event["outcomeDesc"] == "DICOM 0xFF00 (success)"
+    assert event["agent"][0]["who"]["display"] == "VIEWER"
+    assert event["entity"][0]["what"]["reference"] == "Patient/42"
