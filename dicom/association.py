@@ -1,10 +1,12 @@
-"""One association, acceptor side, as a sans-IO state machine (PS3.8 §9.2, the states that
-matter to an acceptor).
+"""One association as a sans-IO state machine (PS3.8 §9.2): `Acceptor`, the listener's side, and
+`Requestor`, the side of an association the gateway opens itself (a C-MOVE's, to its
+destination); `Endpoint` is what both share once the association is established.
 
 Bytes go in with `receive_data` (`b""`: the peer closed); `next_event()` returns the next event
 or None when more bytes are needed (or while the listener decides on the association request).
 The listener answers with `accept`/`reject`, `send_message`, `release_reply`, `abort`: each
-returns the bytes to write. Events:
+returns the bytes to write. A requestor starts with `associate` and ends with `release`; it sees
+`AssociationAccepted` or `AssociationRejected` first and `ReleaseReplied` last. Events:
 
 - `AssociationRequested`: decide with `dicom.negotiation`, then `accept(...)` or `reject(...)`;
 - `CommandReceived`: a whole DIMSE command set, with its presentation context's syntaxes;
@@ -41,7 +43,9 @@ from dicom.pdu import (
 class State(Enum):
     AWAITING_REQUEST = auto()
     AWAITING_DECISION = auto()
+    AWAITING_ANSWER = auto()  # a requestor's A-ASSOCIATE-RQ sent
     ESTABLISHED = auto()
+    RELEASING = auto()  # a requestor's A-RELEASE-RQ sent
     CLOSED = auto()  # released, rejected or aborted
     ERROR = auto()
 
@@ -49,6 +53,21 @@ class State(Enum):
 @dataclass(frozen=True, slots=True)
 class AssociationRequested:
     request: AssociateRequest
+
+
+@dataclass(frozen=True, slots=True)
+class AssociationAccepted:
+    answer: AssociateAccept
+
+
+@dataclass(frozen=True, slots=True)
+class AssociationRejected:
+    answer: AssociateReject
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseReplied:
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +113,9 @@ class ProtocolError:
 
 Event = (
     AssociationRequested
+    | AssociationAccepted
+    | AssociationRejected
+    | ReleaseReplied
     | CommandReceived
     | DatasetFragment
     | DatasetComplete
@@ -110,8 +132,11 @@ class _Context:
     transfer_syntax: str
 
 
-class Acceptor:
-    """`max_pdu`: the maximum length we advertise (P-DATA-TF PDUs above it are refused)."""
+class Endpoint:
+    """What both sides share: PDUs in and DIMSE messages out of them, messages sent, A-ABORT.
+    `max_pdu`: the maximum length we advertise (P-DATA-TF PDUs above it are refused)."""
+
+    _abort_source = AbortSource.SERVICE_PROVIDER
 
     def __init__(self, max_pdu: int) -> None:
         self._reader = pdu.PduReader(max_pdu)
@@ -123,7 +148,6 @@ class Acceptor:
         self._command = bytearray()
         self._command_context: int | None = None
         self._dataset_context: int | None = None
-        self._requestor_scp: frozenset[str] = frozenset()
         self.request: AssociateRequest | None = None
 
     @property
@@ -166,28 +190,24 @@ class Acceptor:
                     self._state = State.CLOSED
                     return ConnectionClosed()
                 return None
-            self._handle(unit)
+            if isinstance(unit, Abort):
+                self._state = State.CLOSED
+                self._events.append(Aborted(unit.source, unit.reason))
+            else:
+                self._handle(unit)
         return self._events.popleft()
 
-    # --- answers ----------------------------------------------------------------------------
+    def accepted_context(self, abstract_syntax: str, transfer_syntax: str) -> int | None:
+        """An accepted presentation context of `abstract_syntax` in `transfer_syntax`, else
+        None."""
+        for context_id, context in self._contexts.items():
+            if context.abstract_syntax == abstract_syntax and (
+                context.transfer_syntax == transfer_syntax
+            ):
+                return context_id
+        return None
 
-    def accept(self, answer: AssociateAccept) -> bytes:
-        if self._state is not State.AWAITING_DECISION or self.request is None:
-            raise RuntimeError("no association request to accept")
-        proposed = {c.context_id: c.abstract_syntax for c in self.request.contexts}
-        for context in answer.contexts:
-            if context.result is ContextResult.ACCEPTANCE and context.context_id in proposed:
-                self._contexts[context.context_id] = _Context(
-                    proposed[context.context_id], context.transfer_syntax
-                )
-        self._peer_max = self.request.user_information.max_length
-        self._requestor_scp = frozenset(r.sop_class for r in answer.user_information.roles if r.scp)
-        self._state = State.ESTABLISHED
-        return pdu.encode(answer)
-
-    def reject(self, answer: AssociateReject) -> bytes:
-        self._state = State.CLOSED
-        return pdu.encode(answer)
+    # --- messages out -----------------------------------------------------------------------
 
     def send_message(
         self, context_id: int, command: Command, dataset: bytes | None = None
@@ -196,61 +216,40 @@ class Acceptor:
         pdus = pdu.message_pdus(context_id, encode_command(command), dataset, self._peer_max)
         return b"".join(pdus)
 
-    def storage_context(self, sop_class: str, transfer_syntax: str) -> int | None:
-        """The accepted presentation context on which we may send the peer a C-STORE of
-        `sop_class` in `transfer_syntax` (the peer took the SCP role for it, PS3.7 D.3.3.4),
-        else None."""
-        if sop_class not in self._requestor_scp:
-            return None
-        for context_id, context in self._contexts.items():
-            if context.abstract_syntax == sop_class and context.transfer_syntax == transfer_syntax:
-                return context_id
-        return None
-
     def send_command(self, context_id: int, command: Command) -> bytes:
         """A command set whose dataset follows in pieces (`send_fragment`)."""
         data = encode_command(command)
-        return b"".join(
-            pdu.fragment_pdus(context_id, data, self._peer_max, is_command=True, last=True)
-        )
+        pdus = pdu.fragment_pdus(context_id, data, self._peer_max, is_command=True, last=True)
+        return b"".join(pdus)
 
     def send_fragment(self, context_id: int, data: bytes | memoryview, last: bool) -> bytes:
         """A piece of a dataset being sent; `last` for its final piece."""
         pdus = pdu.fragment_pdus(context_id, data, self._peer_max, is_command=False, last=last)
         return b"".join(pdus)
 
-    def release_reply(self) -> bytes:
-        self._state = State.CLOSED
-        return pdu.encode(pdu.ReleaseReply())
-
     def abort(self, reason: AbortReason = AbortReason.NOT_SPECIFIED) -> bytes:
         self._state = State.CLOSED
-        return pdu.encode(Abort(AbortSource.SERVICE_PROVIDER, reason))
+        return pdu.encode(Abort(self._abort_source, reason))
 
     # --- incoming PDUs ----------------------------------------------------------------------
 
     def _handle(self, unit: pdu.Pdu) -> None:
-        if isinstance(unit, Abort):
-            self._state = State.CLOSED
-            self._events.append(Aborted(unit.source, unit.reason))
-        elif self._state is State.AWAITING_REQUEST:
-            if isinstance(unit, AssociateRequest):
-                self.request = unit
-                self._state = State.AWAITING_DECISION
-                self._events.append(AssociationRequested(unit))
-            else:
-                self._unexpected(unit)
-        elif isinstance(unit, pdu.PDataTF):
-            for pdv in unit.pdvs:
-                if not self._pdv(pdv):
-                    return
-        elif isinstance(unit, pdu.ReleaseRequest):
-            if self.in_message:
-                self._unexpected(unit)
-            else:
-                self._events.append(ReleaseRequested())
-        else:
-            self._unexpected(unit)
+        """A PDU other than A-ABORT."""
+        raise NotImplementedError
+
+    def _established(self, request: AssociateRequest, answer: AssociateAccept) -> None:
+        proposed = {c.context_id: c.abstract_syntax for c in request.contexts}
+        for context in answer.contexts:
+            if context.result is ContextResult.ACCEPTANCE and context.context_id in proposed:
+                self._contexts[context.context_id] = _Context(
+                    proposed[context.context_id], context.transfer_syntax
+                )
+        self._state = State.ESTABLISHED
+
+    def _p_data(self, unit: pdu.PDataTF) -> None:
+        for pdv in unit.pdvs:
+            if not self._pdv(pdv):
+                return
 
     def _pdv(self, pdv: pdu.Pdv) -> bool:
         context = self._contexts.get(pdv.context_id)
@@ -287,17 +286,17 @@ class Acceptor:
         return True
 
     def _unexpected(self, unit: pdu.Pdu) -> None:
-        reply = Abort(AbortSource.SERVICE_PROVIDER, AbortReason.UNEXPECTED_PDU)
+        reply = Abort(self._abort_source, AbortReason.UNEXPECTED_PDU)
         self._events.append(self._fail(f"unexpected {type(unit).__name__}", pdu.encode(reply)))
 
     def _invalid(self, detail: str) -> bool:
-        reply = Abort(AbortSource.SERVICE_PROVIDER, AbortReason.INVALID_PARAMETER)
+        reply = Abort(self._abort_source, AbortReason.INVALID_PARAMETER)
         self._events.append(self._fail(detail, pdu.encode(reply)))
         return False
 
     def _reply_for(self, error: PduError) -> bytes:
         if isinstance(error.reply, AssociateReject) and self._state is not State.AWAITING_REQUEST:
-            return pdu.encode(Abort(AbortSource.SERVICE_PROVIDER, AbortReason.UNEXPECTED_PDU))
+            return pdu.encode(Abort(self._abort_source, AbortReason.UNEXPECTED_PDU))
         return pdu.encode(error.reply)
 
     def _fail(self, detail: str, reply: bytes) -> ProtocolError:
@@ -305,3 +304,91 @@ class Acceptor:
         self._command = bytearray()
         self._command_context = self._dataset_context = None
         return ProtocolError(detail, reply)
+
+
+class Acceptor(Endpoint):
+    """The listener's side: `accept` or `reject` the request; `release_reply` at the end."""
+
+    def __init__(self, max_pdu: int) -> None:
+        super().__init__(max_pdu)
+        self._requestor_scp: frozenset[str] = frozenset()
+
+    def accept(self, answer: AssociateAccept) -> bytes:
+        if self._state is not State.AWAITING_DECISION or self.request is None:
+            raise RuntimeError("no association request to accept")
+        self._established(self.request, answer)
+        self._peer_max = self.request.user_information.max_length
+        self._requestor_scp = frozenset(r.sop_class for r in answer.user_information.roles if r.scp)
+        return pdu.encode(answer)
+
+    def reject(self, answer: AssociateReject) -> bytes:
+        self._state = State.CLOSED
+        return pdu.encode(answer)
+
+    def storage_context(self, sop_class: str, transfer_syntax: str) -> int | None:
+        """The accepted presentation context on which we may send the peer a C-STORE of
+        `sop_class` in `transfer_syntax` (the peer took the SCP role for it, PS3.7 D.3.3.4),
+        else None."""
+        if sop_class not in self._requestor_scp:
+            return None
+        return self.accepted_context(sop_class, transfer_syntax)
+
+    def release_reply(self) -> bytes:
+        self._state = State.CLOSED
+        return pdu.encode(pdu.ReleaseReply())
+
+    def _handle(self, unit: pdu.Pdu) -> None:
+        if self._state is State.AWAITING_REQUEST:
+            if isinstance(unit, AssociateRequest):
+                self.request = unit
+                self._state = State.AWAITING_DECISION
+                self._events.append(AssociationRequested(unit))
+            else:
+                self._unexpected(unit)
+        elif isinstance(unit, pdu.PDataTF):
+            self._p_data(unit)
+        elif isinstance(unit, pdu.ReleaseRequest):
+            if self.in_message:
+                self._unexpected(unit)
+            else:
+                self._events.append(ReleaseRequested())
+        else:
+            self._unexpected(unit)
+
+
+class Requestor(Endpoint):
+    """The side of an association the gateway opens: `associate`, DIMSE messages, `release`."""
+
+    _abort_source = AbortSource.SERVICE_USER
+
+    def associate(self, request: AssociateRequest) -> bytes:
+        if self._state is not State.AWAITING_REQUEST:
+            raise RuntimeError("association already requested")
+        self.request = request
+        self._state = State.AWAITING_ANSWER
+        return pdu.encode(request)
+
+    def release(self) -> bytes:
+        if self._state is not State.ESTABLISHED:
+            raise RuntimeError("no association to release")
+        self._state = State.RELEASING
+        return pdu.encode(pdu.ReleaseRequest())
+
+    def _handle(self, unit: pdu.Pdu) -> None:
+        if self._state is State.AWAITING_ANSWER and self.request is not None:
+            if isinstance(unit, AssociateAccept):
+                self._established(self.request, unit)
+                self._peer_max = unit.user_information.max_length
+                self._events.append(AssociationAccepted(unit))
+            elif isinstance(unit, AssociateReject):
+                self._state = State.CLOSED
+                self._events.append(AssociationRejected(unit))
+            else:
+                self._unexpected(unit)
+        elif isinstance(unit, pdu.PDataTF):
+            self._p_data(unit)
+        elif isinstance(unit, pdu.ReleaseReply) and self._state is State.RELEASING:
+            self._state = State.CLOSED
+            self._events.append(ReleaseReplied())
+        else:
+            self._unexpected(unit)

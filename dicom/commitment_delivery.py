@@ -13,8 +13,9 @@ images and asks again). A delivery still pending when the gateway stops is dropp
 Each report is counted in `qantara_dicom_commitment_reports_total{outcome}`.
 
 The outgoing association is pynetdicom's (blocking, in a thread), imported at the first report:
-the listener's own upper layer is an acceptor only, and a report is one short association now
-and then.
+it was written when the listener's own upper layer was an acceptor only, and a report is one
+short association now and then. (C-MOVE's association to its destination uses our own
+`dicom.association.Requestor` since; moving the reports to it is left for later.)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom import sop_classes, status
 from dicom.commitment import CommitmentReport
-from dicom.config import ReportAddress
+from dicom.config import AeAddress
 from ingest.group_tasks import GroupTasks
 from monitoring.metrics import Metrics
 from monitoring.thread_names import name_native_thread
@@ -46,7 +47,7 @@ up to its timeouts, and must not hold up the loop's default executor."""
 
 
 def send_report(
-    address: ReportAddress, calling_ae: str, report: CommitmentReport, timeout: float
+    address: AeAddress, calling_ae: str, report: CommitmentReport, timeout: float
 ) -> int | None:
     """One attempt, blocking: the N-EVENT-REPORT-RSP's status, or None when no association or
     no answer."""
@@ -101,7 +102,7 @@ class Reports:
             self._threads.shutdown(wait=False, cancel_futures=True)  # attempts end on timeouts
             self._threads = None
 
-    def deliver(self, address: ReportAddress, report: CommitmentReport) -> bool:
+    def deliver(self, address: AeAddress, report: CommitmentReport) -> bool:
         """Start delivering `report` to `address`; False when it cannot be (stopping, or
         `MAX_PENDING` reports already on their way)."""
         if len(self._deliveries) >= MAX_PENDING:
@@ -114,7 +115,7 @@ class Reports:
         self._metrics.dicom_commitment_reports.labels("dropped").inc()
         return False
 
-    async def _deliver(self, address: ReportAddress, report: CommitmentReport) -> None:
+    async def _deliver(self, address: AeAddress, report: CommitmentReport) -> None:
         """Attempts until the modality answers Success or the delays run out. Never raises but
         for cancellation: a task of the listener's group."""
         for attempt, delay in enumerate((0.0, *RETRY_DELAYS), start=1):

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 from dicom import dimse, sop_classes, status
-from dicom.association import CommandReceived
+from dicom.association import Acceptor, CommandReceived
 from dicom.commitment import (
     REQUEST_COMMITMENT,
     CommitmentError,
@@ -46,7 +46,7 @@ _RESULTS = {
 
 
 async def answer_commitment(
-    link: Link,
+    link: Link[Acceptor],
     event: CommandReceived,
     holder: Holder,
     settings: DicomSettings,
@@ -63,7 +63,7 @@ async def answer_commitment(
 
     async def answer(code: int, comment: str | None = None) -> None:
         response = dimse.action_response(command, code, comment)
-        await link.send(link.acceptor.send_message(event.context_id, response))
+        await link.send(link.endpoint.send_message(event.context_id, response))
 
     try:
         if command.action_type != REQUEST_COMMITMENT:
@@ -106,7 +106,7 @@ async def answer_commitment(
             result.event_type,
         )
         information_bytes = encode_identifier(result.information, event.transfer_syntax)
-        await link.send(link.acceptor.send_message(event.context_id, notice, information_bytes))
+        await link.send(link.endpoint.send_message(event.context_id, notice, information_bytes))
         where = f"report {message_id}"
     logger.info(
         "DICOM storage commitment for %s: %d of %d instance(s) committed (%s)",

@@ -14,8 +14,9 @@ from ingest.tls import server_context
 
 
 @dataclass(frozen=True, slots=True)
-class ReportAddress:
-    """Where a modality takes its Storage Commitment reports on an association of its own."""
+class AeAddress:
+    """Where the gateway calls an AE title on an association of its own: a modality's port for
+    its Storage Commitment reports, a C-MOVE destination."""
 
     ae_title: str
     host: str
@@ -25,13 +26,13 @@ class ReportAddress:
 @dataclass(frozen=True, slots=True)
 class DicomSettings:
     """`allowed_aes` empty means any calling AE title is accepted; `retrieve_aes` empty means
-    nobody may C-GET."""
+    nobody may C-GET or C-MOVE."""
 
     port: int = 11112
     ae_title: str = "QANTARA"
     storage: Path = Path("./var/dicom")
     allowed_aes: frozenset[str] = frozenset()
-    retrieve_aes: frozenset[str] = frozenset()  # the calling AE titles that may C-GET
+    retrieve_aes: frozenset[str] = frozenset()  # the calling AE titles that may C-GET, C-MOVE
     require_called_ae: bool = False  # refuse associations addressed to another AE title
     max_associations: int = 16
     max_pdu: int = 1 << 20
@@ -48,12 +49,18 @@ class DicomSettings:
     tls_client_ca: Path | None = None  # callers must present a certificate it signed
     tls_crl: Path | None = None  # with tls_client_ca: the modalities' certificates it revokes
     tls_ae_from_cn: bool = False  # the calling AE title must be a commonName of that certificate
-    report_addresses: tuple[ReportAddress, ...] = ()
+    report_addresses: tuple[AeAddress, ...] = ()
     """The modalities that take their Storage Commitment reports on an association of their own;
     the others get theirs on the association of the request."""
 
-    def report_address(self, ae_title: str) -> ReportAddress | None:
+    move_destinations: tuple[AeAddress, ...] = ()
+    """The AE titles a C-MOVE may name as its destination, and where they listen."""
+
+    def report_address(self, ae_title: str) -> AeAddress | None:
         return next((a for a in self.report_addresses if a.ae_title == ae_title), None)
+
+    def move_destination(self, ae_title: str) -> AeAddress | None:
+        return next((a for a in self.move_destinations if a.ae_title == ae_title), None)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The listener's TLS context when a certificate is configured, else None."""

@@ -17,6 +17,8 @@ C_STORE_RQ: Final = 0x0001
 C_STORE_RSP: Final = 0x8001
 C_GET_RQ: Final = 0x0010
 C_GET_RSP: Final = 0x8010
+C_MOVE_RQ: Final = 0x0021
+C_MOVE_RSP: Final = 0x8021
 C_FIND_RQ: Final = 0x0020
 C_FIND_RSP: Final = 0x8020
 C_ECHO_RQ: Final = 0x0030
@@ -42,6 +44,7 @@ _REQUESTED_SOP_CLASS: Final = 0x0000_0003
 _COMMAND_FIELD: Final = 0x0000_0100
 _MESSAGE_ID: Final = 0x0000_0110
 _RESPONDED_TO: Final = 0x0000_0120
+_MOVE_DESTINATION: Final = 0x0000_0600
 _PRIORITY: Final = 0x0000_0700
 _DATASET_TYPE: Final = 0x0000_0800
 _STATUS: Final = 0x0000_0900
@@ -54,6 +57,8 @@ _REMAINING: Final = 0x0000_1020
 _COMPLETED: Final = 0x0000_1021
 _FAILED: Final = 0x0000_1022
 _WARNING: Final = 0x0000_1023
+_MOVE_ORIGINATOR_AE: Final = 0x0000_1030
+_MOVE_ORIGINATOR_ID: Final = 0x0000_1031
 _US: Final = frozenset(
     {
         _COMMAND_FIELD,
@@ -68,6 +73,7 @@ _US: Final = frozenset(
         _COMPLETED,
         _FAILED,
         _WARNING,
+        _MOVE_ORIGINATOR_ID,
     }
 )
 _UI: Final = frozenset(
@@ -103,6 +109,9 @@ class Command:
     completed: int | None = None
     failed: int | None = None
     warning: int | None = None
+    move_destination: str | None = None
+    move_originator_ae: str | None = None
+    move_originator_id: int | None = None
 
     @property
     def has_dataset(self) -> bool:
@@ -149,6 +158,9 @@ def decode_command(data: bytes | bytearray | memoryview) -> Command:
         completed=_us(values, _COMPLETED),
         failed=_us(values, _FAILED),
         warning=_us(values, _WARNING),
+        move_destination=_text(values, _MOVE_DESTINATION),
+        move_originator_ae=_text(values, _MOVE_ORIGINATOR_AE),
+        move_originator_id=_us(values, _MOVE_ORIGINATOR_ID),
     )
 
 
@@ -187,6 +199,8 @@ def encode_command(command: Command) -> bytes:
         elements.append((_MESSAGE_ID, _US_VALUE.pack(command.message_id)))
     if command.responded_to is not None:
         elements.append((_RESPONDED_TO, _US_VALUE.pack(command.responded_to)))
+    if command.move_destination is not None:
+        elements.append((_MOVE_DESTINATION, _ae(command.move_destination)))
     if command.priority is not None:
         elements.append((_PRIORITY, _US_VALUE.pack(command.priority)))
     elements.append((_DATASET_TYPE, _US_VALUE.pack(command.dataset_type)))
@@ -211,8 +225,17 @@ def encode_command(command: Command) -> bytes:
     ):
         if count is not None:
             elements.append((tag, _US_VALUE.pack(min(count, 0xFFFF))))
+    if command.move_originator_ae is not None:
+        elements.append((_MOVE_ORIGINATOR_AE, _ae(command.move_originator_ae)))
+    if command.move_originator_id is not None:
+        elements.append((_MOVE_ORIGINATOR_ID, _US_VALUE.pack(command.move_originator_id)))
     body = b"".join(_ELEMENT.pack(0, tag, len(value)) + value for tag, value in elements)
     return _ELEMENT.pack(0, _GROUP_LENGTH, 4) + _UL_VALUE.pack(len(body)) + body
+
+
+def _ae(title: str) -> bytes:
+    value = title.encode("ascii", "replace")[:16]
+    return value + b" " * (len(value) % 2)
 
 
 def _pad_uid(uid: str) -> bytes:
@@ -259,8 +282,15 @@ def find_response(
     )
 
 
-def store_request(message_id: int, sop_class: str, sop_instance: str, priority: int) -> Command:
-    """A C-STORE-RQ of the listener's own (a C-GET sub-operation); its dataset follows."""
+def store_request(
+    message_id: int,
+    sop_class: str,
+    sop_instance: str,
+    priority: int,
+    originator: tuple[str, int] | None = None,
+) -> Command:
+    """A C-STORE-RQ of the gateway's own (a C-GET or C-MOVE sub-operation); its dataset
+    follows. `originator`: the AE title and Message ID of the C-MOVE it serves."""
     return Command(
         C_STORE_RQ,
         message_id=message_id,
@@ -268,10 +298,12 @@ def store_request(message_id: int, sop_class: str, sop_instance: str, priority: 
         affected_sop_instance=sop_instance,
         priority=priority,
         dataset_type=HAS_DATASET,
+        move_originator_ae=originator[0] if originator else None,
+        move_originator_id=originator[1] if originator else None,
     )
 
 
-def get_response(
+def retrieve_response(
     request: Command,
     status: int,
     counts: tuple[int | None, int, int, int],
@@ -279,11 +311,12 @@ def get_response(
     identifier: bool = False,
     error_comment: str | None = None,
 ) -> Command:
-    """A C-GET-RSP; `counts`: remaining (None: absent, as in a final response), completed,
-    failed and warning sub-operations (PS3.7 C.4.3.1, capped at 65,535: they are US)."""
+    """A C-GET-RSP or C-MOVE-RSP, after `request`'s kind; `counts`: remaining (None: absent,
+    as in a final response), completed, failed and warning sub-operations (PS3.7 C.4.2.1,
+    C.4.3.1; capped at 65,535: they are US)."""
     remaining, completed, failed, warning = counts
     return Command(
-        C_GET_RSP,
+        request.command_field | RESPONSE_BIT,
         responded_to=request.message_id or 0,
         affected_sop_class=request.affected_sop_class or "",
         dataset_type=HAS_DATASET if identifier else NO_DATASET,

@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from dicom import dimse, sop_classes, status
-from dicom.association import CommandReceived
+from dicom.association import Acceptor, CommandReceived
 from dicom.config import DicomSettings
 from dicom.identifier import MAX_IDENTIFIER, IdentifierError, decode_identifier, encode_identifier
 from dicom.link import Ended, Link
@@ -35,7 +35,7 @@ Finder = Callable[[FindRequest], Awaitable[list[FindMatch]]]
 
 
 async def answer_find(
-    link: Link, event: CommandReceived, finder: Finder, settings: DicomSettings
+    link: Link[Acceptor], event: CommandReceived, finder: Finder, settings: DicomSettings
 ) -> Ended | None:
     """Receive a C-FIND identifier, query the index, stream the matches (Pending) and the final
     status; a C-CANCEL noted by the link ends the stream with Cancel. What ended the association
@@ -50,7 +50,7 @@ async def answer_find(
         response = dimse.find_response(
             command, code, identifier=identifier is not None, error_comment=comment
         )
-        await link.send(link.acceptor.send_message(event.context_id, response, identifier))
+        await link.send(link.endpoint.send_message(event.context_id, response, identifier))
 
     try:
         if data is None:  # none, or longer than MAX_IDENTIFIER

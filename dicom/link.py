@@ -1,10 +1,11 @@
-"""The asyncio transport of one association: bytes from the socket into the sans-IO `Acceptor`,
-its events into a queue for the association's task, bytes back out with flow control.
+"""The asyncio transport of one association: bytes from the socket into its sans-IO endpoint (an
+`Acceptor` for the listener's associations, a `Requestor` for those the gateway opens), its events
+into a queue for the association's task, bytes back out with flow control.
 
-`Link` is an `asyncio.Protocol`: `data_received` feeds the acceptor and queues the events it
+`Link` is an `asyncio.Protocol`: `data_received` feeds the endpoint and queues the events it
 yields, so the socket is read while the association's task writes a fragment or waits for a
 commit. Backpressure: while the bytes received and not yet taken by the task (queued fragments,
-and what the acceptor holds, e.g. while the association request is being decided) exceed
+and what the endpoint holds, e.g. while the association request is being decided) exceed
 `high_water`, reading pauses. A write waits for the peer to read, at most `send_timeout`. A
 C-CANCEL-RQ is noted as it arrives (`cancelled`), so that a C-FIND streaming its matches sees it
 between two responses.
@@ -15,18 +16,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable
-from typing import Final, cast
+from typing import Final, Generic, TypeVar, cast
 
 from dicom.association import (
-    Acceptor,
     CommandReceived,
     ConnectionClosed,
     DatasetComplete,
     DatasetFragment,
+    Endpoint,
     Event,
 )
 from dicom.dimse import C_CANCEL_RQ, Command
 from ingest.tls import common_names
+
+E = TypeVar("E", bound=Endpoint)
 
 TIMED_OUT: Final = "timed out"
 Ended = Event | str
@@ -35,17 +38,17 @@ STUCK_WRITES: Final = 256 * 1024
 """Unsent bytes at close beyond which the connection is dropped rather than flushed."""
 
 
-class Link(asyncio.Protocol):
+class Link(asyncio.Protocol, Generic[E]):
     """One connection; the association's task reads `next_event` and writes with `send`."""
 
     def __init__(
         self,
-        acceptor: Acceptor,
+        endpoint: E,
         high_water: int,
         send_timeout: float,
-        on_made: Callable[[Link], None] | None = None,
+        on_made: Callable[[Link[E]], None] | None = None,
     ) -> None:
-        self.acceptor = acceptor
+        self.endpoint = endpoint
         self._on_made = on_made
         self._high_water = high_water
         self._send_timeout = send_timeout
@@ -74,20 +77,20 @@ class Link(asyncio.Protocol):
             self._on_made(self)  # may refuse, which aborts
 
     def data_received(self, data: bytes) -> None:
-        self.acceptor.receive_data(data)
+        self.endpoint.receive_data(data)
         self.pump()
 
     def eof_received(self) -> bool:
-        self.acceptor.receive_data(b"")
+        self.endpoint.receive_data(b"")
         self.pump()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._writable.set()
-        self.acceptor.receive_data(b"")
+        self.endpoint.receive_data(b"")
         self.pump()
-        self._events.put_nowait(ConnectionClosed())  # in case the acceptor had ended already
+        self._events.put_nowait(ConnectionClosed())  # in case the endpoint had ended already
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -98,8 +101,8 @@ class Link(asyncio.Protocol):
     # --- for the association's task ---------------------------------------------------------
 
     def pump(self) -> None:
-        """Queue what the acceptor can tell now (after data, and after `accept`)."""
-        while (event := self.acceptor.next_event()) is not None:
+        """Queue what the endpoint can tell now (after data, and after `accept`)."""
+        while (event := self.endpoint.next_event()) is not None:
             if isinstance(event, DatasetFragment):
                 self._queued_bytes += len(event.data)
             elif isinstance(event, CommandReceived) and event.command.command_field == C_CANCEL_RQ:
@@ -111,7 +114,7 @@ class Link(asyncio.Protocol):
 
     @property
     def _backlog(self) -> int:
-        return self._queued_bytes + self.acceptor.buffered
+        return self._queued_bytes + self.endpoint.buffered
 
     async def next_event(self, within: float) -> Event | str:
         """The next event, or `TIMED_OUT` when none came within `within` seconds."""

@@ -8,9 +8,10 @@ TLS authenticates a certificate, not an AE title (PS3.15 B.1): with `ae_from_cer
 calling AE title must be one of the commonNames of the modality's certificate subject
 (`certified`), so that a modality with a valid certificate cannot call as another.
 
-C-GET is for the calling AE titles of `Policy.retrieve_aes` only (`QANTARA_DICOM_RETRIEVE_AES`,
-none by default: anyone who may store must not thereby read every patient's images): for the
-others, the contexts of the C-GET information models get "user rejection". SCP/SCU role
+C-GET and C-MOVE are for the calling AE titles of `Policy.retrieve_aes` only
+(`QANTARA_DICOM_RETRIEVE_AES`, none by default: anyone who may store must not thereby read every
+patient's images): for the others, the contexts of their information models get "user
+rejection". SCP/SCU role
 selection (PS3.7 D.3.3.4): each item the requestor proposes is answered; a caller that may
 retrieve may take the SCP role for the storage SOP classes (`Policy.requestor_scp`), so that a
 C-GET's C-STORE sub-operations go to it on the same association; every caller keeps the SCU role
@@ -65,7 +66,7 @@ class Policy:
     requestor_scp: frozenset[str] = frozenset()
     """The SOP classes for which the requestor may take the SCP role (role selection)."""
     retrieve_aes: frozenset[str] = frozenset()
-    """The calling AE titles that may retrieve: for the others, a C-GET information model's
+    """The calling AE titles that may retrieve: for the others, a C-GET or C-MOVE model's
     context is answered "user rejection" (none: nobody may)."""
 
 
@@ -96,7 +97,7 @@ def gateway_policy(
     storage = frozenset(sop_classes.TRANSFER_SYNTAXES)
     syntaxes = {uid: storage for uid in sop_classes.STORAGE}
     syntaxes[sop_classes.VERIFICATION] = defaults
-    for model in sop_classes.FIND_MODELS | sop_classes.GET_MODELS:
+    for model in sop_classes.FIND_MODELS | sop_classes.RETRIEVE_MODELS:
         syntaxes[model] = defaults
     syntaxes[sop_classes.STORAGE_COMMITMENT] = defaults
     return Policy(
@@ -132,7 +133,7 @@ def negotiate(
             result = ContextResult.ABSTRACT_SYNTAX_NOT_SUPPORTED
             answers.append(ContextAnswer(proposed.context_id, result, first))
             continue
-        if proposed.abstract_syntax in sop_classes.GET_MODELS and (
+        if proposed.abstract_syntax in sop_classes.RETRIEVE_MODELS and (
             request.calling_ae not in policy.retrieve_aes
         ):
             answers.append(ContextAnswer(proposed.context_id, ContextResult.USER_REJECTION, first))

@@ -1,5 +1,5 @@
-"""C-GET, sans-IO: what an identifier asks for, and how its sub-operations are counted and answered
-(PS3.4 C.4.3, PS3.7 9.1.3).
+"""C-GET and C-MOVE, sans-IO: what an identifier asks for, and how the sub-operations are counted
+and answered (PS3.4 C.4.2, C.4.3; PS3.7 9.1.3, 9.1.4).
 
 `retrieve_keys(identifier, model)` reads the unique keys of a decoded identifier (hierarchical
 retrieve, C.4.3.1.3.1): the retrieve level's own key is required (PatientID at PATIENT, Study,
@@ -42,11 +42,11 @@ class RetrieveError(ValueError):
 
 
 def retrieve_keys(identifier: Dataset, model: str) -> RetrieveKeys:
-    """The unique keys of a C-GET identifier of the information model `model`."""
+    """The unique keys of a C-GET or C-MOVE identifier of the information model `model`."""
     level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
     if level not in _LEVEL_KEY:
         raise RetrieveError("unknown query/retrieve level")
-    if level not in sop_classes.GET_LEVELS[model]:
+    if level not in sop_classes.RETRIEVE_LEVELS[model]:
         raise RetrieveError("level not in this retrieve model")
     depth = _ORDER.index(level)
     values: dict[str, tuple[str, ...]] = {}
@@ -118,7 +118,7 @@ class Progress:
 
     def pending(self, request: dimse.Command) -> dimse.Command:
         counts = (self.remaining, self.completed, self.failed, self.warning)
-        return dimse.get_response(request, status.PENDING, counts)
+        return dimse.retrieve_response(request, status.PENDING, counts)
 
     def final(
         self, request: dimse.Command, cancelled: list[str]
@@ -140,5 +140,5 @@ class Progress:
             identifier = Dataset()
             identifier.FailedSOPInstanceUIDList = [*failed, *cancelled]
         counts = (remaining, self.completed, self.failed, self.warning)
-        command = dimse.get_response(request, code, counts, identifier=identifier is not None)
+        command = dimse.retrieve_response(request, code, counts, identifier=identifier is not None)
         return command, identifier

@@ -62,11 +62,11 @@ from dicom.config import DicomSettings
 from dicom.filemeta import file_meta
 from dicom.filestore import FileStore, StagedFile, StoredFile, fsync_dir
 from dicom.find_scp import Finder, answer_find
-from dicom.get_scp import Auditor, Locator, answer_get
 from dicom.link import TIMED_OUT, Ended, Link
 from dicom.metadata import DicomInputError, InstanceMetadata, read_metadata
 from dicom.negotiation import Refused, gateway_policy, limit_reached, negotiate
 from dicom.orphan_sweep import Indexed, OrphanSweep
+from dicom.retrieve_scp import Auditor, Locator, Retrieval, answer_retrieve, retrieves
 from dicom.serial_queue import SerialQueue
 from dicom.spool import Chunk
 from dicom.write_behind import SPOOL_BATCH, Spools, WriteBehind
@@ -168,12 +168,11 @@ class DicomServer:
         self._store = store
         self._finder = finder
         self._holder = holder
-        self._locator = locator
-        self._auditor = auditor
         self._reports = Reports(
             settings.ae_title, min(settings.acse_timeout, REPORT_TIMEOUT_SECONDS), metrics
         )
         self._orphans = OrphanSweep(store, indexed, settings, metrics)
+        self._retrieval = Retrieval(locator, auditor, self._work, store.root)
         self._metrics = metrics
         self._policy = gateway_policy(
             settings.ae_title,
@@ -274,7 +273,7 @@ class DicomServer:
                     task.cancel()
             self._reports.close()  # reports still on their way: the modalities ask again
 
-    def _connect(self) -> Link:
+    def _connect(self) -> Link[Acceptor]:
         """A new connection (protocol factory). Its association's task starts once the
         connection is made: with TLS, after the handshake, so that a peer whose handshake fails
         leaves no task behind."""
@@ -304,7 +303,7 @@ class DicomServer:
             metrics=self._metrics,
         )
 
-    def _begin(self, link: Link) -> None:
+    def _begin(self, link: Link[Acceptor]) -> None:
         """The association's task joins the group; refused while stopping."""
         group = self._group
         if group is None:
@@ -316,7 +315,7 @@ class DicomServer:
 
     # --- one association --------------------------------------------------------------------
 
-    async def _association(self, link: Link) -> None:
+    async def _association(self, link: Link[Acceptor]) -> None:
         s = self._settings
         counted = False
         try:
@@ -332,12 +331,12 @@ class DicomServer:
                 log = logger.warning if answer.reason == "local_limit" else logger.info
                 log("DICOM association from %s rejected: %s", calling, _REFUSALS[answer.reason])
                 self._metrics.dicom_associations_rejected.labels(answer.reason).inc()
-                link.close(link.acceptor.reject(answer.reject))
+                link.close(link.endpoint.reject(answer.reject))
                 return
             counted = True
             self._associations += 1
             self._metrics.dicom_associations.set(self._associations)
-            await link.send(link.acceptor.accept(answer))
+            await link.send(link.endpoint.accept(answer))
             link.pump()  # what arrived while we decided
             spools = Spools(self._store.tmp, SerialQueue(_started(self._spoolers)))
             try:
@@ -345,24 +344,24 @@ class DicomServer:
             finally:
                 spools.close()
         except asyncio.CancelledError:
-            link.close(link.acceptor.abort())
+            link.close(link.endpoint.abort())
             raise
         except TimeoutError:  # Link.send: the peer stopped reading
             logger.info("DICOM association aborted: the peer does not read")
-            link.close(link.acceptor.abort())
+            link.close(link.endpoint.abort())
         except Exception as exc:  # noqa: BLE001 - one association's failure must not end the others
             logger.error("DICOM association failed: %s", type(exc).__name__)
-            link.close(link.acceptor.abort())
+            link.close(link.endpoint.abort())
         finally:
             if counted:
                 self._associations -= 1
                 self._metrics.dicom_associations.set(self._associations)
             link.close()
 
-    async def _serve(self, link: Link, calling: str, spools: Spools) -> None:
+    async def _serve(self, link: Link[Acceptor], calling: str, spools: Spools) -> None:
         s = self._settings
         while True:
-            busy = link.acceptor.in_message
+            busy = link.endpoint.in_message
             event = await link.next_event(s.dimse_timeout if busy else s.network_timeout)
             if isinstance(event, CommandReceived):
                 ended = await self._command(link, event, calling, spools)
@@ -371,28 +370,28 @@ class DicomServer:
                     return
             elif isinstance(event, ReleaseRequested):
                 await spools.release(RELEASE_CLEANUP_SECONDS)
-                link.close(link.acceptor.release_reply())
+                link.close(link.endpoint.release_reply())
                 return
             elif not isinstance(event, DatasetFragment | DatasetComplete):
                 self._end(link, event)
                 return
 
-    def _end(self, link: Link, event: Ended) -> None:
+    def _end(self, link: Link[Acceptor], event: Ended) -> None:
         if isinstance(event, ProtocolError):
             logger.info("DICOM association aborted: %s", event.detail)
             link.close(event.reply)
         elif event == TIMED_OUT:
             logger.info("DICOM association timed out")
             # ARTIM before a request: just close (PS3.8 AA-2); an association: A-ABORT.
-            established = link.acceptor.state is State.ESTABLISHED
-            link.close(link.acceptor.abort() if established else b"")
+            established = link.endpoint.state is State.ESTABLISHED
+            link.close(link.endpoint.abort() if established else b"")
         elif isinstance(event, Aborted | ConnectionClosed):
             link.close()
         else:
-            link.close(link.acceptor.abort())
+            link.close(link.endpoint.abort())
 
     async def _command(
-        self, link: Link, event: CommandReceived, calling: str, spools: Spools
+        self, link: Link[Acceptor], event: CommandReceived, calling: str, spools: Spools
     ) -> Ended | None:
         command = event.command
         field = command.command_field
@@ -404,17 +403,9 @@ class DicomServer:
             return await self._c_store(link, event, calling, spools)
         if field == dimse.C_FIND_RQ and event.abstract_syntax in sop_classes.FIND_MODELS:
             return await answer_find(link, event, self._finder, self._settings)
-        if field == dimse.C_GET_RQ and event.abstract_syntax in sop_classes.GET_MODELS:
-            return await answer_get(
-                link,
-                event,
-                self._locator,
-                self._auditor,
-                self._work,
-                self._store.root,
-                self._settings,
-                self._metrics,
-                calling,
+        if retrieves(command, event.abstract_syntax):
+            return await answer_retrieve(
+                link, event, self._retrieval, self._settings, self._metrics, calling
             )
         if field == dimse.N_ACTION_RQ and event.abstract_syntax == sop_classes.STORAGE_COMMITMENT:
             return await answer_commitment(
@@ -427,10 +418,10 @@ class DicomServer:
             answer = dimse.echo_response(command, status.SUCCESS)
         else:
             answer = dimse.unrecognized_response(command)
-        await link.send(link.acceptor.send_message(event.context_id, answer))
+        await link.send(link.endpoint.send_message(event.context_id, answer))
         return None
 
-    async def _skip_dataset(self, link: Link, command: dimse.Command) -> Ended | None:
+    async def _skip_dataset(self, link: Link[Acceptor], command: dimse.Command) -> Ended | None:
         if not command.has_dataset:
             return None
         return await link.receive_dataset(lambda data: None, self._settings.dimse_timeout)
@@ -438,7 +429,7 @@ class DicomServer:
     # --- C-STORE ------------------------------------------------------------------------------
 
     async def _c_store(
-        self, link: Link, event: CommandReceived, calling: str, spools: Spools
+        self, link: Link[Acceptor], event: CommandReceived, calling: str, spools: Spools
     ) -> Ended | None:
         started = time.perf_counter()
         received_at = datetime.now(UTC)
@@ -456,12 +447,12 @@ class DicomServer:
                 answer = await self._keep(writer, spools, event, calling, received_at)
                 self._metrics.dicom_store_seconds.observe(time.perf_counter() - started)
         response = dimse.store_response(command, answer.status, answer.comment, PLACEHOLDER_UID)
-        await link.send(link.acceptor.send_message(event.context_id, response))
+        await link.send(link.endpoint.send_message(event.context_id, response))
         spools.prepare()  # the next dataset's file, while the sender reads this answer
         return None
 
     async def _spool(
-        self, link: Link, writer: WriteBehind, event: CommandReceived
+        self, link: Link[Acceptor], writer: WriteBehind, event: CommandReceived
     ) -> _Answer | Ended:
         """Receive the dataset into `writer`'s spool file after its Part 10 header, handing it a
         batch whenever `SPOOL_BATCH` bytes have arrived. `_RECEIVED`: all received, batches

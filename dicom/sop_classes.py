@@ -29,6 +29,16 @@ GET_LEVELS: Final = {
 }
 """The Query/Retrieve Levels of each C-GET information model (PS3.4 C.6.1.3, C.6.2.3)."""
 GET_MODELS: Final = frozenset(GET_LEVELS)
+PATIENT_ROOT_MOVE: Final = "1.2.840.10008.5.1.4.1.2.1.2"
+STUDY_ROOT_MOVE: Final = "1.2.840.10008.5.1.4.1.2.2.2"
+MOVE_LEVELS: Final = {
+    PATIENT_ROOT_MOVE: FIND_LEVELS[PATIENT_ROOT_FIND],
+    STUDY_ROOT_MOVE: FIND_LEVELS[STUDY_ROOT_FIND],
+}
+"""The Query/Retrieve Levels of each C-MOVE information model (PS3.4 C.6.1.2, C.6.2.2)."""
+MOVE_MODELS: Final = frozenset(MOVE_LEVELS)
+RETRIEVE_LEVELS: Final = {**GET_LEVELS, **MOVE_LEVELS}
+RETRIEVE_MODELS: Final = frozenset(RETRIEVE_LEVELS)
 STORAGE_COMMITMENT: Final = "1.2.840.10008.1.20.1"
 """Storage Commitment Push Model SOP Class (PS3.4 J.3)."""
 STORAGE_COMMITMENT_INSTANCE: Final = "1.2.840.10008.1.20.1.1"

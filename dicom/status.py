@@ -37,7 +37,10 @@ FIND_OUT_OF_RESOURCES: Final = 0xA700
 FIND_IDENTIFIER_INVALID: Final = 0xA900
 FIND_UNABLE_TO_PROCESS: Final = 0xC000
 
-# Query/Retrieve C-GET (PS3.4 C.4.3.1.4), final statuses of the C-GET-RSP:
+# Query/Retrieve C-GET and C-MOVE (PS3.4 C.4.3.1.4, C.4.2.1.5), final statuses of their
+# responses:
+MOVE_DESTINATION_UNKNOWN: Final = 0xA801
+"""The C-MOVE's Move Destination is not one of QANTARA_DICOM_MOVE_DESTINATIONS."""
 GET_TOO_MANY_MATCHES: Final = 0xA701
 """Out of resources, unable to calculate the number of matches: more than the bound, or the index
 cannot be read now."""

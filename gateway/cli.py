@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the gateway in one process: the MQTT adapter (QANTARA_MQTT_URL), the "
         "HL7 MLLP listener (QANTARA_MLLP_PORT), the DICOM listener (QANTARA_DICOM_PORT, AE title "
         "QANTARA_DICOM_AE_TITLE, files under QANTARA_DICOM_STORAGE, calling AE titles limited by "
-        "QANTARA_DICOM_ALLOWED_AES, C-GET for QANTARA_DICOM_RETRIEVE_AES, TLS with "
+        "QANTARA_DICOM_ALLOWED_AES, C-GET and C-MOVE for QANTARA_DICOM_RETRIEVE_AES, TLS with "
         "QANTARA_DICOM_TLS_CERT), the pipeline and the "
         "HTTP API (QANTARA_HTTP_PORT); every setting is listed in the README. Ingest uses "
         "QANTARA_DATABASE_URL, the HTTP API "

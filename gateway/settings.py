@@ -19,7 +19,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from dicom.config import DicomSettings, ReportAddress
+from dicom.config import AeAddress, DicomSettings
 from hl7.server import MllpSettings, strict_senders
 from ingest.errors import ConfigError
 from ingest.mqtt_session import MqttSettings
@@ -400,9 +400,10 @@ def _ae_titles(text: str) -> frozenset[str]:
     return frozenset(_ae_title(part) for part in text.split(",") if part.strip())
 
 
-def _report_addresses(text: str) -> tuple[ReportAddress, ...]:
-    """`AE=host:port,AE=host:port`: where each modality takes its commitment reports."""
-    addresses: dict[str, ReportAddress] = {}
+def _ae_addresses(text: str) -> tuple[AeAddress, ...]:
+    """`AE=host:port,AE=host:port`: where the gateway calls each AE title (Storage Commitment
+    reports, C-MOVE destinations)."""
+    addresses: dict[str, AeAddress] = {}
     for part in text.split(","):
         if not part.strip():
             continue
@@ -414,7 +415,7 @@ def _report_addresses(text: str) -> tuple[ReportAddress, ...]:
         if not 0 < number < 65536:
             raise ValueError(part)
         ae = _ae_title(title)
-        addresses[ae] = ReportAddress(ae, host.strip().strip("[]"), number)
+        addresses[ae] = AeAddress(ae, host.strip().strip("[]"), number)
     return tuple(addresses.values())
 
 
@@ -463,7 +464,13 @@ def _dicom(r: _Reader) -> DicomSettings:
         report_addresses=r.get(
             "DICOM_REPORT_ADDRESSES",
             (),
-            _report_addresses,
+            _ae_addresses,
+            "must be a comma-separated list of AE=host:port",
+        ),
+        move_destinations=r.get(
+            "DICOM_MOVE_DESTINATIONS",
+            (),
+            _ae_addresses,
             "must be a comma-separated list of AE=host:port",
         ),
     )

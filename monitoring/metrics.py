@@ -25,7 +25,7 @@ COMMITMENT_RESULTS = ("committed", "no_such_instance", "class_conflict")
 """How a Storage Commitment report answers for each instance (`dicom.commitment`)."""
 COMMITMENT_REPORT_OUTCOMES = ("delivered", "refused", "undelivered", "dropped")
 RETRIEVE_RESULTS = ("completed", "warning", "failed", "cancelled")
-"""How a C-GET sub-operation ended (`dicom.retrieve.Progress`, `dicom.get_scp`)."""
+"""How a C-GET or C-MOVE sub-operation ended (`dicom.retrieve.Progress`, `dicom.retrieve_scp`)."""
 TLS_LISTENERS = ("http", "mllp", "dicom")
 HANDSHAKE_FAILURES = (
     "certificate",
@@ -263,10 +263,11 @@ class Metrics:
             self.dicom_commitment_reports.labels(outcome)
         self.dicom_retrieved = Counter(
             "qantara_dicom_retrieve_instances_total",
-            "C-GET sub-operations (an instance sent back with C-STORE) by result: completed,"
+            "C-GET and C-MOVE sub-operations (an instance sent with C-STORE) by result: completed,"
             " warning (the peer answered a B000-family status), failed (a failure status, no"
-            " presentation context for its SOP class and transfer syntax, or its file"
-            " unreadable), cancelled (not sent after a C-CANCEL).",
+            " presentation context for its SOP class and transfer syntax, its file unreadable,"
+            " the C-MOVE destination unreachable or gone), cancelled (not sent after a"
+            " C-CANCEL).",
             ["result"],
             registry=r,
         )
@@ -274,7 +275,7 @@ class Metrics:
             self.dicom_retrieved.labels(result)
         self.dicom_retrieved_bytes = Counter(
             "qantara_dicom_retrieve_bytes_total",
-            "Dataset bytes sent in C-GET sub-operations.",
+            "Dataset bytes sent in C-GET and C-MOVE sub-operations.",
             registry=r,
         )
         self.dicom_orphans_removed = Counter(

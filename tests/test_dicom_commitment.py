@@ -33,7 +33,7 @@ from dicom.commitment import (
     read_request,
     report,
 )
-from dicom.config import DicomSettings, ReportAddress
+from dicom.config import AeAddress, DicomSettings
 from tests.conftest import PrivatePostgresFactory
 from tests.dicom_support import SCP_AE, RunningDicom, charset_file, echo, renumbered, running_dicom
 from tests.dicom_support import store as c_store
@@ -375,9 +375,7 @@ async def modality_port(*, listening: bool = True) -> AsyncIterator[ModalityPort
 async def reporting_scp(
     dsn: str, root: Path, modality: ModalityPort
 ) -> AsyncIterator[RunningDicom]:
-    settings = DicomSettings(
-        report_addresses=(ReportAddress("MODALITY", "127.0.0.1", modality.port),)
-    )
+    settings = DicomSettings(report_addresses=(AeAddress("MODALITY", "127.0.0.1", modality.port),))
     async with running_dicom(dsn, root, settings) as scp:
         yield scp
 

@@ -21,7 +21,7 @@ from dicom.pdu import (
     UserInformation,
 )
 from dicom.retrieve import Progress, RetrieveError, retrieve_keys
-from dicom.sop_classes import PATIENT_ROOT_GET, STUDY_ROOT_GET
+from dicom.sop_classes import PATIENT_ROOT_GET, STUDY_ROOT_GET, STUDY_ROOT_MOVE
 from gateway.fhir_audit import audit_event_resource
 from storage.audit import AuditRecord
 from storage.dicom_queries import RetrieveKeys
@@ -141,7 +141,7 @@ def test_pending_response_counts_what_remains() -> None:
 
 
 def test_get_response_counts_survive_encoding() -> None:
-    response = dimse.get_response(REQUEST, status.PENDING, (3, 2, 1, 0))
+    response = dimse.retrieve_response(REQUEST, status.PENDING, (3, 2, 1, 0))
     decoded = dimse.decode_command(dimse.encode_command(response))
     assert decoded == response
     assert decoded.command_field == dimse.C_GET_RSP
@@ -149,7 +149,7 @@ def test_get_response_counts_survive_encoding() -> None:
 
 
 def test_counts_beyond_an_unsigned_short_are_capped() -> None:
-    response = dimse.get_response(REQUEST, status.PENDING, (70_000, 0, 0, 0))
+    response = dimse.retrieve_response(REQUEST, status.PENDING, (70_000, 0, 0, 0))
     assert dimse.decode_command(dimse.encode_command(response)).remaining == 0xFFFF
 
 
@@ -258,3 +258,35 @@ def test_a_dicom_audit_row_is_a_begin_transferring_dicom_instances_event() -> No
     assert event["outcomeDesc"] == "DICOM 0xFF00 (success)"
     assert event["agent"][0]["who"]["display"] == "VIEWER"
     assert event["entity"][0]["what"]["reference"] == "Patient/42"
+
+
+def test_move_request_and_its_sub_operation_fields_survive_encoding() -> None:
+    move = dimse.Command(
+        dimse.C_MOVE_RQ,
+        message_id=9,
+        affected_sop_class=STUDY_ROOT_MOVE,
+        priority=0,
+        dataset_type=dimse.HAS_DATASET,
+        move_destination="WORKSTATION",
+    )
+    assert dimse.decode_command(dimse.encode_command(move)) == move
+    store = dimse.store_request(3, CT, "1.2.3", 0, originator=("VIEWER", 9))
+    decoded = dimse.decode_command(dimse.encode_command(store))
+    assert (decoded.move_originator_ae, decoded.move_originator_id) == ("VIEWER", 9)
+
+
+def test_a_move_response_answers_with_the_move_command_field() -> None:
+    move = dimse.Command(dimse.C_MOVE_RQ, message_id=9, affected_sop_class=STUDY_ROOT_MOVE)
+    assert dimse.retrieve_response(move, 0, (None, 1, 0, 0)).command_field == dimse.C_MOVE_RSP
+
+
+def test_the_move_context_is_for_the_callers_allowed_to_retrieve_only() -> None:
+    request = AssociateRequest(
+        "QANTARA",
+        "VIEWER",
+        (ProposedContext(1, STUDY_ROOT_MOVE, (EXPLICIT,)),),
+        UserInformation(max_length=16384),
+    )
+    assert answered(request).contexts[0].result is ContextResult.ACCEPTANCE
+    closed = gateway_policy("QANTARA", 1 << 20, frozenset())
+    assert answered(request, closed).contexts[0].result is ContextResult.USER_REJECTION

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom.config import ReportAddress
+from dicom.config import AeAddress
 from gateway.settings import Settings, parse_duration
 from ingest.errors import ConfigError
 
@@ -55,6 +55,8 @@ def test_without_shared_group_subscribes_to_every_unit() -> None:
         ("QANTARA_DICOM_REPORT_ADDRESSES", "CR-UNIT-07=10.8.0.7"),
         ("QANTARA_DICOM_REPORT_ADDRESSES", "CR-UNIT-07=10.8.0.7:70000"),
         ("QANTARA_DICOM_REPORT_ADDRESSES", "10.8.0.7:104"),
+        ("QANTARA_DICOM_MOVE_DESTINATIONS", "RAD-WS-1=10.20.0.5"),
+        ("QANTARA_DICOM_RETRIEVE_AES", "AN-AE-TITLE-LONGER-THAN-16"),
     ],
 )
 def test_bad_value_is_refused_with_the_variable_named(name: str, value: str) -> None:
@@ -90,9 +92,25 @@ def test_dicom_called_ae_check_is_off_unless_asked() -> None:
 def test_dicom_report_addresses_name_each_modality_s_own_port() -> None:
     text = "CR-UNIT-07=10.8.0.7:104, US-UNIT-07 = [fd00::7]:11112"
     dicom = Settings.load({"QANTARA_DICOM_REPORT_ADDRESSES": text}).dicom
-    assert dicom.report_address("CR-UNIT-07") == ReportAddress("CR-UNIT-07", "10.8.0.7", 104)
-    assert dicom.report_address("US-UNIT-07") == ReportAddress("US-UNIT-07", "fd00::7", 11112)
+    assert dicom.report_address("CR-UNIT-07") == AeAddress("CR-UNIT-07", "10.8.0.7", 104)
+    assert dicom.report_address("US-UNIT-07") == AeAddress("US-UNIT-07", "fd00::7", 11112)
     assert dicom.report_address("DX-UNIT-01") is None
+
+
+def test_dicom_move_destinations_and_retrieving_callers_are_settings() -> None:
+    dicom = Settings.load(
+        {
+            "QANTARA_DICOM_MOVE_DESTINATIONS": "RAD-WS-1=10.20.0.5:104",
+            "QANTARA_DICOM_RETRIEVE_AES": "RAD-WS-1,TELE-CARDIO",
+        }
+    ).dicom
+    assert dicom.move_destination("RAD-WS-1") == AeAddress("RAD-WS-1", "10.20.0.5", 104)
+    assert dicom.move_destination("ELSEWHERE") is None
+    assert dicom.retrieve_aes == frozenset({"RAD-WS-1", "TELE-CARDIO"})
+
+
+def test_nobody_may_retrieve_unless_listed() -> None:
+    assert Settings.load({}).dicom.retrieve_aes == frozenset()
 
 
 def test_dicom_orphan_sweep_timings_are_settings() -> None:

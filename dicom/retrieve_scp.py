@@ -1,0 +1,265 @@
+"""C-GET and C-MOVE, Patient Root and Study Root, at the PATIENT, STUDY, SERIES and IMAGE levels:
+the instances the identifier names, sent as C-STORE sub-operations, on the same association (C-GET)
+or on one the gateway opens to the Move Destination (C-MOVE).
+
+The identifier is read whole and its unique keys (`dicom.retrieve.retrieve_keys`) looked up in the
+index (`storage.dicom_queries.retrievable`, at most `MAX_RETRIEVE` instances). A C-MOVE's
+destination must be one of `QANTARA_DICOM_MOVE_DESTINATIONS` (else 0xA801, before any lookup):
+the gateway never sends images to an address a request names. Before the first sub-operation, an
+audit row (`storage.audit`, protocol "dicom") names the calling AE title, the patients, the level
+and, for a C-MOVE, the destination, and is committed: no instance leaves without it.
+
+Each instance goes as it was received, never transcoded (`dicom.stored_sender`): for a C-GET on
+a presentation context the peer proposed for its SOP class and stored transfer syntax with the SCP
+role for that class (role selection); for a C-MOVE on the context the destination accepted for
+that pair. With none, its sub-operation fails and the others go on. After each sub-operation's
+C-STORE-RSP a Pending response gives the counts; a C-CANCEL-RQ stops before the next one (Cancel,
+the UIDs not sent listed as failed). A file that cannot be opened fails its sub-operation before
+any byte of it is sent. A destination that cannot be reached, or that goes away, fails the
+sub-operations left; the C-MOVE's own association goes on. The database unavailable (the lookup or
+the audit row) or more matches than the bound: 0xA701. On a C-GET's own association, a peer that
+does not answer a sub-operation within the DIMSE timeout, or a read error in the middle of an
+instance, ends it with an A-ABORT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from dicom import dimse, sop_classes, status
+from dicom.association import Acceptor, CommandReceived
+from dicom.config import AeAddress, DicomSettings
+from dicom.destination import Unreachable, destination
+from dicom.identifier import MAX_IDENTIFIER, IdentifierError, decode_identifier, encode_identifier
+from dicom.link import Ended, Link
+from dicom.retrieve import Progress, RetrieveError, retrieve_keys
+from dicom.stored_sender import Unreadable, Work, send_stored, store_response
+from ingest.errors import StorageUnavailable
+from monitoring.metrics import Metrics
+from storage.audit import OUTCOME_SUCCESS, AuditEntry
+from storage.dicom_queries import FindRequestError, RetrievableInstance, RetrieveKeys
+
+logger = logging.getLogger(__name__)
+
+Locator = Callable[[RetrieveKeys, int], Awaitable[list[RetrievableInstance]]]
+"""Looks the instances of a retrieve up in the index (`storage.dicom_queries.retrievable`)."""
+Auditor = Callable[[AuditEntry], Awaitable[object]]
+"""Writes and commits an audit row (`storage.audit.record_access`)."""
+
+MAX_RETRIEVE: Final = 10_000
+"""Instances one C-GET or C-MOVE may name; beyond, 0xA701 (retrieve series by series)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Retrieval:
+    """What a retrieve needs of the listener: the index, the audit trail, the file workers and
+    the store's folder."""
+
+    locator: Locator
+    auditor: Auditor
+    work: Work
+    store_root: Path
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where the C-STOREs go: the link, how to find the context of a (SOP class, transfer
+    syntax), and the originator fields of a C-MOVE's sub-operations."""
+
+    link: Link[Any]
+    context_for: Callable[[str, str], int | None]
+    originator: tuple[str, int] | None = None
+
+
+async def answer_retrieve(
+    link: Link[Acceptor],
+    event: CommandReceived,
+    retrieval: Retrieval,
+    settings: DicomSettings,
+    metrics: Metrics,
+    calling: str,
+) -> Ended | None:
+    """Answer one C-GET-RQ or C-MOVE-RQ; what ended the association meanwhile, else None."""
+    command = event.command
+    operation = "C-MOVE" if command.command_field == dimse.C_MOVE_RQ else "C-GET"
+    data, ended = await link.receive_whole(command, MAX_IDENTIFIER, settings.dimse_timeout)
+    if ended is not None:
+        return ended
+
+    async def fail(code: int, comment: str) -> None:
+        response = dimse.retrieve_response(command, code, (None, 0, 0, 0), error_comment=comment)
+        await link.send(link.endpoint.send_message(event.context_id, response))
+
+    try:
+        if data is None:  # none, or longer than MAX_IDENTIFIER
+            raise RetrieveError("no identifier")
+        keys = retrieve_keys(decode_identifier(data, event.transfer_syntax), event.abstract_syntax)
+    except RetrieveError as exc:
+        logger.info("DICOM %s from %s refused: %s", operation, calling, exc)
+        await fail(status.GET_IDENTIFIER_INVALID, str(exc))
+        return None
+    except (IdentifierError, ValueError, TypeError, AttributeError, KeyError):
+        logger.info("DICOM %s from %s refused: identifier cannot be decoded", operation, calling)
+        await fail(status.GET_IDENTIFIER_INVALID, "identifier cannot be decoded")
+        return None
+    address: AeAddress | None = None
+    if operation == "C-MOVE":
+        address = settings.move_destination((command.move_destination or "").strip())
+        if address is None:
+            logger.info("DICOM C-MOVE from %s refused: destination not configured", calling)
+            await fail(status.MOVE_DESTINATION_UNKNOWN, "move destination unknown")
+            return None
+    try:
+        async with asyncio.timeout(settings.store_timeout):
+            instances = await retrieval.locator(keys, MAX_RETRIEVE)
+            if 0 < len(instances) <= MAX_RETRIEVE:
+                await retrieval.auditor(_audit_entry(operation, calling, keys, instances, address))
+    except FindRequestError as exc:
+        await fail(status.GET_IDENTIFIER_INVALID, str(exc))
+        return None
+    except (StorageUnavailable, TimeoutError):
+        logger.warning("DICOM %s from %s: the index is unavailable", operation, calling)
+        await fail(status.GET_TOO_MANY_MATCHES, "index unavailable")
+        return None
+    if len(instances) > MAX_RETRIEVE:
+        logger.info("DICOM %s from %s refused: too many instances", operation, calling)
+        await fail(status.GET_TOO_MANY_MATCHES, f"more than {MAX_RETRIEVE} instances match")
+        return None
+    progress = Progress(len(instances))
+    cancelled: list[str] = []
+    if address is None or not instances:
+        target = _Target(link, link.endpoint.storage_context)
+        ended, cancelled = await _sub_operations(
+            link, event, instances, target, progress, retrieval, settings, metrics
+        )
+        if ended is not None:
+            return ended
+    else:
+        pairs = [(i.sop_class_uid, i.transfer_syntax) for i in instances]
+        try:
+            async with destination(address, pairs, settings) as moving:
+                originator = (calling, command.message_id or 0)
+                target = _Target(moving, moving.endpoint.accepted_context, originator)
+                ended, cancelled = await _sub_operations(
+                    link, event, instances, target, progress, retrieval, settings, metrics
+                )
+        except Unreachable as exc:
+            logger.warning("DICOM C-MOVE to %s failed: %s", address.ae_title, exc)
+            ended = None
+        if ended is not None:
+            return ended
+        if not cancelled:  # those not attempted: the destination is unreachable or gone
+            for instance in instances[progress.total - progress.remaining :]:
+                progress.not_sent(instance.sop_instance_uid)
+                metrics.dicom_retrieved.labels("failed").inc()
+    metrics.dicom_retrieved.labels("cancelled").inc(len(cancelled))
+    response, identifier = progress.final(command, cancelled)
+    encoded = None if identifier is None else encode_identifier(identifier, event.transfer_syntax)
+    await link.send(link.endpoint.send_message(event.context_id, response, encoded))
+    logger.info(
+        "DICOM %s from %s%s: %d instance(s), %d completed, %d warning, %d failed, %d cancelled",
+        operation,
+        calling,
+        f" to {address.ae_title}" if address else "",
+        len(instances),
+        progress.completed,
+        progress.warning,
+        progress.failed,
+        len(cancelled),
+    )
+    return None
+
+
+def _audit_entry(
+    operation: str,
+    calling: str,
+    keys: RetrieveKeys,
+    instances: list[RetrievableInstance],
+    address: AeAddress | None,
+) -> AuditEntry:
+    """The audit row written before the first sub-operation: who, which patients, at which
+    level, to which destination and how many instances (no UID, no value of the identifier)."""
+    to = f" to {address.ae_title}" if address is not None else ""
+    return AuditEntry(
+        token_name=calling,
+        action="read",
+        resource_type="ImagingStudy",
+        query_shape=f"{operation} {keys.level}{to}, {len(instances)} instance(s)",
+        patient_ids=tuple(sorted({i.patient for i in instances if i.patient is not None})),
+        outcome=OUTCOME_SUCCESS,
+        status=status.PENDING,
+        protocol="dicom",
+    )
+
+
+async def _sub_operations(
+    origin: Link[Acceptor],
+    event: CommandReceived,
+    instances: list[RetrievableInstance],
+    target: _Target,
+    progress: Progress,
+    retrieval: Retrieval,
+    settings: DicomSettings,
+    metrics: Metrics,
+) -> tuple[Ended | None, list[str]]:
+    """Send the instances to `target`, counting them in `progress`, a Pending response to
+    `origin` after each but the last. Returns what ended `origin` (None: it goes on) and the
+    UIDs not sent because of a C-CANCEL. A C-MOVE's destination that goes away stops the loop:
+    the instances not attempted are left for the caller to fail."""
+    command = event.command
+    own = target.link is origin
+    for n, instance in enumerate(instances):
+        if origin.cancelled(command.message_id or 0):
+            return None, [i.sop_instance_uid for i in instances[n:]]
+        uid = instance.sop_instance_uid
+        context = target.context_for(instance.sop_class_uid, instance.transfer_syntax)
+        if context is None:
+            progress.not_sent(uid)
+            metrics.dicom_retrieved.labels("failed").inc()
+        else:
+            message_id = target.link.next_message_id()
+            request = dimse.store_request(
+                message_id, instance.sop_class_uid, uid, command.priority or 0, target.originator
+            )
+            path = retrieval.store_root / instance.file_path
+            try:
+                await send_stored(target.link, context, request, path, retrieval.work, metrics)
+            except Unreadable as exc:
+                logger.warning("DICOM retrieve: a stored file cannot be sent: %s", exc)
+                progress.not_sent(uid)
+                metrics.dicom_retrieved.labels("failed").inc()
+            except (OSError, TimeoutError) as exc:
+                if own:
+                    raise
+                logger.warning("DICOM C-MOVE: the destination stopped: %s", type(exc).__name__)
+                progress.not_sent(uid)
+                metrics.dicom_retrieved.labels("failed").inc()
+                return None, []
+            else:
+                answer = await store_response(target.link, message_id, settings.dimse_timeout)
+                if not isinstance(answer, dimse.Command):
+                    if own:
+                        return answer, []
+                    logger.warning("DICOM C-MOVE: the destination ended the association")
+                    progress.not_sent(uid)
+                    metrics.dicom_retrieved.labels("failed").inc()
+                    return None, []
+                metrics.dicom_retrieved.labels(progress.answered(uid, answer.status)).inc()
+        if n + 1 < len(instances):
+            pending = progress.pending(command)
+            await origin.send(origin.endpoint.send_message(event.context_id, pending))
+    return None, []
+
+
+def retrieves(command: dimse.Command, abstract_syntax: str) -> bool:
+    """A C-GET-RQ or C-MOVE-RQ on a context of its own information model."""
+    if command.command_field == dimse.C_GET_RQ:
+        return abstract_syntax in sop_classes.GET_MODELS
+    if command.command_field == dimse.C_MOVE_RQ:
+        return abstract_syntax in sop_classes.MOVE_MODELS
+    return False

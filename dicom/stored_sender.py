@@ -1,0 +1,104 @@
+"""A stored instance sent as a C-STORE sub-operation over an association (a C-GET's own, or a
+C-MOVE's to its destination), and the peer's C-STORE-RSP awaited.
+
+`send_stored` writes the C-STORE-RQ, then the dataset: the bytes of the stored file after its
+File Meta Information, unchanged (stored as received, sent as stored), read in the listener's file
+workers a MiB at a time, one read ahead of the send, and cut into P-DATA-TF PDUs within the peer's
+maximum length; a 1 GB instance is never in memory. A file that cannot be opened or whose header
+cannot be read raises `Unreadable` before anything is sent; a read error after the command is sent
+raises `OSError`: a DIMSE message cannot be cut, only its association aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Final
+
+from dicom import dimse
+from dicom.association import (
+    CommandReceived,
+    DatasetComplete,
+    DatasetFragment,
+    Endpoint,
+    ProtocolError,
+)
+from dicom.filemeta import dataset_offset
+from dicom.link import Ended, Link
+from monitoring.metrics import Metrics
+
+Work = Callable[..., Awaitable[Any]]
+"""Runs a blocking file step in the listener's file workers: `work(function, *args)`."""
+
+READ_CHUNK: Final = 1 << 20
+_HEAD: Final = 4096  # holds the preamble and any File Meta Information the listener writes
+
+
+class Unreadable(Exception):
+    """The instance's file cannot be sent (missing, unreadable, not Part 10); nothing was sent."""
+
+
+async def send_stored(
+    link: Link[Any],
+    context: int,
+    request: dimse.Command,
+    path: Path,
+    work: Work,
+    metrics: Metrics,
+) -> None:
+    """Send `request` and the dataset of the file at `path` on `context`."""
+    endpoint: Endpoint = link.endpoint
+    try:
+        fd: int = await work(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Unreadable(f"open failed: {type(exc).__name__}") from exc
+    reading: asyncio.Future[bytes] | None = None
+    try:
+        try:
+            head: bytes = await work(os.pread, fd, _HEAD, 0)
+            size = os.fstat(fd).st_size
+            position = dataset_offset(head)
+        except (OSError, ValueError) as exc:
+            raise Unreadable(f"header unreadable: {type(exc).__name__}") from exc
+        await link.send(endpoint.send_command(context, request))
+        if position >= size:
+            await link.send(endpoint.send_fragment(context, b"", last=True))
+            return
+        reading = asyncio.ensure_future(work(os.pread, fd, READ_CHUNK, position))
+        while reading is not None:
+            # Shielded: a cancelled association must not close the file under a running read.
+            chunk = await asyncio.shield(reading)
+            if not chunk:
+                raise OSError("the file ended before its size")
+            position += len(chunk)
+            last = position >= size
+            reading = (
+                None if last else asyncio.ensure_future(work(os.pread, fd, READ_CHUNK, position))
+            )
+            await link.send(endpoint.send_fragment(context, chunk, last))
+            metrics.dicom_retrieved_bytes.inc(len(chunk))
+    finally:
+        if reading is None or reading.done():
+            os.close(fd)
+        else:  # the read ahead is still running in a worker: close once it has ended
+            reading.add_done_callback(lambda _: os.close(fd))
+
+
+async def store_response(link: Link[Any], message_id: int, within: float) -> dimse.Command | Ended:
+    """The peer's C-STORE-RSP to our request `message_id`, or what ended the association (a
+    request of its own other than C-CANCEL breaks "one operation at a time": A-ABORT)."""
+    while True:
+        event = await link.next_event(within)
+        if isinstance(event, DatasetFragment | DatasetComplete):
+            continue
+        if not isinstance(event, CommandReceived):
+            return event
+        received = event.command
+        if received.command_field == dimse.C_STORE_RSP and received.responded_to == message_id:
+            return received
+        if received.command_field == dimse.C_CANCEL_RQ:
+            continue  # noted by the link; the retrieve stops before its next sub-operation
+        detail = "unexpected message during a C-STORE sub-operation"
+        return ProtocolError(detail, link.endpoint.abort())

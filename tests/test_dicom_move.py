@@ -1,0 +1,258 @@
+"""C-MOVE: the instances an identifier names go to the Move Destination on an association the
+gateway opens to its configured address, as stored, with the Move Originator fields; the counts
+and the final status come back on the request's association (PS3.4 C.4.2)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.presentation import StoragePresentationContexts
+
+from dicom import status
+from dicom.config import AeAddress, DicomSettings
+from tests.dicom_support import (
+    SCP_AE,
+    STUDY_ROOT_MOVE,
+    RunningDicom,
+    running_dicom,
+    scu,
+    store,
+)
+from tests.test_dicom_get import level, stored_dataset, study
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@dataclass
+class Workstation:
+    """A pynetdicom storage SCP standing for the destination: what it received, by SOP
+    Instance UID (transfer syntax, dataset bytes, Move Originator AE title and Message ID)."""
+
+    port: int
+    answer: int = 0x0000
+    received: dict[str, tuple[str, bytes, str, int]] = field(default_factory=dict)
+
+    def handle(self, event: Any) -> int:
+        request = event.request
+        self.received[str(request.AffectedSOPInstanceUID)] = (
+            str(event.context.transfer_syntax),
+            request.DataSet.getvalue(),
+            str(request.MoveOriginatorApplicationEntityTitle or "").strip(),
+            int(request.MoveOriginatorMessageID or 0),
+        )
+        return self.answer
+
+
+@pytest.fixture(scope="module")
+def workstation() -> Iterator[Workstation]:
+    ae = AE(ae_title="WORKSTATION")
+    for context in StoragePresentationContexts:  # uncompressed syntaxes only
+        ae.add_supported_context(context.abstract_syntax)
+    station = Workstation(0)
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, station.handle)]
+    )
+    station.port = server.server_address[1]
+    try:
+        yield station
+    finally:
+        server.shutdown()
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+async def scp(
+    module_dsn: str, tmp_path_factory: pytest.TempPathFactory, workstation: Workstation
+) -> AsyncIterator[RunningDicom]:
+    settings = DicomSettings(
+        retrieve_aes=frozenset({"VIEWER"}),
+        move_destinations=(
+            AeAddress("WORKSTATION", "127.0.0.1", workstation.port),
+            AeAddress("NOWHERE", "127.0.0.1", closed_port()),
+        ),
+        acse_timeout=5.0,
+    )
+    async with running_dicom(
+        module_dsn, tmp_path_factory.mktemp("dicom-move"), settings
+    ) as running:
+        yield running
+
+
+@dataclass
+class Moved:
+    responses: list[dict[str, int | None]]
+    identifier: Dataset | None
+
+    @property
+    def final(self) -> dict[str, int | None]:
+        return self.responses[-1]
+
+    def failed_uids(self) -> list[str]:
+        assert self.identifier is not None
+        value = self.identifier.FailedSOPInstanceUIDList
+        return [value] if isinstance(value, str) else [str(uid) for uid in value]
+
+
+def c_move(
+    port: int, identifier: Dataset, destination: str, *, cancel_after: int | None = None
+) -> Moved:
+    """One C-MOVE from VIEWER (Study Root), Message ID 9; its responses and last identifier."""
+    ae = scu("VIEWER")
+    ae.add_requested_context(STUDY_ROOT_MOVE)
+    assoc = ae.associate("127.0.0.1", port, ae_title=SCP_AE)
+    if not assoc.is_established:
+        raise ConnectionError("association refused")
+    responses: list[dict[str, int | None]] = []
+    final: Dataset | None = None
+    try:
+        for answer, ident in assoc.send_c_move(identifier, destination, STUDY_ROOT_MOVE, msg_id=9):
+            if "Status" not in answer:
+                continue
+            responses.append(
+                {
+                    key: (int(answer[key].value) if key in answer else None)
+                    for key in (
+                        "Status",
+                        "NumberOfRemainingSuboperations",
+                        "NumberOfCompletedSuboperations",
+                        "NumberOfFailedSuboperations",
+                        "NumberOfWarningSuboperations",
+                    )
+                }
+            )
+            final = ident
+            if cancel_after is not None and len(responses) == cancel_after:
+                [context] = [
+                    c for c in assoc.accepted_contexts if c.abstract_syntax == STUDY_ROOT_MOVE
+                ]
+                assoc.send_c_cancel(9, context.context_id)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return Moved(responses, final)
+
+
+async def test_a_study_moved_arrives_at_the_destination_as_stored_with_its_originator(
+    scp: RunningDicom, workstation: Workstation
+) -> None:
+    instances = study(3)
+    await asyncio.to_thread(store, scp.port, instances)
+    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+
+    moved = await asyncio.to_thread(c_move, scp.port, identifier, "WORKSTATION")
+
+    assert moved.final["Status"] == status.SUCCESS
+    assert moved.final["NumberOfCompletedSuboperations"] == 3
+    assert [r["NumberOfRemainingSuboperations"] for r in moved.responses[:-1]] == [2, 1]
+    for ds in instances:
+        syntax, data, originator, message_id = workstation.received[str(ds.SOPInstanceUID)]
+        assert syntax == str(ds.file_meta.TransferSyntaxUID)
+        assert data == await stored_dataset(scp, str(ds.SOPInstanceUID))
+        assert (originator, message_id) == ("VIEWER", 9)
+
+
+async def test_a_destination_not_configured_gets_a801_and_nothing_is_sent(
+    scp: RunningDicom, workstation: Workstation
+) -> None:
+    instances = study(1)
+    await asyncio.to_thread(store, scp.port, instances)
+    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+
+    moved = await asyncio.to_thread(c_move, scp.port, identifier, "ELSEWHERE")
+
+    assert moved.final["Status"] == status.MOVE_DESTINATION_UNKNOWN
+    assert str(instances[0].SOPInstanceUID) not in workstation.received
+
+
+async def test_an_unreachable_destination_fails_every_sub_operation_with_a702(
+    scp: RunningDicom,
+) -> None:
+    instances = study(2)
+    await asyncio.to_thread(store, scp.port, instances)
+    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+
+    moved = await asyncio.to_thread(c_move, scp.port, identifier, "NOWHERE")
+
+    assert moved.final["Status"] == status.GET_SUB_OPERATIONS_FAILED
+    assert moved.final["NumberOfFailedSuboperations"] == 2
+    assert sorted(moved.failed_uids()) == sorted(str(ds.SOPInstanceUID) for ds in instances)
+
+
+async def test_an_instance_the_destination_cannot_take_in_its_syntax_fails_alone(
+    scp: RunningDicom, workstation: Workstation
+) -> None:
+    plain = study(1)
+    compressed = study(1, "JPEG2000.dcm")[0]  # the workstation takes uncompressed syntaxes only
+    compressed.StudyInstanceUID = plain[0].StudyInstanceUID
+    await asyncio.to_thread(store, scp.port, [*plain, compressed])
+    identifier = level("STUDY", StudyInstanceUID=plain[0].StudyInstanceUID)
+
+    moved = await asyncio.to_thread(c_move, scp.port, identifier, "WORKSTATION")
+
+    assert moved.final["Status"] == status.GET_SOME_FAILED
+    assert moved.failed_uids() == [str(compressed.SOPInstanceUID)]
+    assert str(plain[0].SOPInstanceUID) in workstation.received
+
+
+async def test_c_cancel_stops_a_move_before_its_next_sub_operation(scp: RunningDicom) -> None:
+    instances = study(6)
+    await asyncio.to_thread(store, scp.port, instances)
+    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+
+    moved = await asyncio.to_thread(c_move, scp.port, identifier, "WORKSTATION", cancel_after=1)
+
+    assert moved.final["Status"] == 0xFE00
+    sent = moved.final["NumberOfCompletedSuboperations"]
+    assert sent is not None
+    assert 1 <= sent < 6
+    assert len(moved.failed_uids()) == 6 - sent
+
+
+async def test_a_move_is_audited_with_its_destination(scp: RunningDicom) -> None:
+    instances = study(1)
+    await asyncio.to_thread(store, scp.port, instances)
+    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+
+    await asyncio.to_thread(c_move, scp.port, identifier, "WORKSTATION")
+
+    shape = await scp.pool.fetchval(
+        "SELECT query_shape FROM api_audit WHERE protocol = 'dicom' ORDER BY id DESC LIMIT 1"
+    )
+    assert shape == "C-MOVE STUDY to WORKSTATION, 1 instance(s)"
+
+
+@pytest.mark.skipif(
+    shutil.which("movescu") is None, reason="dcmtk not installed (make system-deps)"
+)
+async def test_dcmtk_movescu_moves_a_study_to_the_workstation(
+    scp: RunningDicom, workstation: Workstation
+) -> None:
+    instances = study(2)
+    await asyncio.to_thread(store, scp.port, instances)
+    command = [
+        "movescu", "-S", "-aet", "VIEWER", "-aec", "QANTARA", "-aem", "WORKSTATION",
+        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={instances[0].StudyInstanceUID}",
+        "127.0.0.1", str(scp.port),
+    ]  # fmt: skip
+
+    done = await asyncio.to_thread(subprocess.run, command, capture_output=True, timeout=60)
+
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    for ds in instances:
+        _, data, originator, _ = workstation.received[str(ds.SOPInstanceUID)]
+        assert data == await stored_dataset(scp, str(ds.SOPInstanceUID))
+        assert originator == "VIEWER"
