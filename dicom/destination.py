@@ -26,8 +26,8 @@ from dicom.association import (
 )
 from dicom.config import AeAddress, DicomSettings
 from dicom.link import TIMED_OUT, Link
-from dicom.negotiation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
-from dicom.pdu import AssociateRequest, ProposedContext, UserInformation
+from dicom.negotiation import our_user_information
+from dicom.pdu import AssociateRequest, ProposedContext
 
 MAX_CONTEXTS: Final = 128
 
@@ -54,11 +54,7 @@ async def destination(
         called_ae=address.ae_title,
         calling_ae=settings.ae_title,
         contexts=proposed_contexts(pairs),
-        user_information=UserInformation(
-            max_length=settings.max_pdu,
-            implementation_class_uid=IMPLEMENTATION_CLASS_UID,
-            implementation_version=IMPLEMENTATION_VERSION,
-        ),
+        user_information=our_user_information(settings.max_pdu),
     )
     link = Link(requestor, high_water=2 * settings.max_pdu, send_timeout=settings.dimse_timeout)
     loop = asyncio.get_running_loop()

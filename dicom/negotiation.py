@@ -148,13 +148,19 @@ def negotiate(
         called_ae=request.called_ae,
         calling_ae=request.calling_ae,
         contexts=tuple(answers),
-        user_information=UserInformation(
-            max_length=policy.max_pdu,
-            implementation_class_uid=IMPLEMENTATION_CLASS_UID,
-            implementation_version=IMPLEMENTATION_VERSION,
-            roles=_roles(request, policy),
-        ),
+        user_information=our_user_information(policy.max_pdu, _roles(request, policy)),
         application_context=request.application_context,
+    )
+
+
+def our_user_information(max_pdu: int, roles: tuple[RoleSelection, ...] = ()) -> UserInformation:
+    """The User Information of our side of any association: our maximum length, our
+    implementation class UID and version, and the role selection answers."""
+    return UserInformation(
+        max_length=max_pdu,
+        implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+        implementation_version=IMPLEMENTATION_VERSION,
+        roles=roles,
     )
 
 

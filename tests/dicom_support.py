@@ -212,6 +212,12 @@ class Retrieved:
     def final(self) -> dict[str, int | None]:
         return self.responses[-1]
 
+    def failed_uids(self) -> list[str]:
+        """The Failed SOP Instance UID List of the final identifier (one value or several)."""
+        assert self.identifier is not None
+        value = self.identifier.FailedSOPInstanceUIDList
+        return [value] if isinstance(value, str) else [str(uid) for uid in value]
+
 
 def c_get(
     port: int,
@@ -255,35 +261,69 @@ def c_get(
     )
     if not assoc.is_established:
         raise ConnectionError("association refused")
-    responses: list[dict[str, int | None]] = []
-    final: Dataset | None = None
     try:
-        message_id = 7
-        for answer_ds, ident in assoc.send_c_get(identifier, model, msg_id=message_id):
-            if "Status" not in answer_ds:
-                continue
-            responses.append(
-                {
-                    key: (int(answer_ds[key].value) if key in answer_ds else None)
-                    for key in (
-                        "Status",
-                        "NumberOfRemainingSuboperations",
-                        "NumberOfCompletedSuboperations",
-                        "NumberOfFailedSuboperations",
-                        "NumberOfWarningSuboperations",
-                    )
-                }
-            )
-            final = ident
-            if cancel_after is not None and len(responses) == cancel_after:
-                context_id = next(
-                    c.context_id for c in assoc.accepted_contexts if c.abstract_syntax == model
-                )
-                assoc.send_c_cancel(message_id, context_id)
+        answers = assoc.send_c_get(identifier, model, msg_id=GET_MESSAGE_ID)
+        responses, final = _retrieve_responses(assoc, answers, model, GET_MESSAGE_ID, cancel_after)
     finally:
         if assoc.is_established:
             assoc.release()
     return Retrieved(datasets, responses, final)
+
+
+GET_MESSAGE_ID = 7
+MOVE_MESSAGE_ID = 9
+_COUNTS = (
+    "Status",
+    "NumberOfRemainingSuboperations",
+    "NumberOfCompletedSuboperations",
+    "NumberOfFailedSuboperations",
+    "NumberOfWarningSuboperations",
+)
+
+
+def _retrieve_responses(
+    assoc: Any,
+    answers: Iterable[tuple[Dataset, Dataset | None]],
+    model: str,
+    message_id: int,
+    cancel_after: int | None,
+) -> tuple[list[dict[str, int | None]], Dataset | None]:
+    """The status and counts of each C-GET-RSP or C-MOVE-RSP, and the last identifier; a
+    C-CANCEL after `cancel_after` responses."""
+    responses: list[dict[str, int | None]] = []
+    final: Dataset | None = None
+    for answer, ident in answers:
+        if "Status" not in answer:
+            continue
+        responses.append({k: (int(answer[k].value) if k in answer else None) for k in _COUNTS})
+        final = ident
+        if cancel_after is not None and len(responses) == cancel_after:
+            [context] = [c for c in assoc.accepted_contexts if c.abstract_syntax == model]
+            assoc.send_c_cancel(message_id, context.context_id)
+    return responses, final
+
+
+def c_move(
+    port: int, identifier: Dataset, destination: str, *, cancel_after: int | None = None
+) -> Retrieved:
+    """One C-MOVE from VIEWER (Study Root, Message ID `MOVE_MESSAGE_ID`) to `destination`: the
+    responses and the last identifier (nothing comes back on this association)."""
+    ae = scu("VIEWER")
+    ae.add_requested_context(STUDY_ROOT_MOVE)
+    assoc = ae.associate("127.0.0.1", port, ae_title=SCP_AE)
+    if not assoc.is_established:
+        raise ConnectionError("association refused")
+    try:
+        answers = assoc.send_c_move(
+            identifier, destination, STUDY_ROOT_MOVE, msg_id=MOVE_MESSAGE_ID
+        )
+        responses, final = _retrieve_responses(
+            assoc, answers, STUDY_ROOT_MOVE, MOVE_MESSAGE_ID, cancel_after
+        )
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return Retrieved({}, responses, final)
 
 
 def read(path: str | Path) -> Dataset:

@@ -18,7 +18,6 @@ from dicom.config import DicomSettings
 from dicom.filemeta import dataset_offset
 from tests.dicom_support import (
     PATIENT_ROOT_GET,
-    Retrieved,
     RunningDicom,
     c_get,
     instance_row,
@@ -66,13 +65,6 @@ def level(name: str, **keys: object) -> Dataset:
     for keyword, value in keys.items():
         setattr(identifier, keyword, value)
     return identifier
-
-
-def failed_uids(got: Retrieved) -> list[str]:
-    """The Failed SOP Instance UID List of the final identifier (one value or several)."""
-    assert got.identifier is not None
-    value = got.identifier.FailedSOPInstanceUIDList
-    return [value] if isinstance(value, str) else [str(uid) for uid in value]
 
 
 async def stored_dataset(scp: RunningDicom, uid: str) -> bytes:
@@ -162,7 +154,7 @@ async def test_instance_without_a_context_in_its_stored_syntax_fails_and_is_list
     assert got.datasets == {}
     assert got.final["Status"] == status.GET_SUB_OPERATIONS_FAILED
     assert got.final["NumberOfFailedSuboperations"] == 2
-    assert sorted(failed_uids(got)) == sorted(str(ds.SOPInstanceUID) for ds in instances)
+    assert sorted(got.failed_uids()) == sorted(str(ds.SOPInstanceUID) for ds in instances)
 
 
 async def test_without_the_scp_role_no_instance_is_sent(scp: RunningDicom) -> None:
@@ -189,7 +181,7 @@ async def test_some_instances_sent_and_some_not_gives_warning_b000(scp: RunningD
     assert got.final["Status"] == status.GET_SOME_FAILED
     assert got.final["NumberOfCompletedSuboperations"] == 1
     assert got.final["NumberOfFailedSuboperations"] == 1
-    assert failed_uids(got) == [str(explicit[0].SOPInstanceUID)]
+    assert got.failed_uids() == [str(explicit[0].SOPInstanceUID)]
 
 
 @pytest.mark.parametrize(
@@ -246,7 +238,7 @@ async def test_a_stored_file_gone_from_disk_fails_its_sub_operation_only(
     assert gone not in got.datasets
     assert len(got.datasets) == 2
     assert got.final["Status"] == status.GET_SOME_FAILED
-    assert failed_uids(got) == [gone]
+    assert got.failed_uids() == [gone]
 
 
 async def test_c_cancel_stops_before_the_next_sub_operation_with_status_fe00(
@@ -263,7 +255,7 @@ async def test_c_cancel_stops_before_the_next_sub_operation_with_status_fe00(
     assert sent is not None
     assert 1 <= sent < 6
     assert got.final["NumberOfRemainingSuboperations"] == 6 - sent
-    assert len(failed_uids(got)) == 6 - sent
+    assert len(got.failed_uids()) == 6 - sent
 
 
 async def test_an_instance_larger_than_a_read_is_sent_whole(scp: RunningDicom) -> None:

@@ -13,20 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.presentation import StoragePresentationContexts
 
 from dicom import status
 from dicom.config import AeAddress, DicomSettings
-from tests.dicom_support import (
-    SCP_AE,
-    STUDY_ROOT_MOVE,
-    RunningDicom,
-    running_dicom,
-    scu,
-    store,
-)
+from tests.dicom_support import MOVE_MESSAGE_ID, RunningDicom, c_move, running_dicom, store
 from tests.test_dicom_get import level, stored_dataset, study
 
 pytestmark = pytest.mark.timeout(120)
@@ -92,60 +84,6 @@ async def scp(
         yield running
 
 
-@dataclass
-class Moved:
-    responses: list[dict[str, int | None]]
-    identifier: Dataset | None
-
-    @property
-    def final(self) -> dict[str, int | None]:
-        return self.responses[-1]
-
-    def failed_uids(self) -> list[str]:
-        assert self.identifier is not None
-        value = self.identifier.FailedSOPInstanceUIDList
-        return [value] if isinstance(value, str) else [str(uid) for uid in value]
-
-
-def c_move(
-    port: int, identifier: Dataset, destination: str, *, cancel_after: int | None = None
-) -> Moved:
-    """One C-MOVE from VIEWER (Study Root), Message ID 9; its responses and last identifier."""
-    ae = scu("VIEWER")
-    ae.add_requested_context(STUDY_ROOT_MOVE)
-    assoc = ae.associate("127.0.0.1", port, ae_title=SCP_AE)
-    if not assoc.is_established:
-        raise ConnectionError("association refused")
-    responses: list[dict[str, int | None]] = []
-    final: Dataset | None = None
-    try:
-        for answer, ident in assoc.send_c_move(identifier, destination, STUDY_ROOT_MOVE, msg_id=9):
-            if "Status" not in answer:
-                continue
-            responses.append(
-                {
-                    key: (int(answer[key].value) if key in answer else None)
-                    for key in (
-                        "Status",
-                        "NumberOfRemainingSuboperations",
-                        "NumberOfCompletedSuboperations",
-                        "NumberOfFailedSuboperations",
-                        "NumberOfWarningSuboperations",
-                    )
-                }
-            )
-            final = ident
-            if cancel_after is not None and len(responses) == cancel_after:
-                [context] = [
-                    c for c in assoc.accepted_contexts if c.abstract_syntax == STUDY_ROOT_MOVE
-                ]
-                assoc.send_c_cancel(9, context.context_id)
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    return Moved(responses, final)
-
-
 async def test_a_study_moved_arrives_at_the_destination_as_stored_with_its_originator(
     scp: RunningDicom, workstation: Workstation
 ) -> None:
@@ -162,7 +100,7 @@ async def test_a_study_moved_arrives_at_the_destination_as_stored_with_its_origi
         syntax, data, originator, message_id = workstation.received[str(ds.SOPInstanceUID)]
         assert syntax == str(ds.file_meta.TransferSyntaxUID)
         assert data == await stored_dataset(scp, str(ds.SOPInstanceUID))
-        assert (originator, message_id) == ("VIEWER", 9)
+        assert (originator, message_id) == ("VIEWER", MOVE_MESSAGE_ID)
 
 
 async def test_a_destination_not_configured_gets_a801_and_nothing_is_sent(

@@ -25,23 +25,16 @@ from dicom.sop_classes import PATIENT_ROOT_GET, STUDY_ROOT_GET, STUDY_ROOT_MOVE
 from gateway.fhir_audit import audit_event_resource
 from storage.audit import AuditRecord
 from storage.dicom_queries import RetrieveKeys
+from tests.test_dicom_get import level
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
 REQUEST = dimse.Command(dimse.C_GET_RQ, message_id=5, affected_sop_class=STUDY_ROOT_GET)
 
 
-def identifier(level: str, **keys: object) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    return ds
-
-
 def test_series_level_keys_are_the_series_uids_and_the_study_above_them() -> None:
     keys = retrieve_keys(
-        identifier("SERIES", StudyInstanceUID="1.2.3", SeriesInstanceUID=["1.2.4", "1.2.5"]),
+        level("SERIES", StudyInstanceUID="1.2.3", SeriesInstanceUID=["1.2.4", "1.2.5"]),
         STUDY_ROOT_GET,
     )
     assert keys == RetrieveKeys("SERIES", "", ("1.2.3",), ("1.2.4", "1.2.5"), ())
@@ -49,19 +42,19 @@ def test_series_level_keys_are_the_series_uids_and_the_study_above_them() -> Non
 
 def test_keys_below_the_retrieve_level_are_ignored() -> None:
     keys = retrieve_keys(
-        identifier("STUDY", StudyInstanceUID="1.2.3", SOPInstanceUID="1.2.9"), STUDY_ROOT_GET
+        level("STUDY", StudyInstanceUID="1.2.3", SOPInstanceUID="1.2.9"), STUDY_ROOT_GET
     )
     assert keys.instance_uids == ()
 
 
 def test_patient_level_reads_the_patient_id() -> None:
-    keys = retrieve_keys(identifier("PATIENT", PatientID="CIN-AB123"), PATIENT_ROOT_GET)
+    keys = retrieve_keys(level("PATIENT", PatientID="CIN-AB123"), PATIENT_ROOT_GET)
     assert keys == RetrieveKeys("PATIENT", "CIN-AB123")
 
 
 def test_other_keys_of_the_identifier_are_ignored() -> None:
     keys = retrieve_keys(
-        identifier("STUDY", StudyInstanceUID="1.2.3", PatientName="بنعلي^فاطمة"), STUDY_ROOT_GET
+        level("STUDY", StudyInstanceUID="1.2.3", PatientName="بنعلي^فاطمة"), STUDY_ROOT_GET
     )
     assert keys == RetrieveKeys("STUDY", "", ("1.2.3",))
 
@@ -69,17 +62,17 @@ def test_other_keys_of_the_identifier_are_ignored() -> None:
 @pytest.mark.parametrize(
     ("ds", "model", "message"),
     [
-        (identifier("STUDY"), STUDY_ROOT_GET, "no StudyInstanceUID"),
-        (identifier("PATIENT", PatientID="X"), STUDY_ROOT_GET, "level not in this retrieve model"),
+        (level("STUDY"), STUDY_ROOT_GET, "no StudyInstanceUID"),
+        (level("PATIENT", PatientID="X"), STUDY_ROOT_GET, "level not in this retrieve model"),
         (
-            identifier("IMAGES", SOPInstanceUID="1.2"),
+            level("IMAGES", SOPInstanceUID="1.2"),
             STUDY_ROOT_GET,
             "unknown query/retrieve level",
         ),
-        (identifier("STUDY", StudyInstanceUID="1.2.abc"), STUDY_ROOT_GET, "is not a UID"),
-        (identifier("STUDY", StudyInstanceUID="1." * 40), STUDY_ROOT_GET, "is not a UID"),
+        (level("STUDY", StudyInstanceUID="1.2.abc"), STUDY_ROOT_GET, "is not a UID"),
+        (level("STUDY", StudyInstanceUID="1." * 40), STUDY_ROOT_GET, "is not a UID"),
         (
-            identifier("IMAGE", SeriesInstanceUID=["1.2", "1.3"], SOPInstanceUID="1.4"),
+            level("IMAGE", SeriesInstanceUID=["1.2", "1.3"], SOPInstanceUID="1.4"),
             STUDY_ROOT_GET,
             "more than one SeriesInstanceUID",
         ),
@@ -92,7 +85,7 @@ def test_identifier_without_usable_unique_keys_is_refused(
         retrieve_keys(ds, model)
 
 
-def test_every_sub_operation_completed_is_success_without_identifier() -> None:
+def test_every_sub_operation_completed_is_success_without_level() -> None:
     progress = Progress(2)
     progress.answered("1.1", status.SUCCESS)
     progress.answered("1.2", status.SUCCESS)
