@@ -8,6 +8,8 @@ import asyncio
 import shutil
 import socket
 import subprocess
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,10 +33,16 @@ class Workstation:
 
     port: int
     answer: int = 0x0000
+    abort_after: int | None = None  # aborts the association once it has taken this many
     received: dict[str, tuple[str, bytes, str, int]] = field(default_factory=dict)
+    taken: int = 0
 
     def handle(self, event: Any) -> int:
         request = event.request
+        self.taken += 1
+        if self.abort_after is not None and self.taken >= self.abort_after:
+            threading.Thread(target=event.assoc.abort).start()
+            time.sleep(0.5)  # no answer to this one: the association is gone first
         self.received[str(request.AffectedSOPInstanceUID)] = (
             str(event.context.transfer_syntax),
             request.DataSet.getvalue(),
@@ -144,6 +152,25 @@ async def test_an_instance_the_destination_cannot_take_in_its_syntax_fails_alone
     assert moved.final["Status"] == status.GET_SOME_FAILED
     assert moved.failed_uids() == [str(compressed.SOPInstanceUID)]
     assert str(plain[0].SOPInstanceUID) in workstation.received
+
+
+async def test_a_destination_that_goes_away_fails_the_sub_operations_left(
+    scp: RunningDicom, workstation: Workstation
+) -> None:
+    instances = study(4)
+    await asyncio.to_thread(store, scp.port, instances)
+    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+    workstation.taken, workstation.abort_after = 0, 2
+    try:
+        moved = await asyncio.to_thread(c_move, scp.port, identifier, "WORKSTATION")
+    finally:
+        workstation.abort_after = None
+
+    assert moved.final["Status"] == status.GET_SOME_FAILED
+    assert moved.final["NumberOfCompletedSuboperations"] == 1
+    assert moved.final["NumberOfFailedSuboperations"] == 3
+    assert len(moved.failed_uids()) == 3
+    assert await asyncio.to_thread(store, scp.port, study(1)) == [status.SUCCESS]  # still serving
 
 
 async def test_c_cancel_stops_a_move_before_its_next_sub_operation(scp: RunningDicom) -> None:
