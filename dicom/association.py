@@ -361,6 +361,11 @@ class Requestor(Endpoint):
 
     _abort_source = AbortSource.SERVICE_USER
 
+    def __init__(self, max_pdu: int) -> None:
+        super().__init__(max_pdu)
+        self.answer: AssociateAccept | None = None
+        """The peer's A-ASSOCIATE-AC, once accepted (its role selection answers)."""
+
     def associate(self, request: AssociateRequest) -> bytes:
         if self._state is not State.AWAITING_REQUEST:
             raise RuntimeError("association already requested")
@@ -377,6 +382,7 @@ class Requestor(Endpoint):
     def _handle(self, unit: pdu.Pdu) -> None:
         if self._state is State.AWAITING_ANSWER and self.request is not None:
             if isinstance(unit, AssociateAccept):
+                self.answer = unit
                 self._established(self.request, unit)
                 self._peer_max = unit.user_information.max_length
                 self._events.append(AssociationAccepted(unit))

@@ -12,28 +12,26 @@ association's requestor performs the N-EVENT-REPORT), sends the report and relea
 images and asks again). A delivery still pending when the gateway stops is dropped the same way.
 Each report is counted in `qantara_dicom_commitment_reports_total{outcome}`.
 
-The outgoing association is pynetdicom's (blocking, in a thread), imported at the first report:
-it was written when the listener's own upper layer was an acceptor only, and a report is one
-short association now and then. (C-MOVE's association to its destination uses our own
-`dicom.association.Requestor` since; moving the reports to it is left for later.)
+The outgoing association is our own (`dicom.outbound`, a `dicom.association.Requestor` on the
+event loop), as for a C-MOVE's destination: no thread, and a stop cancels an attempt in flight
+at once. Until 2026-11-29 it was pynetdicom's, blocking in threads of its own, which could hold
+the process's exit for about 30 s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 from typing import Final
 
-from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
-from dicom import sop_classes, status
+from dicom import dimse, sop_classes, status
 from dicom.commitment import CommitmentReport
 from dicom.config import AeAddress
+from dicom.identifier import encode_identifier
+from dicom.outbound import Unreachable, open_association
+from dicom.pdu import AssociateAccept, ProposedContext, RoleSelection
 from ingest.group_tasks import GroupTasks
 from monitoring.metrics import Metrics
-from monitoring.thread_names import name_native_thread
 
 logger = logging.getLogger(__name__)
 
@@ -41,66 +39,80 @@ RETRY_DELAYS: Final = (5.0, 30.0, 120.0, 600.0)
 """Seconds before each new attempt: a unit whose link dropped gets its report when it is back
 within about 13 minutes; later, it asks again."""
 MAX_PENDING: Final = 1000
-SENDING_THREADS: Final = 4
-"""Attempts in flight at once, in threads of their own: an unreachable modality holds one for
-up to its timeouts, and must not hold up the loop's default executor."""
+_CLASS: Final = sop_classes.STORAGE_COMMITMENT
+_SYNTAXES: Final = (sop_classes.EXPLICIT_VR_LITTLE_ENDIAN, sop_classes.IMPLICIT_VR_LITTLE_ENDIAN)
+_ROLE: Final = RoleSelection(_CLASS, scu=False, scp=True)
+"""We ask for the SCP role: the Storage Commitment SCP is the one that sends the report."""
 
 
-def send_report(
-    address: AeAddress, calling_ae: str, report: CommitmentReport, timeout: float
+async def send_report(
+    address: AeAddress, calling_ae: str, report: CommitmentReport, step_timeout: float, max_pdu: int
 ) -> int | None:
-    """One attempt, blocking: the N-EVENT-REPORT-RSP's status, or None when no association or
-    no answer."""
-    # Imported here: pynetdicom adds 7 MiB to a gateway that never reports this way.
-    from pynetdicom import AE, build_role
-
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.connection_timeout = timeout
-    ae.add_requested_context(
-        sop_classes.STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-    )
-    role = build_role(sop_classes.STORAGE_COMMITMENT, scp_role=True)
-    assoc = ae.associate(address.host, address.port, ae_title=address.ae_title, ext_neg=[role])
-    if not assoc.is_established:
-        return None
+    """One attempt: the N-EVENT-REPORT-RSP's status, or None when there was no association
+    (unreachable, rejected, the SCP role refused) or no answer. Each step within
+    `step_timeout`."""
+    contexts = (ProposedContext(1, sop_classes.STORAGE_COMMITMENT, _SYNTAXES),)
     try:
-        answer, _ = assoc.send_n_event_report(
-            report.information,
-            report.event_type,
-            sop_classes.STORAGE_COMMITMENT,
-            sop_classes.STORAGE_COMMITMENT_INSTANCE,
-        )
-        return int(answer.Status) if isinstance(answer, Dataset) and "Status" in answer else None
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        else:
-            assoc.abort()
+        async with open_association(
+            address,
+            contexts,
+            calling_ae=calling_ae,
+            max_pdu=max_pdu,
+            step_timeout=step_timeout,
+            send_timeout=step_timeout,
+            roles=(_ROLE,),
+        ) as link:
+            requestor = link.endpoint
+            syntax = next(
+                (ts for ts in _SYNTAXES if requestor.accepted_context(_CLASS, ts) is not None), None
+            )
+            if syntax is None or not _scp_granted(requestor.answer):
+                logger.info(
+                    "DICOM storage commitment report: %s refused the context or the role",
+                    address.ae_title,
+                )
+                return None
+            context = requestor.accepted_context(_CLASS, syntax)
+            assert context is not None  # noqa: S101 - found just above
+            message_id = link.next_message_id()
+            notice = dimse.event_report_request(
+                message_id, _CLASS, sop_classes.STORAGE_COMMITMENT_INSTANCE, report.event_type
+            )
+            information = encode_identifier(report.information, syntax)
+            await link.send(requestor.send_message(context, notice, information))
+            answer = await link.response(dimse.N_EVENT_REPORT_RSP, message_id, step_timeout)
+            return answer.status if isinstance(answer, dimse.Command) else None
+    except Unreachable as exc:
+        logger.info("DICOM storage commitment report: %s", exc)
+        return None
+
+
+def _scp_granted(answer: AssociateAccept | None) -> bool:
+    """The modality let us take the SCP role of Storage Commitment (PS3.7 D.3.3.4): no answer
+    item means the default roles, where the requestor is the SCU."""
+    return answer is not None and any(
+        role.sop_class == _CLASS and role.scp for role in answer.user_information.roles
+    )
 
 
 class Reports:
     """The reports on their way to the modalities' own ports; `open` with the listener's task
     group, `close` when it stops (the pending ones are dropped)."""
 
-    def __init__(self, calling_ae: str, timeout: float, metrics: Metrics) -> None:
+    def __init__(self, calling_ae: str, timeout: float, max_pdu: int, metrics: Metrics) -> None:
         self._calling_ae = calling_ae
         self._timeout = timeout
+        self._max_pdu = max_pdu
         self._metrics = metrics
         self._deliveries = GroupTasks("dicom-commitment-report")
-        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
 
     def open(self, group: asyncio.TaskGroup) -> None:
         self._deliveries.open(group)
-        self._threads = concurrent.futures.ThreadPoolExecutor(
-            SENDING_THREADS, thread_name_prefix="dicom-report", initializer=name_native_thread
-        )
 
     def close(self) -> None:
+        """Drop the reports on their way: their tasks are cancelled, their associations
+        aborted."""
         self._deliveries.close()
-        if self._threads is not None:
-            self._threads.shutdown(wait=False, cancel_futures=True)  # attempts end on timeouts
-            self._threads = None
 
     def deliver(self, address: AeAddress, report: CommitmentReport) -> bool:
         """Start delivering `report` to `address`; False when it cannot be (stopping, or
@@ -121,15 +133,11 @@ class Reports:
         for attempt, delay in enumerate((0.0, *RETRY_DELAYS), start=1):
             if delay:
                 await asyncio.sleep(delay)
-            threads = self._threads
-            if threads is None:  # closed meanwhile
-                return
-            loop = asyncio.get_running_loop()
             try:
-                code = await loop.run_in_executor(
-                    threads, send_report, address, self._calling_ae, report, self._timeout
+                code = await send_report(
+                    address, self._calling_ae, report, self._timeout, self._max_pdu
                 )
-            except Exception as exc:  # noqa: BLE001 - pynetdicom's errors: try again later
+            except OSError as exc:  # the connection failed under the report: try again later
                 logger.info("DICOM storage commitment report: %s", type(exc).__name__)
                 code = None
             if code == status.SUCCESS:

@@ -25,6 +25,7 @@ from dicom.association import (
     DatasetFragment,
     Endpoint,
     Event,
+    ProtocolError,
 )
 from dicom.dimse import C_CANCEL_RQ, Command
 from ingest.tls import common_names
@@ -167,6 +168,24 @@ class Link(asyncio.Protocol, Generic[E]):
 
         ended = await self.receive_dataset(collect, within)
         return (None if too_long else bytes(data)), ended
+
+    async def response(self, command_field: int, message_id: int, within: float) -> Command | Ended:
+        """The peer's response `command_field` to our request `message_id`, waiting at most
+        `within` seconds for each message, or what ended the association. A C-CANCEL-RQ
+        meanwhile is noted (`cancelled`) and skipped; any other request breaks "one operation
+        at a time" and ends it with an A-ABORT (a `ProtocolError`)."""
+        while True:
+            event = await self.next_event(within)
+            if isinstance(event, DatasetFragment | DatasetComplete):
+                continue
+            if not isinstance(event, CommandReceived):
+                return event
+            received = event.command
+            if received.command_field == command_field and received.responded_to == message_id:
+                return received
+            if received.command_field == C_CANCEL_RQ:
+                continue
+            return ProtocolError("unexpected message awaiting a response", self.endpoint.abort())
 
     def cancelled(self, message_id: int) -> bool:
         return message_id in self._cancelled

@@ -34,11 +34,11 @@ from typing import Any, Final
 from dicom import dimse, sop_classes, status
 from dicom.association import Acceptor, CommandReceived
 from dicom.config import AeAddress, DicomSettings
-from dicom.destination import Unreachable, destination
 from dicom.identifier import MAX_IDENTIFIER, IdentifierError, decode_identifier, encode_identifier
 from dicom.link import Ended, Link
+from dicom.outbound import Unreachable, open_association, proposed_contexts
 from dicom.retrieve import Progress, RetrieveError, retrieve_keys
-from dicom.stored_sender import Unreadable, Work, send_stored, store_response
+from dicom.stored_sender import Unreadable, Work, send_stored
 from ingest.errors import StorageUnavailable
 from monitoring.metrics import Metrics
 from storage.audit import OUTCOME_SUCCESS, AuditEntry
@@ -142,7 +142,14 @@ async def answer_retrieve(
     else:
         pairs = [(i.sop_class_uid, i.transfer_syntax) for i in instances]
         try:
-            async with destination(address, pairs, settings) as moving:
+            async with open_association(
+                address,
+                proposed_contexts(pairs),
+                calling_ae=settings.ae_title,
+                max_pdu=settings.max_pdu,
+                step_timeout=settings.acse_timeout,
+                send_timeout=settings.dimse_timeout,
+            ) as moving:
                 originator = (calling, command.message_id or 0)
                 target = _Target(moving, moving.endpoint.accepted_context, originator)
                 ended, cancelled = await _sub_operations(
@@ -241,7 +248,9 @@ async def _sub_operations(
                 metrics.dicom_retrieved.labels("failed").inc()
                 return None, []
             else:
-                answer = await store_response(target.link, message_id, settings.dimse_timeout)
+                answer = await target.link.response(
+                    dimse.C_STORE_RSP, message_id, settings.dimse_timeout
+                )
                 if not isinstance(answer, dimse.Command):
                     if own:
                         return answer, []

@@ -97,8 +97,7 @@ CONFLICT_REASON: Final = "content-conflict"  # storage.writer_dicom.CONFLICT
 STOP_GRACE_SECONDS: Final = 5.0
 REPORT_TIMEOUT_SECONDS: Final = 10.0
 """Bound on each step of a Storage Commitment report on the modality's own association (connect,
-associate, answer): the process's exit may wait up to about three times this for an attempt in
-flight (its thread is not interrupted)."""
+associate, send, answer, release)."""
 SLOW_OPEN_SECONDS: Final = 5.0  # a store open slower than this is logged (the disk stalls)
 RELEASE_CLEANUP_SECONDS: Final = 5.0
 """At most this long, the A-RELEASE-RP waits for the association's prepared spool file to go."""
@@ -169,7 +168,10 @@ class DicomServer:
         self._finder = finder
         self._holder = holder
         self._reports = Reports(
-            settings.ae_title, min(settings.acse_timeout, REPORT_TIMEOUT_SECONDS), metrics
+            settings.ae_title,
+            min(settings.acse_timeout, REPORT_TIMEOUT_SECONDS),
+            settings.max_pdu,
+            metrics,
         )
         self._orphans = OrphanSweep(store, indexed, settings, metrics)
         self._retrieval = Retrieval(locator, auditor, self._work, store.root)

@@ -1,5 +1,5 @@
 """A stored instance sent as a C-STORE sub-operation over an association (a C-GET's own, or a
-C-MOVE's to its destination), and the peer's C-STORE-RSP awaited.
+C-MOVE's to its destination); its C-STORE-RSP is the caller's (`Link.response`).
 
 `send_stored` writes the C-STORE-RQ, then the dataset: the bytes of the stored file after its
 File Meta Information, unchanged (stored as received, sent as stored), read in the listener's file
@@ -18,15 +18,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from dicom import dimse
-from dicom.association import (
-    CommandReceived,
-    DatasetComplete,
-    DatasetFragment,
-    Endpoint,
-    ProtocolError,
-)
+from dicom.association import Endpoint
 from dicom.filemeta import dataset_offset
-from dicom.link import Ended, Link
+from dicom.link import Link
 from monitoring.metrics import Metrics
 
 Work = Callable[..., Awaitable[Any]]
@@ -84,21 +78,3 @@ async def send_stored(
             os.close(fd)
         else:  # the read ahead is still running in a worker: close once it has ended
             reading.add_done_callback(lambda _: os.close(fd))
-
-
-async def store_response(link: Link[Any], message_id: int, within: float) -> dimse.Command | Ended:
-    """The peer's C-STORE-RSP to our request `message_id`, or what ended the association (a
-    request of its own other than C-CANCEL breaks "one operation at a time": A-ABORT)."""
-    while True:
-        event = await link.next_event(within)
-        if isinstance(event, DatasetFragment | DatasetComplete):
-            continue
-        if not isinstance(event, CommandReceived):
-            return event
-        received = event.command
-        if received.command_field == dimse.C_STORE_RSP and received.responded_to == message_id:
-            return received
-        if received.command_field == dimse.C_CANCEL_RQ:
-            continue  # noted by the link; the retrieve stops before its next sub-operation
-        detail = "unexpected message during a C-STORE sub-operation"
-        return ProtocolError(detail, link.endpoint.abort())

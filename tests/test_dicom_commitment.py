@@ -418,3 +418,20 @@ async def test_a_report_is_sent_again_until_the_modality_s_port_answers(
         [(event_type, _)] = modality.reports.received
         assert event_type == SOME_FAILED
         await wait_until(lambda: reported(scp, "delivered") == 1, timeout=5)
+
+
+async def test_a_stop_does_not_wait_for_a_report_a_silent_modality_port_holds(
+    fresh_dsn: str, tmp_path: Path
+) -> None:
+    with socket.socket() as silent:  # takes the connection, never answers the association
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = int(silent.getsockname()[1])
+        modality = ModalityPort(port, Reports())
+        async with reporting_scp(fresh_dsn, tmp_path, modality) as scp:
+            info = information(generate_uid(), (CR, generate_uid()))
+            code, _ = await asyncio.to_thread(request_commitment, scp.port, info, wait=False)
+            assert code == status.SUCCESS
+            await asyncio.sleep(0.5)  # the attempt waits for the A-ASSOCIATE-AC
+            stopping = time.monotonic()
+        assert time.monotonic() - stopping < 5.0  # not the 10 s of the attempt's step

@@ -15,7 +15,7 @@ from dicom.association import (
     Requestor,
     State,
 )
-from dicom.destination import MAX_CONTEXTS, proposed_contexts
+from dicom.outbound import MAX_CONTEXTS, proposed_contexts
 from dicom.pdu import (
     AssociateAccept,
     AssociateReject,

@@ -1,13 +1,14 @@
-"""The association the gateway opens to a C-MOVE destination, as its requestor, on the event loop.
+"""An association the gateway opens itself, as its requestor, on the event loop: to a C-MOVE
+destination, or to a modality's own port for its Storage Commitment report.
 
-`destination(address, ...)` connects to the destination's address
-(`QANTARA_DICOM_MOVE_DESTINATIONS`), calls its AE title as `QANTARA_DICOM_AE_TITLE`, proposes one
-presentation context per (SOP class, transfer syntax) the instances need, each with that one
-transfer syntax (the instances go as they were stored: no transcoding), at most 128 (PS3.8
-9.3.2.2: odd context IDs 1 to 255), and yields the `Link` once accepted. Connect, request and
-answer are bounded by the ACSE timeout; a refused connection, a reject or a timeout raise
-`Unreachable`. On the way out it releases (waiting the ACSE timeout at most for the reply), or
-aborts if the block failed.
+`open_association(address, contexts, ...)` connects to `address` (an `AeAddress` of
+`QANTARA_DICOM_MOVE_DESTINATIONS` or `QANTARA_DICOM_REPORT_ADDRESSES`), calls its AE title as ours,
+proposes `contexts` (and the role selection items `roles`), and yields the `Link` once accepted.
+Connect, request and answer are each bounded by `step_timeout`; a refused connection, a reject or
+no answer raise `Unreachable`. On the way out it releases (waiting `step_timeout` at most for the
+reply), or aborts if the block failed or was cancelled. `proposed_contexts` gives a C-MOVE's: one
+per (SOP class, transfer syntax) its instances need, each with that one transfer syntax (they go
+as they were stored: no transcoding), at most 128 (PS3.8 9.3.2.2: odd context IDs 1 to 255).
 """
 
 from __future__ import annotations
@@ -24,16 +25,16 @@ from dicom.association import (
     Requestor,
     State,
 )
-from dicom.config import AeAddress, DicomSettings
+from dicom.config import AeAddress
 from dicom.link import TIMED_OUT, Link
 from dicom.negotiation import our_user_information
-from dicom.pdu import AssociateRequest, ProposedContext
+from dicom.pdu import AssociateRequest, ProposedContext, RoleSelection
 
 MAX_CONTEXTS: Final = 128
 
 
 class Unreachable(Exception):
-    """The destination could not be associated with; the message says why (no patient data)."""
+    """The peer could not be associated with; the message says why (no patient data)."""
 
 
 def proposed_contexts(pairs: Sequence[tuple[str, str]]) -> tuple[ProposedContext, ...]:
@@ -46,37 +47,47 @@ def proposed_contexts(pairs: Sequence[tuple[str, str]]) -> tuple[ProposedContext
 
 
 @asynccontextmanager
-async def destination(
-    address: AeAddress, pairs: Sequence[tuple[str, str]], settings: DicomSettings
+async def open_association(
+    address: AeAddress,
+    contexts: tuple[ProposedContext, ...],
+    *,
+    calling_ae: str,
+    max_pdu: int,
+    step_timeout: float,
+    send_timeout: float,
+    roles: tuple[RoleSelection, ...] = (),
 ) -> AsyncIterator[Link[Requestor]]:
-    requestor = Requestor(settings.max_pdu)
+    requestor = Requestor(max_pdu)
     request = AssociateRequest(
         called_ae=address.ae_title,
-        calling_ae=settings.ae_title,
-        contexts=proposed_contexts(pairs),
-        user_information=our_user_information(settings.max_pdu),
+        calling_ae=calling_ae,
+        contexts=contexts,
+        user_information=our_user_information(max_pdu, roles),
     )
-    link = Link(requestor, high_water=2 * settings.max_pdu, send_timeout=settings.dimse_timeout)
+    link = Link(requestor, high_water=2 * max_pdu, send_timeout=send_timeout)
     loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(settings.acse_timeout):
+        async with asyncio.timeout(step_timeout):
             await loop.create_connection(lambda: link, address.host, address.port)
     except (OSError, TimeoutError) as exc:
         raise Unreachable(f"cannot connect: {type(exc).__name__}") from exc
     try:
         await link.send(requestor.associate(request))
-        answer = await link.next_event(settings.acse_timeout)
+        answer = await link.next_event(step_timeout)
         if isinstance(answer, AssociationRejected):
             raise Unreachable("association rejected")
         if not isinstance(answer, AssociationAccepted):
             raise Unreachable("no answer" if answer == TIMED_OUT else "association ended")
+    except TimeoutError as exc:  # Link.send: the peer does not read
+        link.close(requestor.abort())
+        raise Unreachable("the peer does not read") from exc
     except BaseException:
         link.close(requestor.abort() if requestor.state is State.ESTABLISHED else b"")
         raise
     released = False
     try:
         yield link
-        released = await _release(link, requestor, settings.acse_timeout)
+        released = await _release(link, requestor, step_timeout)
     finally:
         if not released:
             link.close(requestor.abort() if requestor.state is not State.CLOSED else b"")
@@ -88,7 +99,7 @@ async def _release(link: Link[Requestor], requestor: Requestor, within: float) -
         return False
     try:
         await link.send(requestor.release())
-    except TimeoutError:  # the destination does not read
+    except TimeoutError:  # the peer does not read
         return False
     while True:
         event = await link.next_event(within)
