@@ -42,7 +42,9 @@ not flatter the gateway.
 
 `--large-mb N` then sends one DX instance of N MiB of pixel data to dcmtk `storescp` and to the
 gateway (one association each, fresh process each) and prints the time and peak RSS of both: the
-gateway's must stay flat (dcmtk's `storescp` holds the dataset in memory before writing it).
+gateway's must stay flat (dcmtk's `storescp` holds the dataset in memory before writing it). The
+gateway then sends it back to dcmtk's `getscu` (C-GET), with its time and the gateway's peak RSS
+after it, which must stay flat too.
 
 `--gateway-prefix` runs the gateway under a profiler or another wrapper (split like a shell
 line); the CPU and RSS figures are then those of the wrapper.
@@ -67,6 +69,8 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+
+from pydicom import dcmread
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -244,9 +248,10 @@ def pynetdicom_scp(port: int, out: Path) -> None:
 
 @contextlib.contextmanager
 def running_gateway(
-    work: Path, dsn: str, tag: str, prefix: list[str]
+    work: Path, dsn: str, tag: str, prefix: list[str], settings: dict[str, str] | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """`qantara serve` on a free DICOM port, its store in `work`; yields the process and port."""
+    """`qantara serve` on a free DICOM port, its store in `work`, with more `settings`; yields
+    the process and port."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("QANTARA_")}
     env.update(
@@ -261,6 +266,7 @@ def running_gateway(
             # The default client id is per host: another gateway on this machine would take
             # the MQTT session over and over.
             "QANTARA_MQTT_CLIENT_ID": f"bench-dicom-{secrets.token_hex(4)}",
+            **(settings or {}),
         }
     )
     command = [*prefix, sys.executable, "-m", "gateway.cli", "serve"]
@@ -325,17 +331,44 @@ def make_large(folder: Path, mebibytes: int) -> Path:
 
 def bench_large(
     path: Path, work: Path, dsn: str, prefix: list[str]
-) -> tuple[float, float, float, float, float]:
-    """One large instance to dcmtk `storescp` and to the gateway, one association each: seconds
-    and peak RSS (MiB) of each, and the gateway's peak RSS before the transfer."""
+) -> tuple[float, float, float, float, float, float, float]:
+    """One large instance to dcmtk `storescp` and to the gateway, one association each, then
+    back from the gateway with a C-GET (dcmtk `getscu`): seconds and peak RSS (MiB) of each
+    receiver, the gateway's peak RSS before the transfer, and the C-GET's seconds and the
+    gateway's peak RSS after it."""
     with running_storescp(work / "storescp-large", 1) as (dcmtk, dcmtk_port):
         dcmtk_seconds = send(dcmtk_port, [path], "STORESCP", 1)
         dcmtk_rss = peak_rss_mib(dcmtk.pid)
     shutil.rmtree(work / "storescp-large")
-    with running_gateway(work, dsn, "large", prefix) as (proc, port):
+    study = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+    retrieving = {"QANTARA_DICOM_RETRIEVE_AES": "GETSCU"}
+    with running_gateway(work, dsn, "large", prefix, retrieving) as (proc, port):
         before = peak_rss_mib(proc.pid)
         seconds = send(port, [path], "QANTARA", 1)
-        return dcmtk_seconds, dcmtk_rss, seconds, peak_rss_mib(proc.pid), before
+        stored_rss = peak_rss_mib(proc.pid)
+        back = work / "getscu-large"
+        back.mkdir()
+        start = time.monotonic()
+        subprocess.run(
+            ["getscu", "-S", "-aet", "GETSCU", "-aec", "QANTARA", "-od", str(back),
+             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+             "127.0.0.1", str(port)],
+            check=True, capture_output=True, timeout=900,
+        )  # fmt: skip
+        get_seconds = time.monotonic() - start
+        got = sum(p.stat().st_size for p in back.iterdir())
+        shutil.rmtree(back)
+        if got < path.stat().st_size // 2:
+            raise RuntimeError("getscu brought back less than the instance")
+        return (
+            dcmtk_seconds,
+            dcmtk_rss,
+            seconds,
+            stored_rss,
+            before,
+            get_seconds,
+            peak_rss_mib(proc.pid),
+        )
 
 
 async def rounds(
@@ -483,7 +516,15 @@ async def main() -> None:
             name = f"qantara_bench_{secrets.token_hex(4)}"
             dsn = await ensure_database(args.database, name)
             try:
-                dcmtk_s, dcmtk_rss, gw_s, gw_rss, gw_before = await asyncio.to_thread(
+                (
+                    dcmtk_s,
+                    dcmtk_rss,
+                    gw_s,
+                    gw_rss,
+                    gw_before,
+                    get_s,
+                    get_rss,
+                ) = await asyncio.to_thread(
                     bench_large, large, work, dsn, shlex.split(args.gateway_prefix)
                 )
             finally:
@@ -491,7 +532,8 @@ async def main() -> None:
             print(
                 f"one instance of {mib:,.0f} MiB: dcmtk storescp {dcmtk_s:.1f} s, peak RSS "
                 f"{dcmtk_rss:,.0f} MiB | qantara {gw_s:.1f} s, peak RSS {gw_rss:,.0f} MiB "
-                f"({gw_before:,.0f} MiB before it)"
+                f"({gw_before:,.0f} MiB before it) | C-GET back to getscu {get_s:.1f} s, the "
+                f"gateway's peak RSS then {get_rss:,.0f} MiB"
             )
 
 

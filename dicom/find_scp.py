@@ -4,9 +4,12 @@ The identifier is read whole (at most `MAX_IDENTIFIER` bytes) and decoded in the
 context's transfer syntax; its keys become a `FindRequest` on the index
 (`storage.dicom_queries`), at most `max_find_results` matches. Each match goes back as a Pending
 response with the requested keys valued, in UTF-8 (ISO_IR 192), then Success, or Cancel once the
-peer's C-CANCEL-RQ has arrived. An identifier that does not decode, an unknown level, a level
-outside the query model or an invalid matching key: 0xC000 family (identifier does not match
-SOP class); the database unavailable: 0xA700.
+peer's C-CANCEL-RQ has arrived. Before the first match goes, an audit row (`storage.audit`,
+protocol "dicom", action `search-type`) names the calling AE title, the level, the number of
+matches and the patients they name, and is committed; a query that matches nothing writes none.
+An identifier that does not decode, an unknown level, a level outside the query model or an
+invalid matching key: 0xC000 family (identifier does not match SOP class); the database
+unavailable (the query or the audit row): 0xA700.
 """
 
 from __future__ import annotations
@@ -26,16 +29,24 @@ from dicom.config import DicomSettings
 from dicom.identifier import MAX_IDENTIFIER, IdentifierError, decode_identifier, encode_identifier
 from dicom.link import Ended, Link
 from ingest.errors import StorageUnavailable
-from storage.dicom_queries import LEVELS, FindMatch, FindRequest, FindRequestError
+from storage.audit import OUTCOME_SUCCESS, AuditEntry
+from storage.dicom_queries import LEVELS, PATIENTS, FindMatch, FindRequest, FindRequestError
 
 logger = logging.getLogger(__name__)
 
 Finder = Callable[[FindRequest], Awaitable[list[FindMatch]]]
 """Runs a C-FIND request on the index (`storage.dicom_queries.find`)."""
+Auditor = Callable[[AuditEntry], Awaitable[object]]
+"""Writes and commits an audit row (`storage.audit.record_access`)."""
 
 
 async def answer_find(
-    link: Link[Acceptor], event: CommandReceived, finder: Finder, settings: DicomSettings
+    link: Link[Acceptor],
+    event: CommandReceived,
+    finder: Finder,
+    auditor: Auditor,
+    settings: DicomSettings,
+    calling: str,
 ) -> Ended | None:
     """Receive a C-FIND identifier, query the index, stream the matches (Pending) and the final
     status; a C-CANCEL noted by the link ends the stream with Cancel. What ended the association
@@ -77,6 +88,8 @@ async def answer_find(
     try:
         async with asyncio.timeout(settings.store_timeout):
             matches = await finder(request)
+            if matches:
+                await auditor(_audit_entry(calling, level, matches))
     except FindRequestError:
         await reply(status.FIND_IDENTIFIER_INVALID, comment="invalid matching key")
         return None
@@ -90,6 +103,22 @@ async def answer_find(
         await reply(status.PENDING, encoded)
     await reply(dimse.CANCEL if link.cancelled(message_id) else status.SUCCESS)
     return None
+
+
+def _audit_entry(calling: str, level: str, matches: list[FindMatch]) -> AuditEntry:
+    """The audit row written before the first match goes: who, at which level, how many
+    matches and which patients (no value of the query)."""
+    patients = {patient for match in matches for patient in match.get(PATIENTS) or ()}
+    return AuditEntry(
+        token_name=calling,
+        action="search-type",
+        resource_type="ImagingStudy",
+        query_shape=f"C-FIND {level}, {len(matches)} match(es)",
+        patient_ids=tuple(sorted(patients)),
+        outcome=OUTCOME_SUCCESS,
+        status=status.PENDING,
+        protocol="dicom",
+    )
 
 
 def _criterion(value: object) -> str:

@@ -34,6 +34,7 @@ from typing import Any, Final
 from dicom import dimse, sop_classes, status
 from dicom.association import Acceptor, CommandReceived
 from dicom.config import AeAddress, DicomSettings
+from dicom.find_scp import Auditor
 from dicom.identifier import MAX_IDENTIFIER, IdentifierError, decode_identifier, encode_identifier
 from dicom.link import Ended, Link
 from dicom.outbound import Unreachable, open_association, proposed_contexts
@@ -48,8 +49,6 @@ logger = logging.getLogger(__name__)
 
 Locator = Callable[[RetrieveKeys, int], Awaitable[list[RetrievableInstance]]]
 """Looks the instances of a retrieve up in the index (`storage.dicom_queries.retrievable`)."""
-Auditor = Callable[[AuditEntry], Awaitable[object]]
-"""Writes and commits an audit row (`storage.audit.record_access`)."""
 
 MAX_RETRIEVE: Final = 10_000
 """Instances one C-GET or C-MOVE may name; beyond, 0xA701 (retrieve series by series)."""

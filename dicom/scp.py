@@ -61,12 +61,12 @@ from dicom.commitment_scp import Holder, answer_commitment, report_answered
 from dicom.config import DicomSettings
 from dicom.filemeta import file_meta
 from dicom.filestore import FileStore, StagedFile, StoredFile, fsync_dir
-from dicom.find_scp import Finder, answer_find
+from dicom.find_scp import Auditor, Finder, answer_find
 from dicom.link import TIMED_OUT, Ended, Link
 from dicom.metadata import DicomInputError, InstanceMetadata, read_metadata
 from dicom.negotiation import Refused, gateway_policy, limit_reached, negotiate
 from dicom.orphan_sweep import Indexed, OrphanSweep
-from dicom.retrieve_scp import Auditor, Locator, Retrieval, answer_retrieve, retrieves
+from dicom.retrieve_scp import Locator, Retrieval, answer_retrieve, retrieves
 from dicom.serial_queue import SerialQueue
 from dicom.spool import Chunk
 from dicom.write_behind import SPOOL_BATCH, Spools, WriteBehind
@@ -404,7 +404,9 @@ class DicomServer:
         if field == dimse.C_STORE_RQ and event.abstract_syntax in sop_classes.STORAGE:
             return await self._c_store(link, event, calling, spools)
         if field == dimse.C_FIND_RQ and event.abstract_syntax in sop_classes.FIND_MODELS:
-            return await answer_find(link, event, self._finder, self._settings)
+            return await answer_find(
+                link, event, self._finder, self._retrieval.auditor, self._settings, calling
+            )
         if retrieves(command, event.abstract_syntax):
             return await answer_retrieve(
                 link, event, self._retrieval, self._settings, self._metrics, calling

@@ -3,10 +3,10 @@
 One AuditEvent per row: type `rest` with the interaction as subtype, action `R` for a read and `E`
 for a search or operation, the token's name as the requesting agent (`agent.who.display`), each
 patient whose data was returned as an entity (`what` = `Patient/{id}`, role patient), and the
-query's shape (parameter names, never values) as a query entity. A row of the DICOM listener (a
-C-GET, written before its first sub-operation) has the DICOM type "Begin Transferring DICOM
-Instances" (DCM 110102, action `E`, as IHE ATNA has it), the calling AE title as the agent and the
-DICOM status in `outcomeDesc`.
+query's shape (parameter names, never values) as a query entity. A row of the DICOM listener,
+written before the first instance or match goes, has a DICOM type: "Begin Transferring DICOM
+Instances" (DCM 110102) for a C-GET or C-MOVE, "Query" (DCM 110112) for a C-FIND, action `E`
+as IHE ATNA has them; the calling AE title is the agent, the DICOM status in `outcomeDesc`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,14 @@ _DICOM_TRANSFER: Final = {
     "system": "http://dicom.nema.org/resources/ontology/DCM",
     "code": "110102",
     "display": "Begin Transferring DICOM Instances",
+}
+_DICOM_TYPES: Final = {
+    "read": _DICOM_TRANSFER,  # C-GET, C-MOVE
+    "search-type": {  # C-FIND
+        "system": "http://dicom.nema.org/resources/ontology/DCM",
+        "code": "110112",
+        "display": "Query",
+    },
 }
 
 
@@ -86,7 +94,7 @@ def audit_event_resource(record: AuditRecord) -> JsonObject:
     outcome_text = _OUTCOME_TEXT.get(record.outcome, "failed")
     kind: JsonObject
     if record.protocol == "dicom":
-        kind = {"type": _DICOM_TRANSFER, "action": "E"}
+        kind = {"type": _DICOM_TYPES.get(record.action, _DICOM_TRANSFER), "action": "E"}
         outcome = f"DICOM 0x{record.status:04X} ({outcome_text})"
     else:
         kind = {

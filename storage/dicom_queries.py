@@ -33,7 +33,9 @@ class FindRequest:
 
 
 FindMatch = dict[str, Any]
-"""keyword → value (str, int, date, time or list of str) of one C-FIND match."""
+"""keyword → value (str, int, date, time or list of str) of one C-FIND match; and under
+`PATIENTS` the ids of the patients it names (the audit's, never sent)."""
+PATIENTS: Final = "_patients"
 
 _TEXT: Final = "text"
 _DATE: Final = "date"
@@ -83,7 +85,8 @@ _SELECT: Final = {
                          max(s.patient_name) AS "PatientName",
                          max(s.patient_birth_date) AS "PatientBirthDate",
                          max(s.patient_sex) AS "PatientSex",
-                         count(*) AS "NumberOfPatientRelatedStudies"
+                         count(*) AS "NumberOfPatientRelatedStudies",
+                         array_remove(array_agg(DISTINCT s.patient_id), NULL) AS "_patients"
                   FROM dicom_study s WHERE {where}
                   GROUP BY 1, 2 ORDER BY 1, 2 LIMIT {limit}""",
     "STUDY": """SELECT s.dicom_patient_id AS "PatientID",
@@ -100,7 +103,8 @@ _SELECT: Final = {
                            AS "NumberOfStudyRelatedSeries",
                        (SELECT count(*) FROM dicom_series se
                           JOIN dicom_instance i ON i.series_id = se.id
-                          WHERE se.study_id = s.id) AS "NumberOfStudyRelatedInstances"
+                          WHERE se.study_id = s.id) AS "NumberOfStudyRelatedInstances",
+                       array_remove(ARRAY[s.patient_id], NULL) AS "_patients"
                 FROM dicom_study s WHERE {where} ORDER BY s.id LIMIT {limit}""",
     "SERIES": """SELECT s.dicom_patient_id AS "PatientID", s.study_uid AS "StudyInstanceUID",
                         se.series_uid AS "SeriesInstanceUID", se.modality AS "Modality",
@@ -108,12 +112,14 @@ _SELECT: Final = {
                         se.description AS "SeriesDescription",
                         se.body_part AS "BodyPartExamined",
                         (SELECT count(*) FROM dicom_instance i WHERE i.series_id = se.id)
-                            AS "NumberOfSeriesRelatedInstances"
+                            AS "NumberOfSeriesRelatedInstances",
+                        array_remove(ARRAY[s.patient_id], NULL) AS "_patients"
                  FROM dicom_series se JOIN dicom_study s ON s.id = se.study_id
                  WHERE {where} ORDER BY se.id LIMIT {limit}""",
     "IMAGE": """SELECT s.dicom_patient_id AS "PatientID", s.study_uid AS "StudyInstanceUID",
                        se.series_uid AS "SeriesInstanceUID", i.sop_instance_uid AS "SOPInstanceUID",
-                       i.sop_class_uid AS "SOPClassUID", i.instance_number AS "InstanceNumber"
+                       i.sop_class_uid AS "SOPClassUID", i.instance_number AS "InstanceNumber",
+                       array_remove(ARRAY[s.patient_id], NULL) AS "_patients"
                 FROM dicom_instance i JOIN dicom_series se ON se.id = i.series_id
                      JOIN dicom_study s ON s.id = se.study_id
                 WHERE {where} ORDER BY i.id LIMIT {limit}""",

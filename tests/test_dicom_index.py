@@ -276,6 +276,40 @@ async def test_find_at_patient_level_matches_by_patient_id(
     assert int(match.NumberOfPatientRelatedStudies) == 2
 
 
+async def test_a_find_with_matches_is_audited_with_the_ae_title_level_and_patients(
+    scp: RunningDicom, indexed: list[Dataset]
+) -> None:
+    pid = str(indexed[0].PatientID)
+    patients = await scp.pool.fetchval(
+        "SELECT array_agg(DISTINCT patient_id) FROM dicom_study WHERE dicom_patient_id = $1", pid
+    )
+
+    await asyncio.to_thread(
+        c_find, scp.port, query("STUDY", PatientID=pid, StudyInstanceUID=""), STUDY_ROOT_FIND
+    )
+
+    row = await scp.pool.fetchrow(
+        "SELECT * FROM api_audit WHERE protocol = 'dicom' ORDER BY id DESC LIMIT 1"
+    )
+    assert (row["token_name"], row["action"], row["query_shape"]) == (
+        "VIEWER",
+        "search-type",
+        "C-FIND STUDY, 2 match(es)",
+    )
+    assert sorted(row["patient_ids"]) == sorted(patients)
+
+
+async def test_a_find_without_matches_writes_no_audit_row(scp: RunningDicom) -> None:
+    before = await scp.pool.fetchval("SELECT count(*) FROM api_audit")
+
+    found, final = await asyncio.to_thread(
+        c_find, scp.port, query("STUDY", PatientID="NOBODY-404"), STUDY_ROOT_FIND
+    )
+
+    assert (found, final) == ([], status.SUCCESS)
+    assert await scp.pool.fetchval("SELECT count(*) FROM api_audit") == before
+
+
 async def test_find_at_study_level_matches_dates_and_wildcards(
     scp: RunningDicom, indexed: list[Dataset]
 ) -> None:

@@ -230,6 +230,23 @@ def test_a_file_without_part_10_header_has_no_dataset_offset(head: bytes) -> Non
         dataset_offset(head)
 
 
+def test_a_dicom_query_audit_row_is_a_query_event() -> None:
+    record = AuditRecord(
+        id=8,
+        recorded_at=datetime(2026, 11, 29, 8, 0, tzinfo=UTC),
+        token_name="VIEWER",  # noqa: S106 - an AE title
+        action="search-type",
+        resource_type="ImagingStudy",
+        query_shape="C-FIND STUDY, 2 match(es)",
+        patient_ids=(42,),
+        outcome="0",
+        status=status.PENDING,
+        protocol="dicom",
+    )
+    event = audit_event_resource(record)
+    assert (event["type"]["code"], event["type"]["display"]) == ("110112", "Query")
+
+
 def test_a_dicom_audit_row_is_a_begin_transferring_dicom_instances_event() -> None:
     record = AuditRecord(
         id=7,

@@ -12,8 +12,8 @@
 --
 -- writer (`qantara_writer`): the ingest pipeline (MQTT ledger, watermarks, vitals, HL7, DICOM
 --   index, dead letters), partition upkeep (through qantara_ensure_partitions only), the DICOM
---   C-FIND and C-GET (with its audit rows), the pending-migration check at start, and the
---   `qantara token` commands.
+--   C-FIND, C-GET and C-MOVE (with their audit rows), the pending-migration check at start and
+--   the `qantara token` commands.
 -- reader (`qantara_reader`): the HTTP API: FHIR and DICOMweb searches, token lookup, the audit
 --   trail (written before each response, read as AuditEvent).
 -- Neither may TRUNCATE, REFERENCE, TRIGGER or run DDL; neither reads what it does not need
@@ -54,7 +54,7 @@ BEGIN
             ('dicom_conflict',     'INSERT',                             NULL),
             -- `qantara token` create/list/revoke: never the hashes, only `revoked_at` changes
             ('api_token',          'INSERT, SELECT (id, name, scopes, created_at, revoked_at), UPDATE (revoked_at)', 'SELECT'),
-            -- the DICOM listener's C-GET audit rows; RETURNING reads the id
+            -- the DICOM listener's C-FIND, C-GET, C-MOVE audit rows; RETURNING reads the id
             ('api_audit',          'INSERT, SELECT (id)',                'SELECT, INSERT')
         ) AS t (name, writer_privileges, reader_privileges)
     LOOP
