@@ -29,6 +29,7 @@ from dicom.config import AeAddress
 from dicom.link import TIMED_OUT, Link
 from dicom.negotiation import our_user_information
 from dicom.pdu import AssociateRequest, ProposedContext, RoleSelection
+from dicom.syntax_conversion import alternatives
 
 MAX_CONTEXTS: Final = 128
 
@@ -38,8 +39,14 @@ class Unreachable(Exception):
 
 
 def proposed_contexts(pairs: Sequence[tuple[str, str]]) -> tuple[ProposedContext, ...]:
-    """One context per distinct (SOP class, transfer syntax), in order, at most 128."""
-    distinct = list(dict.fromkeys(pairs))[:MAX_CONTEXTS]
+    """One context per distinct (SOP class, transfer syntax), each with that one syntax, in
+    order, at most 128: first the stored syntaxes, then for an uncompressed little-endian one
+    the other, which the instance converts to (`dicom.syntax_conversion`) if the destination
+    does not take its own. Separate contexts, so that a destination that takes both accepts
+    both, and the instance goes as stored."""
+    stored = list(dict.fromkeys(pairs))
+    fallbacks = [(c, ts) for c, syntax in stored for ts in alternatives(syntax, 0)[1:]]
+    distinct = list(dict.fromkeys([*stored, *fallbacks]))[:MAX_CONTEXTS]
     return tuple(
         ProposedContext(2 * n + 1, sop_class, (syntax,))
         for n, (sop_class, syntax) in enumerate(distinct)

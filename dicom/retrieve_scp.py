@@ -9,13 +9,14 @@ the gateway never sends images to an address a request names. Before the first s
 audit row (`storage.audit`, protocol "dicom") names the calling AE title, the patients, the level
 and, for a C-MOVE, the destination, and is committed: no instance leaves without it.
 
-Each instance goes as it was received, never transcoded (`dicom.stored_sender`): for a C-GET on
-a presentation context the peer proposed for its SOP class and stored transfer syntax with the SCP
-role for that class (role selection); for a C-MOVE on the context the destination accepted for
-that pair. With none, its sub-operation fails and the others go on. After each sub-operation's
-C-STORE-RSP a Pending response gives the counts; a C-CANCEL-RQ stops before the next one (Cancel,
-the UIDs not sent listed as failed). A file that cannot be opened fails its sub-operation before
-any byte of it is sent. A destination that cannot be reached, or that goes away, fails the
+Each instance goes as it was received (`dicom.stored_sender`): for a C-GET on a presentation
+context the peer proposed for its SOP class and stored transfer syntax with the SCP role for that
+class (role selection); for a C-MOVE on the context the destination accepted for that pair. With
+none, an instance stored in one little-endian uncompressed syntax goes converted to the other if
+a context takes it (`dicom.syntax_conversion`); else its sub-operation fails and the others go on.
+After each sub-operation's C-STORE-RSP a Pending response gives the counts; a C-CANCEL-RQ stops
+before the next one (Cancel, the UIDs not sent listed as failed). A file that cannot be opened,
+read or converted fails its sub-operation before any byte of it is sent. A destination that cannot be reached, or that goes away, fails the
 sub-operations left; the C-MOVE's own association goes on. The database unavailable (the lookup or
 the audit row) or more matches than the bound: 0xA701. On a C-GET's own association, a peer that
 does not answer a sub-operation within the DIMSE timeout, or a read error in the middle of an
@@ -39,7 +40,8 @@ from dicom.identifier import MAX_IDENTIFIER, IdentifierError, decode_identifier,
 from dicom.link import Ended, Link
 from dicom.outbound import Unreachable, open_association, proposed_contexts
 from dicom.retrieve import Progress, RetrieveError, retrieve_keys
-from dicom.stored_sender import Unreadable, Work, send_stored
+from dicom.stored_sender import StoredFile, Unreadable, Work, send_stored
+from dicom.syntax_conversion import alternatives
 from ingest.errors import StorageUnavailable
 from monitoring.metrics import Metrics
 from storage.audit import OUTCOME_SUCCESS, AuditEntry
@@ -223,7 +225,7 @@ async def _sub_operations(
         if origin.cancelled(command.message_id or 0):
             return None, [i.sop_instance_uid for i in instances[n:]]
         uid = instance.sop_instance_uid
-        context = target.context_for(instance.sop_class_uid, instance.transfer_syntax)
+        context, conversion = _context(target, instance)
         if context is None:
             progress.not_sent(uid)
             metrics.dicom_retrieved.labels("failed").inc()
@@ -232,9 +234,11 @@ async def _sub_operations(
             request = dimse.store_request(
                 message_id, instance.sop_class_uid, uid, command.priority or 0, target.originator
             )
-            path = retrieval.store_root / instance.file_path
+            stored = StoredFile(retrieval.store_root / instance.file_path, instance.size)
             try:
-                await send_stored(target.link, context, request, path, retrieval.work, metrics)
+                await send_stored(
+                    target.link, context, request, stored, retrieval.work, metrics, conversion
+                )
             except Unreadable as exc:
                 logger.warning("DICOM retrieve: a stored file cannot be sent: %s", exc)
                 progress.not_sent(uid)
@@ -262,6 +266,19 @@ async def _sub_operations(
             pending = progress.pending(command)
             await origin.send(origin.endpoint.send_message(event.context_id, pending))
     return None, []
+
+
+def _context(
+    target: _Target, instance: RetrievableInstance
+) -> tuple[int | None, tuple[str, str] | None]:
+    """The context to send `instance` on, and the conversion it needs (None: as stored): a
+    context in its stored transfer syntax first, else one in a syntax it converts to."""
+    stored = instance.transfer_syntax
+    for syntax in alternatives(stored, instance.size):
+        context = target.context_for(instance.sop_class_uid, syntax)
+        if context is not None:
+            return context, None if syntax == stored else (stored, syntax)
+    return None, None
 
 
 def retrieves(command: dimse.Command, abstract_syntax: str) -> bool:

@@ -4,6 +4,7 @@ sub-operations, byte for byte as stored, with Pending counts and a final status 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from pydicom.dataset import Dataset
 from dicom import status
 from dicom.config import DicomSettings
 from dicom.filemeta import dataset_offset
+from dicom.identifier import decode_identifier
 from tests.dicom_support import (
     PATIENT_ROOT_GET,
     RunningDicom,
@@ -142,19 +144,40 @@ async def test_get_matching_nothing_is_a_success_with_no_sub_operations(scp: Run
     ]
 
 
-async def test_instance_without_a_context_in_its_stored_syntax_fails_and_is_listed(
+async def test_an_instance_goes_in_the_other_little_endian_syntax_when_only_that_is_offered(
     scp: RunningDicom,
 ) -> None:
-    instances = study(2)  # stored in explicit VR little endian
-    await asyncio.to_thread(store, scp.port, instances)
-    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+    [ds] = study(1)  # stored in explicit VR little endian
+    await asyncio.to_thread(store, scp.port, [ds])
+    identifier = level("STUDY", StudyInstanceUID=ds.StudyInstanceUID)
 
-    got = await asyncio.to_thread(c_get, scp.port, identifier, {(CT, IMPLICIT)})  # no transcoding
+    got = await asyncio.to_thread(c_get, scp.port, identifier, {(CT, IMPLICIT)})
+
+    assert got.final["Status"] == status.SUCCESS
+    syntax, data = got.datasets[str(ds.SOPInstanceUID)]
+    assert syntax == IMPLICIT
+    received = decode_identifier(data, IMPLICIT)
+    assert received.PixelData == ds.PixelData
+    assert received.PatientName == ds.PatientName
+    assert received.SOPInstanceUID == ds.SOPInstanceUID
+
+
+async def test_a_compressed_instance_without_a_context_in_its_syntax_fails_and_is_listed(
+    scp: RunningDicom,
+) -> None:
+    compressed = study(2, "JPEG2000.dcm")  # never transcoded
+    await asyncio.to_thread(store, scp.port, compressed)
+    identifier = level("STUDY", StudyInstanceUID=compressed[0].StudyInstanceUID)
+    sop_class = str(compressed[0].SOPClassUID)
+
+    got = await asyncio.to_thread(
+        c_get, scp.port, identifier, {(sop_class, EXPLICIT), (sop_class, IMPLICIT)}
+    )
 
     assert got.datasets == {}
     assert got.final["Status"] == status.GET_SUB_OPERATIONS_FAILED
     assert got.final["NumberOfFailedSuboperations"] == 2
-    assert sorted(got.failed_uids()) == sorted(str(ds.SOPInstanceUID) for ds in instances)
+    assert sorted(got.failed_uids()) == sorted(str(ds.SOPInstanceUID) for ds in compressed)
 
 
 async def test_without_the_scp_role_no_instance_is_sent(scp: RunningDicom) -> None:
@@ -374,3 +397,20 @@ async def test_a_get_matching_nothing_writes_no_audit_row(scp: RunningDicom) -> 
     await asyncio.to_thread(c_get, scp.port, identifier, {(CT, EXPLICIT)})
 
     assert await scp.pool.fetchval("SELECT count(*) FROM api_audit") == before
+
+
+@pytest.mark.parametrize("offered", [EXPLICIT, IMPLICIT], ids=["as-stored", "converted"])
+async def test_a_stored_file_cut_short_fails_its_sub_operation_instead_of_going_truncated(
+    scp: RunningDicom, offered: str
+) -> None:
+    [ds] = study(1)  # stored in explicit VR little endian
+    await asyncio.to_thread(store, scp.port, [ds])
+    row = await instance_row(scp.pool, str(ds.SOPInstanceUID))
+    path = scp.root / row["file_path"]
+    await asyncio.to_thread(os.truncate, path, row["size"] - 100)
+    identifier = level("STUDY", StudyInstanceUID=ds.StudyInstanceUID)
+
+    got = await asyncio.to_thread(c_get, scp.port, identifier, {(CT, offered)})
+
+    assert got.datasets == {}
+    assert got.failed_uids() == [str(ds.SOPInstanceUID)]

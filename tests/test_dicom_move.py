@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,10 +21,13 @@ from pynetdicom.presentation import StoragePresentationContexts
 
 from dicom import status
 from dicom.config import AeAddress, DicomSettings
+from dicom.identifier import decode_identifier
 from tests.dicom_support import MOVE_MESSAGE_ID, RunningDicom, c_move, running_dicom, store
 from tests.test_dicom_get import level, stored_dataset, study
 
 pytestmark = pytest.mark.timeout(120)
+
+IMPLICIT = "1.2.840.10008.1.2"
 
 
 @dataclass
@@ -52,11 +56,13 @@ class Workstation:
         return self.answer
 
 
-@pytest.fixture(scope="module")
-def workstation() -> Iterator[Workstation]:
-    ae = AE(ae_title="WORKSTATION")
-    for context in StoragePresentationContexts:  # uncompressed syntaxes only
-        ae.add_supported_context(context.abstract_syntax)
+@contextmanager
+def listening(ae_title: str, syntaxes: list[str] | None = None) -> Iterator[Workstation]:
+    """A storage SCP taking every storage class in `syntaxes` (pynetdicom's uncompressed ones
+    by default)."""
+    ae = AE(ae_title=ae_title)
+    for context in StoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, syntaxes)
     station = Workstation(0)
     server = ae.start_server(
         ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, station.handle)]
@@ -68,6 +74,18 @@ def workstation() -> Iterator[Workstation]:
         server.shutdown()
 
 
+@pytest.fixture(scope="module")
+def workstation() -> Iterator[Workstation]:
+    with listening("WORKSTATION") as station:
+        yield station
+
+
+@pytest.fixture(scope="module")
+def old_pacs() -> Iterator[Workstation]:
+    with listening("OLD-PACS", [IMPLICIT]) as station:  # the one syntax every AE must take
+        yield station
+
+
 def closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -76,12 +94,16 @@ def closed_port() -> int:
 
 @pytest.fixture(scope="module")
 async def scp(
-    module_dsn: str, tmp_path_factory: pytest.TempPathFactory, workstation: Workstation
+    module_dsn: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    workstation: Workstation,
+    old_pacs: Workstation,
 ) -> AsyncIterator[RunningDicom]:
     settings = DicomSettings(
         retrieve_aes=frozenset({"VIEWER"}),
         move_destinations=(
             AeAddress("WORKSTATION", "127.0.0.1", workstation.port),
+            AeAddress("OLD-PACS", "127.0.0.1", old_pacs.port),
             AeAddress("NOWHERE", "127.0.0.1", closed_port()),
         ),
         acse_timeout=5.0,
@@ -109,6 +131,22 @@ async def test_a_study_moved_arrives_at_the_destination_as_stored_with_its_origi
         assert syntax == str(ds.file_meta.TransferSyntaxUID)
         assert data == await stored_dataset(scp, str(ds.SOPInstanceUID))
         assert (originator, message_id) == ("VIEWER", MOVE_MESSAGE_ID)
+
+
+async def test_a_destination_taking_only_implicit_vr_gets_the_instance_converted(
+    scp: RunningDicom, old_pacs: Workstation
+) -> None:
+    [ds] = study(1)  # stored in explicit VR little endian
+    await asyncio.to_thread(store, scp.port, [ds])
+    identifier = level("STUDY", StudyInstanceUID=ds.StudyInstanceUID)
+
+    moved = await asyncio.to_thread(c_move, scp.port, identifier, "OLD-PACS")
+
+    assert moved.final["Status"] == status.SUCCESS
+    syntax, data, _, _ = old_pacs.received[str(ds.SOPInstanceUID)]
+    assert syntax == IMPLICIT
+    received = decode_identifier(data, IMPLICIT)
+    assert (received.PixelData, received.PatientName) == (ds.PixelData, ds.PatientName)
 
 
 async def test_a_destination_not_configured_gets_a801_and_nothing_is_sent(

@@ -31,6 +31,7 @@ from dicom.pdu import (
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
 EXPLICIT = "1.2.840.10008.1.2.1"
+IMPLICIT = "1.2.840.10008.1.2"
 JPEG2000 = "1.2.840.10008.1.2.4.91"
 REQUEST = AssociateRequest(
     "WORKSTATION",
@@ -135,12 +136,17 @@ def test_an_association_request_from_the_destination_is_a_protocol_error() -> No
 
 
 def test_one_context_is_proposed_per_distinct_class_and_syntax() -> None:
-    contexts = proposed_contexts([(CT, EXPLICIT), (MR, EXPLICIT), (CT, EXPLICIT), (CT, JPEG2000)])
+    contexts = proposed_contexts([(CT, JPEG2000), (MR, EXPLICIT), (CT, JPEG2000)])
     assert [(c.context_id, c.abstract_syntax, c.transfer_syntaxes) for c in contexts] == [
-        (1, CT, (EXPLICIT,)),
+        (1, CT, (JPEG2000,)),
         (3, MR, (EXPLICIT,)),
-        (5, CT, (JPEG2000,)),
+        (5, MR, (IMPLICIT,)),  # the other little-endian syntax, after every stored one
     ]
+
+
+def test_an_uncompressed_pair_stored_both_ways_is_proposed_once_each() -> None:
+    contexts = proposed_contexts([(CT, EXPLICIT), (CT, IMPLICIT)])
+    assert [c.transfer_syntaxes for c in contexts] == [(EXPLICIT,), (IMPLICIT,)]
 
 
 def test_at_most_128_contexts_are_proposed() -> None:
