@@ -16,11 +16,11 @@ none, an instance stored in one little-endian uncompressed syntax goes converted
 a context takes it (`dicom.syntax_conversion`); else its sub-operation fails and the others go on.
 After each sub-operation's C-STORE-RSP a Pending response gives the counts; a C-CANCEL-RQ stops
 before the next one (Cancel, the UIDs not sent listed as failed). A file that cannot be opened,
-read or converted fails its sub-operation before any byte of it is sent. A destination that cannot be reached, or that goes away, fails the
-sub-operations left; the C-MOVE's own association goes on. The database unavailable (the lookup or
-the audit row) or more matches than the bound: 0xA701. On a C-GET's own association, a peer that
-does not answer a sub-operation within the DIMSE timeout, or a read error in the middle of an
-instance, ends it with an A-ABORT.
+read or converted fails its sub-operation before any byte of it is sent. A destination that
+cannot be reached, or that goes away, fails the sub-operations left; the C-MOVE's own
+association goes on. The database unavailable (the lookup or the audit row) or more matches than
+the bound: 0xA701. On a C-GET's own association, a peer that does not answer a sub-operation
+within the DIMSE timeout, or a read error in the middle of an instance, ends it with an A-ABORT.
 """
 
 from __future__ import annotations
