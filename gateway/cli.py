@@ -206,6 +206,30 @@ def build_parser() -> argparse.ArgumentParser:
     _tls_arguments(modality, "DICOM")
     modality.add_argument("--quiet", action="store_true", help="no progress line")
 
+    workstation = targets.add_parser(
+        "workstation",
+        help="a simulated workstation pulling studies with C-FIND, then C-GET or C-MOVE",
+        description="Find the studies of a patient (--patient-id) or of a day (--study-date) "
+        "with C-FIND, then retrieve each with C-GET on the same association (the images are "
+        "counted, not kept) or with C-MOVE to a destination the gateway knows "
+        "(QANTARA_DICOM_MOVE_DESTINATIONS). The calling AE title must be in "
+        "QANTARA_DICOM_RETRIEVE_AES. Exit status 1 when the association is refused or aborted, "
+        "when the C-FIND fails, or when any retrieve ends with another status than success.",
+    )
+    workstation.add_argument("--patient-id", default=None, help="PatientID to find")
+    workstation.add_argument(
+        "--study-date", default=None, help="StudyDate to find: YYYYMMDD or YYYYMMDD-YYYYMMDD"
+    )
+    workstation.add_argument("--limit", type=int, default=10, help="studies retrieved at most (10)")
+    workstation.add_argument(
+        "--move-to", default=None, metavar="AE", help="C-MOVE to this AE title instead of C-GET"
+    )
+    workstation.add_argument("--host", default=None, help="gateway host (QANTARA_BIND)")
+    workstation.add_argument("--port", type=int, default=None, help="port (QANTARA_DICOM_PORT)")
+    workstation.add_argument("--calling-ae", default="SIM-WORKSTATION", help="our AE title")
+    _tls_arguments(workstation, "DICOM")
+    workstation.add_argument("--quiet", action="store_true", help="no progress line")
+
     fleet = targets.add_parser(
         "fleet",
         help="a region's senders at once: units (MQTT), lab analyzers (MLLP), modalities (DICOM)",
@@ -321,6 +345,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await commands.simulate_lab(settings, args)
     if args.command == "simulate" and args.target == "modality":
         return await commands.simulate_modality(settings, args)
+    if args.command == "simulate" and args.target == "workstation":
+        return await commands.simulate_workstation(settings, args)
     if args.command == "simulate" and args.target == "fleet":
         return await commands.simulate_fleet(settings, args)
     if args.command == "simulate":

@@ -298,6 +298,30 @@ async def simulate_modality(settings: Settings, args: argparse.Namespace) -> int
     return 0 if not failed else 1
 
 
+async def simulate_workstation(settings: Settings, args: argparse.Namespace) -> int:
+    from simulators.workstation import WorkstationConfig, run_workstation
+
+    report = await asyncio.to_thread(
+        run_workstation,
+        WorkstationConfig(
+            host=_gateway_host(args, settings),
+            port=args.port if args.port is not None else settings.dicom.port,
+            called_ae=settings.dicom.ae_title,
+            calling_ae=args.calling_ae,
+            patient_id=args.patient_id,
+            study_date=args.study_date,
+            limit=args.limit,
+            move_to=args.move_to,
+            quiet=args.quiet,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+        ),
+    )
+    print(report.summary())  # noqa: T201
+    return 0 if report.ok else 1
+
+
 async def simulate_fleet(settings: Settings, args: argparse.Namespace) -> int:
     from simulators.fleet import FleetConfig, run_fleet
 

@@ -16,10 +16,12 @@ from pydicom.filebase import DicomBytesIO
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
+from dicom.config import AeAddress, DicomSettings
 from simulators.modality import CHARSETS, ModalityConfig, run_modality, study_datasets
 from simulators.population import REGIONS, Population
 from tests.dicom_support import running_dicom
 from tests.test_cli import qantara
+from tests.test_dicom_move import listening
 
 
 @pytest.mark.parametrize("modality", ["CR", "DX", "US", "CT"])
@@ -243,3 +245,54 @@ async def test_the_command_with_commit_gets_every_stored_instance_committed(
         result = await asyncio.to_thread(qantara, "simulate", "modality", *args)
     assert result.returncode == 0, result.stderr
     assert "storage commitment 0x0000, 4 of 4 committed" in result.stdout
+
+
+async def test_the_workstation_finds_a_patients_studies_and_gets_every_instance(
+    fresh_dsn: str, tmp_path: Path
+) -> None:
+    settings = DicomSettings(retrieve_aes=frozenset({"SIM-WORKSTATION"}))
+    async with running_dicom(fresh_dsn, tmp_path / "store", settings) as scp:
+        config = ModalityConfig(host="127.0.0.1", port=scp.port, modality="DX", quiet=True)
+        sent = await asyncio.to_thread(run_modality, config)
+        patient = await scp.pool.fetchval("SELECT dicom_patient_id FROM dicom_study LIMIT 1")
+        args = ("--patient-id", patient, "--host", "127.0.0.1", "--port", str(scp.port), "--quiet")
+        result = await asyncio.to_thread(qantara, "simulate", "workstation", *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"found 1 study(ies); {sent.sent} instance(s) completed, 0 failed" in result.stdout
+    assert f"received {sent.sent} instance(s)" in result.stdout
+
+
+async def test_the_workstation_not_allowed_to_retrieve_exits_with_1(
+    fresh_dsn: str, tmp_path: Path
+) -> None:
+    async with running_dicom(fresh_dsn, tmp_path / "store") as scp:  # nobody may retrieve
+        config = ModalityConfig(host="127.0.0.1", port=scp.port, quiet=True)
+        await asyncio.to_thread(run_modality, config)
+        args = ("--study-date", "19000101-29991231", "--port", str(scp.port), "--quiet")
+        result = await asyncio.to_thread(
+            qantara, "simulate", "workstation", "--host", "127.0.0.1", *args
+        )
+    assert result.returncode == 1
+    assert "retrieve refused at association: 1" in result.stdout
+
+
+async def test_the_workstation_moves_a_days_studies_to_a_destination(
+    fresh_dsn: str, tmp_path: Path
+) -> None:
+    with listening("RAD-WS-1") as destination:
+        settings = DicomSettings(
+            retrieve_aes=frozenset({"SIM-WORKSTATION"}),
+            move_destinations=(AeAddress("RAD-WS-1", "127.0.0.1", destination.port),),
+        )
+        async with running_dicom(fresh_dsn, tmp_path / "store", settings) as scp:
+            config = ModalityConfig(host="127.0.0.1", port=scp.port, studies=2, quiet=True)
+            sent = await asyncio.to_thread(run_modality, config)
+            today = datetime.now(UTC).strftime("%Y%m%d")
+            args = ("--study-date", f"{today}-", "--move-to", "RAD-WS-1", "--quiet")
+            result = await asyncio.to_thread(
+                qantara, "simulate", "workstation", "--host", "127.0.0.1",
+                "--port", str(scp.port), *args,
+            )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "found 2 study(ies)" in result.stdout
+    assert len(destination.received) == sent.sent
