@@ -224,6 +224,9 @@ async def _sub_operations(
     for n, instance in enumerate(instances):
         if origin.cancelled(command.message_id or 0):
             return None, [i.sop_instance_uid for i in instances[n:]]
+        if origin.closed and not own:  # the requester of a C-MOVE is gone: stop moving
+            logger.info("DICOM C-MOVE: the requester went away; the move stops")
+            return None, []
         uid = instance.sop_instance_uid
         context, conversion = _context(target, instance)
         if context is None:

@@ -22,7 +22,16 @@ from pynetdicom.presentation import StoragePresentationContexts
 from dicom import status
 from dicom.config import AeAddress, DicomSettings
 from dicom.identifier import decode_identifier
-from tests.dicom_support import MOVE_MESSAGE_ID, RunningDicom, c_move, running_dicom, store
+from tests.dicom_support import (
+    MOVE_MESSAGE_ID,
+    SCP_AE,
+    STUDY_ROOT_MOVE,
+    RunningDicom,
+    c_move,
+    running_dicom,
+    scu,
+    store,
+)
 from tests.test_dicom_get import level, stored_dataset, study
 
 pytestmark = pytest.mark.timeout(120)
@@ -38,12 +47,14 @@ class Workstation:
     port: int
     answer: int = 0x0000
     abort_after: int | None = None  # aborts the association once it has taken this many
+    delay: float = 0.0  # seconds before answering each C-STORE
     received: dict[str, tuple[str, bytes, str, int]] = field(default_factory=dict)
     taken: int = 0
 
     def handle(self, event: Any) -> int:
         request = event.request
         self.taken += 1
+        time.sleep(self.delay)
         if self.abort_after is not None and self.taken >= self.abort_after:
             threading.Thread(target=event.assoc.abort).start()
             time.sleep(0.5)  # no answer to this one: the association is gone first
@@ -209,6 +220,33 @@ async def test_a_destination_that_goes_away_fails_the_sub_operations_left(
     assert moved.final["NumberOfFailedSuboperations"] == 3
     assert len(moved.failed_uids()) == 3
     assert await asyncio.to_thread(store, scp.port, study(1)) == [status.SUCCESS]  # still serving
+
+
+async def test_a_move_stops_when_its_requester_goes_away(
+    scp: RunningDicom, workstation: Workstation
+) -> None:
+    instances = study(6)
+    await asyncio.to_thread(store, scp.port, instances)
+    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+
+    def move_then_abort() -> None:
+        ae = scu("VIEWER")
+        ae.add_requested_context(STUDY_ROOT_MOVE)
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title=SCP_AE)
+        for answer, _ in assoc.send_c_move(identifier, "WORKSTATION", STUDY_ROOT_MOVE):
+            if "Status" in answer:  # the first Pending: one instance moved
+                assoc.abort()
+                break
+
+    workstation.delay = 0.2
+    try:
+        await asyncio.to_thread(move_then_abort)
+        await asyncio.sleep(1.5)  # time for the rest, had the move gone on
+    finally:
+        workstation.delay = 0.0
+    moved = [ds for ds in instances if str(ds.SOPInstanceUID) in workstation.received]
+    assert 1 <= len(moved) < 6
+    assert await asyncio.to_thread(store, scp.port, study(1)) == [status.SUCCESS]
 
 
 async def test_c_cancel_stops_a_move_before_its_next_sub_operation(scp: RunningDicom) -> None:
