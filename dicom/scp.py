@@ -1,4 +1,5 @@
-"""The DICOM listener: Verification, Storage of every storage SOP class, Patient/Study Root C-FIND.
+"""The DICOM listener: Verification, Storage of every storage SOP class, Patient/Study Root C-FIND,
+C-GET and C-MOVE, Storage Commitment.
 
 Our own DICOM upper layer on the gateway's event loop: `asyncio` accepts the connections, each
 association is one task in the server's `TaskGroup`, the protocol is the sans-IO core (`dicom.pdu`,
@@ -20,7 +21,8 @@ pipeline. The status goes back after COMMIT:
 - a command without Affected SOP Class/Instance UID: 0xC001 (its response names `0`), the
   association goes on.
 
-C-FIND is `dicom.find_scp`; the files that no index row names (a crash between the link and the
+C-FIND is `dicom.find_scp`, C-GET and C-MOVE `dicom.retrieve_scp`, Storage Commitment
+`dicom.commitment_scp`; the files that no index row names (a crash between the link and the
 commit, 0xA700 from the database) are `dicom.orphan_sweep`'s, a task in the server's group.
 
 Associations over `max_associations` get an A-ASSOCIATE-RJ (transient, local limit exceeded);
