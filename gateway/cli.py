@@ -366,7 +366,8 @@ def _configure_logging(level: str) -> None:
     handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
     # Libraries that would log payloads or connection details at INFO stay at WARNING.
-    for noisy in ("aiomqtt", "paho", "uvicorn.error", "amqtt", "asyncio"):
+    # pynetdicom (the DICOM simulators' library) logs whole identifiers, PatientID included.
+    for noisy in ("aiomqtt", "paho", "uvicorn.error", "amqtt", "asyncio", "pynetdicom"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 

@@ -296,3 +296,18 @@ async def test_the_workstation_moves_a_days_studies_to_a_destination(
     assert result.returncode == 0, result.stdout + result.stderr
     assert "found 2 study(ies)" in result.stdout
     assert len(destination.received) == sent.sent
+
+
+async def test_the_workstation_prints_no_patient_id_on_its_stderr(
+    fresh_dsn: str, tmp_path: Path
+) -> None:
+    settings = DicomSettings(retrieve_aes=frozenset({"SIM-WORKSTATION"}))
+    async with running_dicom(fresh_dsn, tmp_path / "store", settings) as scp:
+        await asyncio.to_thread(
+            run_modality, ModalityConfig(host="127.0.0.1", port=scp.port, quiet=True)
+        )
+        patient = await scp.pool.fetchval("SELECT dicom_patient_id FROM dicom_study LIMIT 1")
+        args = ("--study-date", "19000101-", "--host", "127.0.0.1", "--port", str(scp.port))
+        result = await asyncio.to_thread(qantara, "simulate", "workstation", "--quiet", *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert patient not in result.stderr  # pynetdicom logs identifiers at INFO: kept at WARNING
