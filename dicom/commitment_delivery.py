@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import Final
 
 from dicom import dimse, sop_classes, status
@@ -46,7 +47,12 @@ _ROLE: Final = RoleSelection(_CLASS, scu=False, scp=True)
 
 
 async def send_report(
-    address: AeAddress, calling_ae: str, report: CommitmentReport, step_timeout: float, max_pdu: int
+    address: AeAddress,
+    calling_ae: str,
+    report: CommitmentReport,
+    step_timeout: float,
+    max_pdu: int,
+    tls: ssl.SSLContext | None = None,
 ) -> int | None:
     """One attempt: the N-EVENT-REPORT-RSP's status, or None when there was no association
     (unreachable, rejected, the SCP role refused) or no answer. Each step within
@@ -61,6 +67,7 @@ async def send_report(
             step_timeout=step_timeout,
             send_timeout=step_timeout,
             roles=(_ROLE,),
+            tls=tls,
         ) as link:
             requestor = link.endpoint
             syntax = next(
@@ -99,10 +106,18 @@ class Reports:
     """The reports on their way to the modalities' own ports; `open` with the listener's task
     group, `close` when it stops (the pending ones are dropped)."""
 
-    def __init__(self, calling_ae: str, timeout: float, max_pdu: int, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        calling_ae: str,
+        timeout: float,
+        max_pdu: int,
+        metrics: Metrics,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self._calling_ae = calling_ae
         self._timeout = timeout
         self._max_pdu = max_pdu
+        self._tls = tls
         self._metrics = metrics
         self._deliveries = GroupTasks("dicom-commitment-report")
 
@@ -135,7 +150,7 @@ class Reports:
                 await asyncio.sleep(delay)
             try:
                 code = await send_report(
-                    address, self._calling_ae, report, self._timeout, self._max_pdu
+                    address, self._calling_ae, report, self._timeout, self._max_pdu, self._tls
                 )
             except OSError as exc:  # the connection failed under the report: try again later
                 logger.info("DICOM storage commitment report: %s", type(exc).__name__)

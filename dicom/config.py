@@ -10,17 +10,20 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from ingest.errors import ConfigError
 from ingest.tls import server_context
 
 
 @dataclass(frozen=True, slots=True)
 class AeAddress:
     """Where the gateway calls an AE title on an association of its own: a modality's port for
-    its Storage Commitment reports, a C-MOVE destination."""
+    its Storage Commitment reports, a C-MOVE destination; over TLS when `tls` (`tls://` in the
+    setting), the peer's certificate checked against `DicomSettings.outbound_tls_ca`."""
 
     ae_title: str
     host: str
     port: int
+    tls: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +58,30 @@ class DicomSettings:
 
     move_destinations: tuple[AeAddress, ...] = ()
     """The AE titles a C-MOVE may name as its destination, and where they listen."""
+    outbound_tls_ca: Path | None = None  # checks the certificates of the `tls://` addresses
+    outbound_tls_cert: Path | None = None  # with outbound_tls_key: ours, for mutual TLS
+    outbound_tls_key: Path | None = None
 
     def report_address(self, ae_title: str) -> AeAddress | None:
         return next((a for a in self.report_addresses if a.ae_title == ae_title), None)
 
     def move_destination(self, ae_title: str) -> AeAddress | None:
         return next((a for a in self.move_destinations if a.ae_title == ae_title), None)
+
+    def outbound_ssl_context(self) -> ssl.SSLContext | None:
+        """The client context of the associations the gateway opens to `tls://` addresses
+        (their certificate and host name checked), or None without `outbound_tls_ca`."""
+        if self.outbound_tls_ca is None:
+            return None
+        try:
+            context = ssl.create_default_context(cafile=self.outbound_tls_ca)
+            if self.outbound_tls_cert is not None:
+                context.load_cert_chain(self.outbound_tls_cert, self.outbound_tls_key)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(
+                f"QANTARA_DICOM_OUTBOUND_TLS_*: cannot be loaded ({type(exc).__name__})"
+            ) from exc
+        return context
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The listener's TLS context when a certificate is configured, else None."""

@@ -2,7 +2,9 @@
 destination, or to a modality's own port for its Storage Commitment report.
 
 `open_association(address, contexts, ...)` connects to `address` (an `AeAddress` of
-`QANTARA_DICOM_MOVE_DESTINATIONS` or `QANTARA_DICOM_REPORT_ADDRESSES`), calls its AE title as ours,
+`QANTARA_DICOM_MOVE_DESTINATIONS` or `QANTARA_DICOM_REPORT_ADDRESSES`; over TLS with `tls`, the
+client context of `QANTARA_DICOM_OUTBOUND_TLS_*`, when the address is `tls://`, the peer's
+certificate and host name checked), calls its AE title as ours,
 proposes `contexts` (and the role selection items `roles`), and yields the `Link` once accepted.
 Connect, request and answer are each bounded by `step_timeout`; a refused connection, a reject or
 no answer raise `Unreachable`. On the way out it releases (waiting `step_timeout` at most for the
@@ -14,6 +16,7 @@ as they were stored: no transcoding), at most 128 (PS3.8 9.3.2.2: odd context ID
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Final
@@ -63,6 +66,7 @@ async def open_association(
     step_timeout: float,
     send_timeout: float,
     roles: tuple[RoleSelection, ...] = (),
+    tls: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Link[Requestor]]:
     requestor = Requestor(max_pdu)
     request = AssociateRequest(
@@ -73,10 +77,19 @@ async def open_association(
     )
     link = Link(requestor, high_water=2 * max_pdu, send_timeout=send_timeout)
     loop = asyncio.get_running_loop()
+    if address.tls and tls is None:
+        raise Unreachable("a tls:// address and no QANTARA_DICOM_OUTBOUND_TLS_CA")
+    context = tls if address.tls else None
     try:
         async with asyncio.timeout(step_timeout):
-            await loop.create_connection(lambda: link, address.host, address.port)
-    except (OSError, TimeoutError) as exc:
+            await loop.create_connection(
+                lambda: link,
+                address.host,
+                address.port,
+                ssl=context,
+                server_hostname=address.host if context is not None else None,
+            )
+    except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
         raise Unreachable(f"cannot connect: {type(exc).__name__}") from exc
     try:
         await link.send(requestor.associate(request))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,8 @@ class Retrieval:
     auditor: Auditor
     work: Work
     store_root: Path
+    outbound_tls: ssl.SSLContext | None = None
+    """The client context of the associations to `tls://` C-MOVE destinations."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +153,7 @@ async def answer_retrieve(
                 max_pdu=settings.max_pdu,
                 step_timeout=settings.acse_timeout,
                 send_timeout=settings.dimse_timeout,
+                tls=retrieval.outbound_tls,
             ) as moving:
                 originator = (calling, command.message_id or 0)
                 target = _Target(moving, moving.endpoint.accepted_context, originator)

@@ -169,14 +169,16 @@ class DicomServer:
         self._store = store
         self._finder = finder
         self._holder = holder
+        outbound_tls = settings.outbound_ssl_context()  # files checked by the settings
         self._reports = Reports(
             settings.ae_title,
             min(settings.acse_timeout, REPORT_TIMEOUT_SECONDS),
             settings.max_pdu,
             metrics,
+            outbound_tls,
         )
         self._orphans = OrphanSweep(store, indexed, settings, metrics)
-        self._retrieval = Retrieval(locator, auditor, self._work, store.root)
+        self._retrieval = Retrieval(locator, auditor, self._work, store.root, outbound_tls)
         self._metrics = metrics
         self._policy = gateway_policy(
             settings.ae_title,

@@ -357,6 +357,21 @@ def _listener_tls(r: _Reader, listener: str) -> _ListenerTls:
     return _ListenerTls(cert, key, client_ca, crl)
 
 
+def _outbound_tls(r: _Reader, needed: bool) -> _ListenerTls:
+    """The DICOM_OUTBOUND_TLS_* files: the CA that checks the `tls://` addresses' certificates
+    (needed once one is `tls://`), and our certificate and key for mutual TLS."""
+    ca = r.get("DICOM_OUTBOUND_TLS_CA", None, _file, "must name a readable PEM CA file")
+    cert = r.get(
+        "DICOM_OUTBOUND_TLS_CERT", None, _file, "must name a readable PEM certificate file"
+    )
+    key = r.get("DICOM_OUTBOUND_TLS_KEY", None, _file, "must name a readable PEM private key file")
+    if needed and ca is None:
+        raise ConfigError(f"{PREFIX}DICOM_OUTBOUND_TLS_CA: needed by the tls:// addresses")
+    if (cert is None) != (key is None):
+        raise ConfigError(f"{PREFIX}DICOM_OUTBOUND_TLS_CERT and _KEY: one needs the other")
+    return _ListenerTls(cert, key, ca, None)
+
+
 def _from_certificate(r: _Reader, name: str, listener: str, client_ca: Path | None) -> bool:
     """A `{listener}_TLS_..._FROM_CN` switch: true needs the client CA whose certificates name
     the senders."""
@@ -401,21 +416,23 @@ def _ae_titles(text: str) -> frozenset[str]:
 
 
 def _ae_addresses(text: str) -> tuple[AeAddress, ...]:
-    """`AE=host:port,AE=host:port`: where the gateway calls each AE title (Storage Commitment
-    reports, C-MOVE destinations)."""
+    """`AE=host:port,AE=tls://host:port`: where the gateway calls each AE title (Storage
+    Commitment reports, C-MOVE destinations), over TLS with `tls://`."""
     addresses: dict[str, AeAddress] = {}
     for part in text.split(","):
         if not part.strip():
             continue
         title, equals, address = part.partition("=")
-        host, colon, port = address.strip().rpartition(":")
+        address = address.strip()
+        tls = address.startswith("tls://")
+        host, colon, port = address.removeprefix("tls://").rpartition(":")
         if not equals or not colon or not host.strip():
             raise ValueError(part)
         number = int(port)
         if not 0 < number < 65536:
             raise ValueError(part)
         ae = _ae_title(title)
-        addresses[ae] = AeAddress(ae, host.strip().strip("[]"), number)
+        addresses[ae] = AeAddress(ae, host.strip().strip("[]"), number, tls)
     return tuple(addresses.values())
 
 
@@ -425,6 +442,11 @@ def _dicom(r: _Reader) -> DicomSettings:
 
     tls = _listener_tls(r, "DICOM")
     ae_from_cn = _from_certificate(r, "DICOM_TLS_AE_FROM_CN", "DICOM", tls.client_ca)
+    no_addresses: tuple[AeAddress, ...] = ()
+    what = "must be a comma-separated list of AE=host:port or AE=tls://host:port"
+    report_addresses = r.get("DICOM_REPORT_ADDRESSES", no_addresses, _ae_addresses, what)
+    move_destinations = r.get("DICOM_MOVE_DESTINATIONS", no_addresses, _ae_addresses, what)
+    outbound = _outbound_tls(r, any(a.tls for a in (*report_addresses, *move_destinations)))
     return DicomSettings(
         port=r.port("DICOM_PORT", 11112),
         ae_title=r.get(
@@ -461,18 +483,11 @@ def _dicom(r: _Reader) -> DicomSettings:
         tls_client_ca=tls.client_ca,
         tls_crl=tls.crl,
         tls_ae_from_cn=ae_from_cn,
-        report_addresses=r.get(
-            "DICOM_REPORT_ADDRESSES",
-            (),
-            _ae_addresses,
-            "must be a comma-separated list of AE=host:port",
-        ),
-        move_destinations=r.get(
-            "DICOM_MOVE_DESTINATIONS",
-            (),
-            _ae_addresses,
-            "must be a comma-separated list of AE=host:port",
-        ),
+        report_addresses=report_addresses,
+        move_destinations=move_destinations,
+        outbound_tls_ca=outbound.client_ca,
+        outbound_tls_cert=outbound.cert,
+        outbound_tls_key=outbound.key,
     )
 
 

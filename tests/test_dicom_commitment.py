@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -38,6 +39,9 @@ from tests.conftest import PrivatePostgresFactory
 from tests.dicom_support import SCP_AE, RunningDicom, charset_file, echo, renumbered, running_dicom
 from tests.dicom_support import store as c_store
 from tests.services_support import wait_until
+from tests.tls_support import Pki, pki
+
+__all__ = ["pki"]  # a fixture, used by name
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -331,6 +335,7 @@ class ModalityPort:
     reports: Reports
     callers: list[str] = field(default_factory=list)
     server: ThreadedAssociationServer | None = None
+    tls: ssl.SSLContext | None = None  # listens over TLS with this server context
 
     def listen(self) -> None:
         ae = AE(ae_title="MODALITY")
@@ -343,6 +348,7 @@ class ModalityPort:
         self.server = ae.start_server(
             ("127.0.0.1", self.port),
             block=False,
+            ssl_context=self.tls,
             evt_handlers=[(evt.EVT_N_EVENT_REPORT, handler)],
         )
 
@@ -435,3 +441,28 @@ async def test_a_stop_does_not_wait_for_a_report_a_silent_modality_port_holds(
             await asyncio.sleep(0.5)  # the attempt waits for the A-ASSOCIATE-AC
             stopping = time.monotonic()
         assert time.monotonic() - stopping < 5.0  # not the 10 s of the attempt's step
+
+
+async def test_a_modality_with_a_tls_address_gets_its_report_over_tls(
+    fresh_dsn: str, tmp_path: Path, pki: Pki
+) -> None:
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(pki.server_cert, pki.server_key)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    modality = ModalityPort(port, Reports(), tls=server)
+    modality.listen()
+    settings = DicomSettings(
+        report_addresses=(AeAddress("MODALITY", "127.0.0.1", port, tls=True),),
+        outbound_tls_ca=pki.ca,
+    )
+    try:
+        async with running_dicom(fresh_dsn, tmp_path, settings) as scp:
+            info = information(generate_uid(), (CR, generate_uid()))
+            code, _ = await asyncio.to_thread(request_commitment, scp.port, info, wait=False)
+            assert code == status.SUCCESS
+            assert await asyncio.to_thread(modality.reports.arrived.wait, 10)
+            await wait_until(lambda: reported(scp, "delivered") == 1, timeout=5)
+    finally:
+        modality.close()

@@ -109,6 +109,29 @@ def test_dicom_move_destinations_and_retrieving_callers_are_settings() -> None:
     assert dicom.retrieve_aes == frozenset({"RAD-WS-1", "TELE-CARDIO"})
 
 
+def test_a_tls_address_needs_the_outbound_ca_and_is_marked_tls(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    dicom = Settings.load(
+        {
+            "QANTARA_DICOM_MOVE_DESTINATIONS": "PACS=tls://pacs.chu-rabat.ma:2762,WS=10.0.0.9:104",
+            "QANTARA_DICOM_OUTBOUND_TLS_CA": str(ca),
+        }
+    ).dicom
+    assert dicom.move_destination("PACS") == AeAddress("PACS", "pacs.chu-rabat.ma", 2762, True)
+    assert dicom.move_destination("WS") == AeAddress("WS", "10.0.0.9", 104, False)
+    assert dicom.outbound_tls_ca == ca
+    with pytest.raises(ConfigError, match="DICOM_OUTBOUND_TLS_CA"):
+        Settings.load({"QANTARA_DICOM_REPORT_ADDRESSES": "CR-UNIT-07=tls://10.8.0.7:2762"})
+
+
+def test_the_outbound_certificate_needs_its_key(tmp_path: Path) -> None:
+    cert = tmp_path / "client.pem"
+    cert.write_text("-----BEGIN CERTIFICATE-----\n")
+    with pytest.raises(ConfigError, match="OUTBOUND_TLS_CERT"):
+        Settings.load({"QANTARA_DICOM_OUTBOUND_TLS_CERT": str(cert)})
+
+
 def test_nobody_may_retrieve_unless_listed() -> None:
     assert Settings.load({}).dicom.retrieve_aes == frozenset()
 
