@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Final
 
 from dicom import dimse, sop_classes, status
@@ -112,7 +113,7 @@ class Reports:
         timeout: float,
         max_pdu: int,
         metrics: Metrics,
-        tls: ssl.SSLContext | None = None,
+        tls: Callable[[], ssl.SSLContext | None] = lambda: None,
     ) -> None:
         self._calling_ae = calling_ae
         self._timeout = timeout
@@ -150,7 +151,7 @@ class Reports:
                 await asyncio.sleep(delay)
             try:
                 code = await send_report(
-                    address, self._calling_ae, report, self._timeout, self._max_pdu, self._tls
+                    address, self._calling_ae, report, self._timeout, self._max_pdu, self._tls()
                 )
             except OSError as exc:  # the connection failed under the report: try again later
                 logger.info("DICOM storage commitment report: %s", type(exc).__name__)

@@ -10,7 +10,6 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from ingest.errors import ConfigError
 from ingest.tls import server_context
 
 
@@ -70,17 +69,13 @@ class DicomSettings:
 
     def outbound_ssl_context(self) -> ssl.SSLContext | None:
         """The client context of the associations the gateway opens to `tls://` addresses
-        (their certificate and host name checked), or None without `outbound_tls_ca`."""
+        (their certificate and host name checked), or None without `outbound_tls_ca`. Raises
+        OSError (ssl.SSLError) or ValueError for files that cannot be loaded."""
         if self.outbound_tls_ca is None:
             return None
-        try:
-            context = ssl.create_default_context(cafile=self.outbound_tls_ca)
-            if self.outbound_tls_cert is not None:
-                context.load_cert_chain(self.outbound_tls_cert, self.outbound_tls_key)
-        except (ssl.SSLError, OSError, ValueError) as exc:
-            raise ConfigError(
-                f"QANTARA_DICOM_OUTBOUND_TLS_*: cannot be loaded ({type(exc).__name__})"
-            ) from exc
+        context = ssl.create_default_context(cafile=self.outbound_tls_ca)
+        if self.outbound_tls_cert is not None:
+            context.load_cert_chain(self.outbound_tls_cert, self.outbound_tls_key)
         return context
 
     def ssl_context(self) -> ssl.SSLContext | None:

@@ -66,8 +66,9 @@ class Retrieval:
     auditor: Auditor
     work: Work
     store_root: Path
-    outbound_tls: ssl.SSLContext | None = None
-    """The client context of the associations to `tls://` C-MOVE destinations."""
+    outbound_tls: Callable[[], ssl.SSLContext | None] = lambda: None
+    """The client context of the associations to `tls://` C-MOVE destinations, as of now
+    (SIGHUP reads its files again)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +154,7 @@ async def answer_retrieve(
                 max_pdu=settings.max_pdu,
                 step_timeout=settings.acse_timeout,
                 send_timeout=settings.dimse_timeout,
-                tls=retrieval.outbound_tls,
+                tls=retrieval.outbound_tls(),
             ) as moving:
                 originator = (calling, command.message_id or 0)
                 target = _Target(moving, moving.endpoint.accepted_context, originator)

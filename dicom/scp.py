@@ -38,6 +38,7 @@ import concurrent.futures
 import functools
 import logging
 import os
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ from dicom.serial_queue import SerialQueue
 from dicom.spool import Chunk
 from dicom.write_behind import SPOOL_BATCH, Spools, WriteBehind
 from dicom.writeback import drop_cached
-from ingest.errors import StorageUnavailable
+from ingest.errors import ConfigError, StorageUnavailable
 from ingest.group_tasks import GroupTasks
 from ingest.pipeline import GroupCommitPipeline, PipelineClosed
 from ingest.records import (
@@ -169,16 +170,23 @@ class DicomServer:
         self._store = store
         self._finder = finder
         self._holder = holder
-        outbound_tls = settings.outbound_ssl_context()  # files checked by the settings
+        try:
+            self._outbound_tls = listener_tls("DICOM outbound", settings.outbound_ssl_context)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(
+                f"QANTARA_DICOM_OUTBOUND_TLS_*: cannot be loaded ({type(exc).__name__})"
+            ) from exc
         self._reports = Reports(
             settings.ae_title,
             min(settings.acse_timeout, REPORT_TIMEOUT_SECONDS),
             settings.max_pdu,
             metrics,
-            outbound_tls,
+            self._outbound_context,
         )
         self._orphans = OrphanSweep(store, indexed, settings, metrics)
-        self._retrieval = Retrieval(locator, auditor, self._work, store.root, outbound_tls)
+        self._retrieval = Retrieval(
+            locator, auditor, self._work, store.root, self._outbound_context
+        )
         self._metrics = metrics
         self._policy = gateway_policy(
             settings.ae_title,
@@ -292,9 +300,15 @@ class DicomServer:
         )
 
     def reload_tls(self) -> bool:
-        """Read the TLS files again for the associations to come (SIGHUP); the open ones keep
-        theirs. True when new files were taken."""
+        """Read the TLS files again for the associations to come (SIGHUP), the listener's and
+        the outbound ones; the open associations keep theirs. True when the listener took new
+        files."""
+        if self._outbound_tls is not None:
+            self._outbound_tls.reload()
         return self._tls is not None and self._tls.reload()
+
+    def _outbound_context(self) -> ssl.SSLContext | None:
+        return None if self._outbound_tls is None else self._outbound_tls.context()
 
     def _connect_tls(self) -> TlsIntake:
         """A new connection to the TLS listener (protocol factory): its handshake runs in a task

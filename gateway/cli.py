@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         "QANTARA_MIGRATE_DATABASE_URL (default: QANTARA_DATABASE_URL); when that user may not "
         "apply them (a runtime role of least privilege), or with --no-migrate, serve refuses "
         "to start on a schema with pending migrations (exit status 4). SIGTERM drains and "
-        "stops; SIGHUP makes the HTTP, MLLP and DICOM listeners read their TLS files again.",
+        "stops; SIGHUP makes the HTTP, MLLP and DICOM listeners, and the DICOM outbound "
+        "associations (QANTARA_DICOM_OUTBOUND_TLS_*), read their TLS files again.",
     )
     serve.add_argument(
         "--no-migrate",

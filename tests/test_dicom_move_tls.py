@@ -5,9 +5,11 @@ for mutual TLS; a destination whose certificate it does not trust gets nothing."
 from __future__ import annotations
 
 import asyncio
+import shutil
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,23 @@ async def test_a_destination_whose_certificate_we_do_not_trust_gets_nothing(
             moved = await asyncio.to_thread(c_move, scp.port, identifier, "SECURE-PACS")
     assert moved.final["Status"] == status.GET_SUB_OPERATIONS_FAILED
     assert destination.received == {}
+
+
+async def test_a_renewed_outbound_ca_is_taken_on_reload(
+    fresh_dsn: str, tmp_path: Path, pki: Pki
+) -> None:
+    ca = tmp_path / "outbound-ca.pem"
+    shutil.copy(pki.other_ca, ca)  # the wrong CA: the destination's certificate is refused
+    with tls_destination(pki.server_cert, pki.server_key, pki.ca) as destination:
+        trusting = replace(settings(pki, destination.port), outbound_tls_ca=ca)
+        async with running_dicom(fresh_dsn, tmp_path / "store", trusting) as scp:
+            instances = study(1)
+            await asyncio.to_thread(store, scp.port, instances)
+            identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+            refused = await asyncio.to_thread(c_move, scp.port, identifier, "SECURE-PACS")
+            shutil.copy(pki.ca, ca)
+            scp.server.reload_tls()  # what SIGHUP does
+            moved = await asyncio.to_thread(c_move, scp.port, identifier, "SECURE-PACS")
+    assert refused.final["Status"] == status.GET_SUB_OPERATIONS_FAILED
+    assert moved.final["Status"] == status.SUCCESS
+    assert list(destination.received) == [str(instances[0].SOPInstanceUID)]
