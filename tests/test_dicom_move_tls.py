@@ -18,6 +18,7 @@ from pynetdicom.presentation import StoragePresentationContexts
 
 from dicom import status
 from dicom.config import AeAddress, DicomSettings
+from ingest.errors import ConfigError
 from tests.dicom_support import c_move, running_dicom, store
 from tests.test_dicom_get import level, study
 from tests.test_dicom_move import Workstation
@@ -107,3 +108,14 @@ async def test_a_renewed_outbound_ca_is_taken_on_reload(
     assert refused.final["Status"] == status.GET_SUB_OPERATIONS_FAILED
     assert moved.final["Status"] == status.SUCCESS
     assert list(destination.received) == [str(instances[0].SOPInstanceUID)]
+
+
+async def test_an_outbound_ca_that_cannot_be_loaded_is_a_configuration_error(
+    fresh_dsn: str, tmp_path: Path, pki: Pki
+) -> None:
+    garbage = tmp_path / "not-a-ca.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    broken = replace(settings(pki, 104), outbound_tls_ca=garbage)
+    with pytest.raises(ConfigError, match="QANTARA_DICOM_OUTBOUND_TLS"):
+        async with running_dicom(fresh_dsn, tmp_path / "store", broken):
+            pass
