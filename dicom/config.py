@@ -35,6 +35,7 @@ class DicomSettings:
     storage: Path = Path("./var/dicom")
     allowed_aes: frozenset[str] = frozenset()
     retrieve_aes: frozenset[str] = frozenset()  # the calling AE titles that may C-GET, C-MOVE
+    query_aes: frozenset[str] | None = None  # those that may C-FIND; None: any
     require_called_ae: bool = False  # refuse associations addressed to another AE title
     max_associations: int = 16
     max_pdu: int = 1 << 20

@@ -11,13 +11,13 @@ calling AE title must be one of the commonNames of the modality's certificate su
 C-GET and C-MOVE are for the calling AE titles of `Policy.retrieve_aes` only
 (`QANTARA_DICOM_RETRIEVE_AES`, none by default: anyone who may store must not thereby read every
 patient's images): for the others, the contexts of their information models get "user
-rejection". SCP/SCU role
-selection (PS3.7 D.3.3.4): each item the requestor proposes is answered; a caller that may
-retrieve may take the SCP role for the storage SOP classes (`Policy.requestor_scp`), so that a
-C-GET's C-STORE sub-operations go to it on the same association; every caller keeps the SCU role
-it proposed for the SOP classes we accept. Asynchronous operations are not negotiated (no item in
-our answer: one operation at a time applies, D.3.3.3); user identity is read and ignored (no
-server response, D.3.3.7).
+rejection". C-FIND likewise for `Policy.query_aes` (`QANTARA_DICOM_QUERY_AES`) when it is set.
+SCP/SCU role selection (PS3.7 D.3.3.4): each item the requestor proposes is answered; a caller
+that may retrieve may take the SCP role for the storage SOP classes (`Policy.requestor_scp`), so
+that a C-GET's C-STORE sub-operations go to it on the same association; every caller keeps the
+SCU role it proposed for the SOP classes we accept. Asynchronous operations are not negotiated
+(no item in our answer: one operation at a time applies, D.3.3.3); user identity is read and
+ignored (no server response, D.3.3.7).
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ class Policy:
     retrieve_aes: frozenset[str] = frozenset()
     """The calling AE titles that may retrieve: for the others, a C-GET or C-MOVE model's
     context is answered "user rejection" (none: nobody may)."""
+    query_aes: frozenset[str] | None = None
+    """The calling AE titles that may C-FIND (None: any); for the others, "user rejection"."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +89,7 @@ def gateway_policy(
     require_called_ae: bool = False,
     ae_from_certificate: bool = False,
     retrieve_aes: frozenset[str] = frozenset(),
+    query_aes: frozenset[str] | None = None,
 ) -> Policy:
     """Verification, Storage of every storage SOP class in every transfer syntax, C-FIND, C-GET
     (for the calling AE titles of `retrieve_aes`; the requestor may take the SCP role of every
@@ -109,6 +112,7 @@ def gateway_policy(
         ae_from_certificate,
         requestor_scp=sop_classes.STORAGE,
         retrieve_aes=retrieve_aes,
+        query_aes=query_aes,
     )
 
 
@@ -133,9 +137,7 @@ def negotiate(
             result = ContextResult.ABSTRACT_SYNTAX_NOT_SUPPORTED
             answers.append(ContextAnswer(proposed.context_id, result, first))
             continue
-        if proposed.abstract_syntax in sop_classes.RETRIEVE_MODELS and (
-            request.calling_ae not in policy.retrieve_aes
-        ):
+        if _refused_to(request.calling_ae, proposed.abstract_syntax, policy):
             answers.append(ContextAnswer(proposed.context_id, ContextResult.USER_REJECTION, first))
             continue
         chosen = next((ts for ts in proposed.transfer_syntaxes if ts in accepted), None)
@@ -162,6 +164,15 @@ def our_user_information(max_pdu: int, roles: tuple[RoleSelection, ...] = ()) ->
         implementation_version=IMPLEMENTATION_VERSION,
         roles=roles,
     )
+
+
+def _refused_to(calling_ae: str, abstract_syntax: str, policy: Policy) -> bool:
+    """A query or retrieve model the caller may not use."""
+    if abstract_syntax in sop_classes.RETRIEVE_MODELS:
+        return calling_ae not in policy.retrieve_aes
+    if abstract_syntax in sop_classes.FIND_MODELS:
+        return policy.query_aes is not None and calling_ae not in policy.query_aes
+    return False
 
 
 def _roles(request: AssociateRequest, policy: Policy) -> tuple[RoleSelection, ...]:

@@ -195,6 +195,7 @@ class DicomServer:
             settings.require_called_ae,
             settings.tls_ae_from_cn,
             settings.retrieve_aes,
+            settings.query_aes,
         )
         self._listener: asyncio.Server | None = None
         self._runner: asyncio.Task[None] | None = None

@@ -459,6 +459,12 @@ def _dicom(r: _Reader) -> DicomSettings:
             _ae_titles,
             "must be a comma-separated list of AE titles of 1 to 16 printable ASCII characters",
         ),
+        query_aes=r.get(
+            "DICOM_QUERY_AES",
+            None,
+            _ae_titles,
+            "must be a comma-separated list of AE titles of 1 to 16 printable ASCII characters",
+        ),
         retrieve_aes=r.get(
             "DICOM_RETRIEVE_AES",
             frozenset(),

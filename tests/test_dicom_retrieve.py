@@ -300,3 +300,23 @@ def test_the_move_context_is_for_the_callers_allowed_to_retrieve_only() -> None:
     assert answered(request).contexts[0].result is ContextResult.ACCEPTANCE
     closed = gateway_policy("QANTARA", 1 << 20, frozenset())
     assert answered(request, closed).contexts[0].result is ContextResult.USER_REJECTION
+
+
+def find_request(calling: str) -> AssociateRequest:
+    return AssociateRequest(
+        "QANTARA",
+        calling,
+        (ProposedContext(1, "1.2.840.10008.5.1.4.1.2.2.1", (EXPLICIT,)),),
+        UserInformation(max_length=16384),
+    )
+
+
+def test_c_find_is_open_to_any_caller_unless_query_aes_is_set() -> None:
+    assert answered(find_request("ANYONE")).contexts[0].result is ContextResult.ACCEPTANCE
+
+
+def test_with_query_aes_set_c_find_is_for_the_listed_callers_only() -> None:
+    policy = gateway_policy("QANTARA", 1 << 20, frozenset(), query_aes=frozenset({"RIS"}))
+    assert answered(find_request("RIS"), policy).contexts[0].result is ContextResult.ACCEPTANCE
+    refused = answered(find_request("ANYONE"), policy).contexts[0].result
+    assert refused is ContextResult.USER_REJECTION

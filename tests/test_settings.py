@@ -136,6 +136,12 @@ def test_nobody_may_retrieve_unless_listed() -> None:
     assert Settings.load({}).dicom.retrieve_aes == frozenset()
 
 
+def test_anyone_may_query_unless_query_aes_is_set() -> None:
+    assert Settings.load({}).dicom.query_aes is None
+    listed = Settings.load({"QANTARA_DICOM_QUERY_AES": "RIS,RAD-WS-1"}).dicom.query_aes
+    assert listed == frozenset({"RIS", "RAD-WS-1"})
+
+
 def test_dicom_orphan_sweep_timings_are_settings() -> None:
     dicom = Settings.load(
         {
