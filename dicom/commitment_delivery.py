@@ -37,9 +37,11 @@ from monitoring.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-RETRY_DELAYS: Final = (5.0, 30.0, 120.0, 600.0)
-"""Seconds before each new attempt: a unit whose link dropped gets its report when it is back
-within about 13 minutes; later, it asks again."""
+RETRY_DELAYS: Final = (5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0)
+"""Seconds before each new attempt: a mobile unit whose 2G/3G link dropped gets its report when
+it is back within about 3 hours 45 minutes (until 2026-11-29: 13 minutes, shorter than the
+units' usual gaps in coverage); later, it asks again. Pending reports are in memory: a restart
+drops them."""
 MAX_PENDING: Final = 1000
 _CLASS: Final = sop_classes.STORAGE_COMMITMENT
 _SYNTAXES: Final = (sop_classes.EXPLICIT_VR_LITTLE_ENDIAN, sop_classes.IMPLICIT_VR_LITTLE_ENDIAN)
