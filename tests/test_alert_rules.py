@@ -121,6 +121,12 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
     assert names - quiet == set(), "alerts never tested quiet"
 
 
+def test_every_alert_is_in_the_operations_guide_s_table() -> None:
+    guide = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"^\| \[(Qantara[A-Za-z0-9]+)\]\(runbooks/", guide, re.MULTILINE))
+    assert listed == {rule["alert"] for rule in alert_rules()}
+
+
 def test_every_runbook_page_belongs_to_an_alert() -> None:
     names = {rule["alert"] for rule in alert_rules()}
     pages = {page.stem for page in RUNBOOKS.glob("*.md")} - {"README"}
