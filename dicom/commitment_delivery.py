@@ -123,6 +123,7 @@ class Reports:
         self._tls = tls
         self._metrics = metrics
         self._deliveries = GroupTasks("dicom-commitment-report")
+        metrics.dicom_commitment_reports_pending.set_function(lambda: len(self._deliveries))
 
     def open(self, group: asyncio.TaskGroup) -> None:
         self._deliveries.open(group)

@@ -261,6 +261,12 @@ class Metrics:
         )
         for outcome in COMMITMENT_REPORT_OUTCOMES:
             self.dicom_commitment_reports.labels(outcome)
+        self.dicom_commitment_reports_pending = Gauge(
+            "qantara_dicom_commitment_reports_pending",
+            "Storage Commitment reports on their way to a modality's own port (being tried, or"
+            " waiting for their next try), in this process's memory.",
+            registry=r,
+        )
         self.dicom_retrieved = Counter(
             "qantara_dicom_retrieve_instances_total",
             "C-GET and C-MOVE sub-operations (an instance sent with C-STORE) by result: completed,"

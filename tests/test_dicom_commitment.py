@@ -386,6 +386,10 @@ async def reporting_scp(
         yield scp
 
 
+def pending(scp: RunningDicom) -> float:
+    return scp.metrics.sample("qantara_dicom_commitment_reports_pending", {}) or 0.0
+
+
 def reported(scp: RunningDicom, outcome: str) -> float:
     labels = {"outcome": outcome}
     return scp.metrics.sample("qantara_dicom_commitment_reports_total", labels) or 0.0
@@ -419,11 +423,13 @@ async def test_a_report_is_sent_again_until_the_modality_s_port_answers(
         assert code == status.SUCCESS
         await asyncio.sleep(1.0)  # the first attempt has found nobody
         assert modality.reports.received == []
+        assert pending(scp) == 1
         modality.listen()
         assert await asyncio.to_thread(modality.reports.arrived.wait, 20)  # the retry, 5 s on
         [(event_type, _)] = modality.reports.received
         assert event_type == SOME_FAILED
         await wait_until(lambda: reported(scp, "delivered") == 1, timeout=5)
+        await wait_until(lambda: pending(scp) == 0, timeout=5)
 
 
 async def test_a_stop_does_not_wait_for_a_report_a_silent_modality_port_holds(
