@@ -40,6 +40,10 @@ not flatter the gateway.
         [--database postgresql://...] [--large-mb 1024]
         [--gateway-prefix "py-spy record -r 200 -f raw -o /tmp/gw.txt --"]
 
+After them, one fresh gateway takes the instances and sends them back with one C-GET to dcmtk's
+`getscu`; the line gives its rate against dcmtk's `storescu` sending the same files to
+`storescp` (dcmtk sending, no fsync on either side), measured just before.
+
 `--large-mb N` then sends one DX instance of N MiB of pixel data to dcmtk `storescp` and to the
 gateway (one association each, fresh process each) and prints the time and peak RSS of both: the
 gateway's must stay flat (dcmtk's `storescp` holds the dataset in memory before writing it). The
@@ -371,6 +375,37 @@ def bench_large(
         )
 
 
+def bench_retrieve(
+    files: list[Path], work: Path, dsn: str, prefix: list[str]
+) -> tuple[float, float]:
+    """Seconds for dcmtk `storescu` to send `files` to dcmtk `storescp` (the reference: dcmtk
+    sending), and for the gateway to send the same instances back with one C-GET to dcmtk
+    `getscu` (the gateway sending, each file read from its store), one association each."""
+    with running_storescp(work / "storescp-retrieve", 1) as (_, dcmtk_port):
+        reference = send(dcmtk_port, files, "STORESCP", 1)
+    shutil.rmtree(work / "storescp-retrieve")
+    studies = sorted({str(dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in files})
+    retrieving = {"QANTARA_DICOM_RETRIEVE_AES": "GETSCU"}
+    with running_gateway(work, dsn, "retrieve", prefix, retrieving) as (_, port):
+        send(port, files, "QANTARA", 1)
+        back = work / "getscu-retrieve"
+        back.mkdir()
+        os.sync()
+        started = time.perf_counter()
+        subprocess.run(
+            ["getscu", "-S", "-aet", "GETSCU", "-aec", "QANTARA", "-od", str(back),
+             "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=" + "\\".join(studies),
+             "127.0.0.1", str(port)],
+            check=True, capture_output=True, timeout=600, env=DCMTK_ENV,
+        )  # fmt: skip
+        seconds = time.perf_counter() - started
+        received = len(list(back.iterdir()))
+        shutil.rmtree(back)
+    if received != len(files):
+        raise RuntimeError(f"getscu received {received} of {len(files)} instances")
+    return reference, seconds
+
+
 async def rounds(
     args: argparse.Namespace, files: list[Path], work: Path, databases: list[str]
 ) -> list[tuple[float, float]]:
@@ -508,6 +543,20 @@ async def main() -> None:
             for name in databases:
                 await drop_database(args.database, name)
         await floors(args, files, work, single)
+        name = f"qantara_bench_{secrets.token_hex(4)}"
+        dsn = await ensure_database(args.database, name)
+        try:
+            reference, retrieved = await asyncio.to_thread(
+                bench_retrieve, files, work, dsn, shlex.split(args.gateway_prefix)
+            )
+        finally:
+            await drop_database(args.database, name)
+        n = len(files)
+        print(
+            f"C-GET of {n} instances back, one association: qantara to getscu "
+            f"{n / retrieved:6.1f}/s | dcmtk storescu to storescp {n / reference:6.1f}/s | "
+            f"ratio {reference / retrieved:.2f}"
+        )
         if args.large_mb > 0:
             for path in files:
                 path.unlink()  # room on the disk
