@@ -216,14 +216,9 @@ class Endpoint:
         pdus = pdu.message_pdus(context_id, encode_command(command), dataset, self._peer_max)
         return b"".join(pdus)
 
-    def send_command(self, context_id: int, command: Command) -> bytes:
-        """A command set whose dataset follows in pieces (`send_fragment`)."""
-        data = encode_command(command)
-        pdus = pdu.fragment_pdus(context_id, data, self._peer_max, is_command=True, last=True)
-        return b"".join(pdus)
-
     def send_fragment(self, context_id: int, data: bytes | memoryview, last: bool) -> bytes:
-        """A piece of a dataset being sent; `last` for its final piece."""
+        """A piece of a dataset being sent after its command (`send_message` without a
+        dataset); `last` for its final piece."""
         pdus = pdu.fragment_pdus(context_id, data, self._peer_max, is_command=False, last=last)
         return b"".join(pdus)
 
@@ -237,7 +232,11 @@ class Endpoint:
         """A PDU other than A-ABORT."""
         raise NotImplementedError
 
-    def _established(self, request: AssociateRequest, answer: AssociateAccept) -> None:
+    def _established(
+        self, request: AssociateRequest, answer: AssociateAccept, peer_max: int
+    ) -> None:
+        """The accepted contexts are known, and the peer's maximum length."""
+        self._peer_max = peer_max
         proposed = {c.context_id: c.abstract_syntax for c in request.contexts}
         for context in answer.contexts:
             if context.result is ContextResult.ACCEPTANCE and context.context_id in proposed:
@@ -316,8 +315,7 @@ class Acceptor(Endpoint):
     def accept(self, answer: AssociateAccept) -> bytes:
         if self._state is not State.AWAITING_DECISION or self.request is None:
             raise RuntimeError("no association request to accept")
-        self._established(self.request, answer)
-        self._peer_max = self.request.user_information.max_length
+        self._established(self.request, answer, self.request.user_information.max_length)
         self._requestor_scp = frozenset(r.sop_class for r in answer.user_information.roles if r.scp)
         return pdu.encode(answer)
 
@@ -383,8 +381,7 @@ class Requestor(Endpoint):
         if self._state is State.AWAITING_ANSWER and self.request is not None:
             if isinstance(unit, AssociateAccept):
                 self.answer = unit
-                self._established(self.request, unit)
-                self._peer_max = unit.user_information.max_length
+                self._established(self.request, unit, unit.user_information.max_length)
                 self._events.append(AssociationAccepted(unit))
             elif isinstance(unit, AssociateReject):
                 self._state = State.CLOSED

@@ -73,17 +73,15 @@ async def send_report(
             tls=tls,
         ) as link:
             requestor = link.endpoint
-            syntax = next(
-                (ts for ts in _SYNTAXES if requestor.accepted_context(_CLASS, ts) is not None), None
-            )
-            if syntax is None or not _scp_granted(requestor.answer):
+            accepted = [(ts, requestor.accepted_context(_CLASS, ts)) for ts in _SYNTAXES]
+            taken = [(syntax, context) for syntax, context in accepted if context is not None]
+            if not taken or not _scp_granted(requestor.answer):
                 logger.info(
                     "DICOM storage commitment report: %s refused the context or the role",
                     address.ae_title,
                 )
                 return None
-            context = requestor.accepted_context(_CLASS, syntax)
-            assert context is not None  # noqa: S101 - found just above
+            [(syntax, context), *_] = taken
             message_id = link.next_message_id()
             notice = dimse.event_report_request(
                 message_id, _CLASS, sop_classes.STORAGE_COMMITMENT_INSTANCE, report.event_type

@@ -112,9 +112,11 @@ class Progress:
         self.failed_uids.append(sop_instance_uid)
         return "failed"
 
-    def not_sent(self, sop_instance_uid: str) -> None:
-        """A sub-operation that could not be attempted (no context for it, file unreadable)."""
+    def not_sent(self, sop_instance_uid: str) -> str:
+        """Count a sub-operation that failed before or without its C-STORE-RSP (no context
+        for it, its file unreadable, the destination gone); its metric label."""
         self.failed_uids.append(sop_instance_uid)
+        return "failed"
 
     def pending(self, request: dimse.Command) -> dimse.Command:
         counts = (self.remaining, self.completed, self.failed, self.warning)

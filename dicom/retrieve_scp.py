@@ -168,8 +168,7 @@ async def answer_retrieve(
             return ended
         if not cancelled:  # those not attempted: the destination is unreachable or gone
             for instance in instances[progress.total - progress.remaining :]:
-                progress.not_sent(instance.sop_instance_uid)
-                metrics.dicom_retrieved.labels("failed").inc()
+                metrics.dicom_retrieved.labels(progress.not_sent(instance.sop_instance_uid)).inc()
     metrics.dicom_retrieved.labels("cancelled").inc(len(cancelled))
     response, identifier = progress.final(command, cancelled)
     encoded = None if identifier is None else encode_identifier(identifier, event.transfer_syntax)
@@ -235,8 +234,7 @@ async def _sub_operations(
         uid = instance.sop_instance_uid
         context, conversion = _context(target, instance)
         if context is None:
-            progress.not_sent(uid)
-            metrics.dicom_retrieved.labels("failed").inc()
+            metrics.dicom_retrieved.labels(progress.not_sent(uid)).inc()
         else:
             message_id = target.link.next_message_id()
             request = dimse.store_request(
@@ -249,14 +247,12 @@ async def _sub_operations(
                 )
             except Unreadable as exc:
                 logger.warning("DICOM retrieve: a stored file cannot be sent: %s", exc)
-                progress.not_sent(uid)
-                metrics.dicom_retrieved.labels("failed").inc()
+                metrics.dicom_retrieved.labels(progress.not_sent(uid)).inc()
             except (OSError, TimeoutError) as exc:
                 if own:
                     raise
                 logger.warning("DICOM C-MOVE: the destination stopped: %s", type(exc).__name__)
-                progress.not_sent(uid)
-                metrics.dicom_retrieved.labels("failed").inc()
+                metrics.dicom_retrieved.labels(progress.not_sent(uid)).inc()
                 return None, []
             else:
                 answer = await target.link.response(
@@ -266,8 +262,7 @@ async def _sub_operations(
                     if own:
                         return answer, []
                     logger.warning("DICOM C-MOVE: the destination ended the association")
-                    progress.not_sent(uid)
-                    metrics.dicom_retrieved.labels("failed").inc()
+                    metrics.dicom_retrieved.labels(progress.not_sent(uid)).inc()
                     return None, []
                 metrics.dicom_retrieved.labels(progress.answered(uid, answer.status)).inc()
         if n + 1 < len(instances):

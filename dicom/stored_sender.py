@@ -87,7 +87,7 @@ async def send_stored(
     path = stored.path
     if conversion is not None:
         data = await _converted(stored, conversion, work)
-        await link.send(endpoint.send_command(context, request))
+        await link.send(endpoint.send_message(context, request))
         view = memoryview(data)
         for start in range(0, max(len(data), 1), READ_CHUNK):
             last = start + READ_CHUNK >= len(data)
@@ -108,7 +108,7 @@ async def send_stored(
             raise Unreadable(f"header unreadable: {type(exc).__name__}") from exc
         if size != stored.size:
             raise Unreadable("its size is not the one indexed")
-        await link.send(endpoint.send_command(context, request))
+        await link.send(endpoint.send_message(context, request))
         if position >= size:
             await link.send(endpoint.send_fragment(context, b"", last=True))
             return
