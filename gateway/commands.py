@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import TypedDict
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
@@ -274,22 +275,14 @@ async def simulate_lab(settings: Settings, args: argparse.Namespace) -> int:
 async def simulate_modality(settings: Settings, args: argparse.Namespace) -> int:
     from simulators.modality import ModalityConfig, run_modality
 
-    host = _gateway_host(args, settings)
     report = await asyncio.to_thread(
         run_modality,
         ModalityConfig(
-            host=host,
-            port=args.port if args.port is not None else settings.dicom.port,
-            called_ae=settings.dicom.ae_title,
-            calling_ae=args.calling_ae,
+            **_dicom_peer(args, settings),
             modality=args.modality,
             studies=args.studies,
             rate=args.rate,
             seed=args.seed,
-            quiet=args.quiet,
-            tls_ca=args.tls_ca,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
             commit=args.commit,
         ),
     )
@@ -298,24 +291,43 @@ async def simulate_modality(settings: Settings, args: argparse.Namespace) -> int
     return 0 if not failed else 1
 
 
+class _DicomPeer(TypedDict):
+    host: str
+    port: int
+    called_ae: str
+    calling_ae: str
+    quiet: bool
+    tls_ca: Path | None
+    tls_cert: Path | None
+    tls_key: Path | None
+
+
+def _dicom_peer(args: argparse.Namespace, settings: Settings) -> _DicomPeer:
+    """What the DICOM simulators share of their command line: where the gateway listens and
+    who calls it, how (TLS), and whether to print progress."""
+    return {
+        "host": _gateway_host(args, settings),
+        "port": args.port if args.port is not None else settings.dicom.port,
+        "called_ae": settings.dicom.ae_title,
+        "calling_ae": args.calling_ae,
+        "quiet": args.quiet,
+        "tls_ca": args.tls_ca,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+    }
+
+
 async def simulate_workstation(settings: Settings, args: argparse.Namespace) -> int:
     from simulators.workstation import WorkstationConfig, run_workstation
 
     report = await asyncio.to_thread(
         run_workstation,
         WorkstationConfig(
-            host=_gateway_host(args, settings),
-            port=args.port if args.port is not None else settings.dicom.port,
-            called_ae=settings.dicom.ae_title,
-            calling_ae=args.calling_ae,
+            **_dicom_peer(args, settings),
             patient_id=args.patient_id,
             study_date=args.study_date,
             limit=args.limit,
             move_to=args.move_to,
-            quiet=args.quiet,
-            tls_ca=args.tls_ca,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
         ),
     )
     print(report.summary())  # noqa: T201

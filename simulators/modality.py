@@ -31,7 +31,7 @@ from pynetdicom import AE, evt
 
 from dicom.sop_classes import STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE
 from simulators.population import REGIONS, Patient, Population, Sex
-from simulators.tls_client import client_context
+from simulators.tls_client import pynetdicom_tls_args
 
 SOP_CLASSES: Final = {
     "CR": "1.2.840.10008.5.1.4.1.1.1",
@@ -76,8 +76,7 @@ class ModalityConfig:
 
     def tls_args(self) -> tuple[ssl.SSLContext, str] | None:
         """pynetdicom's `tls_args` (a client context, the server name to check), or None."""
-        context = client_context(self.tls_ca, self.tls_cert, self.tls_key)
-        return None if context is None else (context, self.host)
+        return pynetdicom_tls_args(self.host, self.tls_ca, self.tls_cert, self.tls_key)
 
 
 @dataclass(slots=True)

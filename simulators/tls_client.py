@@ -18,3 +18,12 @@ def client_context(
     if cert is not None:
         context.load_cert_chain(cert, key)
     return context
+
+
+def pynetdicom_tls_args(
+    host: str, ca: Path | None, cert: Path | None = None, key: Path | None = None
+) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's `tls_args` for a DICOM simulator: the client context of `client_context`
+    and the server name it checks (`host`), or None for plain TCP."""
+    context = client_context(ca, cert, key)
+    return None if context is None else (context, host)

@@ -23,7 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 
 from simulators.modality import SOP_CLASSES
-from simulators.tls_client import client_context
+from simulators.tls_client import pynetdicom_tls_args
 
 STUDY_ROOT_FIND: Final = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDY_ROOT_GET: Final = "1.2.840.10008.5.1.4.1.2.2.3"
@@ -46,8 +46,7 @@ class WorkstationConfig:
     tls_key: Path | None = None
 
     def tls_args(self) -> tuple[ssl.SSLContext, str] | None:
-        context = client_context(self.tls_ca, self.tls_cert, self.tls_key)
-        return None if context is None else (context, self.host)
+        return pynetdicom_tls_args(self.host, self.tls_ca, self.tls_cert, self.tls_key)
 
 
 @dataclass(slots=True)
