@@ -173,6 +173,15 @@ def store(
     return statuses
 
 
+def query(level: str, **keys: object) -> Dataset:
+    """A C-FIND, C-GET or C-MOVE identifier at `level` with these keys."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
 def c_find(
     port: int, identifier: Dataset, model: str = STUDY_ROOT_FIND
 ) -> tuple[list[Dataset], int | None]:

@@ -23,6 +23,7 @@ from tests.dicom_support import (
     RunningDicom,
     c_get,
     instance_row,
+    query,
     running_dicom,
     store,
 )
@@ -57,16 +58,20 @@ def study(count: int, name: str = "CT_small.dcm") -> list[Dataset]:
     return instances
 
 
+async def stored_study(port: int, count: int) -> list[Dataset]:
+    """`count` instances of a new study (`study`), each stored with 0x0000."""
+    instances = study(count)
+    assert await asyncio.to_thread(store, port, instances) == [status.SUCCESS] * count
+    return instances
+
+
+def study_query(instances: list[Dataset]) -> Dataset:
+    """The STUDY-level identifier of the study of `instances`."""
+    return query("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+
+
 def contexts(instances: list[Dataset]) -> set[tuple[str, str]]:
     return {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in instances}
-
-
-def level(name: str, **keys: object) -> Dataset:
-    identifier = Dataset()
-    identifier.QueryRetrieveLevel = name
-    for keyword, value in keys.items():
-        setattr(identifier, keyword, value)
-    return identifier
 
 
 async def stored_dataset(scp: RunningDicom, uid: str) -> bytes:
@@ -78,9 +83,8 @@ async def stored_dataset(scp: RunningDicom, uid: str) -> bytes:
 async def test_study_level_get_sends_every_instance_as_stored_with_pending_counts(
     scp: RunningDicom,
 ) -> None:
-    instances = study(3)
-    assert await asyncio.to_thread(store, scp.port, instances) == [status.SUCCESS] * 3
-    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+    instances = await stored_study(scp.port, 3)
+    identifier = study_query(instances)
 
     got = await asyncio.to_thread(c_get, scp.port, identifier, contexts(instances))
 
@@ -98,9 +102,8 @@ async def test_study_level_get_sends_every_instance_as_stored_with_pending_count
 async def test_patient_level_get_of_the_patient_root_model_sends_the_patients_instances(
     scp: RunningDicom,
 ) -> None:
-    instances = study(2)
-    await asyncio.to_thread(store, scp.port, instances)
-    identifier = level("PATIENT", PatientID=instances[0].PatientID)
+    instances = await stored_study(scp.port, 2)
+    identifier = query("PATIENT", PatientID=instances[0].PatientID)
 
     got = await asyncio.to_thread(
         c_get, scp.port, identifier, contexts(instances), PATIENT_ROOT_GET
@@ -111,10 +114,9 @@ async def test_patient_level_get_of_the_patient_root_model_sends_the_patients_in
 
 
 async def test_image_level_get_sends_only_the_listed_instances(scp: RunningDicom) -> None:
-    instances = study(4)
-    await asyncio.to_thread(store, scp.port, instances)
+    instances = await stored_study(scp.port, 4)
     wanted = [str(instances[1].SOPInstanceUID), str(instances[3].SOPInstanceUID)]
-    identifier = level(
+    identifier = query(
         "IMAGE",
         StudyInstanceUID=instances[0].StudyInstanceUID,
         SeriesInstanceUID=instances[0].SeriesInstanceUID,
@@ -128,7 +130,7 @@ async def test_image_level_get_sends_only_the_listed_instances(scp: RunningDicom
 
 
 async def test_get_matching_nothing_is_a_success_with_no_sub_operations(scp: RunningDicom) -> None:
-    identifier = level("STUDY", StudyInstanceUID="1.2.826.0.1.3680043.10.99.404")
+    identifier = query("STUDY", StudyInstanceUID="1.2.826.0.1.3680043.10.99.404")
 
     got = await asyncio.to_thread(c_get, scp.port, identifier, {(CT, EXPLICIT)})
 
@@ -149,7 +151,7 @@ async def test_an_instance_goes_in_the_other_little_endian_syntax_when_only_that
 ) -> None:
     [ds] = study(1)  # stored in explicit VR little endian
     await asyncio.to_thread(store, scp.port, [ds])
-    identifier = level("STUDY", StudyInstanceUID=ds.StudyInstanceUID)
+    identifier = query("STUDY", StudyInstanceUID=ds.StudyInstanceUID)
 
     got = await asyncio.to_thread(c_get, scp.port, identifier, {(CT, IMPLICIT)})
 
@@ -167,7 +169,7 @@ async def test_a_compressed_instance_without_a_context_in_its_syntax_fails_and_i
 ) -> None:
     compressed = study(2, "JPEG2000.dcm")  # never transcoded
     await asyncio.to_thread(store, scp.port, compressed)
-    identifier = level("STUDY", StudyInstanceUID=compressed[0].StudyInstanceUID)
+    identifier = query("STUDY", StudyInstanceUID=compressed[0].StudyInstanceUID)
     sop_class = str(compressed[0].SOPClassUID)
 
     got = await asyncio.to_thread(
@@ -181,9 +183,8 @@ async def test_a_compressed_instance_without_a_context_in_its_syntax_fails_and_i
 
 
 async def test_without_the_scp_role_no_instance_is_sent(scp: RunningDicom) -> None:
-    instances = study(1)
-    await asyncio.to_thread(store, scp.port, instances)
-    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+    instances = await stored_study(scp.port, 1)
+    identifier = study_query(instances)
 
     got = await asyncio.to_thread(c_get, scp.port, identifier, contexts(instances), scp_role=False)
 
@@ -196,7 +197,7 @@ async def test_some_instances_sent_and_some_not_gives_warning_b000(scp: RunningD
     implicit = fresh("MR_small_implicit.dcm")
     implicit.StudyInstanceUID = explicit[0].StudyInstanceUID
     await asyncio.to_thread(store, scp.port, [*explicit, implicit])
-    identifier = level("STUDY", StudyInstanceUID=explicit[0].StudyInstanceUID)
+    identifier = query("STUDY", StudyInstanceUID=explicit[0].StudyInstanceUID)
 
     got = await asyncio.to_thread(c_get, scp.port, identifier, contexts([implicit]))
 
@@ -215,7 +216,7 @@ async def test_an_instance_comes_back_in_the_transfer_syntax_it_was_stored_in(
 ) -> None:
     ds = fresh(name)
     await asyncio.to_thread(store, scp.port, [ds])
-    identifier = level(
+    identifier = query(
         "IMAGE", StudyInstanceUID=ds.StudyInstanceUID, SOPInstanceUID=ds.SOPInstanceUID
     )
 
@@ -236,9 +237,8 @@ async def test_an_instance_comes_back_in_the_transfer_syntax_it_was_stored_in(
 async def test_the_peers_store_status_is_counted_as_failure_or_warning(
     scp: RunningDicom, answer: int, final: int, counted: str
 ) -> None:
-    instances = study(2)
-    await asyncio.to_thread(store, scp.port, instances)
-    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+    instances = await stored_study(scp.port, 2)
+    identifier = study_query(instances)
 
     got = await asyncio.to_thread(c_get, scp.port, identifier, contexts(instances), answer=answer)
 
@@ -249,12 +249,11 @@ async def test_the_peers_store_status_is_counted_as_failure_or_warning(
 async def test_a_stored_file_gone_from_disk_fails_its_sub_operation_only(
     scp: RunningDicom,
 ) -> None:
-    instances = study(3)
-    await asyncio.to_thread(store, scp.port, instances)
+    instances = await stored_study(scp.port, 3)
     gone = str(instances[1].SOPInstanceUID)
     row = await instance_row(scp.pool, gone)
     (scp.root / row["file_path"]).unlink()
-    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+    identifier = study_query(instances)
 
     got = await asyncio.to_thread(c_get, scp.port, identifier, contexts(instances))
 
@@ -267,9 +266,8 @@ async def test_a_stored_file_gone_from_disk_fails_its_sub_operation_only(
 async def test_c_cancel_stops_before_the_next_sub_operation_with_status_fe00(
     scp: RunningDicom,
 ) -> None:
-    instances = study(6)
-    await asyncio.to_thread(store, scp.port, instances)
-    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+    instances = await stored_study(scp.port, 6)
+    identifier = study_query(instances)
 
     got = await asyncio.to_thread(c_get, scp.port, identifier, contexts(instances), cancel_after=1)
 
@@ -287,7 +285,7 @@ async def test_an_instance_larger_than_a_read_is_sent_whole(scp: RunningDicom) -
     big.PixelRepresentation = 0
     big.PixelData = bytes(range(256)) * (1536 * 2048 // 256)  # 3 MiB: several reads and PDUs
     await asyncio.to_thread(store, scp.port, [big])
-    identifier = level("STUDY", StudyInstanceUID=big.StudyInstanceUID)
+    identifier = query("STUDY", StudyInstanceUID=big.StudyInstanceUID)
 
     got = await asyncio.to_thread(c_get, scp.port, identifier, contexts([big]))
 
@@ -299,11 +297,11 @@ async def test_an_instance_larger_than_a_read_is_sent_whole(scp: RunningDicom) -
 @pytest.mark.parametrize(
     ("identifier", "model"),
     [
-        (level("STUDY"), "study"),  # no Study Instance UID
-        (level("PATIENT", PatientID="X"), "study"),  # no patient level in the Study Root model
-        (level("STUDY", StudyInstanceUID="../../etc/passwd"), "study"),
-        (level("SERIES", StudyInstanceUID=["1.2.3", "1.2.4"], SeriesInstanceUID="1.2.5"), "study"),
-        (level("FRAME", StudyInstanceUID="1.2.3"), "study"),
+        (query("STUDY"), "study"),  # no Study Instance UID
+        (query("PATIENT", PatientID="X"), "study"),  # no patient level in the Study Root model
+        (query("STUDY", StudyInstanceUID="../../etc/passwd"), "study"),
+        (query("SERIES", StudyInstanceUID=["1.2.3", "1.2.4"], SeriesInstanceUID="1.2.5"), "study"),
+        (query("FRAME", StudyInstanceUID="1.2.3"), "study"),
     ],
     ids=["no-level-key", "level-outside-model", "not-a-uid", "two-values-above", "unknown-level"],
 )
@@ -317,11 +315,10 @@ async def test_identifier_that_names_nothing_retrievable_gets_a900(
 
 
 async def test_sub_operations_and_bytes_are_counted(scp: RunningDicom) -> None:
-    instances = study(2)
-    await asyncio.to_thread(store, scp.port, instances)
+    instances = await stored_study(scp.port, 2)
     before = scp.metrics.dicom_retrieved.labels("completed")._value.get()
     bytes_before = scp.metrics.dicom_retrieved_bytes._value.get()
-    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+    identifier = study_query(instances)
 
     got = await asyncio.to_thread(c_get, scp.port, identifier, contexts(instances))
 
@@ -331,9 +328,8 @@ async def test_sub_operations_and_bytes_are_counted(scp: RunningDicom) -> None:
 
 
 async def test_the_listener_stores_again_after_a_get(scp: RunningDicom, tmp_path: Path) -> None:
-    instances = study(1)
-    await asyncio.to_thread(store, scp.port, instances)
-    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+    instances = await stored_study(scp.port, 1)
+    identifier = study_query(instances)
     await asyncio.to_thread(c_get, scp.port, identifier, contexts(instances))
 
     assert await asyncio.to_thread(store, scp.port, study(1)) == [status.SUCCESS]
@@ -343,8 +339,7 @@ async def test_the_listener_stores_again_after_a_get(scp: RunningDicom, tmp_path
 async def test_dcmtk_getscu_retrieves_every_instance_of_a_study(
     scp: RunningDicom, tmp_path: Path
 ) -> None:
-    instances = study(2)
-    await asyncio.to_thread(store, scp.port, instances)
+    instances = await stored_study(scp.port, 2)
     command = [
         "getscu", "-S", "-aet", "VIEWER", "-aec", "QANTARA", "-od", str(tmp_path),
         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={instances[0].StudyInstanceUID}",
@@ -367,12 +362,11 @@ async def test_dcmtk_getscu_retrieves_every_instance_of_a_study(
 async def test_a_get_is_audited_before_its_sub_operations_with_ae_title_and_patient(
     scp: RunningDicom,
 ) -> None:
-    instances = study(2)
-    await asyncio.to_thread(store, scp.port, instances)
+    instances = await stored_study(scp.port, 2)
     patient = await scp.pool.fetchval(
         "SELECT patient_id FROM dicom_study WHERE study_uid = $1", instances[0].StudyInstanceUID
     )
-    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+    identifier = study_query(instances)
 
     await asyncio.to_thread(c_get, scp.port, identifier, contexts(instances))
 
@@ -392,7 +386,7 @@ async def test_a_get_is_audited_before_its_sub_operations_with_ae_title_and_pati
 
 async def test_a_get_matching_nothing_writes_no_audit_row(scp: RunningDicom) -> None:
     before = await scp.pool.fetchval("SELECT count(*) FROM api_audit")
-    identifier = level("STUDY", StudyInstanceUID="1.2.826.0.1.3680043.10.99.405")
+    identifier = query("STUDY", StudyInstanceUID="1.2.826.0.1.3680043.10.99.405")
 
     await asyncio.to_thread(c_get, scp.port, identifier, {(CT, EXPLICIT)})
 
@@ -408,7 +402,7 @@ async def test_a_stored_file_cut_short_fails_its_sub_operation_instead_of_going_
     row = await instance_row(scp.pool, str(ds.SOPInstanceUID))
     path = scp.root / row["file_path"]
     await asyncio.to_thread(os.truncate, path, row["size"] - 100)
-    identifier = level("STUDY", StudyInstanceUID=ds.StudyInstanceUID)
+    identifier = query("STUDY", StudyInstanceUID=ds.StudyInstanceUID)
 
     got = await asyncio.to_thread(c_get, scp.port, identifier, {(CT, offered)})
 

@@ -26,6 +26,7 @@ from tests.dicom_support import (
     c_find,
     charset_file,
     instance_row,
+    query,
     renumbered,
     running_dicom,
     store,
@@ -249,14 +250,6 @@ async def indexed(scp: RunningDicom) -> list[Dataset]:
     codes = await asyncio.to_thread(store, scp.port, datasets)
     assert codes == [status.SUCCESS] * 4
     return datasets
-
-
-def query(level: str, **keys: object) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    return ds
 
 
 async def test_find_at_patient_level_matches_by_patient_id(

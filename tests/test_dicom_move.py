@@ -28,11 +28,12 @@ from tests.dicom_support import (
     STUDY_ROOT_MOVE,
     RunningDicom,
     c_move,
+    query,
     running_dicom,
     scu,
     store,
 )
-from tests.test_dicom_get import level, stored_dataset, study
+from tests.test_dicom_get import stored_dataset, stored_study, study, study_query
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -128,9 +129,8 @@ async def scp(
 async def test_a_study_moved_arrives_at_the_destination_as_stored_with_its_originator(
     scp: RunningDicom, workstation: Workstation
 ) -> None:
-    instances = study(3)
-    await asyncio.to_thread(store, scp.port, instances)
-    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+    instances = await stored_study(scp.port, 3)
+    identifier = study_query(instances)
 
     moved = await asyncio.to_thread(c_move, scp.port, identifier, "WORKSTATION")
 
@@ -149,7 +149,7 @@ async def test_a_destination_taking_only_implicit_vr_gets_the_instance_converted
 ) -> None:
     [ds] = study(1)  # stored in explicit VR little endian
     await asyncio.to_thread(store, scp.port, [ds])
-    identifier = level("STUDY", StudyInstanceUID=ds.StudyInstanceUID)
+    identifier = query("STUDY", StudyInstanceUID=ds.StudyInstanceUID)
 
     moved = await asyncio.to_thread(c_move, scp.port, identifier, "OLD-PACS")
 
@@ -163,9 +163,8 @@ async def test_a_destination_taking_only_implicit_vr_gets_the_instance_converted
 async def test_a_destination_not_configured_gets_a801_and_nothing_is_sent(
     scp: RunningDicom, workstation: Workstation
 ) -> None:
-    instances = study(1)
-    await asyncio.to_thread(store, scp.port, instances)
-    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+    instances = await stored_study(scp.port, 1)
+    identifier = study_query(instances)
 
     moved = await asyncio.to_thread(c_move, scp.port, identifier, "ELSEWHERE")
 
@@ -176,9 +175,8 @@ async def test_a_destination_not_configured_gets_a801_and_nothing_is_sent(
 async def test_an_unreachable_destination_fails_every_sub_operation_with_a702(
     scp: RunningDicom,
 ) -> None:
-    instances = study(2)
-    await asyncio.to_thread(store, scp.port, instances)
-    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+    instances = await stored_study(scp.port, 2)
+    identifier = study_query(instances)
 
     moved = await asyncio.to_thread(c_move, scp.port, identifier, "NOWHERE")
 
@@ -194,7 +192,7 @@ async def test_an_instance_the_destination_cannot_take_in_its_syntax_fails_alone
     compressed = study(1, "JPEG2000.dcm")[0]  # the workstation takes uncompressed syntaxes only
     compressed.StudyInstanceUID = plain[0].StudyInstanceUID
     await asyncio.to_thread(store, scp.port, [*plain, compressed])
-    identifier = level("STUDY", StudyInstanceUID=plain[0].StudyInstanceUID)
+    identifier = query("STUDY", StudyInstanceUID=plain[0].StudyInstanceUID)
 
     moved = await asyncio.to_thread(c_move, scp.port, identifier, "WORKSTATION")
 
@@ -206,9 +204,8 @@ async def test_an_instance_the_destination_cannot_take_in_its_syntax_fails_alone
 async def test_a_destination_that_goes_away_fails_the_sub_operations_left(
     scp: RunningDicom, workstation: Workstation
 ) -> None:
-    instances = study(4)
-    await asyncio.to_thread(store, scp.port, instances)
-    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+    instances = await stored_study(scp.port, 4)
+    identifier = study_query(instances)
     workstation.taken, workstation.abort_after = 0, 2
     try:
         moved = await asyncio.to_thread(c_move, scp.port, identifier, "WORKSTATION")
@@ -225,9 +222,8 @@ async def test_a_destination_that_goes_away_fails_the_sub_operations_left(
 async def test_a_move_stops_when_its_requester_goes_away(
     scp: RunningDicom, workstation: Workstation
 ) -> None:
-    instances = study(6)
-    await asyncio.to_thread(store, scp.port, instances)
-    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+    instances = await stored_study(scp.port, 6)
+    identifier = study_query(instances)
 
     def move_then_abort() -> None:
         ae = scu("VIEWER")
@@ -250,9 +246,8 @@ async def test_a_move_stops_when_its_requester_goes_away(
 
 
 async def test_c_cancel_stops_a_move_before_its_next_sub_operation(scp: RunningDicom) -> None:
-    instances = study(6)
-    await asyncio.to_thread(store, scp.port, instances)
-    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+    instances = await stored_study(scp.port, 6)
+    identifier = study_query(instances)
 
     moved = await asyncio.to_thread(c_move, scp.port, identifier, "WORKSTATION", cancel_after=1)
 
@@ -264,9 +259,8 @@ async def test_c_cancel_stops_a_move_before_its_next_sub_operation(scp: RunningD
 
 
 async def test_a_move_is_audited_with_its_destination(scp: RunningDicom) -> None:
-    instances = study(1)
-    await asyncio.to_thread(store, scp.port, instances)
-    identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+    instances = await stored_study(scp.port, 1)
+    identifier = study_query(instances)
 
     await asyncio.to_thread(c_move, scp.port, identifier, "WORKSTATION")
 
@@ -282,8 +276,7 @@ async def test_a_move_is_audited_with_its_destination(scp: RunningDicom) -> None
 async def test_dcmtk_movescu_moves_a_study_to_the_workstation(
     scp: RunningDicom, workstation: Workstation
 ) -> None:
-    instances = study(2)
-    await asyncio.to_thread(store, scp.port, instances)
+    instances = await stored_study(scp.port, 2)
     command = [
         "movescu", "-S", "-aet", "VIEWER", "-aec", "QANTARA", "-aem", "WORKSTATION",
         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={instances[0].StudyInstanceUID}",

@@ -19,8 +19,8 @@ from pynetdicom.presentation import StoragePresentationContexts
 from dicom import status
 from dicom.config import AeAddress, DicomSettings
 from ingest.errors import ConfigError
-from tests.dicom_support import c_move, running_dicom, store
-from tests.test_dicom_get import level, study
+from tests.dicom_support import c_move, running_dicom
+from tests.test_dicom_get import stored_study, study_query
 from tests.test_dicom_move import Workstation
 from tests.tls_support import Pki, pki
 
@@ -68,9 +68,8 @@ async def test_a_study_moved_over_mutual_tls_arrives(
 ) -> None:
     with tls_destination(pki.server_cert, pki.server_key, pki.ca) as destination:
         async with running_dicom(fresh_dsn, tmp_path, settings(pki, destination.port)) as scp:
-            instances = study(2)
-            await asyncio.to_thread(store, scp.port, instances)
-            identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+            instances = await stored_study(scp.port, 2)
+            identifier = study_query(instances)
             moved = await asyncio.to_thread(c_move, scp.port, identifier, "SECURE-PACS")
     assert moved.final["Status"] == status.SUCCESS
     assert sorted(destination.received) == sorted(str(ds.SOPInstanceUID) for ds in instances)
@@ -82,9 +81,8 @@ async def test_a_destination_whose_certificate_we_do_not_trust_gets_nothing(
     # The destination presents a certificate of the other CA (the stranger's).
     with tls_destination(pki.stranger_cert, pki.stranger_key, pki.ca) as destination:
         async with running_dicom(fresh_dsn, tmp_path, settings(pki, destination.port)) as scp:
-            instances = study(1)
-            await asyncio.to_thread(store, scp.port, instances)
-            identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+            instances = await stored_study(scp.port, 1)
+            identifier = study_query(instances)
             moved = await asyncio.to_thread(c_move, scp.port, identifier, "SECURE-PACS")
     assert moved.final["Status"] == status.GET_SUB_OPERATIONS_FAILED
     assert destination.received == {}
@@ -98,9 +96,8 @@ async def test_a_renewed_outbound_ca_is_taken_on_reload(
     with tls_destination(pki.server_cert, pki.server_key, pki.ca) as destination:
         trusting = replace(settings(pki, destination.port), outbound_tls_ca=ca)
         async with running_dicom(fresh_dsn, tmp_path / "store", trusting) as scp:
-            instances = study(1)
-            await asyncio.to_thread(store, scp.port, instances)
-            identifier = level("STUDY", StudyInstanceUID=instances[0].StudyInstanceUID)
+            instances = await stored_study(scp.port, 1)
+            identifier = study_query(instances)
             refused = await asyncio.to_thread(c_move, scp.port, identifier, "SECURE-PACS")
             shutil.copy(pki.ca, ca)
             scp.server.reload_tls()  # what SIGHUP does

@@ -5,6 +5,7 @@ stored file."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
@@ -25,7 +26,7 @@ from dicom.sop_classes import PATIENT_ROOT_GET, STUDY_ROOT_GET, STUDY_ROOT_MOVE
 from gateway.fhir_audit import audit_event_resource
 from storage.audit import AuditRecord
 from storage.dicom_queries import RetrieveKeys
-from tests.test_dicom_get import level
+from tests.dicom_support import query
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -34,7 +35,7 @@ REQUEST = dimse.Command(dimse.C_GET_RQ, message_id=5, affected_sop_class=STUDY_R
 
 def test_series_level_keys_are_the_series_uids_and_the_study_above_them() -> None:
     keys = retrieve_keys(
-        level("SERIES", StudyInstanceUID="1.2.3", SeriesInstanceUID=["1.2.4", "1.2.5"]),
+        query("SERIES", StudyInstanceUID="1.2.3", SeriesInstanceUID=["1.2.4", "1.2.5"]),
         STUDY_ROOT_GET,
     )
     assert keys == RetrieveKeys("SERIES", "", ("1.2.3",), ("1.2.4", "1.2.5"), ())
@@ -42,19 +43,19 @@ def test_series_level_keys_are_the_series_uids_and_the_study_above_them() -> Non
 
 def test_keys_below_the_retrieve_level_are_ignored() -> None:
     keys = retrieve_keys(
-        level("STUDY", StudyInstanceUID="1.2.3", SOPInstanceUID="1.2.9"), STUDY_ROOT_GET
+        query("STUDY", StudyInstanceUID="1.2.3", SOPInstanceUID="1.2.9"), STUDY_ROOT_GET
     )
     assert keys.instance_uids == ()
 
 
 def test_patient_level_reads_the_patient_id() -> None:
-    keys = retrieve_keys(level("PATIENT", PatientID="CIN-AB123"), PATIENT_ROOT_GET)
+    keys = retrieve_keys(query("PATIENT", PatientID="CIN-AB123"), PATIENT_ROOT_GET)
     assert keys == RetrieveKeys("PATIENT", "CIN-AB123")
 
 
 def test_other_keys_of_the_identifier_are_ignored() -> None:
     keys = retrieve_keys(
-        level("STUDY", StudyInstanceUID="1.2.3", PatientName="بنعلي^فاطمة"), STUDY_ROOT_GET
+        query("STUDY", StudyInstanceUID="1.2.3", PatientName="بنعلي^فاطمة"), STUDY_ROOT_GET
     )
     assert keys == RetrieveKeys("STUDY", "", ("1.2.3",))
 
@@ -62,17 +63,17 @@ def test_other_keys_of_the_identifier_are_ignored() -> None:
 @pytest.mark.parametrize(
     ("ds", "model", "message"),
     [
-        (level("STUDY"), STUDY_ROOT_GET, "no StudyInstanceUID"),
-        (level("PATIENT", PatientID="X"), STUDY_ROOT_GET, "level not in this retrieve model"),
+        (query("STUDY"), STUDY_ROOT_GET, "no StudyInstanceUID"),
+        (query("PATIENT", PatientID="X"), STUDY_ROOT_GET, "level not in this retrieve model"),
         (
-            level("IMAGES", SOPInstanceUID="1.2"),
+            query("IMAGES", SOPInstanceUID="1.2"),
             STUDY_ROOT_GET,
             "unknown query/retrieve level",
         ),
-        (level("STUDY", StudyInstanceUID="1.2.abc"), STUDY_ROOT_GET, "is not a UID"),
-        (level("STUDY", StudyInstanceUID="1." * 40), STUDY_ROOT_GET, "is not a UID"),
+        (query("STUDY", StudyInstanceUID="1.2.abc"), STUDY_ROOT_GET, "is not a UID"),
+        (query("STUDY", StudyInstanceUID="1." * 40), STUDY_ROOT_GET, "is not a UID"),
         (
-            level("IMAGE", SeriesInstanceUID=["1.2", "1.3"], SOPInstanceUID="1.4"),
+            query("IMAGE", SeriesInstanceUID=["1.2", "1.3"], SOPInstanceUID="1.4"),
             STUDY_ROOT_GET,
             "more than one SeriesInstanceUID",
         ),
@@ -230,37 +231,30 @@ def test_a_file_without_part_10_header_has_no_dataset_offset(head: bytes) -> Non
         dataset_offset(head)
 
 
-def test_a_dicom_query_audit_row_is_a_query_event() -> None:
-    record = AuditRecord(
-        id=8,
-        recorded_at=datetime(2026, 11, 29, 8, 0, tzinfo=UTC),
-        token_name="VIEWER",  # noqa: S106 - an AE title
-        action="search-type",
-        resource_type="ImagingStudy",
-        query_shape="C-FIND STUDY, 2 match(es)",
-        patient_ids=(42,),
-        outcome="0",
-        status=status.PENDING,
-        protocol="dicom",
-    )
-    event = audit_event_resource(record)
-    assert (event["type"]["code"], event["type"]["display"]) == ("110112", "Query")
-
-
-def test_a_dicom_audit_row_is_a_begin_transferring_dicom_instances_event() -> None:
+def dicom_audit_event(action: str, shape: str) -> dict[str, Any]:
+    """The AuditEvent of a DICOM listener's audit row for the patient 42, as the API renders it."""
     record = AuditRecord(
         id=7,
         recorded_at=datetime(2026, 11, 29, 8, 0, tzinfo=UTC),
         token_name="VIEWER",  # noqa: S106 - an AE title
-        action="read",
+        action=action,
         resource_type="ImagingStudy",
-        query_shape="C-GET STUDY, 2 instance(s)",
+        query_shape=shape,
         patient_ids=(42,),
         outcome="0",
         status=status.PENDING,
         protocol="dicom",
     )
-    event = audit_event_resource(record)
+    return audit_event_resource(record)
+
+
+def test_a_dicom_query_audit_row_is_a_query_event() -> None:
+    event = dicom_audit_event("search-type", "C-FIND STUDY, 2 match(es)")
+    assert (event["type"]["code"], event["type"]["display"]) == ("110112", "Query")
+
+
+def test_a_dicom_audit_row_is_a_begin_transferring_dicom_instances_event() -> None:
+    event = dicom_audit_event("read", "C-GET STUDY, 2 instance(s)")
     assert event["type"]["code"] == "110102"
     assert event["type"]["system"] == "http://dicom.nema.org/resources/ontology/DCM"
     assert "subtype" not in event
