@@ -25,19 +25,18 @@ from pydicom.multival import MultiValue
 
 from dicom import dimse, sop_classes, status
 from dicom.association import Acceptor, CommandReceived
+from dicom.audit import Auditor, read_entry
 from dicom.config import DicomSettings
 from dicom.identifier import MAX_IDENTIFIER, IdentifierError, decode_identifier, encode_identifier
 from dicom.link import Ended, Link
 from ingest.errors import StorageUnavailable
-from storage.audit import OUTCOME_SUCCESS, AuditEntry
+from storage.audit import AuditEntry
 from storage.dicom_queries import LEVELS, PATIENTS, FindMatch, FindRequest, FindRequestError
 
 logger = logging.getLogger(__name__)
 
 Finder = Callable[[FindRequest], Awaitable[list[FindMatch]]]
 """Runs a C-FIND request on the index (`storage.dicom_queries.find`)."""
-Auditor = Callable[[AuditEntry], Awaitable[object]]
-"""Writes and commits an audit row (`storage.audit.record_access`)."""
 
 
 async def answer_find(
@@ -106,19 +105,10 @@ async def answer_find(
 
 
 def _audit_entry(calling: str, level: str, matches: list[FindMatch]) -> AuditEntry:
-    """The audit row written before the first match goes: who, at which level, how many
-    matches and which patients (no value of the query)."""
-    patients = {patient for match in matches for patient in match.get(PATIENTS) or ()}
-    return AuditEntry(
-        token_name=calling,
-        action="search-type",
-        resource_type="ImagingStudy",
-        query_shape=f"C-FIND {level}, {len(matches)} match(es)",
-        patient_ids=tuple(sorted(patients)),
-        outcome=OUTCOME_SUCCESS,
-        status=status.PENDING,
-        protocol="dicom",
-    )
+    """The audit row written before the first match goes: the level, how many matches and which
+    patients."""
+    patients = (patient for match in matches for patient in match.get(PATIENTS) or ())
+    return read_entry(calling, "search-type", f"C-FIND {level}, {len(matches)} match(es)", patients)
 
 
 def _criterion(value: object) -> str:

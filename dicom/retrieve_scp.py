@@ -35,8 +35,8 @@ from typing import Any, Final
 
 from dicom import dimse, sop_classes, status
 from dicom.association import Acceptor, CommandReceived
+from dicom.audit import Auditor, read_entry
 from dicom.config import AeAddress, DicomSettings
-from dicom.find_scp import Auditor
 from dicom.identifier import MAX_IDENTIFIER, IdentifierError, decode_identifier, encode_identifier
 from dicom.link import Ended, Link
 from dicom.outbound import Unreachable, open_association, proposed_contexts
@@ -45,7 +45,7 @@ from dicom.stored_sender import StoredFile, Unreadable, Work, send_stored
 from dicom.syntax_conversion import alternatives
 from ingest.errors import StorageUnavailable
 from monitoring.metrics import Metrics
-from storage.audit import OUTCOME_SUCCESS, AuditEntry
+from storage.audit import AuditEntry
 from storage.dicom_queries import FindRequestError, RetrievableInstance, RetrieveKeys
 
 logger = logging.getLogger(__name__)
@@ -194,19 +194,12 @@ def _audit_entry(
     instances: list[RetrievableInstance],
     address: AeAddress | None,
 ) -> AuditEntry:
-    """The audit row written before the first sub-operation: who, which patients, at which
-    level, to which destination and how many instances (no UID, no value of the identifier)."""
+    """The audit row written before the first sub-operation: which patients, at which level,
+    to which destination and how many instances."""
     to = f" to {address.ae_title}" if address is not None else ""
-    return AuditEntry(
-        token_name=calling,
-        action="read",
-        resource_type="ImagingStudy",
-        query_shape=f"{operation} {keys.level}{to}, {len(instances)} instance(s)",
-        patient_ids=tuple(sorted({i.patient for i in instances if i.patient is not None})),
-        outcome=OUTCOME_SUCCESS,
-        status=status.PENDING,
-        protocol="dicom",
-    )
+    shape = f"{operation} {keys.level}{to}, {len(instances)} instance(s)"
+    patients = (i.patient for i in instances if i.patient is not None)
+    return read_entry(calling, "read", shape, patients)
 
 
 async def _sub_operations(

@@ -59,12 +59,13 @@ from dicom.association import (
     ReleaseRequested,
     State,
 )
+from dicom.audit import Auditor
 from dicom.commitment_delivery import Reports
 from dicom.commitment_scp import Holder, answer_commitment, report_answered
 from dicom.config import DicomSettings
 from dicom.filemeta import file_meta
 from dicom.filestore import FileStore, StagedFile, StoredFile, fsync_dir
-from dicom.find_scp import Auditor, Finder, answer_find
+from dicom.find_scp import Finder, answer_find
 from dicom.link import TIMED_OUT, Ended, Link
 from dicom.metadata import DicomInputError, InstanceMetadata, read_metadata
 from dicom.negotiation import Refused, gateway_policy, limit_reached, negotiate
