@@ -8,7 +8,9 @@ syntax, the index is asked which of the instances it names (`Holder`), and only 
 N-ACTION answered: Success, then the report at once, so that a modality waiting for it on this
 association gets it; or a failure and no report (`dicom.status`: the Action Information cannot
 be read, an Action Type other than 1, a Requested SOP Instance other than the well-known one,
-the index unavailable). On the same association, the modality's N-EVENT-REPORT-RSP comes back
+the index unavailable). For a modality with a port of its own, Success waits until the report is
+committed to the queue it is delivered from; that queue unavailable or full is 0x0213 too.
+On the same association, the modality's N-EVENT-REPORT-RSP comes back
 as any other message and is logged and counted by the listener (`report_answered`).
 """
 
@@ -88,15 +90,31 @@ async def answer_commitment(
         logger.warning("DICOM storage commitment from %s: the index is unavailable", calling)
         await answer(status.RESOURCE_LIMITATION, "index unavailable")
         return None
-    await answer(status.SUCCESS)
     result = report(request, held)
+    own = settings.report_address(calling) is not None
+    if own:
+        try:
+            async with asyncio.timeout(settings.store_timeout):
+                queued = await reports.queue(calling, result)
+        except (StorageUnavailable, TimeoutError):
+            logger.warning(
+                "DICOM storage commitment from %s: the report queue is unavailable", calling
+            )
+            await answer(status.RESOURCE_LIMITATION, "report queue unavailable")
+            return None
+        if not queued:
+            logger.warning(
+                "DICOM storage commitment from %s refused: the report queue is full", calling
+            )
+            metrics.dicom_commitment_reports.labels("dropped").inc()
+            await answer(status.RESOURCE_LIMITATION, "too many reports waiting")
+            return None
+    await answer(status.SUCCESS)
     metrics.dicom_commitments.labels("committed").inc(result.committed)
     for reason, count in result.failed.items():
         metrics.dicom_commitments.labels(_RESULTS[reason]).inc(count)
-    own = settings.report_address(calling)
-    if own is not None:
-        reports.deliver(own, result)
-        where = "report to its port"
+    if own:
+        where = "report queued for its port"
     else:
         message_id = link.next_message_id()
         notice = dimse.event_report_request(

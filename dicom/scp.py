@@ -60,7 +60,7 @@ from dicom.association import (
     State,
 )
 from dicom.audit import Auditor
-from dicom.commitment_delivery import Reports
+from dicom.commitment_delivery import ReportQueue, Reports
 from dicom.commitment_scp import Holder, answer_commitment, report_answered
 from dicom.config import DicomSettings
 from dicom.filemeta import file_meta
@@ -160,6 +160,7 @@ class DicomServer:
         holder: Holder,
         locator: Locator,
         auditor: Auditor,
+        reports: ReportQueue,
         metrics: Metrics,
         indexed: Indexed | None = None,
         file_threads: int | None = None,
@@ -178,6 +179,8 @@ class DicomServer:
                 f"QANTARA_DICOM_OUTBOUND_TLS_*: cannot be loaded ({type(exc).__name__})"
             ) from exc
         self._reports = Reports(
+            reports,
+            settings.report_address,
             settings.ae_title,
             min(settings.acse_timeout, REPORT_TIMEOUT_SECONDS),
             settings.max_pdu,
@@ -271,23 +274,27 @@ class DicomServer:
         self._spoolers = self._workers = None
 
     async def _run(self, ready: asyncio.Event) -> None:
-        """The server's task group: the sweeper and one task per association."""
+        """The server's task group: the sweeper, the delivery of Storage Commitment reports
+        and one task per association."""
         async with asyncio.TaskGroup() as group:
             self._group = group
             self._handshakes.open(group)
             self._reports.open(group)
             sweeper = group.create_task(self._orphans.run(), name="dicom-sweep")
+            reporter = group.create_task(self._reports.run(), name="dicom-commitment-reports")
             ready.set()
             await self._stopping.wait()
             self._group = None
             sweeper.cancel()
+            reporter.cancel()
             self._handshakes.close()
             running = set(self._tasks)
             if running:
                 _, late = await asyncio.wait(running, timeout=self._grace)
                 for task in late:
                     task.cancel()
-            self._reports.close()  # reports still on their way: the modalities ask again
+            self._reports.close()  # attempts in flight: their reports wait in the database
+        await self._reports.release()
 
     def _connect(self) -> Link[Acceptor]:
         """A new connection (protocol factory). Its association's task starts once the

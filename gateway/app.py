@@ -47,6 +47,7 @@ from monitoring.health import record_readiness, record_storage_usage
 from monitoring.metrics import Metrics
 from storage import connection_loss
 from storage.audit import record_access
+from storage.commitment_reports import CommitmentReportQueue
 from storage.dicom_queries import find as find_dicom
 from storage.dicom_queries import held_instances
 from storage.dicom_queries import indexed_files as dicom_indexed_files
@@ -149,6 +150,7 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
             holder=lambda uids: held_instances(pool, uids),
             locator=lambda keys, limit: retrievable_instances(pool, keys, limit),
             auditor=lambda entry: record_access(pool, entry),
+            reports=CommitmentReportQueue(pool),
             metrics=metrics,
             indexed=lambda paths: dicom_indexed_files(pool, paths),
         )

@@ -255,7 +255,8 @@ class Metrics:
             "Storage Commitment reports (N-EVENT-REPORT) by outcome: delivered (the modality"
             " answered Success), refused (it answered a failure on the association of the"
             " request), undelivered (its own port unreachable after every retry), dropped"
-            " (stopping, or too many pending).",
+            " (the queue full, the request answered 0x0213; or the AE title no longer has a"
+            " report address).",
             ["outcome"],
             registry=r,
         )
@@ -263,8 +264,8 @@ class Metrics:
             self.dicom_commitment_reports.labels(outcome)
         self.dicom_commitment_reports_pending = Gauge(
             "qantara_dicom_commitment_reports_pending",
-            "Storage Commitment reports on their way to a modality's own port (being tried, or"
-            " waiting for their next try), in this process's memory.",
+            "Storage Commitment reports waiting in the database for a modality's own port"
+            " (being tried, or waiting for their next try), all replicas', as last read.",
             registry=r,
         )
         self.dicom_retrieved = Counter(

@@ -36,6 +36,7 @@ from dicom.scp import DicomServer
 from ingest.pipeline import GroupCommitPipeline, PipelineSettings
 from monitoring.metrics import Metrics
 from storage.audit import record_access
+from storage.commitment_reports import CommitmentReportQueue
 from storage.dicom_queries import find, held_instances, indexed_files, retrievable
 from storage.migrations import apply_migrations
 from storage.writer import BatchWriter
@@ -89,6 +90,7 @@ async def running_dicom(
             holder=lambda uids: held_instances(pool, uids),
             locator=lambda keys, limit: retrievable(pool, keys, limit),
             auditor=lambda entry: record_access(pool, entry),
+            reports=CommitmentReportQueue(pool),
             metrics=metrics,
             indexed=lambda paths: indexed_files(pool, paths),
             file_threads=file_threads,

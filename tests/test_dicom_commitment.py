@@ -2,7 +2,8 @@
 instances it sent, and gets the answer as an N-EVENT-REPORT on the same association.
 
 The request and report logic (`dicom.commitment`) is tested on datasets; the listener with
-pynetdicom as the modality, its report handler bound to the association."""
+pynetdicom as the modality, its report handler bound to the association or listening on a port
+of its own, where the reports wait in the database (`dicom_commitment_report`) until taken."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncpg
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -34,7 +36,11 @@ from dicom.commitment import (
     read_request,
     report,
 )
+from dicom.commitment_delivery import MAX_WAITING, RETRY_DELAYS
 from dicom.config import AeAddress, DicomSettings
+from dicom.identifier import encode_identifier
+from dicom.sop_classes import EXPLICIT_VR_LITTLE_ENDIAN as EXPLICIT_LE
+from storage.commitment_reports import CommitmentReportQueue
 from tests.conftest import PrivatePostgresFactory
 from tests.dicom_support import SCP_AE, RunningDicom, charset_file, echo, renumbered, running_dicom
 from tests.dicom_support import store as c_store
@@ -472,3 +478,134 @@ async def test_a_modality_with_a_tls_address_gets_its_report_over_tls(
             await wait_until(lambda: reported(scp, "delivered") == 1, timeout=5)
     finally:
         modality.close()
+
+
+# --- the report queue (`dicom_commitment_report`): restarts, replicas, bounds --------------------
+
+
+async def waiting_reports(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+    return list(
+        await pool.fetch(
+            "SELECT ae_title, attempts, due_at <= now() AS due FROM dicom_commitment_report"
+        )
+    )
+
+
+async def test_a_report_waiting_for_the_modality_s_port_survives_a_restart_of_the_gateway(
+    fresh_dsn: str, tmp_path: Path
+) -> None:
+    async with modality_port(listening=False) as modality:
+        async with reporting_scp(fresh_dsn, tmp_path, modality) as first:
+            info = information(generate_uid(), (CR, generate_uid()))
+            code, _ = await asyncio.to_thread(request_commitment, first.port, info, wait=False)
+            assert code == status.SUCCESS
+            await wait_until(lambda: reported(first, "delivered") == 0 and pending(first) == 1, 5)
+            [row] = await waiting_reports(first.pool)
+            assert (row["ae_title"], row["attempts"]) == ("MODALITY", 1)  # the first has failed
+        modality.listen()
+        async with reporting_scp(fresh_dsn, tmp_path, modality) as second:  # nothing in memory
+            assert await asyncio.to_thread(modality.reports.arrived.wait, 20)  # at its retry
+            [(event_type, report_info)] = modality.reports.received
+            assert (event_type, report_info.TransactionUID) == (SOME_FAILED, info.TransactionUID)
+            await wait_until(lambda: reported(second, "delivered") == 1, timeout=5)
+            assert await waiting_reports(second.pool) == []
+
+
+async def test_two_replicas_sharing_the_queue_deliver_each_report_once(
+    fresh_dsn: str, tmp_path: Path
+) -> None:
+    async with (
+        modality_port(listening=False) as modality,
+        reporting_scp(fresh_dsn, tmp_path / "a", modality) as a,
+        reporting_scp(fresh_dsn, tmp_path / "b", modality) as b,
+    ):
+        transactions = [generate_uid() for _ in range(12)]
+        for number, transaction in enumerate(transactions):
+            replica = (a, b)[number % 2]
+            info = information(transaction, (CR, generate_uid()))
+            code, _ = await asyncio.to_thread(request_commitment, replica.port, info, wait=False)
+            assert code == status.SUCCESS
+        modality.listen()  # every report is now due within 5 s, on both replicas
+        await wait_until(lambda: len(modality.reports.received) >= 12, timeout=30)
+        await asyncio.sleep(1.0)  # a second delivery of any of them would arrive meanwhile
+        received = [str(info.TransactionUID) for _, info in modality.reports.received]
+        assert sorted(received) == sorted(transactions)
+        assert reported(a, "delivered") + reported(b, "delivered") == 12
+        assert await waiting_reports(a.pool) == []
+
+
+async def test_a_report_whose_last_attempt_fails_is_removed_and_counted_undelivered(
+    fresh_dsn: str, tmp_path: Path
+) -> None:
+    async with (
+        modality_port(listening=False) as modality,
+        reporting_scp(fresh_dsn, tmp_path, modality) as scp,
+    ):
+        queue = CommitmentReportQueue(scp.pool)
+        await scp.pool.execute(  # as if the attempts before had all failed
+            "INSERT INTO dicom_commitment_report (ae_title, event_type, information, attempts)"
+            " VALUES ('MODALITY', 2, $1, $2)",
+            encode_identifier(information(generate_uid(), (CR, generate_uid())), EXPLICIT_LE),
+            len(RETRY_DELAYS),
+        )
+        assert (await queue.backlog()).waiting == 1
+        await wait_until(lambda: reported(scp, "undelivered") == 1, timeout=10)
+        assert await waiting_reports(scp.pool) == []
+        assert modality.reports.received == []
+
+
+async def test_a_report_for_an_ae_title_no_longer_given_a_report_address_is_dropped(
+    fresh_dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="dicom.commitment_delivery")
+    async with (
+        modality_port() as modality,
+        reporting_scp(fresh_dsn, tmp_path, modality) as scp,
+    ):
+        queue = CommitmentReportQueue(scp.pool)
+        info = information(generate_uid(), (CR, generate_uid()))
+        assert await queue.queue("RETIRED-US", 2, encode_identifier(info, EXPLICIT_LE), 10)
+        await wait_until(lambda: reported(scp, "dropped") == 1, timeout=10)
+        assert await waiting_reports(scp.pool) == []
+        assert "RETIRED-US dropped: no longer in QANTARA_DICOM_REPORT_ADDRESSES" in caplog.text
+        assert modality.reports.received == []
+
+
+async def test_a_full_queue_answers_resource_limitation_and_queues_nothing(
+    fresh_dsn: str, tmp_path: Path
+) -> None:
+    async with (
+        modality_port(listening=False) as modality,
+        reporting_scp(fresh_dsn, tmp_path, modality) as scp,
+    ):
+        await scp.pool.execute(  # not due for a day: only their number matters
+            "INSERT INTO dicom_commitment_report (ae_title, event_type, information, due_at)"
+            " SELECT 'MODALITY', 2, '\\x00', now() + interval '1 day'"
+            " FROM generate_series(1, $1)",
+            MAX_WAITING,
+        )
+        info = information(generate_uid(), (CR, generate_uid()))
+        code, _ = await asyncio.to_thread(request_commitment, scp.port, info, wait=False)
+        assert code == status.RESOURCE_LIMITATION
+        assert len(await waiting_reports(scp.pool)) == MAX_WAITING
+        assert reported(scp, "dropped") == 1
+
+
+async def test_a_report_whose_attempt_a_stop_cut_short_is_due_again_at_once(
+    fresh_dsn: str, tmp_path: Path
+) -> None:
+    with socket.socket() as silent:  # takes the connection, never answers the association
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        modality = ModalityPort(int(silent.getsockname()[1]), Reports())
+        async with reporting_scp(fresh_dsn, tmp_path, modality) as scp:
+            info = information(generate_uid(), (CR, generate_uid()))
+            code, _ = await asyncio.to_thread(request_commitment, scp.port, info, wait=False)
+            assert code == status.SUCCESS
+            await asyncio.sleep(0.5)  # the attempt waits for the A-ASSOCIATE-AC
+            pool = scp.pool
+            [leased] = await waiting_reports(pool)
+            assert (leased["attempts"], leased["due"]) == (1, False)
+            await scp.server.stop(grace=1.0)
+            [released] = await waiting_reports(pool)
+            assert (released["attempts"], released["due"]) == (1, True)

@@ -12,7 +12,8 @@
 --
 -- writer (`qantara_writer`): the ingest pipeline (MQTT ledger, watermarks, vitals, HL7, DICOM
 --   index, dead letters), partition upkeep (through qantara_ensure_partitions only), the DICOM
---   C-FIND, C-GET and C-MOVE (with their audit rows), the pending-migration check at start and
+--   C-FIND, C-GET and C-MOVE (with their audit rows), the Storage Commitment reports waiting for
+--   a modality's port, the pending-migration check at start and
 --   the `qantara token` commands.
 -- reader (`qantara_reader`): the HTTP API: FHIR and DICOMweb searches, token lookup, the audit
 --   trail (written before each response, read as AuditEvent).
@@ -52,6 +53,8 @@ BEGIN
             ('dicom_series',       'SELECT, INSERT',                     'SELECT'),
             ('dicom_instance',     'SELECT, INSERT',                     'SELECT'),
             ('dicom_conflict',     'INSERT',                             NULL),
+            -- Storage Commitment reports waiting for a modality's own port
+            ('dicom_commitment_report', 'SELECT, INSERT, UPDATE, DELETE', NULL),
             -- `qantara token` create/list/revoke: never the hashes, only `revoked_at` changes
             ('api_token',          'INSERT, SELECT (id, name, scopes, created_at, revoked_at), UPDATE (revoked_at)', 'SELECT'),
             -- the DICOM listener's C-FIND, C-GET, C-MOVE audit rows; RETURNING reads the id
