@@ -48,6 +48,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.services_support import wait_until
 
+_LISTENING_DICOM = re.compile(r"listening dicom=\S+:(\d+)")
+
 ROOT = Path(__file__).resolve().parents[1]
 LISTENING = re.compile(r"listening http=(?P<host>\S+):(?P<port>\d+)\s*$")
 LINE_LIMIT = 1 << 20  # bytes of one log line we accept from the child
@@ -308,6 +310,14 @@ class GatewayProcess:
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(list(self.log_lines)[-lines:])
+
+    def dicom_port(self) -> int:
+        """The DICOM listener's port, from the last start's `listening dicom=` line."""
+        for line in reversed(self.log_lines):
+            match = _LISTENING_DICOM.search(line)
+            if match:
+                return int(match.group(1))
+        raise AssertionError("no 'listening dicom=' line")
 
     def log_lines_at(self, level: str) -> list[str]:
         """Log lines of one level (the format is `time LEVEL logger: message`)."""

@@ -44,6 +44,7 @@ from storage.commitment_reports import CommitmentReportQueue
 from tests.conftest import PrivatePostgresFactory
 from tests.dicom_support import SCP_AE, RunningDicom, charset_file, echo, renumbered, running_dicom
 from tests.dicom_support import store as c_store
+from tests.gateway_process import GatewayProcess
 from tests.services_support import wait_until
 from tests.tls_support import Pki, pki
 
@@ -609,3 +610,33 @@ async def test_a_report_whose_attempt_a_stop_cut_short_is_due_again_at_once(
             await scp.server.stop(grace=1.0)
             [released] = await waiting_reports(pool)
             assert (released["attempts"], released["due"]) == (1, True)
+
+
+@pytest.mark.fault
+@pytest.mark.slow
+async def test_a_report_waiting_when_qantara_serve_is_sigkilled_is_delivered_after_a_restart(
+    fresh_dsn: str, mqtt_url: str
+) -> None:
+    async with modality_port(listening=False) as modality:
+        env = {"QANTARA_DICOM_REPORT_ADDRESSES": f"MODALITY=127.0.0.1:{modality.port}"}
+        async with GatewayProcess(database_url=fresh_dsn, mqtt_url=mqtt_url, env=env) as gateway:
+            info = information(generate_uid(), (CR, generate_uid()))
+            port = gateway.dicom_port()
+            code, _ = await asyncio.to_thread(request_commitment, port, info, wait=False)
+            assert code == status.SUCCESS
+
+            def first_attempt_failed() -> bool:
+                return any(
+                    "not taken (no association, attempt 1)" in line for line in gateway.log_lines
+                )
+
+            await wait_until(first_attempt_failed, timeout=10)
+            await gateway.kill()
+            modality.listen()
+            await gateway.start()
+            assert await asyncio.to_thread(modality.reports.arrived.wait, 30)
+            [(event_type, report_info)] = modality.reports.received
+            assert (event_type, report_info.TransactionUID) == (SOME_FAILED, info.TransactionUID)
+            await wait_until(
+                lambda: any("(attempt 2)" in line for line in gateway.log_lines), timeout=10
+            )

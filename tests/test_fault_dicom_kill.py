@@ -10,7 +10,6 @@ with the SHA-256 the index says, and no index row names a temp file.
 from __future__ import annotations
 
 import asyncio
-import re
 import secrets
 import threading
 from pathlib import Path
@@ -29,7 +28,6 @@ pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
 INSTANCES = 100
 KILL_AFTER = 30
-LISTENING_DICOM = re.compile(r"listening dicom=\S+:(\d+)")
 
 
 def instances() -> list[Dataset]:
@@ -45,14 +43,6 @@ def instances() -> list[Dataset]:
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         result.append(ds)
     return result
-
-
-def dicom_port(gateway: GatewayProcess) -> int:
-    for line in reversed(gateway.log_lines):
-        match = LISTENING_DICOM.search(line)
-        if match:
-            return int(match.group(1))
-    raise AssertionError("no 'listening dicom=' line")
 
 
 def send(port: int, datasets: list[Dataset], acked: set[str], lock: threading.Lock) -> None:
@@ -85,7 +75,7 @@ async def test_gateway_killed_during_stores_keeps_every_acknowledged_instance_on
     lock = threading.Lock()
     env = {"QANTARA_DICOM_STORAGE": str(storage)}
     async with GatewayProcess(database_url=fresh_dsn, mqtt_url=mqtt_url, env=env) as gateway:
-        port = dicom_port(gateway)
+        port = gateway.dicom_port()
         sender = asyncio.create_task(asyncio.to_thread(send, port, datasets, acked, lock))
 
         async def enough() -> bool:
@@ -100,7 +90,7 @@ async def test_gateway_killed_during_stores_keeps_every_acknowledged_instance_on
         assert KILL_AFTER <= len(acked_before_kill) < INSTANCES
 
         await gateway.start()
-        port = dicom_port(gateway)
+        port = gateway.dicom_port()
         missing = [ds for ds in datasets if str(ds.SOPInstanceUID) not in acked]
         await asyncio.to_thread(send, port, missing, acked, lock)
         assert len(acked) == INSTANCES
