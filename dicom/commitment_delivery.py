@@ -11,7 +11,8 @@ before the N-ACTION is answered Success, and delivered from there by `Reports.ru
 listener's group: at once, then again after `RETRY_DELAYS` while the modality is unreachable or
 answers with a failure. A restart, or the replica's death, loses no report: any replica claims
 the due ones (a lease per attempt, `storage.commitment_reports`). At most `MAX_WAITING` reports
-wait (all replicas together); beyond, the N-ACTION is answered 0x0213 and the modality asks again.
+wait (all replicas together), `MAX_WAITING_PER_MODALITY` for one AE title; beyond, the N-ACTION
+is answered 0x0213 and the modality asks again.
 Each report is counted in `qantara_dicom_commitment_reports_total{outcome}` by the replica that
 settled it. Until 2026-11-30 the reports waited in the answering replica's memory, and a restart
 dropped them.
@@ -51,6 +52,9 @@ units' usual gaps in coverage); later, it asks again. The attempts are counted i
 a restart does not begin the schedule again."""
 MAX_WAITING: Final = 10_000
 """Reports waiting in the database, all replicas together; a request beyond is refused."""
+MAX_WAITING_PER_MODALITY: Final = 1000
+"""Reports waiting for one AE title: a modality whose port never answers (a wrong address, a
+unit off the road) and that keeps asking cannot take the whole queue from the others."""
 MAX_IN_FLIGHT: Final = 16
 """Attempts one replica makes at a time."""
 POLL_SECONDS: Final = 5.0
@@ -127,7 +131,7 @@ class ReportQueue(Protocol):
     raises `StorageUnavailable` when the database cannot answer."""
 
     async def queue(
-        self, ae_title: str, event_type: int, information: bytes, limit: int
+        self, ae_title: str, event_type: int, information: bytes, limit: int, per_ae: int
     ) -> bool: ...
 
     async def claim(self, limit: int, lease: float) -> list[QueuedReport]: ...
@@ -196,9 +200,11 @@ class Reports:
 
     async def queue(self, ae_title: str, report: CommitmentReport) -> bool:
         """Commit `report` for `ae_title`'s own port; False when `MAX_WAITING` reports already
-        wait. Raises `StorageUnavailable`."""
+        wait, or `MAX_WAITING_PER_MODALITY` for it. Raises `StorageUnavailable`."""
         information = encode_identifier(report.information, _STORED_SYNTAX)
-        queued = await self._queue.queue(ae_title, report.event_type, information, MAX_WAITING)
+        queued = await self._queue.queue(
+            ae_title, report.event_type, information, MAX_WAITING, MAX_WAITING_PER_MODALITY
+        )
         if queued:
             self._wake.set()
         return queued

@@ -21,6 +21,7 @@ _QUEUE: Final = """
 INSERT INTO dicom_commitment_report (ae_title, event_type, information)
 SELECT $1, $2, $3
 WHERE (SELECT count(*) FROM dicom_commitment_report) < $4
+  AND (SELECT count(*) FROM dicom_commitment_report WHERE ae_title = $1) < $5
 RETURNING id"""
 
 _CLAIM: Final = """
@@ -68,9 +69,14 @@ class CommitmentReportQueue:
     def __init__(self, db: Executor) -> None:
         self._db = db
 
-    async def queue(self, ae_title: str, event_type: int, information: bytes, limit: int) -> bool:
-        """Add a report, due now; False (nothing added) when `limit` reports already wait."""
-        row = await _run(self._db.fetchrow(_QUEUE, ae_title, event_type, information, limit))
+    async def queue(
+        self, ae_title: str, event_type: int, information: bytes, limit: int, per_ae: int
+    ) -> bool:
+        """Add a report, due now; False (nothing added) when `limit` reports already wait, or
+        `per_ae` for this AE title."""
+        row = await _run(
+            self._db.fetchrow(_QUEUE, ae_title, event_type, information, limit, per_ae)
+        )
         return row is not None
 
     async def claim(self, limit: int, lease: float) -> list[QueuedReport]:

@@ -36,7 +36,7 @@ from dicom.commitment import (
     read_request,
     report,
 )
-from dicom.commitment_delivery import MAX_WAITING, RETRY_DELAYS
+from dicom.commitment_delivery import MAX_WAITING, MAX_WAITING_PER_MODALITY, RETRY_DELAYS
 from dicom.config import AeAddress, DicomSettings
 from dicom.identifier import encode_identifier
 from dicom.sop_classes import EXPLICIT_VR_LITTLE_ENDIAN as EXPLICIT_LE
@@ -484,6 +484,20 @@ async def test_a_modality_with_a_tls_address_gets_its_report_over_tls(
 # --- the report queue (`dicom_commitment_report`): restarts, replicas, bounds --------------------
 
 
+async def wait_for_many(pool: asyncpg.Pool, ae_title: str, count: int, spread: int = 1) -> None:
+    """`count` reports for `ae_title` (or, with `spread`, for `spread` AE titles named after
+    it), not due for a day."""
+    await pool.execute(
+        "INSERT INTO dicom_commitment_report (ae_title, event_type, information, due_at)"
+        " SELECT $2 || CASE WHEN $3 > 1 THEN '-' || (n % $3) ELSE '' END, 2, '\\x00',"
+        "        now() + interval '1 day'"
+        " FROM generate_series(1, $1) AS n",
+        count,
+        ae_title,
+        spread,
+    )
+
+
 async def waiting_reports(pool: asyncpg.Pool) -> list[asyncpg.Record]:
     return list(
         await pool.fetch(
@@ -565,7 +579,7 @@ async def test_a_report_for_an_ae_title_no_longer_given_a_report_address_is_drop
     ):
         queue = CommitmentReportQueue(scp.pool)
         info = information(generate_uid(), (CR, generate_uid()))
-        assert await queue.queue("RETIRED-US", 2, encode_identifier(info, EXPLICIT_LE), 10)
+        assert await queue.queue("RETIRED-US", 2, encode_identifier(info, EXPLICIT_LE), 10, 10)
         await wait_until(lambda: reported(scp, "dropped") == 1, timeout=10)
         assert await waiting_reports(scp.pool) == []
         assert "RETIRED-US dropped: no longer in QANTARA_DICOM_REPORT_ADDRESSES" in caplog.text
@@ -579,17 +593,28 @@ async def test_a_full_queue_answers_resource_limitation_and_queues_nothing(
         modality_port(listening=False) as modality,
         reporting_scp(fresh_dsn, tmp_path, modality) as scp,
     ):
-        await scp.pool.execute(  # not due for a day: only their number matters
-            "INSERT INTO dicom_commitment_report (ae_title, event_type, information, due_at)"
-            " SELECT 'MODALITY', 2, '\\x00', now() + interval '1 day'"
-            " FROM generate_series(1, $1)",
-            MAX_WAITING,
-        )
+        await wait_for_many(scp.pool, "US", MAX_WAITING, spread=100)  # other modalities
         info = information(generate_uid(), (CR, generate_uid()))
         code, _ = await asyncio.to_thread(request_commitment, scp.port, info, wait=False)
         assert code == status.RESOURCE_LIMITATION
         assert len(await waiting_reports(scp.pool)) == MAX_WAITING
         assert reported(scp, "dropped") == 1
+
+
+async def test_a_modality_with_its_share_of_the_queue_waiting_is_refused_and_no_other_is(
+    fresh_dsn: str, tmp_path: Path
+) -> None:
+    async with (
+        modality_port(listening=False) as modality,
+        reporting_scp(fresh_dsn, tmp_path, modality) as scp,
+    ):
+        await wait_for_many(scp.pool, "MODALITY", MAX_WAITING_PER_MODALITY)
+        info = information(generate_uid(), (CR, generate_uid()))
+        code, _ = await asyncio.to_thread(request_commitment, scp.port, info, wait=False)
+        assert code == status.RESOURCE_LIMITATION
+        encoded = encode_identifier(info, EXPLICIT_LE)
+        queue = CommitmentReportQueue(scp.pool)
+        assert await queue.queue("OTHER-US", 2, encoded, MAX_WAITING, MAX_WAITING_PER_MODALITY)
 
 
 async def test_a_report_whose_attempt_a_stop_cut_short_is_due_again_at_once(

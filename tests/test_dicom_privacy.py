@@ -17,7 +17,6 @@ from dicom import status
 from tests.dicom_support import PATIENT_ROOT_FIND, c_find, store
 from tests.gateway_process import GatewayProcess
 from tests.test_dicom_store import fresh
-from tests.test_fault_dicom_kill import dicom_port
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +39,7 @@ async def test_sloppy_patient_values_stored_or_queried_leave_nothing_in_the_log(
 ) -> None:
     patient_id = f"PID-{secrets.token_hex(4)}-" + "7" * 64  # over LO's 64 characters
     async with GatewayProcess(database_url=fresh_dsn, mqtt_url=mqtt_url) as gateway:
-        port = dicom_port(gateway)
+        port = gateway.dicom_port()
         with config.disable_value_validation():  # this side writes them as a sloppy sender
             ds = sloppy_instance(patient_id)
             query = Dataset()

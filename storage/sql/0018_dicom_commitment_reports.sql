@@ -20,3 +20,4 @@ CREATE TABLE dicom_commitment_report (
 );
 
 CREATE INDEX dicom_commitment_report_due_idx ON dicom_commitment_report (due_at, id);
+CREATE INDEX dicom_commitment_report_ae_idx ON dicom_commitment_report (ae_title);
