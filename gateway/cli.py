@@ -184,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         "in ISO_IR 127 / ISO_IR 192 and French ones in ISO_IR 100, a facility id and the "
         "national id) to the DICOM listener at QANTARA_BIND:QANTARA_DICOM_PORT on one "
         "association, and print the C-STORE statuses. With --commit, then ask for Storage "
-        "Commitment of what was stored and wait for the report on the same association. Exit "
+        "Commitment of what was stored and wait for the report on the same association, or, "
+        "with --report-port, release it and wait for the report on that port of our own (the "
+        "gateway's QANTARA_DICOM_REPORT_ADDRESSES must name our AE title and port). Exit "
         "status 1 when the association is refused or aborted, when any status is not a "
         "success, or with --commit when not everything stored was committed.",
     )
@@ -203,6 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--commit",
         action="store_true",
         help="then Storage Commitment of the instances stored (report on the association)",
+    )
+    modality.add_argument(
+        "--report-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="as --commit, the report taken on this port of ours (all interfaces, plain TCP)",
+    )
+    modality.add_argument(
+        "--commit-wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="with --commit: how long the report may take (30)",
     )
     _tls_arguments(modality, "DICOM")
     modality.add_argument("--quiet", action="store_true", help="no progress line")

@@ -283,7 +283,9 @@ async def simulate_modality(settings: Settings, args: argparse.Namespace) -> int
             studies=args.studies,
             rate=args.rate,
             seed=args.seed,
-            commit=args.commit,
+            commit=args.commit or args.report_port is not None,
+            commit_wait=args.commit_wait,
+            report_port=args.report_port,
         ),
     )
     print(report.summary())  # noqa: T201

@@ -26,7 +26,7 @@ from typing import Any, Final
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 
 from dicom.sop_classes import STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE
@@ -73,6 +73,8 @@ class ModalityConfig:
     tls_key: Path | None = None
     commit: bool = False  # then ask for Storage Commitment of what was stored, as units do
     commit_wait: float = 30.0  # seconds the report may take
+    report_port: int | None = None  # take the report on this port of our own, not the association
+    report_bind: str = "0.0.0.0"  # noqa: S104 - the gateway calls us back from its own address
 
     def tls_args(self) -> tuple[ssl.SSLContext, str] | None:
         """pynetdicom's `tls_args` (a client context, the server name to check), or None."""
@@ -89,6 +91,7 @@ class ModalityReport:
     stored: list[tuple[str, str]] = field(default_factory=list)  # SOP Class, Instance of 0x0000
     commit_status: str | None = None  # the N-ACTION-RSP's, when asked
     committed: int | None = None  # from the report; None: no report came
+    report_on_port: bool = False  # the report was awaited on our own port
 
     def summary(self) -> str:
         if self.refused:
@@ -104,6 +107,8 @@ class ModalityReport:
                     if self.committed is None
                     else f", {self.committed} of {len(self.stored)} committed"
                 )
+                if self.report_on_port:
+                    line += " (report on our port)"
         return line + ("; association aborted" if self.aborted else "")
 
     @property
@@ -269,18 +274,57 @@ def run_modality(config: ModalityConfig) -> ModalityReport:
     """Blocking: send `config.studies` studies on one association; statuses counted."""
     if config.modality not in SOP_CLASSES:
         raise ValueError(f"modality must be one of {', '.join(SOP_CLASSES)}")
-    rng = random.Random(config.seed)
-    population = Population(date.today())  # noqa: DTZ011 - birth dates relative to today
-    region = REGIONS[config.seed % len(REGIONS)]
     ae = AE(ae_title=config.calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
     ae.add_requested_context(SOP_CLASSES[config.modality], [ExplicitVRLittleEndian])
     report = ModalityReport()
     commitment = _Commitment()
     handlers: list[Any] = []  # pynetdicom's (event, handler) pairs
+    reports_server = None
     if config.commit:
         ae.add_requested_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian])
         handlers.append((evt.EVT_N_EVENT_REPORT, commitment.report))
+        if config.report_port is not None:
+            address = (config.report_bind, config.report_port)
+            reports_server = _listen_for_reports(config.calling_ae, address, commitment)
+            report.report_on_port = True
+    try:
+        _send_studies(ae, config, report, commitment, handlers)
+    finally:
+        if reports_server is not None:
+            reports_server.shutdown()
+    return report
+
+
+def _listen_for_reports(ae_title: str, address: tuple[str, int], commitment: _Commitment) -> Any:
+    """Our own Storage Commitment port, as a modality named in the gateway's
+    QANTARA_DICOM_REPORT_ADDRESSES has: the gateway calls it, takes the SCP role, and sends the
+    report there (pynetdicom's server, in its threads; plain TCP)."""
+    listener = AE(ae_title=ae_title)
+    listener.acse_timeout = listener.dimse_timeout = listener.network_timeout = 30
+    listener.add_supported_context(
+        STORAGE_COMMITMENT,
+        [ExplicitVRLittleEndian, ImplicitVRLittleEndian],
+        scu_role=True,
+        scp_role=True,
+    )
+    return listener.start_server(
+        address,
+        block=False,
+        evt_handlers=[(evt.EVT_N_EVENT_REPORT, commitment.report)],
+    )
+
+
+def _send_studies(
+    ae: AE,
+    config: ModalityConfig,
+    report: ModalityReport,
+    commitment: _Commitment,
+    handlers: list[Any],
+) -> None:
+    rng = random.Random(config.seed)
+    population = Population(date.today())  # noqa: DTZ011 - birth dates relative to today
+    region = REGIONS[config.seed % len(REGIONS)]
     started = time.monotonic()
     assoc = ae.associate(
         config.host,
@@ -291,7 +335,7 @@ def run_modality(config: ModalityConfig) -> ModalityReport:
     )
     if not assoc.is_established:
         report.refused = True
-        return report
+        return
     try:
         for n in range(config.studies):
             patient = population.patient(rng, rng.choice(region.provinces))
@@ -317,36 +361,41 @@ def run_modality(config: ModalityConfig) -> ModalityReport:
             if report.aborted:
                 break
         if config.commit and report.stored and assoc.is_established:
-            _ask_commitment(assoc, report, commitment, config.commit_wait)
+            _ask_commitment(assoc, report, commitment)
+            if report.report_on_port and assoc.is_established:
+                assoc.release()  # as such modalities do: the report comes to our port
+            if report.commit_status == "0x0000" and commitment.arrived.wait(config.commit_wait):
+                report.committed = commitment.committed
     finally:
         if assoc.is_established:
             assoc.release()
         report.seconds = time.monotonic() - started
         if not config.quiet:
             print(file=sys.stderr)  # noqa: T201
-    return report
 
 
 class _Commitment:
-    """The Storage Commitment report the gateway sends back on the association."""
+    """The Storage Commitment report of our transaction, on the association or on our port (a
+    report of an earlier run's transaction, which the gateway may still deliver, is taken and
+    not counted)."""
 
     def __init__(self) -> None:
+        self.transaction = ""
         self.committed: int | None = None
         self.arrived = threading.Event()
 
     def report(self, event: evt.Event) -> tuple[int, None]:
         information = event.event_information
-        self.committed = len(information.get("ReferencedSOPSequence", []))
-        self.arrived.set()
+        if str(information.get("TransactionUID", "")) == self.transaction:
+            self.committed = len(information.get("ReferencedSOPSequence", []))
+            self.arrived.set()
         return 0x0000, None
 
 
-def _ask_commitment(
-    assoc: object, report: ModalityReport, commitment: _Commitment, wait: float
-) -> None:
-    """N-ACTION for every instance stored, then wait for the report on this association."""
+def _ask_commitment(assoc: object, report: ModalityReport, commitment: _Commitment) -> None:
+    """N-ACTION for every instance stored; its status in `report`."""
     information = Dataset()
-    information.TransactionUID = generate_uid()
+    information.TransactionUID = commitment.transaction = generate_uid()
     items = []
     for sop_class, sop_instance in report.stored:
         item = Dataset()
@@ -358,5 +407,3 @@ def _ask_commitment(
         information, 1, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE
     )
     report.commit_status = _status(int(answer.Status) if "Status" in answer else None)
-    if report.commit_status == "0x0000" and commitment.arrived.wait(wait):
-        report.committed = commitment.committed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
+import socket
 import subprocess
 import warnings
 from datetime import UTC, date, datetime
@@ -245,6 +246,26 @@ async def test_the_command_with_commit_gets_every_stored_instance_committed(
         result = await asyncio.to_thread(qantara, "simulate", "modality", *args)
     assert result.returncode == 0, result.stderr
     assert "storage commitment 0x0000, 4 of 4 committed" in result.stdout
+
+
+async def test_the_command_with_a_report_port_gets_the_report_there_after_releasing(
+    fresh_dsn: str, tmp_path: Path
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        report_port = int(probe.getsockname()[1])
+    settings = DicomSettings(
+        report_addresses=(AeAddress("SIM-MODALITY", "127.0.0.1", report_port),)
+    )
+    async with running_dicom(fresh_dsn, tmp_path / "store", settings) as scp:
+        args = ("--studies", "1", "--host", "127.0.0.1", "--port", str(scp.port))
+        args += ("--report-port", str(report_port), "--quiet")
+        result = await asyncio.to_thread(qantara, "simulate", "modality", *args)
+        delivered = {"outcome": "delivered"}
+        taken = scp.metrics.sample("qantara_dicom_commitment_reports_total", delivered)
+    assert result.returncode == 0, result.stderr
+    assert "storage commitment 0x0000, 2 of 2 committed (report on our port)" in result.stdout
+    assert taken == 1
 
 
 async def test_the_workstation_finds_a_patients_studies_and_gets_every_instance(
