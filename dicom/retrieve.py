@@ -122,20 +122,23 @@ class Progress:
         counts = (self.remaining, self.completed, self.failed, self.warning)
         return dimse.retrieve_response(request, status.PENDING, counts)
 
+    def final_status(self, cancelled: list[str]) -> int:
+        """The last response's status: Cancel, Success, all failed (0xA702) or some (0xB000)."""
+        if cancelled:
+            return dimse.CANCEL
+        if not self.failed_uids and not self.warning:
+            return status.SUCCESS
+        if self.failed_uids and not self.completed and not self.warning:
+            return status.GET_SUB_OPERATIONS_FAILED
+        return status.GET_SOME_FAILED
+
     def final(
         self, request: dimse.Command, cancelled: list[str]
     ) -> tuple[dimse.Command, Dataset | None]:
         """The last C-GET-RSP and its identifier (None on success). `cancelled`: the SOP
         Instance UIDs not sent because a C-CANCEL came (their number is the remaining count)."""
         failed = self.failed_uids
-        if cancelled:
-            code = dimse.CANCEL
-        elif not failed and not self.warning:
-            code = status.SUCCESS
-        elif failed and not self.completed and not self.warning:
-            code = status.GET_SUB_OPERATIONS_FAILED
-        else:
-            code = status.GET_SOME_FAILED
+        code = self.final_status(cancelled)
         remaining = len(cancelled) if cancelled else None
         identifier: Dataset | None = None
         if failed or cancelled:

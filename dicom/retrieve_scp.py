@@ -35,7 +35,7 @@ from typing import Any, Final
 
 from dicom import dimse, sop_classes, status
 from dicom.association import Acceptor, CommandReceived
-from dicom.audit import Auditor, read_entry
+from dicom.audit import Auditor, read_entry, transferred_entry
 from dicom.config import AeAddress, DicomSettings
 from dicom.identifier import MAX_IDENTIFIER, IdentifierError, decode_identifier, encode_identifier
 from dicom.link import Ended, Link
@@ -136,39 +136,30 @@ async def answer_retrieve(
         await fail(status.GET_TOO_MANY_MATCHES, f"more than {MAX_RETRIEVE} instances match")
         return None
     progress = Progress(len(instances))
-    cancelled: list[str] = []
-    if address is None or not instances:
-        target = _Target(link, link.endpoint.storage_context)
-        ended, cancelled = await _sub_operations(
-            link, event, instances, target, progress, retrieval, settings, metrics
+    try:
+        ended, cancelled = await _transfer(
+            link, event, instances, address, progress, retrieval, settings, metrics, calling
         )
-        if ended is not None:
-            return ended
-    else:
-        pairs = [(i.sop_class_uid, i.transfer_syntax) for i in instances]
-        try:
-            async with open_association(
-                address,
-                proposed_contexts(pairs),
-                calling_ae=settings.ae_title,
-                max_pdu=settings.max_pdu,
-                step_timeout=settings.acse_timeout,
-                send_timeout=settings.dimse_timeout,
-                tls=retrieval.outbound_tls(),
-            ) as moving:
-                originator = (calling, command.message_id or 0)
-                target = _Target(moving, moving.endpoint.accepted_context, originator)
-                ended, cancelled = await _sub_operations(
-                    link, event, instances, target, progress, retrieval, settings, metrics
-                )
-        except Unreachable as exc:
-            logger.warning("DICOM C-MOVE to %s failed: %s", address.ae_title, exc)
-            ended = None
-        if ended is not None:
-            return ended
-        if not cancelled:  # those not attempted: the destination is unreachable or gone
-            for instance in instances[progress.total - progress.remaining :]:
-                metrics.dicom_retrieved.labels(progress.not_sent(instance.sop_instance_uid)).inc()
+    except Exception:
+        if instances:
+            await _record_end(
+                retrieval, settings, operation, calling, keys, address, instances, progress, None
+            )
+        raise
+    if instances:  # committed before the final response, as the first row before the data
+        await _record_end(
+            retrieval,
+            settings,
+            operation,
+            calling,
+            keys,
+            address,
+            instances,
+            progress,
+            None if ended is not None else cancelled,
+        )
+    if ended is not None:
+        return ended
     metrics.dicom_retrieved.labels("cancelled").inc(len(cancelled))
     response, identifier = progress.final(command, cancelled)
     encoded = None if identifier is None else encode_identifier(identifier, event.transfer_syntax)
@@ -185,6 +176,93 @@ async def answer_retrieve(
         len(cancelled),
     )
     return None
+
+
+async def _transfer(
+    link: Link[Acceptor],
+    event: CommandReceived,
+    instances: list[RetrievableInstance],
+    address: AeAddress | None,
+    progress: Progress,
+    retrieval: Retrieval,
+    settings: DicomSettings,
+    metrics: Metrics,
+    calling: str,
+) -> tuple[Ended | None, list[str]]:
+    """The sub-operations, on the requester's association (C-GET) or on one to `address`
+    (C-MOVE): what ended the requester's association (None: it goes on), and the UIDs a
+    C-CANCEL left unsent."""
+    if address is None or not instances:
+        target = _Target(link, link.endpoint.storage_context)
+        return await _sub_operations(
+            link, event, instances, target, progress, retrieval, settings, metrics
+        )
+    ended: Ended | None = None
+    cancelled: list[str] = []
+    pairs = [(i.sop_class_uid, i.transfer_syntax) for i in instances]
+    try:
+        async with open_association(
+            address,
+            proposed_contexts(pairs),
+            calling_ae=settings.ae_title,
+            max_pdu=settings.max_pdu,
+            step_timeout=settings.acse_timeout,
+            send_timeout=settings.dimse_timeout,
+            tls=retrieval.outbound_tls(),
+        ) as moving:
+            originator = (calling, event.command.message_id or 0)
+            target = _Target(moving, moving.endpoint.accepted_context, originator)
+            ended, cancelled = await _sub_operations(
+                link, event, instances, target, progress, retrieval, settings, metrics
+            )
+    except Unreachable as exc:
+        logger.warning("DICOM C-MOVE to %s failed: %s", address.ae_title, exc)
+    if ended is None and not cancelled:  # those not attempted: the destination unreachable or gone
+        for instance in instances[progress.total - progress.remaining :]:
+            metrics.dicom_retrieved.labels(progress.not_sent(instance.sop_instance_uid)).inc()
+    return ended, cancelled
+
+
+async def _record_end(
+    retrieval: Retrieval,
+    settings: DicomSettings,
+    operation: str,
+    calling: str,
+    keys: RetrieveKeys,
+    address: AeAddress | None,
+    instances: list[RetrievableInstance],
+    progress: Progress,
+    cancelled: list[str] | None,
+) -> None:
+    """The audit row of the transfer's end (DCM 110104 "DICOM Instances Transferred"): the counts
+    and the final status, or, `cancelled` None, that the requester's association ended first.
+    Committed before the final response; a database unavailable then is logged, and the response
+    goes: the row of its beginning was committed before the first instance went."""
+    if cancelled is None:
+        code = (
+            status.GET_SOME_FAILED
+            if progress.completed + progress.warning
+            else status.GET_SUB_OPERATIONS_FAILED
+        )
+        how = ", the association ended"
+        left = 0
+    else:
+        code = progress.final_status(cancelled)
+        how = ""
+        left = len(cancelled)
+    to = f" to {address.ae_title}" if address is not None else ""
+    shape = (
+        f"{operation} {keys.level}{to}: {progress.completed} completed, {progress.warning} warning,"
+        f" {progress.failed} failed, {left} cancelled{how}"
+    )
+    patients = (i.patient for i in instances if i.patient is not None)
+    try:
+        async with asyncio.timeout(settings.store_timeout):
+            await retrieval.auditor(transferred_entry(calling, shape, patients, code))
+    except (StorageUnavailable, TimeoutError):
+        logger.warning(
+            "DICOM %s from %s: the audit row of its end was not written", operation, calling
+        )
 
 
 def _audit_entry(

@@ -5,8 +5,9 @@ for a search or operation, the token's name as the requesting agent (`agent.who.
 patient whose data was returned as an entity (`what` = `Patient/{id}`, role patient), and the
 query's shape (parameter names, never values) as a query entity. A row of the DICOM listener,
 written before the first instance or match goes, has a DICOM type: "Begin Transferring DICOM
-Instances" (DCM 110102) for a C-GET or C-MOVE, "Query" (DCM 110112) for a C-FIND, action `E`
-as IHE ATNA has them; the calling AE title is the agent, the DICOM status in `outcomeDesc`.
+Instances" (DCM 110102) for a C-GET or C-MOVE, "Query" (DCM 110112) for a C-FIND, and the row of
+a C-GET's or C-MOVE's end "DICOM Instances Transferred" (DCM 110104), action `E` as IHE ATNA has
+them; the calling AE title is the agent, the DICOM status in `outcomeDesc`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,17 @@ _DICOM_TYPES: Final = {
         "code": "110112",
         "display": "Query",
     },
+    "transferred": {  # the end of a C-GET or C-MOVE
+        "system": "http://dicom.nema.org/resources/ontology/DCM",
+        "code": "110104",
+        "display": "DICOM Instances Transferred",
+    },
+}
+_DICOM_OUTCOME_TEXT: Final = {
+    "0": "success",
+    "4": "minor failure",
+    "8": "serious failure",
+    "12": "major failure",
 }
 
 
@@ -95,7 +107,8 @@ def audit_event_resource(record: AuditRecord) -> JsonObject:
     kind: JsonObject
     if record.protocol == "dicom":
         kind = {"type": _DICOM_TYPES.get(record.action, _DICOM_TRANSFER), "action": "E"}
-        outcome = f"DICOM 0x{record.status:04X} ({outcome_text})"
+        dicom_text = _DICOM_OUTCOME_TEXT.get(record.outcome, "failed")
+        outcome = f"DICOM 0x{record.status:04X} ({dicom_text})"
     else:
         kind = {
             "type": _REST,

@@ -21,6 +21,7 @@ from storage.queries import Executor
 
 OUTCOME_SUCCESS: Final = "0"
 OUTCOME_MINOR_FAILURE: Final = "4"
+OUTCOME_SERIOUS_FAILURE: Final = "8"
 """FHIR AuditEvent outcome codes (http://hl7.org/fhir/audit-event-outcome)."""
 
 

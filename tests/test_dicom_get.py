@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -370,18 +371,45 @@ async def test_a_get_is_audited_before_its_sub_operations_with_ae_title_and_pati
 
     await asyncio.to_thread(c_get, scp.port, identifier, contexts(instances))
 
-    row = await scp.pool.fetchrow(
-        "SELECT * FROM api_audit WHERE $1 = ANY(patient_ids) AND protocol = 'dicom'"
-        " ORDER BY id DESC",
-        patient,
-    )
-    assert row is not None
-    assert (row["token_name"], row["query_shape"], row["status"]) == (
+    *_, begun, ended = await audit_rows(scp, patient)  # the module's listener: earlier rows too
+    assert (begun["token_name"], begun["query_shape"], begun["status"]) == (
         "VIEWER",
         "C-GET STUDY, 2 instance(s)",
         status.PENDING,
     )
-    assert list(row["patient_ids"]) == [patient]
+    assert list(begun["patient_ids"]) == [patient]
+    assert (ended["action"], ended["status"], ended["outcome"]) == ("transferred", 0, "0")
+    assert ended["query_shape"] == "C-GET STUDY: 2 completed, 0 warning, 0 failed, 0 cancelled"
+    assert list(ended["patient_ids"]) == [patient]
+
+
+async def audit_rows(scp: RunningDicom, patient: int) -> list[asyncpg.Record]:
+    """The DICOM audit rows naming `patient`, oldest first."""
+    return list(
+        await scp.pool.fetch(
+            "SELECT * FROM api_audit WHERE $1 = ANY(patient_ids) AND protocol = 'dicom'"
+            " ORDER BY id",
+            patient,
+        )
+    )
+
+
+async def test_a_get_whose_sub_operations_all_failed_ends_with_a_serious_failure_row(
+    scp: RunningDicom,
+) -> None:
+    instances = await stored_study(scp.port, 2)
+    patient = await scp.pool.fetchval(
+        "SELECT patient_id FROM dicom_study WHERE study_uid = $1", instances[0].StudyInstanceUID
+    )
+
+    got = await asyncio.to_thread(
+        c_get, scp.port, study_query(instances), contexts(instances), scp_role=False
+    )
+
+    assert got.final["Status"] == status.GET_SUB_OPERATIONS_FAILED
+    *_, ended = await audit_rows(scp, patient)
+    assert (ended["status"], ended["outcome"]) == (status.GET_SUB_OPERATIONS_FAILED, "8")
+    assert ended["query_shape"] == "C-GET STUDY: 0 completed, 0 warning, 2 failed, 0 cancelled"
 
 
 async def test_a_get_matching_nothing_writes_no_audit_row(scp: RunningDicom) -> None:

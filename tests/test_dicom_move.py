@@ -264,10 +264,14 @@ async def test_a_move_is_audited_with_its_destination(scp: RunningDicom) -> None
 
     await asyncio.to_thread(c_move, scp.port, identifier, "WORKSTATION")
 
-    shape = await scp.pool.fetchval(
-        "SELECT query_shape FROM api_audit WHERE protocol = 'dicom' ORDER BY id DESC LIMIT 1"
+    rows = await scp.pool.fetch(
+        "SELECT query_shape, status FROM api_audit WHERE protocol = 'dicom' ORDER BY id DESC"
+        " LIMIT 2"
     )
-    assert shape == "C-MOVE STUDY to WORKSTATION, 1 instance(s)"
+    assert [(row["query_shape"], row["status"]) for row in reversed(rows)] == [
+        ("C-MOVE STUDY to WORKSTATION, 1 instance(s)", status.PENDING),
+        ("C-MOVE STUDY to WORKSTATION: 1 completed, 0 warning, 0 failed, 0 cancelled", 0),
+    ]
 
 
 @pytest.mark.skipif(

@@ -11,6 +11,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicom import dimse, pdu, status
+from dicom.audit import transferred_entry
 from dicom.filemeta import dataset_offset, file_meta
 from dicom.negotiation import Policy, gateway_policy, negotiate
 from dicom.pdu import (
@@ -231,7 +232,9 @@ def test_a_file_without_part_10_header_has_no_dataset_offset(head: bytes) -> Non
         dataset_offset(head)
 
 
-def dicom_audit_event(action: str, shape: str) -> dict[str, Any]:
+def dicom_audit_event(
+    action: str, shape: str, outcome: str = "0", code: int = status.PENDING
+) -> dict[str, Any]:
     """The AuditEvent of a DICOM listener's audit row for the patient 42, as the API renders it."""
     record = AuditRecord(
         id=7,
@@ -241,8 +244,8 @@ def dicom_audit_event(action: str, shape: str) -> dict[str, Any]:
         resource_type="ImagingStudy",
         query_shape=shape,
         patient_ids=(42,),
-        outcome="0",
-        status=status.PENDING,
+        outcome=outcome,
+        status=code,
         protocol="dicom",
     )
     return audit_event_resource(record)
@@ -314,3 +317,26 @@ def test_with_query_aes_set_c_find_is_for_the_listed_callers_only() -> None:
     assert answered(find_request("RIS"), policy).contexts[0].result is ContextResult.ACCEPTANCE
     refused = answered(find_request("ANYONE"), policy).contexts[0].result
     assert refused is ContextResult.USER_REJECTION
+
+
+def test_the_end_of_a_transfer_is_a_dicom_instances_transferred_event_with_its_status() -> None:
+    shape = "C-GET STUDY: 1 completed, 0 warning, 1 failed, 0 cancelled"
+    event = dicom_audit_event("transferred", shape, "4", status.GET_SOME_FAILED)
+    assert (event["type"]["code"], event["type"]["display"]) == (
+        "110104",
+        "DICOM Instances Transferred",
+    )
+    assert (event["outcome"], event["outcomeDesc"]) == ("4", "DICOM 0xB000 (minor failure)")
+
+
+@pytest.mark.parametrize(
+    ("code", "outcome"),
+    [
+        (status.SUCCESS, "0"),
+        (status.GET_SOME_FAILED, "4"),
+        (0xFE00, "4"),  # cancelled
+        (status.GET_SUB_OPERATIONS_FAILED, "8"),
+    ],
+)
+def test_a_transfer_s_final_status_gives_its_audit_outcome(code: int, outcome: str) -> None:
+    assert transferred_entry("VIEWER", "C-GET STUDY: ...", [42], code).outcome == outcome
