@@ -23,16 +23,7 @@ Auditor = Callable[[AuditEntry], Awaitable[object]]
 def read_entry(calling: str, action: str, shape: str, patients: Iterable[int]) -> AuditEntry:
     """The row of one read: `action` `search-type` (C-FIND) or `read` (C-GET, C-MOVE); its
     status is Pending, since it is written before the data goes."""
-    return AuditEntry(
-        token_name=calling,
-        action=action,
-        resource_type="ImagingStudy",
-        query_shape=shape,
-        patient_ids=tuple(sorted(set(patients))),
-        outcome=OUTCOME_SUCCESS,
-        status=status.PENDING,
-        protocol="dicom",
-    )
+    return _entry(calling, action, shape, patients, OUTCOME_SUCCESS, status.PENDING)
 
 
 TRANSFERRED = "transferred"
@@ -48,9 +39,15 @@ def transferred_entry(calling: str, shape: str, patients: Iterable[int], code: i
         outcome = OUTCOME_MINOR_FAILURE
     else:
         outcome = OUTCOME_SERIOUS_FAILURE
+    return _entry(calling, TRANSFERRED, shape, patients, outcome, code)
+
+
+def _entry(
+    calling: str, action: str, shape: str, patients: Iterable[int], outcome: str, code: int
+) -> AuditEntry:
     return AuditEntry(
         token_name=calling,
-        action=TRANSFERRED,
+        action=action,
         resource_type="ImagingStudy",
         query_shape=shape,
         patient_ids=tuple(sorted(set(patients))),

@@ -364,9 +364,7 @@ async def test_a_get_is_audited_before_its_sub_operations_with_ae_title_and_pati
     scp: RunningDicom,
 ) -> None:
     instances = await stored_study(scp.port, 2)
-    patient = await scp.pool.fetchval(
-        "SELECT patient_id FROM dicom_study WHERE study_uid = $1", instances[0].StudyInstanceUID
-    )
+    patient = await study_patient(scp, instances)
     identifier = study_query(instances)
 
     await asyncio.to_thread(c_get, scp.port, identifier, contexts(instances))
@@ -381,6 +379,16 @@ async def test_a_get_is_audited_before_its_sub_operations_with_ae_title_and_pati
     assert (ended["action"], ended["status"], ended["outcome"]) == ("transferred", 0, "0")
     assert ended["query_shape"] == "C-GET STUDY: 2 completed, 0 warning, 0 failed, 0 cancelled"
     assert list(ended["patient_ids"]) == [patient]
+
+
+async def study_patient(scp: RunningDicom, instances: list[Dataset]) -> int:
+    """The index's patient of the study `instances` belong to."""
+    return int(
+        await scp.pool.fetchval(
+            "SELECT patient_id FROM dicom_study WHERE study_uid = $1",
+            instances[0].StudyInstanceUID,
+        )
+    )
 
 
 async def audit_rows(scp: RunningDicom, patient: int) -> list[asyncpg.Record]:
@@ -398,9 +406,7 @@ async def test_a_get_whose_sub_operations_all_failed_ends_with_a_serious_failure
     scp: RunningDicom,
 ) -> None:
     instances = await stored_study(scp.port, 2)
-    patient = await scp.pool.fetchval(
-        "SELECT patient_id FROM dicom_study WHERE study_uid = $1", instances[0].StudyInstanceUID
-    )
+    patient = await study_patient(scp, instances)
 
     got = await asyncio.to_thread(
         c_get, scp.port, study_query(instances), contexts(instances), scp_role=False
