@@ -665,3 +665,27 @@ async def test_a_report_waiting_when_qantara_serve_is_sigkilled_is_delivered_aft
             await wait_until(
                 lambda: any("(attempt 2)" in line for line in gateway.log_lines), timeout=10
             )
+
+
+async def test_a_report_waiting_while_the_database_is_down_is_delivered_once_it_is_back(
+    private_postgres: PrivatePostgresFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dicom.commitment_delivery")
+    server = await private_postgres()
+    async with (
+        modality_port(listening=False) as modality,
+        reporting_scp(server.dsn(), tmp_path, modality) as scp,
+    ):
+        info = information(generate_uid(), (CR, generate_uid()))
+        code, _ = await asyncio.to_thread(request_commitment, scp.port, info, wait=False)
+        assert code == status.SUCCESS
+        await wait_until(lambda: pending(scp) == 1, timeout=5)  # its first attempt has failed
+        await server.stop()
+        modality.listen()
+        await wait_until(lambda: "report queue cannot be read" in caplog.text, timeout=20)
+        assert modality.reports.received == []  # nothing is sent without its row
+        await server.start()
+        assert await asyncio.to_thread(modality.reports.arrived.wait, 30)
+        await wait_until(lambda: reported(scp, "delivered") == 1, timeout=10)
+        assert "report queue is readable again" in caplog.text
+        assert len(modality.reports.received) == 1
