@@ -10,17 +10,55 @@ would make the API answer 503 to everyone. Here:
   first byte received, as on a kept-alive connection);
 - a request's line and headers must be complete within `head_seconds` of the connection, or of
   the previous response; otherwise the connection is closed.
+
+Beyond `QANTARA_HTTP_MAX_CONNECTIONS`, uvicorn answers 503 with `Service Unavailable` in plain
+text; here the answer is what every other error of the API is, an `OperationOutcome` (issue
+`throttled`), with `Retry-After`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import ClassVar
+import json
+import logging
+from typing import ClassVar, Final
 
+from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.fhir_outcome import operation_outcome
+
+logger = logging.getLogger(__name__)
 
 HEAD_SECONDS = 30.0
 """How long a request's line and headers may take to arrive."""
+BUSY_RETRY_AFTER: Final = 1
+_BUSY_BODY: Final = json.dumps(
+    operation_outcome(
+        "throttled",
+        "the gateway is serving as many connections as it may (QANTARA_HTTP_MAX_CONNECTIONS);"
+        " retry later",
+    ),
+    separators=(",", ":"),
+).encode()
+
+
+async def busy(scope: Scope, receive: Receive, send: Send) -> None:
+    """The answer to a request beyond the bound: 503 and an OperationOutcome; the connection
+    closes."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/fhir+json"),
+                (b"content-length", str(len(_BUSY_BODY)).encode()),
+                (b"retry-after", str(BUSY_RETRY_AFTER).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": _BUSY_BODY, "more_body": False})
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -37,7 +75,18 @@ class HttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._stop_waiting_for_head()
-        super().on_headers_complete()
+        limit = self.limit_concurrency
+        if limit is None or (len(self.connections) < limit and len(self.tasks) < limit):
+            super().on_headers_complete()
+            return
+        # uvicorn would pick its plain-text answer: let it take `busy` as the application of
+        # this one request instead.
+        app, self.app, self.limit_concurrency = self.app, busy, None
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app, self.limit_concurrency = app, limit
+        logger.warning("HTTP request answered 503: %d connections or requests in progress", limit)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

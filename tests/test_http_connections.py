@@ -86,6 +86,21 @@ async def test_a_request_beyond_the_connections_bound_is_answered_503() -> None:
         assert await status_of(port) == 503
 
 
+async def test_the_503_beyond_the_bound_is_an_operation_outcome_with_retry_after() -> None:
+    async with (
+        listening(max_connections=2, keep_alive=30) as port,
+        silent_connections(port, 2),
+        httpx.AsyncClient(timeout=5.0) as client,
+    ):
+        response = await client.get(f"http://127.0.0.1:{port}/fhir/Patient/1")
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/fhir+json"
+    assert response.headers["retry-after"] == "1"
+    [issue] = response.json()["issue"]
+    assert (issue["severity"], issue["code"]) == ("error", "throttled")
+    assert "QANTARA_HTTP_MAX_CONNECTIONS" in issue["diagnostics"]
+
+
 async def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_time() -> None:
     async with listening(max_connections=2, keep_alive=1) as port:
         async with silent_connections(port, 1) as [(reader, _)]:
