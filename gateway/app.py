@@ -31,7 +31,7 @@ from dicom.filestore import FileStore
 from dicom.scp import DicomServer
 from gateway import redacted_logs
 from gateway.http import ApiSettings, create_app
-from gateway.http_protocol import HttpProtocol
+from gateway.http_protocol import counted_in
 from gateway.https import https_protocol
 from gateway.settings import Settings
 from hl7.server import REJECT_REASONS as HL7_REJECT_REASONS
@@ -186,7 +186,7 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
                 # httptools (a C parser; the loop stays asyncio's: MQTT, MLLP, DICOM share it),
                 # closing connections that send nothing (gateway.http_protocol).
                 http=(
-                    HttpProtocol
+                    counted_in(metrics)
                     if http_tls is None
                     else https_protocol(http_tls, http_handshakes, metrics)
                 ),

@@ -274,8 +274,9 @@ def _internal_error_boundary(app: ASGIApp) -> ASGIApp:
     return boundary
 
 
-def access_log_middleware(app: ASGIApp) -> ASGIApp:
-    """Log one INFO line per request: method, route template, status, duration.
+def access_log_middleware(app: ASGIApp, metrics: Metrics | None = None) -> ASGIApp:
+    """Log one INFO line per request: method, route template, status, duration; and count it in
+    `metrics` (`qantara_http_requests_total`, `qantara_http_request_seconds`).
 
     Never the raw path, the query string or headers: those carry identifiers and tokens.
     """
@@ -296,13 +297,14 @@ def access_log_middleware(app: ASGIApp) -> ASGIApp:
         try:
             await app(scope, receive, status_send)
         finally:
+            seconds = time.perf_counter() - started
+            route = _route_template(scope)
             access_logger.info(
-                "%s %s %d %.1fms",
-                scope.get("method", "?"),
-                _route_template(scope),
-                status or 500,
-                (time.perf_counter() - started) * 1000,
+                "%s %s %d %.1fms", scope.get("method", "?"), route, status or 500, seconds * 1000
             )
+            if metrics is not None:
+                metrics.http_requests.labels(route, str(status or 500)).inc()
+                metrics.http_request_seconds.labels(route).observe(seconds)
 
     return logged
 
@@ -1047,7 +1049,7 @@ def create_app(
     return Starlette(
         routes=routes,
         middleware=[
-            Middleware(access_log_middleware),
+            Middleware(access_log_middleware, metrics=metrics),
             Middleware(_internal_error_boundary),
         ],
         exception_handlers=dict(EXCEPTION_HANDLERS),

@@ -27,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.fhir_outcome import operation_outcome
+from monitoring.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ async def busy(scope: Scope, receive: Receive, send: Send) -> None:
 
 class HttpProtocol(HttpToolsProtocol):
     head_seconds: ClassVar[float] = HEAD_SECONDS
+    metrics: ClassVar[Metrics | None] = None
+    """Where a request refused beyond the bound is counted (`counted_in`)."""
     _head_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -87,6 +90,8 @@ class HttpProtocol(HttpToolsProtocol):
         finally:
             self.app, self.limit_concurrency = app, limit
         logger.warning("HTTP request answered 503: %d connections or requests in progress", limit)
+        if self.metrics is not None:
+            self.metrics.http_requests.labels("-", "503").inc()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -108,3 +113,9 @@ class HttpProtocol(HttpToolsProtocol):
         if self._head_deadline is not None:
             self._head_deadline.cancel()
             self._head_deadline = None
+
+
+def counted_in(metrics: Metrics) -> type[HttpProtocol]:
+    """The protocol class for uvicorn, counting the requests it refuses beyond the bound in
+    `metrics` (those the application serves are counted by `gateway.http`)."""
+    return type("CountedHttpProtocol", (HttpProtocol,), {"metrics": metrics})

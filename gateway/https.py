@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from gateway.http_protocol import HttpProtocol
+from gateway.http_protocol import counted_in
 from ingest.group_tasks import GroupTasks
 from ingest.tls import ListenerTls, TlsIntake
 from monitoring.metrics import Metrics
@@ -35,11 +35,13 @@ def https_protocol(
     connection's handshake runs in `handshakes` with `tls`'s context of the moment, then
     httptools serves it. `handshakes` must be open while the server accepts."""
 
+    protocol = counted_in(metrics)
+
     class HttpsIntake(TlsIntake):
         def __init__(self, **uvicorn_arguments: Any) -> None:  # config, server_state...
             super().__init__(
                 tls.context,
-                lambda: HttpProtocol(**uvicorn_arguments),
+                lambda: protocol(**uvicorn_arguments),
                 handshakes.start,
                 listener="http",
                 within=within,

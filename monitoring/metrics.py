@@ -136,6 +136,21 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.http_requests = Counter(
+            "qantara_http_requests_total",
+            "Requests to the HTTP listener (FHIR, DICOMweb, health, metrics) by route template"
+            " ('-': none matched, or refused beyond QANTARA_HTTP_MAX_CONNECTIONS) and status"
+            " code; never a path, which may hold an identifier.",
+            ["route", "code"],
+            registry=r,
+        )
+        self.http_request_seconds = Histogram(
+            "qantara_http_request_seconds",
+            "Time from a request's head to the end of its response, by route template.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.dicom_associations = Gauge(
             "qantara_dicom_associations", "Open DICOM associations.", registry=r
         )

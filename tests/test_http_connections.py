@@ -16,8 +16,9 @@ import httpx
 import pytest
 import uvicorn
 
-from gateway.http_protocol import HttpProtocol
+from gateway.http_protocol import HttpProtocol, counted_in
 from gateway.settings import Settings
+from monitoring.metrics import Metrics
 from tests.services_support import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -36,12 +37,14 @@ class QuickHead(HttpProtocol):
 
 
 @asynccontextmanager
-async def listening(max_connections: int, keep_alive: int = 1) -> AsyncIterator[int]:
+async def listening(
+    max_connections: int, keep_alive: int = 1, protocol: type[HttpProtocol] = QuickHead
+) -> AsyncIterator[int]:
     config = uvicorn.Config(
         ok_app,
         host="127.0.0.1",
         port=0,
-        http=QuickHead,
+        http=protocol,
         limit_concurrency=max_connections,
         timeout_keep_alive=keep_alive,
         log_config=None,
@@ -99,6 +102,16 @@ async def test_the_503_beyond_the_bound_is_an_operation_outcome_with_retry_after
     [issue] = response.json()["issue"]
     assert (issue["severity"], issue["code"]) == ("error", "throttled")
     assert "QANTARA_HTTP_MAX_CONNECTIONS" in issue["diagnostics"]
+
+
+async def test_a_request_refused_beyond_the_bound_is_counted() -> None:
+    metrics = Metrics()
+    async with (
+        listening(max_connections=2, keep_alive=30, protocol=counted_in(metrics)) as port,
+        silent_connections(port, 2),
+    ):
+        assert await status_of(port) == 503
+    assert metrics.sample("qantara_http_requests_total", {"route": "-", "code": "503"}) == 1
 
 
 async def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_time() -> None:

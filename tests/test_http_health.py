@@ -9,6 +9,7 @@ import re
 import asyncpg
 import httpx
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 from starlette.responses import Response
@@ -16,7 +17,7 @@ from starlette.responses import Response
 from gateway.http import ApiSettings, create_app
 from monitoring.metrics import Metrics
 from tests.gateway_process import GatewayProcess
-from tests.http_support import BASE_URL, validate_fhir
+from tests.http_support import BASE_URL, AppFactory, validate_fhir
 
 
 async def test_healthz_answers_ok_without_a_token(client: httpx.AsyncClient) -> None:
@@ -80,6 +81,29 @@ async def test_access_log_has_route_template_status_and_no_query_or_id(
     assert "SECRET123" not in text
     assert "Bearer" not in text
     assert "qtk_" not in text
+
+
+async def test_each_request_is_counted_and_timed_by_route_template_and_status(
+    make_client: AppFactory, reader: dict[str, str]
+) -> None:
+    metrics = Metrics()
+    client = make_client(metrics=metrics)
+    await client.get("/fhir/Patient/987654321", headers=reader)
+    await client.get("/fhir/Patient/123456789", headers=reader)
+    await client.get("/fhir/Patient?identifier=CIN|SECRET123")  # no token
+    await client.get("/fhir/Encounter")
+
+    def count(route: str, code: str) -> float | None:
+        return metrics.sample("qantara_http_requests_total", {"route": route, "code": code})
+
+    assert count("/fhir/Patient/{id}", "404") == 2
+    assert count("/fhir/Patient", "401") == 1
+    assert count("-", "404") == 1
+    timed = {"route": "/fhir/Patient/{id}"}
+    assert metrics.sample("qantara_http_request_seconds_count", timed) == 2
+    exposition = generate_latest(metrics.registry).decode()
+    assert "987654321" not in exposition
+    assert "SECRET123" not in exposition
 
 
 async def test_unexpected_exception_is_a_500_outcome_logged_without_its_message(
