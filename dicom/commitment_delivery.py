@@ -169,7 +169,7 @@ class Reports:
         self._tls = tls
         self._metrics = metrics
         self._deliveries = GroupTasks("dicom-commitment-report")
-        self._abandoned: list[int] = []
+        self._in_flight: set[int] = set()  # claimed, and not yet settled
         self._wake = asyncio.Event()
         self._waiting = 0
         self._queue_down = False
@@ -185,7 +185,8 @@ class Reports:
     async def release(self) -> None:
         """After `close`: the reports whose attempts were cancelled are due again at once, for
         whichever replica runs next, instead of when their lease would end."""
-        abandoned, self._abandoned = self._abandoned, []
+        abandoned = sorted(self._in_flight)
+        self._in_flight.clear()
         if not abandoned:
             return
         try:
@@ -220,8 +221,8 @@ class Reports:
             try:
                 free = MAX_IN_FLIGHT - len(self._deliveries)
                 for report in await self._queue.claim(free, lease) if free > 0 else []:
-                    if not self._deliveries.start(self._attempt(report)):
-                        self._abandoned.append(report.id)  # closed meanwhile
+                    self._in_flight.add(report.id)  # until settled; `release` if never
+                    self._deliveries.start(self._attempt(report))
                 backlog = await self._queue.backlog()
             except Exception as exc:  # noqa: BLE001 - the listener must outlive any of it
                 self._down(exc)
@@ -254,9 +255,6 @@ class Reports:
         cancellation (a task of the listener's group)."""
         try:
             await self._settle(report)
-        except asyncio.CancelledError:
-            self._abandoned.append(report.id)
-            raise
         except Exception as exc:  # noqa: BLE001 - the row's lease brings it back
             logger.warning(
                 "DICOM storage commitment report for %s: its outcome was not recorded (%s);"
@@ -264,8 +262,10 @@ class Reports:
                 report.ae_title,
                 type(exc).__name__,
             )
-        finally:
-            self._wake.set()
+        # Not reached when cancelled (a stop), even before the task's first step: the report
+        # stays in flight for `release`.
+        self._in_flight.discard(report.id)
+        self._wake.set()
 
     async def _settle(self, report: QueuedReport) -> None:
         address = self._addresses(report.ae_title)

@@ -628,10 +628,14 @@ async def test_a_report_whose_attempt_a_stop_cut_short_is_due_again_at_once(
             info = information(generate_uid(), (CR, generate_uid()))
             code, _ = await asyncio.to_thread(request_commitment, scp.port, info, wait=False)
             assert code == status.SUCCESS
-            await asyncio.sleep(0.5)  # the attempt waits for the A-ASSOCIATE-AC
             pool = scp.pool
-            [leased] = await waiting_reports(pool)
-            assert (leased["attempts"], leased["due"]) == (1, False)
+
+            async def leased() -> bool:  # claimed: its attempt waits for the A-ASSOCIATE-AC
+                return [(r["attempts"], r["due"]) for r in await waiting_reports(pool)] == [
+                    (1, False)
+                ]
+
+            await wait_until(leased, timeout=10)  # its attempt started, or about to
             await scp.server.stop(grace=1.0)
             [released] = await waiting_reports(pool)
             assert (released["attempts"], released["due"]) == (1, True)
