@@ -498,6 +498,15 @@ async def wait_for_many(pool: asyncpg.Pool, ae_title: str, count: int, spread: i
     )
 
 
+async def first_attempt_failed(db: asyncpg.Pool | asyncpg.Connection) -> bool:
+    """The one waiting report's first attempt is over and its retry set (due within 10 s), not
+    still leased for the attempt (90 s)."""
+    row = await db.fetchrow(
+        "SELECT attempts, due_at < now() + interval '10 s' AS soon FROM dicom_commitment_report"
+    )
+    return row is not None and (row["attempts"], row["soon"]) == (1, True)
+
+
 async def waiting_reports(pool: asyncpg.Pool) -> list[asyncpg.Record]:
     return list(
         await pool.fetch(
@@ -654,12 +663,14 @@ async def test_a_report_waiting_when_qantara_serve_is_sigkilled_is_delivered_aft
             code, _ = await asyncio.to_thread(request_commitment, port, info, wait=False)
             assert code == status.SUCCESS
 
-            def first_attempt_failed() -> bool:
-                return any(
-                    "not taken (no association, attempt 1)" in line for line in gateway.log_lines
-                )
+            async def retry_set() -> bool:
+                connection = await asyncpg.connect(fresh_dsn)
+                try:
+                    return await first_attempt_failed(connection)
+                finally:
+                    await connection.close()
 
-            await wait_until(first_attempt_failed, timeout=10)
+            await wait_until(retry_set, timeout=10)  # killed between attempts, not during one
             await gateway.kill()
             modality.listen()
             await gateway.start()
@@ -683,7 +694,7 @@ async def test_a_report_waiting_while_the_database_is_down_is_delivered_once_it_
         info = information(generate_uid(), (CR, generate_uid()))
         code, _ = await asyncio.to_thread(request_commitment, scp.port, info, wait=False)
         assert code == status.SUCCESS
-        await wait_until(lambda: pending(scp) == 1, timeout=5)  # its first attempt has failed
+        await wait_until(lambda: first_attempt_failed(scp.pool), timeout=10)
         hold = "UPDATE dicom_commitment_report SET due_at = now() + interval '1 hour'"
         await scp.pool.execute(hold)  # not tried again before the database is back, however slow
         await server.stop()
