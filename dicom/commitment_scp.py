@@ -10,8 +10,8 @@ association gets it; or a failure and no report (`dicom.status`: the Action Info
 be read, an Action Type other than 1, a Requested SOP Instance other than the well-known one,
 the index unavailable). For a modality with a port of its own, Success waits until the report is
 committed to the queue it is delivered from; that queue unavailable or full is 0x0213 too.
-On the same association, the modality's N-EVENT-REPORT-RSP comes back
-as any other message and is logged and counted by the listener (`report_answered`).
+On the same association, the modality's N-EVENT-REPORT-RSP comes back as any other message and
+is logged and counted by the listener (`report_answered`).
 """
 
 from __future__ import annotations
