@@ -12,12 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from typing import Final
 
-from ingest.errors import StorageUnavailable
 from storage.params import Params
-from storage.pool import is_transient
-from storage.queries import Executor
+from storage.queries import Executor, run
 
 OUTCOME_SUCCESS: Final = "0"
 OUTCOME_MINOR_FAILURE: Final = "4"
@@ -66,18 +64,9 @@ class AuditQuery:
     end: datetime | None = None
 
 
-async def _run(db: Executor, method: str, sql: str, *args: object) -> Any:
-    try:
-        return await getattr(db, method)(sql, *args)
-    except Exception as exc:
-        if is_transient(exc):
-            raise StorageUnavailable(type(exc).__name__) from exc
-        raise
-
-
 async def record_access(db: Executor, entry: AuditEntry) -> int:
     """Write `entry`; returns its id once committed. Raises `StorageUnavailable`."""
-    row = await _run(
+    row = await run(
         db,
         "fetchrow",
         """INSERT INTO api_audit (token_name, action, resource_type, query_shape, patient_ids,
@@ -125,7 +114,7 @@ async def search_access(
     params = Params()
     where = " AND ".join(_conditions(query, after_id, params))
     limit_param = params(limit)
-    rows = await _run(
+    rows = await run(
         db,
         "fetch",
         f"""SELECT id, recorded_at, token_name, action, resource_type, query_shape, patient_ids,
@@ -155,7 +144,7 @@ async def count_access(db: Executor, query: AuditQuery) -> int:
         return 0
     params = Params()
     where = " AND ".join(_conditions(query, None, params))
-    row = await _run(
+    row = await run(
         db,
         "fetchrow",
         f"SELECT count(*) AS n FROM api_audit WHERE {where}",  # noqa: S608 - fixed fragments

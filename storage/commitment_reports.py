@@ -11,11 +11,9 @@ outcome then either removes the row or sets the time of its next attempt.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
-from ingest.errors import StorageUnavailable
-from storage.pool import is_transient
-from storage.queries import Executor
+from storage.queries import Executor, run
 
 _QUEUE: Final = """
 INSERT INTO dicom_commitment_report (ae_title, event_type, information)
@@ -74,15 +72,15 @@ class CommitmentReportQueue:
     ) -> bool:
         """Add a report, due now; False (nothing added) when `limit` reports already wait, or
         `per_ae` for this AE title."""
-        row = await _run(
-            self._db.fetchrow(_QUEUE, ae_title, event_type, information, limit, per_ae)
+        row = await run(
+            self._db, "fetchrow", _QUEUE, ae_title, event_type, information, limit, per_ae
         )
         return row is not None
 
     async def claim(self, limit: int, lease: float) -> list[QueuedReport]:
         """Up to `limit` due reports, oldest first, each leased for `lease` seconds and its
         attempt counted."""
-        rows = await _run(self._db.fetch(_CLAIM, limit, lease))
+        rows = await run(self._db, "fetch", _CLAIM, limit, lease)
         return [
             QueuedReport(
                 int(r["id"]),
@@ -96,38 +94,31 @@ class CommitmentReportQueue:
 
     async def retry(self, report_id: int, delay: float) -> None:
         """The attempt failed: due again in `delay` seconds."""
-        await _run(
-            self._db.execute(
-                "UPDATE dicom_commitment_report SET due_at = now() + make_interval(secs => $2)"
-                " WHERE id = $1",
-                report_id,
-                delay,
-            )
+        await run(
+            self._db,
+            "execute",
+            "UPDATE dicom_commitment_report SET due_at = now() + make_interval(secs => $2)"
+            " WHERE id = $1",
+            report_id,
+            delay,
         )
 
     async def release(self, report_ids: list[int]) -> None:
         """Attempts abandoned (the replica stops): due at once, for any replica."""
-        await _run(
-            self._db.execute(
-                "UPDATE dicom_commitment_report SET due_at = now() WHERE id = ANY($1::bigint[])",
-                report_ids,
-            )
+        await run(
+            self._db,
+            "execute",
+            "UPDATE dicom_commitment_report SET due_at = now() WHERE id = ANY($1::bigint[])",
+            report_ids,
         )
 
     async def remove(self, report_id: int) -> None:
         """Delivered, or given up."""
-        await _run(self._db.execute("DELETE FROM dicom_commitment_report WHERE id = $1", report_id))
+        await run(
+            self._db, "execute", "DELETE FROM dicom_commitment_report WHERE id = $1", report_id
+        )
 
     async def backlog(self) -> Backlog:
-        row = await _run(self._db.fetchrow(_BACKLOG))
+        row = await run(self._db, "fetchrow", _BACKLOG)
         waiting = int(row["waiting"])
         return Backlog(waiting, float(row["next_in"]) if waiting else None)
-
-
-async def _run(statement: Any) -> Any:
-    try:
-        return await statement
-    except Exception as exc:
-        if is_transient(exc):
-            raise StorageUnavailable(type(exc).__name__) from exc
-        raise

@@ -132,14 +132,20 @@ class VitalRecord:
         return VitalPosition(self.time, self.id)
 
 
-async def fetch(db: Executor, sql: str, *args: object) -> list[Any]:
-    """Run a query; a database that cannot answer becomes `StorageUnavailable`."""
+async def run(db: Executor, method: str, sql: str, *args: object) -> Any:
+    """`db.fetch`, `fetchrow` or `execute` (`method`) of `sql`; a database that cannot answer
+    becomes `StorageUnavailable`."""
     try:
-        return list(await db.fetch(sql, *args))
+        return await getattr(db, method)(sql, *args)
     except Exception as exc:
         if is_transient(exc):
             raise StorageUnavailable(type(exc).__name__) from exc
         raise
+
+
+async def fetch(db: Executor, sql: str, *args: object) -> list[Any]:
+    """Run a query; a database that cannot answer becomes `StorageUnavailable`."""
+    return list(await run(db, "fetch", sql, *args))
 
 
 # --- patients -------------------------------------------------------------------------------
