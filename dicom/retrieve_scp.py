@@ -45,7 +45,6 @@ from dicom.stored_sender import StoredFile, Unreadable, Work, send_stored
 from dicom.syntax_conversion import alternatives
 from ingest.errors import StorageUnavailable
 from monitoring.metrics import Metrics
-from storage.audit import AuditEntry
 from storage.dicom_queries import FindRequestError, RetrievableInstance, RetrieveKeys
 
 logger = logging.getLogger(__name__)
@@ -119,11 +118,14 @@ async def answer_retrieve(
             logger.info("DICOM C-MOVE from %s refused: destination not configured", calling)
             await fail(status.MOVE_DESTINATION_UNKNOWN, "move destination unknown")
             return None
+    to = f" to {address.ae_title}" if address is not None else ""
+    what = f"{operation} {keys.level}{to}"  # the audit rows' shape: no UID, no value
     try:
         async with asyncio.timeout(settings.store_timeout):
             instances = await retrieval.locator(keys, MAX_RETRIEVE)
             if 0 < len(instances) <= MAX_RETRIEVE:
-                await retrieval.auditor(_audit_entry(operation, calling, keys, instances, address))
+                shape = f"{what}, {len(instances)} instance(s)"
+                await retrieval.auditor(read_entry(calling, "read", shape, _patients(instances)))
     except FindRequestError as exc:
         await fail(status.GET_IDENTIFIER_INVALID, str(exc))
         return None
@@ -136,28 +138,20 @@ async def answer_retrieve(
         await fail(status.GET_TOO_MANY_MATCHES, f"more than {MAX_RETRIEVE} instances match")
         return None
     progress = Progress(len(instances))
+
+    async def record_end(cancelled: list[str] | None) -> None:
+        if instances:  # committed before the final response, as the first row before the data
+            patients = _patients(instances)
+            await _record_end(retrieval, settings, calling, what, patients, progress, cancelled)
+
     try:
         ended, cancelled = await _transfer(
             link, event, instances, address, progress, retrieval, settings, metrics, calling
         )
     except Exception:
-        if instances:
-            await _record_end(
-                retrieval, settings, operation, calling, keys, address, instances, progress, None
-            )
+        await record_end(None)
         raise
-    if instances:  # committed before the final response, as the first row before the data
-        await _record_end(
-            retrieval,
-            settings,
-            operation,
-            calling,
-            keys,
-            address,
-            instances,
-            progress,
-            None if ended is not None else cancelled,
-        )
+    await record_end(None if ended is not None else cancelled)
     if ended is not None:
         return ended
     metrics.dicom_retrieved.labels("cancelled").inc(len(cancelled))
@@ -226,11 +220,9 @@ async def _transfer(
 async def _record_end(
     retrieval: Retrieval,
     settings: DicomSettings,
-    operation: str,
     calling: str,
-    keys: RetrieveKeys,
-    address: AeAddress | None,
-    instances: list[RetrievableInstance],
+    what: str,
+    patients: list[int],
     progress: Progress,
     cancelled: list[str] | None,
 ) -> None:
@@ -250,34 +242,20 @@ async def _record_end(
         code = progress.final_status(cancelled)
         how = ""
         left = len(cancelled)
-    to = f" to {address.ae_title}" if address is not None else ""
     shape = (
-        f"{operation} {keys.level}{to}: {progress.completed} completed, {progress.warning} warning,"
+        f"{what}: {progress.completed} completed, {progress.warning} warning,"
         f" {progress.failed} failed, {left} cancelled{how}"
     )
-    patients = (i.patient for i in instances if i.patient is not None)
     try:
         async with asyncio.timeout(settings.store_timeout):
             await retrieval.auditor(transferred_entry(calling, shape, patients, code))
     except (StorageUnavailable, TimeoutError):
-        logger.warning(
-            "DICOM %s from %s: the audit row of its end was not written", operation, calling
-        )
+        logger.warning("DICOM %s from %s: the audit row of its end was not written", what, calling)
 
 
-def _audit_entry(
-    operation: str,
-    calling: str,
-    keys: RetrieveKeys,
-    instances: list[RetrievableInstance],
-    address: AeAddress | None,
-) -> AuditEntry:
-    """The audit row written before the first sub-operation: which patients, at which level,
-    to which destination and how many instances."""
-    to = f" to {address.ae_title}" if address is not None else ""
-    shape = f"{operation} {keys.level}{to}, {len(instances)} instance(s)"
-    patients = (i.patient for i in instances if i.patient is not None)
-    return read_entry(calling, "read", shape, patients)
+def _patients(instances: list[RetrievableInstance]) -> list[int]:
+    """The patients whose instances a retrieve sends (the audit rows')."""
+    return [i.patient for i in instances if i.patient is not None]
 
 
 async def _sub_operations(
