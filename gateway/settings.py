@@ -357,7 +357,16 @@ def _listener_tls(r: _Reader, listener: str) -> _ListenerTls:
     return _ListenerTls(cert, key, client_ca, crl)
 
 
-def _outbound_tls(r: _Reader, needed: bool) -> _ListenerTls:
+@dataclass(frozen=True, slots=True)
+class _OutboundTls:
+    """`DICOM_OUTBOUND_TLS_CA`, `_CERT` and `_KEY`: the associations the gateway opens."""
+
+    ca: Path | None
+    cert: Path | None
+    key: Path | None
+
+
+def _outbound_tls(r: _Reader, needed: bool) -> _OutboundTls:
     """The DICOM_OUTBOUND_TLS_* files: the CA that checks the `tls://` addresses' certificates
     (needed once one is `tls://`), and our certificate and key for mutual TLS."""
     ca = r.get("DICOM_OUTBOUND_TLS_CA", None, _file, "must name a readable PEM CA file")
@@ -369,7 +378,7 @@ def _outbound_tls(r: _Reader, needed: bool) -> _ListenerTls:
         raise ConfigError(f"{PREFIX}DICOM_OUTBOUND_TLS_CA: needed by the tls:// addresses")
     if (cert is None) != (key is None):
         raise ConfigError(f"{PREFIX}DICOM_OUTBOUND_TLS_CERT and _KEY: one needs the other")
-    return _ListenerTls(cert, key, ca, None)
+    return _OutboundTls(ca, cert, key)
 
 
 def _from_certificate(r: _Reader, name: str, listener: str, client_ca: Path | None) -> bool:
@@ -491,7 +500,7 @@ def _dicom(r: _Reader) -> DicomSettings:
         tls_ae_from_cn=ae_from_cn,
         report_addresses=report_addresses,
         move_destinations=move_destinations,
-        outbound_tls_ca=outbound.client_ca,
+        outbound_tls_ca=outbound.ca,
         outbound_tls_cert=outbound.cert,
         outbound_tls_key=outbound.key,
     )
