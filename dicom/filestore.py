@@ -63,6 +63,13 @@ class StoredFile:
     synced: bool = True  # the file's data is fsynced
 
 
+def content_name(sha256: bytes) -> str:
+    """Where the store keeps the file of these bytes, relative to its root: `ab/cd/abcd....dcm`,
+    from the SHA-256 alone (what an index row's `file_path` holds)."""
+    hexdigest = sha256.hex()
+    return f"{hexdigest[:2]}/{hexdigest[2:4]}/{hexdigest}.dcm"
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -155,8 +162,7 @@ class FileStore:
         way the name then points at a fresh file (a new mtime), which `quarantine` relies on.
         Raises OSError; the staged file is then removed.
         """
-        hexdigest = staged.sha256.hex()
-        relative = f"{hexdigest[:2]}/{hexdigest[2:4]}/{hexdigest}.dcm"
+        relative = content_name(staged.sha256)
         final = self.root / relative
         synced = staged.durable
         try:

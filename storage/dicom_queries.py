@@ -306,3 +306,53 @@ async def retrievable(db: Executor, keys: RetrieveKeys, limit: int) -> list[Retr
         )
         for r in rows
     ]
+
+
+# --- the archive's integrity check (`qantara dicom verify`) -----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IndexedFile:
+    """What an instance row says of its file: where it lies (relative to the DICOM store), its
+    size and SHA-256 when it was acknowledged; and the UIDs an operator asks a resend by."""
+
+    id: int
+    sop_instance_uid: str
+    study_uid: str
+    file_path: str
+    size: int
+    sha256: bytes
+
+
+_INDEXED_FILES: Final = """SELECT i.id, i.sop_instance_uid, s.study_uid, i.file_path, i.size,
+                                  i.sha256
+                           FROM dicom_instance i JOIN dicom_series se ON se.id = i.series_id
+                                JOIN dicom_study s ON s.id = se.study_id
+                           WHERE {where}"""
+
+
+def _indexed_file(row: Any) -> IndexedFile:
+    return IndexedFile(
+        int(row["id"]),
+        row["sop_instance_uid"],
+        row["study_uid"],
+        row["file_path"],
+        int(row["size"]),
+        bytes(row["sha256"]),
+    )
+
+
+async def files_to_verify(
+    db: Executor, after_id: int, since: datetime | None, limit: int
+) -> list[IndexedFile]:
+    """The next `limit` instance rows after the id `after_id`, in id order (a keyset page),
+    received at `since` or later when given."""
+    where = "i.id > $1 AND ($2::timestamptz IS NULL OR i.received_at >= $2) ORDER BY i.id LIMIT $3"
+    rows = await fetch(db, _INDEXED_FILES.format(where=where), after_id, since, limit)
+    return [_indexed_file(r) for r in rows]
+
+
+async def file_of(db: Executor, instance_id: int) -> IndexedFile | None:
+    """The instance row `instance_id` as it is now, or None when there is none."""
+    rows = await fetch(db, _INDEXED_FILES.format(where="i.id = $1"), instance_id)
+    return _indexed_file(rows[0]) if rows else None
