@@ -7,14 +7,20 @@ import asyncio
 import dataclasses
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import TypedDict
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
+from prometheus_client import write_to_textfile
 
+from dicom.filestore import FileStore
+from dicom.verify import Summary as VerifySummary
+from dicom.verify import Verifier, describe, summarize
 from gateway import app
 from gateway.auth import InvalidScope, issue_token
 from gateway.local_services import (
@@ -27,7 +33,9 @@ from gateway.local_services import (
 )
 from gateway.settings import Settings
 from ingest.errors import ConfigError, StorageUnavailable
+from monitoring.metrics import VERIFY_RESULTS, VerifyMetrics
 from storage import tokens
+from storage.dicom_queries import file_of, files_to_verify
 from storage.migrations import apply_migrations, pending_migrations
 from storage.pool import is_transient
 from storage.roles import GroupRoles, create_group_roles, ensure_login
@@ -192,6 +200,46 @@ def _login_instructions(logins: list[_Login], admin: str) -> str:
         )
     lines.append("Rotate a password: ALTER ROLE <name> PASSWORD ... (docs/operations.md).")
     return "\n".join(lines)
+
+
+async def dicom_verify(settings: Settings, args: argparse.Namespace) -> int:
+    """`qantara dicom verify`: 0 when every indexed file is intact, 1 when some are damaged."""
+    root = settings.dicom.storage
+    if not root.is_dir():
+        raise ConfigError(f"QANTARA_DICOM_STORAGE: {root} is not a folder")
+    since: datetime | None = args.since
+    scope = "partial" if since is not None or args.after_id else "all"
+    async with _connection(settings) as conn:
+        verifier = Verifier(
+            FileStore(root),
+            lambda after, limit: files_to_verify(conn, after, since, limit),
+            lambda instance: file_of(conn, instance),
+            rate=args.rate * 1e6,
+        )
+        try:
+            summary = await verifier.run(args.after_id, lambda f: print(describe(f)))  # noqa: T201
+        except (StorageUnavailable, asyncio.CancelledError):
+            last = verifier.summary.last_id
+            print(  # noqa: T201
+                f"qantara: verification stopped after instance id {last}: resume with "
+                f"--after-id {last}",
+                file=sys.stderr,
+            )
+            raise
+    print(summarize(summary))  # noqa: T201
+    if args.textfile is not None:
+        _write_verify_metrics(args.textfile, scope, summary)
+    return 1 if summary.damaged else 0
+
+
+def _write_verify_metrics(path: Path, scope: str, summary: VerifySummary) -> None:
+    metrics = VerifyMetrics(scope)
+    for result in VERIFY_RESULTS:
+        metrics.instances.labels(scope, result).set(summary.results[result])
+    metrics.bytes_read.labels(scope).set(summary.bytes_read)
+    metrics.duration.labels(scope).set(summary.seconds)
+    metrics.completed.labels(scope).set(time.time())
+    write_to_textfile(str(path), metrics.registry)
 
 
 async def token_create(settings: Settings, name: str, scopes: list[str]) -> int:

@@ -347,3 +347,48 @@ class Metrics:
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float | None:
         """The current value of one series (tests and readiness)."""
         return self.registry.get_sample_value(name, labels or {})
+
+
+VERIFY_RESULTS = ("intact", "missing", "size", "corrupt", "unreadable", "misnamed")
+"""How `qantara dicom verify` finds an indexed instance's file (`dicom.verify.RESULTS`)."""
+VERIFY_SCOPES = ("all", "partial")
+"""A run over the whole index, or over part of it (`--since`, `--after-id`): two timers (a weekly
+whole check, a nightly one of the day's intake) write two files of distinct series."""
+
+
+class VerifyMetrics:
+    """The last `qantara dicom verify` run of a scope, written with `--textfile` for
+    node_exporter's textfile collector: the check runs from a timer, not in the gateway, so
+    nothing scrapes it live."""
+
+    def __init__(self, scope: str) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.instances = Gauge(
+            "qantara_dicom_verify_instances",
+            "Indexed instances the last `qantara dicom verify` of a scope checked, by result: "
+            "intact, or missing, size, corrupt, unreadable, misnamed (the file is damaged).",
+            ["scope", "result"],
+            registry=r,
+        )
+        self.bytes_read = Gauge(
+            "qantara_dicom_verify_read_bytes",
+            "Bytes of DICOM files the last `qantara dicom verify` of a scope read.",
+            ["scope"],
+            registry=r,
+        )
+        self.duration = Gauge(
+            "qantara_dicom_verify_duration_seconds",
+            "How long the last `qantara dicom verify` of a scope ran.",
+            ["scope"],
+            registry=r,
+        )
+        self.completed = Gauge(
+            "qantara_dicom_verify_completion_timestamp_seconds",
+            "When the last `qantara dicom verify` of a scope ended (Unix time).",
+            ["scope"],
+            registry=r,
+        )
+        self.scope = scope
+        for result in VERIFY_RESULTS:
+            self.instances.labels(scope, result)

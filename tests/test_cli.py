@@ -18,6 +18,8 @@ COMMANDS: tuple[list[str], ...] = (
     ["migrate"],
     ["db"],
     ["db", "roles"],
+    ["dicom"],
+    ["dicom", "verify"],
     ["up"],
     ["simulate"],
     ["simulate", "units"],
