@@ -35,6 +35,7 @@ ALLOWED_TEMPLATE_LABELS = {
     "unit",
     "listener",
     "outcome",
+    "scope",
 }
 
 
