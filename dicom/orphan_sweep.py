@@ -25,6 +25,11 @@ from monitoring.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 ORPHAN_BATCH: Final = 1000
+STARTUP_ORPHAN_LIMIT: Final = 100
+"""More unindexed files than this (or than twice the associations allowed) in the start-up scan
+are not a crash's leftovers: a crash leaves one per association at most. They are kept, not
+removed, and reported: the database was likely restored from a backup older than the store, and
+those files are instances the modalities were told are safe (`qantara dicom reindex`)."""
 ORPHAN_SCAN_SHARE: Final = 0.25
 """The start-up scan for orphans works at most this share of its time, a top-level shard folder
 at a time (`OrphanSweep._scan`)."""
@@ -60,31 +65,50 @@ class OrphanSweep:
 
         Removing, not indexing: the file lacks what only the association knew (the calling AE
         title, which scopes a PatientID without issuer), and the sender, never told 0x0000,
-        still holds the instance and sends it again. The check is safe against a resend of the
-        same bytes racing it: the file is first moved aside atomically; if what was moved is
-        younger than `orphan_age` (a store just renamed its copy there) or the index names it
-        by now, it is put back.
+        still holds the instance and sends it again. That holds for what a crash leaves, not for
+        the files of a database restored from an older backup, which were acknowledged: a
+        start-up scan that finds more than `STARTUP_ORPHAN_LIMIT` removes none, reports them
+        (`qantara_dicom_unindexed_files`) and leaves them to `qantara dicom reindex`.
+
+        The check is safe against a resend of the same bytes racing it: the file is first moved
+        aside atomically; if what was moved is younger than `orphan_age` (a store just renamed
+        its copy there) or the index names it by now, it is put back.
         """
         if self._indexed is None:
             return 0
         s = self._settings
+        scanned = candidates is None
         if candidates is None:
             candidates = await self._scan()
-        removed = 0
+        unnamed: list[str] = []
         for start in range(0, len(candidates), ORPHAN_BATCH):
             chunk = candidates[start : start + ORPHAN_BATCH]
             named = await self._indexed(chunk)
-            for relative in chunk:
-                if relative in named:
-                    continue
-                aside = await asyncio.to_thread(self._store.quarantine, relative, s.orphan_age)
-                if aside is None:
-                    continue
-                if await self._indexed([relative]):
-                    await asyncio.to_thread(self._store.restore, aside, relative)
-                    continue
-                await asyncio.to_thread(self._store.drop, aside, relative)
-                removed += 1
+            unnamed += (relative for relative in chunk if relative not in named)
+        if scanned:
+            limit = max(STARTUP_ORPHAN_LIMIT, 2 * s.max_associations)
+            kept = len(unnamed) if len(unnamed) > limit else 0
+            self._metrics.dicom_unindexed_files.set(kept)
+            if kept:
+                logger.error(
+                    "the DICOM store holds %d files of the last %.0f h that no index row names, "
+                    "more than a crash leaves (%d): kept, not removed. Was the database restored "
+                    "from an older backup? `qantara dicom reindex` indexes them",
+                    kept,
+                    s.orphan_lookback / 3600,
+                    limit,
+                )
+                return 0
+        removed = 0
+        for relative in unnamed:
+            aside = await asyncio.to_thread(self._store.quarantine, relative, s.orphan_age)
+            if aside is None:
+                continue
+            if await self._indexed([relative]):
+                await asyncio.to_thread(self._store.restore, aside, relative)
+                continue
+            await asyncio.to_thread(self._store.drop, aside, relative)
+            removed += 1
         if removed:
             logger.warning("removed %d DICOM file(s) that no index row names", removed)
             self._metrics.dicom_orphans_removed.inc(removed)

@@ -300,6 +300,13 @@ class Metrics:
             "Dataset bytes sent in C-GET and C-MOVE sub-operations.",
             registry=r,
         )
+        self.dicom_unindexed_files = Gauge(
+            "qantara_dicom_unindexed_files",
+            "Files of the DICOM store that no index row names, found by the listener's start-up "
+            "scan and kept: too many for a crash's leftovers (a database restored from an older "
+            "backup?); 0 when the scan found none or few enough to remove.",
+            registry=r,
+        )
         self.dicom_orphans_removed = Counter(
             "qantara_dicom_orphans_removed_total",
             "Complete DICOM files no index row named, removed by the orphan sweep.",

@@ -16,6 +16,7 @@ import pytest
 
 from dicom import spool, status
 from dicom.filestore import FileStore
+from dicom.orphan_sweep import STARTUP_ORPHAN_LIMIT
 from tests.dicom_support import (
     RunningDicom,
     associate_for,
@@ -167,6 +168,33 @@ async def test_orphans_left_by_a_crash_are_removed_at_start(
     async with running_dicom(module_dsn, root):
         await wait_until(lambda: not left.exists(), timeout=10)
     assert not leftover_temp.exists()
+
+
+async def test_more_unindexed_files_than_a_crash_leaves_are_kept_and_reported_at_start(
+    module_dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A database restored from a backup older than the store: the files stored since were
+    # acknowledged, and only a reindex can give them back to the patient file.
+    root = tmp_path / "store"
+    left = [orphan(root, HOUR) for _ in range(STARTUP_ORPHAN_LIMIT + 1)]
+    async with running_dicom(module_dsn, root) as running:
+        await wait_until(
+            lambda: running.metrics.sample("qantara_dicom_unindexed_files") == len(left),
+            timeout=30,
+        )
+    assert all(path.exists() for path in left)
+    assert "qantara dicom reindex" in caplog.text
+    assert "restored" in caplog.text
+
+
+async def test_a_crash_s_few_unindexed_files_leave_the_unindexed_gauge_at_zero(
+    module_dsn: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "store"
+    left = orphan(root, HOUR)
+    async with running_dicom(module_dsn, root) as running:
+        await wait_until(lambda: not left.exists(), timeout=10)
+        assert running.metrics.sample("qantara_dicom_unindexed_files") == 0
 
 
 async def test_start_up_scan_rests_three_times_as_long_as_it_works(
