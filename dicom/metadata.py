@@ -47,7 +47,13 @@ from dicom.header import (
     walk_items,
 )
 from ingest.errors import InputError
-from ingest.records import NATIONAL_ID_AUTHORITIES, NATIONAL_ID_SYSTEM, PatientName, PatientRef
+from ingest.records import (
+    NATIONAL_ID_AUTHORITIES,
+    NATIONAL_ID_SYSTEM,
+    DicomInstance,
+    PatientName,
+    PatientRef,
+)
 
 LOCAL_ID_PREFIX: Final = "dicom-ae/"
 """A PatientID without an issuer belongs to the sender: its system is `dicom-ae/<calling AE>`."""
@@ -94,6 +100,43 @@ class InstanceMetadata:
     body_part: str
     instance_number: int | None
     content_date: date | None
+
+    def record(self, file_path: str, size: int, sha256: bytes, calling_ae: str) -> DicomInstance:
+        """The index entry of this header's instance, stored at `file_path` (relative to the
+        store) with `size` bytes of SHA-256 `sha256`, received from `calling_ae`."""
+        meta = self
+        return DicomInstance(
+            sop_instance_uid=meta.sop_instance_uid,
+            sop_class_uid=meta.sop_class_uid,
+            study_uid=meta.study_uid,
+            series_uid=meta.series_uid,
+            transfer_syntax=meta.transfer_syntax,
+            file_path=file_path,
+            size=size,
+            sha256=sha256,
+            calling_ae=calling_ae,
+            patient=meta.patient,
+            patient_name=meta.patient_name,
+            patient_names=meta.patient_names,
+            patient_birth_date=meta.patient_birth_date,
+            patient_sex=meta.patient_sex,
+            dicom_patient_id=meta.dicom_patient_id,
+            issuer_of_patient_id=meta.issuer_of_patient_id,
+            charset=meta.charset,
+            study_date=meta.study_date,
+            study_time=meta.study_time,
+            study_started=meta.study_started,
+            study_description=meta.study_description,
+            study_id=meta.study_id,
+            accession_number=meta.accession_number,
+            referring_physician=meta.referring_physician,
+            series_number=meta.series_number,
+            series_description=meta.series_description,
+            modality=meta.modality,
+            body_part=meta.body_part,
+            instance_number=meta.instance_number,
+            content_date=meta.content_date,
+        )
 
 
 def valid_uid(value: str) -> bool:

@@ -81,7 +81,6 @@ from ingest.pipeline import GroupCommitPipeline, PipelineClosed
 from ingest.records import (
     DeadLetter,
     DeadLetterKey,
-    DicomInstance,
     DicomKey,
     Envelope,
     Outcome,
@@ -544,7 +543,7 @@ class DicomServer:
         try:
             outcome = await self._commit(
                 DicomKey(meta.sop_instance_uid),
-                (_instance(meta, stored, calling),),
+                (meta.record(stored.relative, stored.size, stored.sha256, calling),),
                 received_at,
                 calling,
                 f"dicom instance file={stored.relative}".encode(),
@@ -739,38 +738,3 @@ def _prefix(path: Path) -> bytes:
             return f.read(DEAD_LETTER_PREFIX)
     except OSError:
         return b""
-
-
-def _instance(meta: InstanceMetadata, stored: StoredFile, calling: str) -> DicomInstance:
-    return DicomInstance(
-        sop_instance_uid=meta.sop_instance_uid,
-        sop_class_uid=meta.sop_class_uid,
-        study_uid=meta.study_uid,
-        series_uid=meta.series_uid,
-        transfer_syntax=meta.transfer_syntax,
-        file_path=stored.relative,
-        size=stored.size,
-        sha256=stored.sha256,
-        calling_ae=calling,
-        patient=meta.patient,
-        patient_name=meta.patient_name,
-        patient_names=meta.patient_names,
-        patient_birth_date=meta.patient_birth_date,
-        patient_sex=meta.patient_sex,
-        dicom_patient_id=meta.dicom_patient_id,
-        issuer_of_patient_id=meta.issuer_of_patient_id,
-        charset=meta.charset,
-        study_date=meta.study_date,
-        study_time=meta.study_time,
-        study_started=meta.study_started,
-        study_description=meta.study_description,
-        study_id=meta.study_id,
-        accession_number=meta.accession_number,
-        referring_physician=meta.referring_physician,
-        series_number=meta.series_number,
-        series_description=meta.series_description,
-        modality=meta.modality,
-        body_part=meta.body_part,
-        instance_number=meta.instance_number,
-        content_date=meta.content_date,
-    )

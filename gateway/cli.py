@@ -1,4 +1,4 @@
-"""The `qantara` command: serve, migrate, db roles, dicom verify, up, simulate, token.
+"""The `qantara` command: serve, migrate, db roles, dicom verify/reindex, up, simulate, token.
 
 Configuration comes from the environment (see README, "Configuration"); a bad value ends the
 command with one line naming the variable, exit status 2, never a traceback. Exit status 3: the
@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the passwords of those URLs",
     )
 
-    dicom = commands.add_parser("dicom", help="DICOM store administration: integrity check")
+    dicom = commands.add_parser(
+        "dicom", help="DICOM store administration: integrity check, reindex"
+    )
     dicom_commands = dicom.add_subparsers(dest="action", required=True, metavar="ACTION")
     verify = dicom_commands.add_parser(
         "verify",
@@ -148,6 +150,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the result as Prometheus metrics to FILE, replaced atomically, for "
         "node_exporter's textfile collector (a .prom file in its folder)",
     )
+
+    reindex = dicom_commands.add_parser(
+        "reindex",
+        help="index the store's files that no index row names (after a database restore)",
+        description="Index the files of the DICOM store (QANTARA_DICOM_STORAGE) that no row of "
+        "the index (QANTARA_DATABASE_URL) names: the way back after the database was restored "
+        "from a backup older than the store, when the listener's start-up scan reports "
+        "qantara_dicom_unindexed_files. Each file is hashed again (bytes that are not its name "
+        "are left and reported), parsed as a received file, and indexed with its patient linked "
+        "as usual, received at its modification time. Run it with the gateways stopped. Nothing "
+        "is removed. Lists each file not indexed with why (never patient data), then a summary. "
+        "Exit status: 0 every unindexed file is in the index afterwards, 1 some are not, 2 "
+        "configuration error, 3 database unavailable, 4 pending migrations.",
+    )
+    reindex.add_argument(
+        "--calling-ae",
+        type=_calling_ae,
+        default=None,
+        metavar="AE",
+        help="the AE title that sent these files: a PatientID without issuer is that sender's "
+        "(dicom-ae/AE). Without it, such files are skipped and listed, never guessed; run the "
+        "command again per sender, e.g. with the files of one modality",
+    )
+    reindex.add_argument(
+        "--older-than",
+        type=_minutes,
+        default=10.0,
+        metavar="MINUTES",
+        help="only files last modified this long ago (default 10: younger ones may be a store "
+        "in progress)",
+    )
+    reindex.add_argument("--dry-run", action="store_true", help="parse and report, commit nothing")
 
     up = commands.add_parser(
         "up",
@@ -401,6 +435,23 @@ def _rate(text: str) -> float:
     return rate
 
 
+def _calling_ae(text: str) -> str:
+    value = text.strip()
+    if not 1 <= len(value) <= 16 or not value.isascii() or not value.isprintable():
+        raise argparse.ArgumentTypeError(f"{text!r}: 1 to 16 printable ASCII characters")
+    return value
+
+
+def _minutes(text: str) -> float:
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = -1.0
+    if not 0 <= minutes < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: not a number of minutes")
+    return minutes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -433,6 +484,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await commands.migrate(settings)
     if args.command == "db":
         return await commands.db_roles(settings, create_logins=args.create_logins)
+    if args.command == "dicom" and args.action == "reindex":
+        return await commands.dicom_reindex(settings, args)
     if args.command == "dicom":
         return await commands.dicom_verify(settings, args)
     if args.command == "up":

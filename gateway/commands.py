@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
@@ -19,6 +20,7 @@ import asyncpg
 from prometheus_client import write_to_textfile
 
 from dicom.filestore import FileStore
+from dicom.reindex import SETTLED, Reindexed, Reindexer, Result
 from dicom.verify import Summary as VerifySummary
 from dicom.verify import Verifier, describe, summarize
 from gateway import app
@@ -33,12 +35,15 @@ from gateway.local_services import (
 )
 from gateway.settings import Settings
 from ingest.errors import ConfigError, StorageUnavailable
-from monitoring.metrics import VERIFY_RESULTS, VerifyMetrics
+from ingest.pipeline import GroupCommitPipeline
+from ingest.records import DicomInstance, DicomKey, Envelope, Outcome, Protocol
+from monitoring.metrics import VERIFY_RESULTS, Metrics, VerifyMetrics
 from storage import tokens
-from storage.dicom_queries import file_of, files_to_verify
-from storage.migrations import apply_migrations, pending_migrations
-from storage.pool import is_transient
+from storage.dicom_queries import file_of, files_to_verify, indexed_files
+from storage.migrations import MigrationError, apply_migrations, pending_migrations
+from storage.pool import PoolSettings, create_pool, is_transient
 from storage.roles import GroupRoles, create_group_roles, ensure_login
+from storage.writer import BatchWriter
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +235,80 @@ async def dicom_verify(settings: Settings, args: argparse.Namespace) -> int:
     if args.textfile is not None:
         _write_verify_metrics(args.textfile, scope, summary)
     return 1 if summary.damaged else 0
+
+
+REINDEX_COMMIT_TIMEOUT = 60.0
+
+
+async def dicom_reindex(settings: Settings, args: argparse.Namespace) -> int:
+    """`qantara dicom reindex`: 0 when every unindexed file is in the index afterwards, else 1."""
+    root = settings.dicom.storage
+    if not root.is_dir():
+        raise ConfigError(f"QANTARA_DICOM_STORAGE: {root} is not a folder")
+    try:
+        pool = await create_pool(
+            PoolSettings(dsn=_database_url(settings), max_size=2, application_name="reindex")
+        )
+    except Exception as exc:
+        if is_transient(exc):
+            raise StorageUnavailable(f"cannot connect: {type(exc).__name__}") from exc
+        raise
+    try:
+        async with pool.acquire() as conn:
+            if await pending_migrations(conn):
+                raise MigrationError("pending migrations: run `qantara migrate` first")
+        pipeline = GroupCommitPipeline(BatchWriter(pool), settings.pipeline, Metrics())
+
+        async def submit(record: DicomInstance, received_at: datetime) -> Outcome:
+            envelope = Envelope(
+                protocol=Protocol.DICOM,
+                key=DicomKey(record.sop_instance_uid),
+                records=(record,),
+                received_at=received_at,
+                ack=asyncio.get_running_loop().create_future(),
+                source=record.calling_ae,
+            )
+            try:
+                async with asyncio.timeout(REINDEX_COMMIT_TIMEOUT):
+                    await pipeline.submit(envelope)
+                    return await envelope.ack
+            except TimeoutError as exc:
+                raise StorageUnavailable("no commit within a minute") from exc
+
+        reindexer = Reindexer(
+            FileStore(root),
+            lambda names: indexed_files(pool, names),
+            None if args.dry_run else submit,
+            calling_ae=args.calling_ae or "",
+            older_than=args.older_than * 60,
+        )
+        async with asyncio.TaskGroup() as group:
+            group.create_task(pipeline.run())
+            try:
+                counts = await reindexer.run(_print_reindexed)
+            finally:
+                await pipeline.close()
+    finally:
+        await pool.close()
+    print(_reindex_summary(counts, dry_run=args.dry_run))  # noqa: T201
+    return 0 if sum(counts.values()) == sum(counts[r] for r in SETTLED) else 1
+
+
+def _print_reindexed(done: Reindexed) -> None:
+    """One line per file not simply indexed: what it is (never patient data) and why."""
+    if done.result is Result.INDEXED and not done.detail:
+        return
+    uid = f", SOP Instance UID {done.sop_instance_uid}" if done.sop_instance_uid else ""
+    detail = f": {done.detail}" if done.detail else ""
+    print(f"{done.result}: file {done.file_path}{uid}{detail}")  # noqa: T201
+
+
+def _reindex_summary(counts: Counter[str], *, dry_run: bool) -> str:
+    total = sum(counts.values())
+    files = "file" if total == 1 else "files"
+    parts = ", ".join(f"{counts[r]:,} {r}" for r in Result if counts[r]) or "nothing to do"
+    note = " (a dry run: nothing committed)" if dry_run else ""
+    return f"{total:,} unindexed {files}: {parts}{note}"
 
 
 def _write_verify_metrics(path: Path, scope: str, summary: VerifySummary) -> None:

@@ -20,6 +20,7 @@ COMMANDS: tuple[list[str], ...] = (
     ["db", "roles"],
     ["dicom"],
     ["dicom", "verify"],
+    ["dicom", "reindex"],
     ["up"],
     ["simulate"],
     ["simulate", "units"],
