@@ -22,6 +22,7 @@ from gateway.redacted_logs import RedactingFormatter
 from gateway.settings import Settings
 from ingest.errors import ConfigError, StorageUnavailable
 from storage.migrations import MigrationError
+from storage.pool import is_refused_login
 from storage.roles import RoleError
 
 logger = logging.getLogger("qantara")
@@ -471,6 +472,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MigrationError, RoleError) as exc:
         print(f"qantara: database schema: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_SCHEMA
+    except Exception as exc:
+        if not is_refused_login(exc):
+            raise
+        # The server's words name the database or the role, never a password.
+        print(f"qantara: configuration error: database URL refused: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
 

@@ -77,3 +77,13 @@ def is_transient(exc: BaseException) -> bool:
         # 40001 serialization / 40P01 deadlock: retrying the same batch is right.
         return sqlstate in ("40001", "40P01")
     return False
+
+
+def is_refused_login(exc: BaseException) -> bool:
+    """True when the server refused the connection's settings: no such database (3D000), no
+    such role, a wrong password or no pg_hba.conf entry (class 28). A configuration error of
+    the URL, not an outage: retrying will not help."""
+    sqlstate = (
+        getattr(exc, "sqlstate", None) or "" if isinstance(exc, asyncpg.PostgresError) else ""
+    )
+    return sqlstate == "3D000" or sqlstate.startswith("28")

@@ -7,6 +7,7 @@ import os
 import secrets
 import subprocess
 import sys
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -119,3 +120,23 @@ def test_serve_with_no_migrate_refuses_a_database_with_pending_migrations(
     last = result.stderr.strip().splitlines()[-1]
     assert "pending" in last
     assert "qantara migrate" in last
+
+
+@pytest.mark.parametrize("refused", ["database", "role"])
+def test_a_database_url_the_server_refuses_exits_2_with_one_line(
+    refused: str, postgres_server_dsn: str
+) -> None:
+    parts = urlsplit(postgres_server_dsn)
+    if refused == "database":
+        named = "qantara_no_such_database"
+        url = urlunsplit(parts._replace(path=f"/{named}"))
+    else:
+        named = "qantara_no_such_role"
+        host = parts.netloc.rpartition("@")[2]  # empty with a socket folder in the query
+        url = urlunsplit(parts._replace(netloc=f"{named}@{host}"))
+    result = qantara("migrate", env={"QANTARA_DATABASE_URL": url})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert named in lines[0]
+    assert "Traceback" not in result.stderr
