@@ -75,7 +75,7 @@ from dicom.serial_queue import SerialQueue
 from dicom.spool import Chunk
 from dicom.write_behind import SPOOL_BATCH, Spools, WriteBehind
 from dicom.writeback import drop_cached
-from ingest.errors import ConfigError, StorageUnavailable
+from ingest.errors import ConfigError, ListenerError, StorageUnavailable
 from ingest.group_tasks import GroupTasks
 from ingest.pipeline import GroupCommitPipeline, PipelineClosed
 from ingest.records import (
@@ -252,16 +252,25 @@ class DicomServer:
         loop = asyncio.get_running_loop()
         self._tls = listener_tls("dicom", s.ssl_context)
         factory = self._connect if self._tls is None else self._connect_tls
-        self._listener = await loop.create_server(factory, self._bind, s.port)
+        try:
+            self._listener = await loop.create_server(factory, self._bind, s.port)
+        except OSError as exc:
+            await self._wind_down(0.0)  # nothing was accepted: nothing to wait for
+            raise ListenerError.binding("dicom", self._bind, s.port, exc) from None
         self.port = int(self._listener.sockets[0].getsockname()[1])
         return self.port
 
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """Stop accepting; let running associations finish for `grace` seconds, then abort."""
         listener, self._listener = self._listener, None
-        if listener is None:
+        if listener is None and self._runner is None:
             return
-        listener.close()
+        if listener is not None:
+            listener.close()
+        await self._wind_down(grace)  # also after a start cancelled before its listener
+
+    async def _wind_down(self, grace: float) -> None:
+        """End the task group (associations get `grace` seconds), then the thread pools."""
         self._grace = grace
         self._stopping.set()
         if self._runner is not None:

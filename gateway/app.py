@@ -37,7 +37,7 @@ from gateway.settings import Settings
 from hl7.server import REJECT_REASONS as HL7_REJECT_REASONS
 from hl7.server import MllpServer
 from ingest.certificate_dates import CertificateError, next_update, not_after
-from ingest.errors import StorageUnavailable
+from ingest.errors import ListenerError, StorageUnavailable
 from ingest.group_tasks import GroupTasks
 from ingest.mqtt import MqttVitalsAdapter
 from ingest.mqtt_payload import RejectReason
@@ -217,49 +217,57 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
         stack.callback(_remove_signal_handlers, loop)
 
         _tune_garbage_collector()
-        async with asyncio.TaskGroup() as group:
-            pipeline_task = group.create_task(pipeline.run(), name="pipeline")
-            mqtt_task = group.create_task(mqtt.run(), name="mqtt")
-            http_handshakes.open(group)
-            http_task = group.create_task(server.serve(), name="http")
-            mllp_task = group.create_task(mllp.run(), name="mllp")
-            upkeep = group.create_task(_upkeep(pool, pipeline, settings, readiness), name="upkeep")
-            ledger_pruning = group.create_task(_prune_ledger(pool, settings), name="ledger-pruning")
-            await _start_dicom(dicom, gateway, settings)
-            storage_watch = group.create_task(  # after start: the store's folder exists
-                _watch_storage(metrics, settings.dicom.storage), name="storage-watch"
-            )
-            await _announce_mllp(mllp, gateway, settings)
-            await _announce(server, gateway, settings)
-            extra_tasks = [group.create_task(extra(gateway)) for extra in extras]
+        try:
+            async with asyncio.TaskGroup() as group:
+                pipeline_task = group.create_task(pipeline.run(), name="pipeline")
+                mqtt_task = group.create_task(mqtt.run(), name="mqtt")
+                http_handshakes.open(group)
+                http_task = group.create_task(_serve_http(server, settings), name="http")
+                mllp_task = group.create_task(mllp.run(), name="mllp")
+                upkeep = group.create_task(
+                    _upkeep(pool, pipeline, settings, readiness), name="upkeep"
+                )
+                ledger_pruning = group.create_task(
+                    _prune_ledger(pool, settings), name="ledger-pruning"
+                )
+                await _start_dicom(dicom, gateway, settings)
+                storage_watch = group.create_task(  # after start: the store's folder exists
+                    _watch_storage(metrics, settings.dicom.storage), name="storage-watch"
+                )
+                await _announce_mllp(mllp, gateway, settings)
+                await _announce(server, gateway, settings)
+                extra_tasks = [group.create_task(extra(gateway)) for extra in extras]
 
-            await stop.wait()
-            logger.info("stopping: no new input, draining the pipeline")
-            mqtt.stop()
-            mllp.stop()
-            server.should_exit = True
-            http_handshakes.close()
-            await dicom.stop()  # running stores still commit: the pipeline drains after
-            try:
-                async with asyncio.timeout(settings.shutdown_timeout):
-                    await pipeline.close()
-                    await pipeline_task
-                    await http_task
-                    await mllp_task
-                    await asyncio.sleep(0.2)  # let the last PUBACKs leave the socket
-            except TimeoutError:
-                logger.warning("shutdown timeout: cancelling what is left")
-            for task in (
-                pipeline_task,
-                mqtt_task,
-                http_task,
-                mllp_task,
-                upkeep,
-                ledger_pruning,
-                storage_watch,
-                *extra_tasks,
-            ):
-                task.cancel()
+                await stop.wait()
+                logger.info("stopping: no new input, draining the pipeline")
+                mqtt.stop()
+                mllp.stop()
+                server.should_exit = True
+                http_handshakes.close()
+                await dicom.stop()  # running stores still commit: the pipeline drains after
+                try:
+                    async with asyncio.timeout(settings.shutdown_timeout):
+                        await pipeline.close()
+                        await pipeline_task
+                        await http_task
+                        await mllp_task
+                        await asyncio.sleep(0.2)  # let the last PUBACKs leave the socket
+                except TimeoutError:
+                    logger.warning("shutdown timeout: cancelling what is left")
+                for task in (
+                    pipeline_task,
+                    mqtt_task,
+                    http_task,
+                    mllp_task,
+                    upkeep,
+                    ledger_pruning,
+                    storage_watch,
+                    *extra_tasks,
+                ):
+                    task.cancel()
+        except* ListenerError as group:
+            # A port that cannot be taken ends the gateway at start, in one line (the CLI's).
+            raise _first(group) from None
         logger.info("stopped")
 
 
@@ -391,6 +399,24 @@ async def _announce_mllp(mllp: MllpServer, gateway: Gateway, settings: Settings)
         logger.info(
             "mllp requires TLS (client certificates: %s)", settings.mllp.tls_client_ca is not None
         )
+
+
+def _first(group: BaseExceptionGroup[ListenerError]) -> BaseException:
+    """The first exception of a group, inside the groups nested in it (a listener's own)."""
+    first: BaseException = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+async def _serve_http(server: uvicorn.Server, settings: Settings) -> None:
+    """uvicorn's server, whose start-up failure (its port in use...) is a `ListenerError`.
+
+    uvicorn logs why, then calls `sys.exit`: a SystemExit raised in a task leaves the event loop
+    at once, every other task still pending, and the gateway neither served nor stopped."""
+    try:
+        await server.serve()
+    except SystemExit:
+        why = "could not start (the uvicorn.error line before says why)"
+        raise ListenerError("http", settings.bind, settings.http.port, why) from None
 
 
 async def _start_dicom(dicom: DicomServer, gateway: Gateway, settings: Settings) -> None:

@@ -3,7 +3,8 @@
 Configuration comes from the environment (see README, "Configuration"); a bad value ends the
 command with one line naming the variable, exit status 2, never a traceback. Exit status 3: the
 database is unreachable; 4: its schema cannot be brought up to date (pending migrations that this
-database user may not apply) or roles cannot be created.
+database user may not apply) or roles cannot be created; 5: a listener cannot take its port (in
+use by another process, or not permitted), said in one line.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from gateway.redacted_logs import RedactingFormatter
 from gateway.settings import Settings
-from ingest.errors import ConfigError, StorageUnavailable
+from ingest.errors import ConfigError, ListenerError, StorageUnavailable
 from storage.migrations import MigrationError
 from storage.pool import is_refused_login
 from storage.roles import RoleError
@@ -30,6 +31,7 @@ logger = logging.getLogger("qantara")
 EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 3
 EXIT_SCHEMA = 4
+EXIT_LISTEN = 5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         "under an advisory lock, as the user of "
         "QANTARA_MIGRATE_DATABASE_URL (default: QANTARA_DATABASE_URL); when that user may not "
         "apply them (a runtime role of least privilege), or with --no-migrate, serve refuses "
-        "to start on a schema with pending migrations (exit status 4). SIGTERM drains and "
+        "to start on a schema with pending migrations (exit status 4). A port in use (HTTP, "
+        "MLLP or DICOM) ends it at start with one line, exit status 5. SIGTERM drains and "
         "stops; SIGHUP makes the HTTP, MLLP and DICOM listeners, and the DICOM outbound "
         "associations (QANTARA_DICOM_OUTBOUND_TLS_*), read their TLS files again.",
     )
@@ -472,6 +475,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MigrationError, RoleError) as exc:
         print(f"qantara: database schema: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_SCHEMA
+    except ListenerError as exc:
+        print(f"qantara: cannot listen: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_LISTEN
     except Exception as exc:
         if not is_refused_login(exc):
             raise

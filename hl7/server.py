@@ -53,7 +53,7 @@ from hl7.er7 import Er7Error, Hl7Message, MessageHeader, parse_message
 from hl7.mapping import MappingError, map_message
 from hl7.mllp import DEFAULT_MAX_MESSAGE_BYTES, FramingError, Message, MllpFramer
 from hl7.validation import sender_is_strict, validate_structure
-from ingest.errors import InputError, StorageUnavailable
+from ingest.errors import InputError, ListenerError, StorageUnavailable
 from ingest.group_tasks import GroupTasks
 from ingest.pipeline import GroupCommitPipeline, PipelineClosed
 from ingest.records import (
@@ -191,13 +191,16 @@ class MllpServer:
         backlog = min(1024, max(16, s.max_connections))
         async with asyncio.TaskGroup() as handshakes:
             self._handshakes.open(handshakes)
-            if self._tls is None:
-                server = await asyncio.start_server(
-                    self._handle, s.host, s.port, limit=READ_CHUNK, backlog=backlog
-                )
-            else:
-                loop = asyncio.get_running_loop()
-                server = await loop.create_server(self._intake, s.host, s.port, backlog=backlog)
+            try:
+                if self._tls is None:
+                    server = await asyncio.start_server(
+                        self._handle, s.host, s.port, limit=READ_CHUNK, backlog=backlog
+                    )
+                else:
+                    loop = asyncio.get_running_loop()
+                    server = await loop.create_server(self._intake, s.host, s.port, backlog=backlog)
+            except OSError as exc:
+                raise ListenerError.binding("mllp", s.host, s.port, exc) from None
             self.port = int(server.sockets[0].getsockname()[1])
             self.listening.set()
             try:

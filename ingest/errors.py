@@ -7,6 +7,8 @@ patient data. `StorageUnavailable` is ours and transient: nothing is acknowledge
 
 from __future__ import annotations
 
+import os
+
 
 class QantaraError(Exception):
     """Base of every error Qantara raises on purpose."""
@@ -27,3 +29,16 @@ class StorageUnavailable(QantaraError):
 
 class ConfigError(QantaraError):
     """A setting has a bad value; the message names the variable and what is wrong."""
+
+
+class ListenerError(QantaraError):
+    """A listener cannot take its port (in use, not permitted): the gateway stops at start."""
+
+    def __init__(self, listener: str, host: str, port: int, why: str) -> None:
+        super().__init__(f"{listener} on {host}:{port}: {why}")
+        self.listener = listener
+
+    @classmethod
+    def binding(cls, listener: str, host: str, port: int, exc: OSError) -> ListenerError:
+        why = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+        return cls(listener, host, port, why)

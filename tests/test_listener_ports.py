@@ -1,0 +1,70 @@
+"""A listener that cannot take its port ends `qantara serve` at start: one line, exit status 5,
+within seconds, whichever listener it is and whatever the others were doing then."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.gateway_process import ROOT, new_client_id
+
+EXIT_LISTEN = 5
+SETTING = {"http": "QANTARA_HTTP_PORT", "mllp": "QANTARA_MLLP_PORT", "dicom": "QANTARA_DICOM_PORT"}
+
+
+@contextmanager
+def taken_port() -> Iterator[int]:
+    """A port on 127.0.0.1 another process listens on."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+async def serve(env: dict[str, str]) -> tuple[int | None, list[str]]:
+    """`qantara serve` until it exits (at most 60 s, then killed): its status and log lines."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("QANTARA_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "serve",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**base, **env},
+        cwd=ROOT,
+    )
+    try:
+        async with asyncio.timeout(60):
+            output, _ = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        output, _ = await proc.communicate()
+    return proc.returncode, output.decode(errors="replace").splitlines()
+
+
+@pytest.mark.parametrize("listener", ["http", "mllp", "dicom"])
+async def test_a_port_in_use_ends_serve_at_start_with_one_line_and_status_5(
+    listener: str, module_dsn: str, mqtt_url: str, tmp_path: Path
+) -> None:
+    env = {
+        "QANTARA_DATABASE_URL": module_dsn,
+        "QANTARA_MQTT_URL": mqtt_url,
+        "QANTARA_MQTT_CLIENT_ID": new_client_id(),
+        "QANTARA_DICOM_STORAGE": str(tmp_path / "dicom"),
+        **{setting: "0" for setting in SETTING.values()},
+    }
+    with taken_port() as port:
+        status, lines = await serve({**env, SETTING[listener]: str(port)})
+    assert status == EXIT_LISTEN, "\n".join(lines[-30:])
+    assert lines[-1].startswith(f"qantara: cannot listen: {listener} on 127.0.0.1:{port}: ")
+    # Not the CLI's traceback of the error (a pool connection cut while it was being made may
+    # still leave asyncpg's "Future exception was never retrieved" report in the log).
+    assert not any("ListenerError" in line or "Exception Group" in line for line in lines)
