@@ -20,6 +20,7 @@ when no index row names it. An acknowledged file is never replaced by an unsynce
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -29,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+
+from dicom.writeback import drop_cached
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,20 @@ def content_name(sha256: bytes) -> str:
     from the SHA-256 alone (what an index row's `file_path` holds)."""
     hexdigest = sha256.hex()
     return f"{hexdigest[:2]}/{hexdigest[2:4]}/{hexdigest}.dcm"
+
+
+def digest_of(fd: int, buffer: bytearray) -> tuple[bytes, int]:
+    """The SHA-256 and length of what `fd` holds from its position on, read through `buffer`;
+    the file's pages are then dropped from the page cache (a check reads cold files once).
+    Raises OSError."""
+    digest = hashlib.sha256()
+    view = memoryview(buffer)
+    size = 0
+    while n := os.readv(fd, [view]):
+        digest.update(view[:n])  # hashlib lets go of the GIL while it hashes
+        size += n
+    drop_cached(fd)
+    return digest.digest(), size
 
 
 def fsync_dir(path: Path) -> None:

@@ -22,7 +22,6 @@ reported with why.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -32,9 +31,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Final
 
-from dicom.filestore import FileStore
+from dicom.filestore import FileStore, digest_of
 from dicom.metadata import LOCAL_ID_PREFIX, DicomInputError, read_metadata
-from dicom.writeback import drop_cached
 from ingest.records import DicomInstance, Outcome, OutcomeKind
 
 CHECK_BATCH: Final = 1000
@@ -82,18 +80,11 @@ def _read(path: Path) -> _Read:
     """The file's SHA-256, size and modification time (blocking: in a thread)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        digest = hashlib.sha256()
-        buffer = bytearray(READ_SIZE)
-        view = memoryview(buffer)
-        size = 0
-        while n := os.readv(fd, [view]):
-            digest.update(view[:n])
-            size += n
+        sha256, size = digest_of(fd, bytearray(READ_SIZE))
         modified = datetime.fromtimestamp(os.fstat(fd).st_mtime, UTC)
-        drop_cached(fd)
     finally:
         os.close(fd)
-    return _Read(digest.digest(), size, modified)
+    return _Read(sha256, size, modified)
 
 
 class Reindexer:

@@ -28,7 +28,6 @@ and the listener keep there.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
@@ -38,8 +37,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
-from dicom.filestore import FileStore, content_name
-from dicom.writeback import drop_cached
+from dicom.filestore import FileStore, content_name, digest_of
 from storage.dicom_queries import IndexedFile
 
 logger = logging.getLogger(__name__)
@@ -102,20 +100,14 @@ def check_file(store: FileStore, indexed: IndexedFile, buffer: bytearray) -> Che
         size = os.fstat(fd).st_size
         if size != indexed.size:
             return Checked(Damage.SIZE, f"{size} bytes, indexed {indexed.size}")
-        digest = hashlib.sha256()
-        view = memoryview(buffer)
-        read = 0
-        while n := os.readv(fd, [view]):
-            digest.update(view[:n])  # hashlib lets go of the GIL while it hashes
-            read += n
-        drop_cached(fd)
+        sha256, read = digest_of(fd, buffer)
     except OSError as exc:
         return Checked(Damage.UNREADABLE, _reason(exc))
     finally:
         os.close(fd)
     if read != indexed.size:
         return Checked(Damage.SIZE, f"{read} bytes read, indexed {indexed.size}", read)
-    if digest.digest() != indexed.sha256:
+    if sha256 != indexed.sha256:
         return Checked(Damage.CORRUPT, "SHA-256 differs", read)
     return Checked(None, read=read)
 
