@@ -33,9 +33,12 @@ from typing import Final
 
 from dicom.filestore import FileStore, digest_of
 from dicom.metadata import LOCAL_ID_PREFIX, DicomInputError, read_metadata
-from ingest.records import DicomInstance, Outcome, OutcomeKind
+from ingest.errors import StorageUnavailable
+from ingest.pipeline import GroupCommitPipeline
+from ingest.records import DicomInstance, DicomKey, Envelope, Outcome, OutcomeKind, Protocol
 
 CHECK_BATCH: Final = 1000
+COMMIT_TIMEOUT: Final = 60.0
 READ_SIZE: Final = 1 << 20
 CONFLICT_REASON: Final = "content-conflict"  # storage.writer_dicom.CONFLICT
 
@@ -67,6 +70,29 @@ Indexed = Callable[[list[str]], Awaitable[set[str]]]
 """Which of these relative file names the index names (`storage.dicom_queries.indexed_files`)."""
 Submit = Callable[[DicomInstance, datetime], Awaitable[Outcome]]
 """Commit an instance's index row, received at that time; its outcome."""
+
+
+def submitting_to(pipeline: GroupCommitPipeline, timeout: float = COMMIT_TIMEOUT) -> Submit:
+    """`Submit` through the group-commit pipeline, as the listener commits an instance; a
+    commit that does not come within `timeout` seconds is `StorageUnavailable`."""
+
+    async def submit(record: DicomInstance, received_at: datetime) -> Outcome:
+        envelope = Envelope(
+            protocol=Protocol.DICOM,
+            key=DicomKey(record.sop_instance_uid),
+            records=(record,),
+            received_at=received_at,
+            ack=asyncio.get_running_loop().create_future(),
+            source=record.calling_ae,
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                await pipeline.submit(envelope)
+                return await envelope.ack
+        except TimeoutError as exc:
+            raise StorageUnavailable(f"no commit within {timeout:.0f} s") from exc
+
+    return submit
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +168,7 @@ class Reindexer:
             detail = "a PatientID without issuer: whose it is depends on the sender's AE title"
             return Reindexed(relative, Result.NEEDS_AE, detail, uid)
         if self._submit is None:
-            return Reindexed(relative, Result.INDEXED, "dry run: not committed", uid)
+            return Reindexed(relative, Result.INDEXED, "", uid)  # would be: a dry run
         record = meta.record(relative, read.size, read.sha256, self._calling_ae)
         outcome = await self._submit(record, read.modified)
         if outcome.kind is OutcomeKind.STORED:

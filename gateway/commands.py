@@ -20,7 +20,7 @@ import asyncpg
 from prometheus_client import write_to_textfile
 
 from dicom.filestore import FileStore
-from dicom.reindex import SETTLED, Reindexed, Reindexer, Result
+from dicom.reindex import SETTLED, Reindexed, Reindexer, Result, submitting_to
 from dicom.verify import Summary as VerifySummary
 from dicom.verify import Verifier, describe, summarize
 from gateway import app
@@ -36,7 +36,6 @@ from gateway.local_services import (
 from gateway.settings import Settings
 from ingest.errors import ConfigError, StorageUnavailable
 from ingest.pipeline import GroupCommitPipeline
-from ingest.records import DicomInstance, DicomKey, Envelope, Outcome, Protocol
 from monitoring.metrics import VERIFY_RESULTS, Metrics, VerifyMetrics
 from storage import tokens
 from storage.dicom_queries import file_of, files_to_verify, indexed_files
@@ -237,9 +236,6 @@ async def dicom_verify(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if summary.damaged else 0
 
 
-REINDEX_COMMIT_TIMEOUT = 60.0
-
-
 async def dicom_reindex(settings: Settings, args: argparse.Namespace) -> int:
     """`qantara dicom reindex`: 0 when every unindexed file is in the index afterwards, else 1."""
     root = settings.dicom.storage
@@ -258,27 +254,10 @@ async def dicom_reindex(settings: Settings, args: argparse.Namespace) -> int:
             if await pending_migrations(conn):
                 raise MigrationError("pending migrations: run `qantara migrate` first")
         pipeline = GroupCommitPipeline(BatchWriter(pool), settings.pipeline, Metrics())
-
-        async def submit(record: DicomInstance, received_at: datetime) -> Outcome:
-            envelope = Envelope(
-                protocol=Protocol.DICOM,
-                key=DicomKey(record.sop_instance_uid),
-                records=(record,),
-                received_at=received_at,
-                ack=asyncio.get_running_loop().create_future(),
-                source=record.calling_ae,
-            )
-            try:
-                async with asyncio.timeout(REINDEX_COMMIT_TIMEOUT):
-                    await pipeline.submit(envelope)
-                    return await envelope.ack
-            except TimeoutError as exc:
-                raise StorageUnavailable("no commit within a minute") from exc
-
         reindexer = Reindexer(
             FileStore(root),
             lambda names: indexed_files(pool, names),
-            None if args.dry_run else submit,
+            None if args.dry_run else submitting_to(pipeline),
             calling_ae=args.calling_ae or "",
             older_than=args.older_than * 60,
         )
@@ -296,7 +275,7 @@ async def dicom_reindex(settings: Settings, args: argparse.Namespace) -> int:
 
 def _print_reindexed(done: Reindexed) -> None:
     """One line per file not simply indexed: what it is (never patient data) and why."""
-    if done.result is Result.INDEXED and not done.detail:
+    if done.result is Result.INDEXED:
         return
     uid = f", SOP Instance UID {done.sop_instance_uid}" if done.sop_instance_uid else ""
     detail = f": {done.detail}" if done.detail else ""
