@@ -1,12 +1,19 @@
-"""Files under a final name that no index row names: found, checked against the index, removed.
+"""Files under a final name that no index row names: found, checked against the index; the
+listener's own failures removed, the others kept and reported.
 
-A complete file gets its content name before its index row commits (`dicom.filestore`): a crash
-between the two, or a C-STORE answered 0xA700 because the database was down and never sent
-again, leaves a file that nothing names. `OrphanSweep` removes them: at start it scans the store
-for recent files (paced, a top-level shard folder at a time); then, every `sweep_interval`, it
-checks the files the listener answered without success (`suspect`) once they are older than
-`orphan_age`, and removes stale temp files. A file is first moved aside atomically, so that a
-resend of the same bytes racing the check is never lost.
+A complete file gets its content name before its index row commits (`dicom.filestore`), so a
+file can end up with no row in two ways, which its bytes cannot tell apart:
+- the listener answered without success (0xA700: the database was down) and the modality, never
+  told 0x0000, sends the instance again. `OrphanSweep` knows these (`suspect`) and removes them
+  once older than `orphan_age`, every `sweep_interval`. A file is first moved aside
+  atomically, so a resend of the same bytes racing the check is never lost;
+- the listener crashed between the link and the commit, or **the database was restored from a
+  backup older than the store**: then every file stored since was acknowledged, and its modality
+  may have deleted its own copy. The start-up scan (the files of the last `orphan_lookback`,
+  paced, a top-level shard folder at a time) therefore removes nothing: it keeps what it finds,
+  logs it, and reports how many still have no row (`qantara_dicom_unindexed_files`, checked
+  again every `sweep_interval`) until `qantara dicom reindex` indexes them. A crash leaves at
+  most one per association; more than `STARTUP_ORPHAN_LIMIT` is logged as an error.
 """
 
 from __future__ import annotations
@@ -27,9 +34,8 @@ logger = logging.getLogger(__name__)
 ORPHAN_BATCH: Final = 1000
 STARTUP_ORPHAN_LIMIT: Final = 100
 """More unindexed files than this (or than twice the associations allowed) in the start-up scan
-are not a crash's leftovers: a crash leaves one per association at most. They are kept, not
-removed, and reported: the database was likely restored from a backup older than the store, and
-those files are instances the modalities were told are safe (`qantara dicom reindex`)."""
+are not a crash's leftovers, a crash leaving one per association at most: the database was most
+likely restored from a backup older than the store (logged as an error, not a warning)."""
 ORPHAN_SCAN_SHARE: Final = 0.25
 """The start-up scan for orphans works at most this share of its time, a top-level shard folder
 at a time (`OrphanSweep._scan`)."""
@@ -52,55 +58,28 @@ class OrphanSweep:
         self._settings = settings
         self._metrics = metrics
         self._suspects: set[str] = set()  # final files answered without success: maybe orphans
+        self._kept: set[str] = set()  # found by the start-up scan with no row: left to a reindex
 
     def suspect(self, relative: str) -> None:
         """A final file the listener answered without success: checked once `orphan_age` old."""
         self._suspects.add(relative)
 
-    async def sweep(self, candidates: list[str] | None = None) -> int:
-        """Remove complete files under a final name that no index row names and that are older
-        than `orphan_age` (a crash between rename and commit, or 0xA700 from the database with
-        no resend since). `candidates`: relative names to check; None scans the store for files
-        of the last `orphan_lookback` seconds. Returns how many files went.
+    async def sweep(self, candidates: list[str]) -> int:
+        """Remove those of `candidates` (files the listener answered without success) that no
+        index row names and that are older than `orphan_age`; returns how many went.
 
         Removing, not indexing: the file lacks what only the association knew (the calling AE
         title, which scopes a PatientID without issuer), and the sender, never told 0x0000,
-        still holds the instance and sends it again. That holds for what a crash leaves, not for
-        the files of a database restored from an older backup, which were acknowledged: a
-        start-up scan that finds more than `STARTUP_ORPHAN_LIMIT` removes none, reports them
-        (`qantara_dicom_unindexed_files`) and leaves them to `qantara dicom reindex`.
-
-        The check is safe against a resend of the same bytes racing it: the file is first moved
-        aside atomically; if what was moved is younger than `orphan_age` (a store just renamed
-        its copy there) or the index names it by now, it is put back.
+        sends the instance again. The check is safe against a resend of the same bytes racing
+        it: the file is first moved aside atomically; if what was moved is younger than
+        `orphan_age` (a store just renamed its copy there) or the index names it by now, it is
+        put back.
         """
         if self._indexed is None:
             return 0
         s = self._settings
-        scanned = candidates is None
-        if candidates is None:
-            candidates = await self._scan()
-        unnamed: list[str] = []
-        for start in range(0, len(candidates), ORPHAN_BATCH):
-            chunk = candidates[start : start + ORPHAN_BATCH]
-            named = await self._indexed(chunk)
-            unnamed += (relative for relative in chunk if relative not in named)
-        if scanned:
-            limit = max(STARTUP_ORPHAN_LIMIT, 2 * s.max_associations)
-            kept = len(unnamed) if len(unnamed) > limit else 0
-            self._metrics.dicom_unindexed_files.set(kept)
-            if kept:
-                logger.error(
-                    "the DICOM store holds %d files of the last %.0f h that no index row names, "
-                    "more than a crash leaves (%d): kept, not removed. Was the database restored "
-                    "from an older backup? `qantara dicom reindex` indexes them",
-                    kept,
-                    s.orphan_lookback / 3600,
-                    limit,
-                )
-                return 0
         removed = 0
-        for relative in unnamed:
+        for relative in await self._unindexed(candidates):
             aside = await asyncio.to_thread(self._store.quarantine, relative, s.orphan_age)
             if aside is None:
                 continue
@@ -113,6 +92,58 @@ class OrphanSweep:
             logger.warning("removed %d DICOM file(s) that no index row names", removed)
             self._metrics.dicom_orphans_removed.inc(removed)
         return removed
+
+    async def scan(self) -> int:
+        """The start-up scan: the store's files of the last `orphan_lookback` seconds, older
+        than `orphan_age`, that no index row names. They are kept and reported, never removed
+        (see the module's docstring); returns how many."""
+        if self._indexed is None:
+            return 0
+        kept = await self._unindexed(await self._scan())
+        self._kept = set(kept)
+        self._metrics.dicom_unindexed_files.set(len(kept))
+        if kept:
+            limit = max(STARTUP_ORPHAN_LIMIT, 2 * self._settings.max_associations)
+            logger.log(
+                logging.ERROR if len(kept) > limit else logging.WARNING,
+                "the DICOM store holds %d file(s) of the last %.0f h that no index row names: "
+                "kept, not removed. A crash leaves at most one per association; more than %d "
+                "mean the database was restored from an older backup, and these are images "
+                "their modalities were told are safe: `qantara dicom reindex` indexes them",
+                len(kept),
+                self._settings.orphan_lookback / 3600,
+                limit,
+            )
+        return len(kept)
+
+    async def _recount_kept(self) -> None:
+        """Drop from the kept files those indexed (a reindex) or gone since; report the rest."""
+        if not self._kept or self._indexed is None:
+            return
+        still = await self._unindexed(sorted(self._kept))
+        present = await asyncio.to_thread(self._present, still)
+        self._kept = set(present)
+        self._metrics.dicom_unindexed_files.set(len(self._kept))
+
+    def _present(self, relatives: list[str]) -> list[str]:
+        found = []
+        for relative in relatives:
+            try:
+                if self._store.path_of(relative).is_file():
+                    found.append(relative)
+            except (OSError, ValueError):
+                continue
+        return found
+
+    async def _unindexed(self, candidates: list[str]) -> list[str]:
+        """Those of `candidates` no index row names, asked `ORPHAN_BATCH` at a time."""
+        assert self._indexed is not None  # noqa: S101 - the callers checked
+        unnamed: list[str] = []
+        for start in range(0, len(candidates), ORPHAN_BATCH):
+            chunk = candidates[start : start + ORPHAN_BATCH]
+            named = await self._indexed(chunk)
+            unnamed += (relative for relative in chunk if relative not in named)
+        return unnamed
 
     async def _scan(self) -> list[str]:
         """The store's files of the last `orphan_lookback` seconds older than `orphan_age`, one
@@ -134,16 +165,18 @@ class OrphanSweep:
         return found
 
     async def run(self) -> None:
-        """At start, scan the store for orphans; then, every `sweep_interval`, check the files
-        answered without success (after `orphan_age`) and remove stale temp files."""
+        """At start, scan the store for files no row names (kept); then, every
+        `sweep_interval`, count those still unindexed, remove the files answered without
+        success (after `orphan_age`) and stale temp files."""
         s = self._settings
         first = True
         while True:
             try:
                 if first:
-                    await self.sweep()
+                    await self.scan()
                     first = False
                 else:
+                    await self._recount_kept()
                     limit = time.time() - s.orphan_age
                     due = sorted(self._suspects)
                     self._suspects.clear()

@@ -3,8 +3,8 @@ back after the database was restored from a backup older than the store.
 
 Every file stored after that backup was acknowledged to its modality (0x0000), which may have
 deleted its own copy; the restored index does not name it, so the patient file cannot find it.
-The listener's start-up scan keeps such files when they are more than a crash leaves
-(`dicom.orphan_sweep.STARTUP_ORPHAN_LIMIT`) and reports them; this puts them back in the index.
+The listener's start-up scan keeps such files and reports them (`dicom.orphan_sweep`); this puts
+them back in the index.
 
 Each file older than `older_than` seconds (younger ones may be a store in progress) that no row
 names is:

@@ -726,8 +726,8 @@ class DicomServer:
         loop = asyncio.get_running_loop()
         return loop.run_in_executor(self._workers, functools.partial(function, *args))
 
-    async def sweep_orphans(self, candidates: list[str] | None = None) -> int:
-        """Remove the files no index row names (`OrphanSweep.sweep`); how many went."""
+    async def sweep_orphans(self, candidates: list[str]) -> int:
+        """Remove those of `candidates` no index row names (`OrphanSweep.sweep`); how many went."""
         return await self._orphans.sweep(candidates)
 
 

@@ -303,8 +303,8 @@ class Metrics:
         self.dicom_unindexed_files = Gauge(
             "qantara_dicom_unindexed_files",
             "Files of the DICOM store that no index row names, found by the listener's start-up "
-            "scan and kept: too many for a crash's leftovers (a database restored from an older "
-            "backup?); 0 when the scan found none or few enough to remove.",
+            "scan and kept (a crash's leftovers, or images a database restored from an older "
+            "backup lost); counted again every sweep interval until a reindex indexes them.",
             registry=r,
         )
         self.dicom_orphans_removed = Counter(

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dicom import spool, status
+from dicom.config import DicomSettings
 from dicom.filestore import FileStore
 from dicom.orphan_sweep import STARTUP_ORPHAN_LIMIT
 from tests.dicom_support import (
@@ -147,7 +148,8 @@ async def test_orphan_sweep_removes_old_unindexed_files_and_keeps_the_rest(
     age(indexed, HOUR)  # old, but named by the index
     old = orphan(scp.root, HOUR)
     young = orphan(scp.root, 10.0)  # maybe a store between rename and commit
-    removed = await scp.server.sweep_orphans()
+    names = [str(path.relative_to(scp.root)) for path in (indexed, old, young)]
+    removed = await scp.server.sweep_orphans(names)  # answered without success, all three
     assert removed == 1
     assert not old.exists()
     assert indexed.exists()
@@ -156,25 +158,29 @@ async def test_orphan_sweep_removes_old_unindexed_files_and_keeps_the_rest(
     assert (scp.metrics.sample("qantara_dicom_orphans_removed_total") or 0.0) >= 1
 
 
-async def test_orphans_left_by_a_crash_are_removed_at_start(
-    module_dsn: str, tmp_path: Path
+async def test_files_no_row_names_found_at_start_are_kept_and_counted(
+    module_dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # A crash between link and commit, or a database restored from an older backup: the file
+    # cannot tell which, and in the second case its modality was told it is safe.
     root = tmp_path / "store"
     left = orphan(root, HOUR)
     leftover_temp = root / "tmp" / f"{secrets.token_hex(16)}.part"
     leftover_temp.parent.mkdir(parents=True)
     leftover_temp.write_bytes(b"cut")
     age(leftover_temp, 2 * HOUR)
-    async with running_dicom(module_dsn, root):
-        await wait_until(lambda: not left.exists(), timeout=10)
+    async with running_dicom(module_dsn, root) as running:
+        await wait_until(
+            lambda: running.metrics.sample("qantara_dicom_unindexed_files") == 1, timeout=10
+        )
+    assert left.exists()
     assert not leftover_temp.exists()
+    assert "qantara dicom reindex" in caplog.text
 
 
-async def test_more_unindexed_files_than_a_crash_leaves_are_kept_and_reported_at_start(
+async def test_more_unindexed_files_than_a_crash_leaves_are_an_error_naming_a_restore(
     module_dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # A database restored from a backup older than the store: the files stored since were
-    # acknowledged, and only a reindex can give them back to the patient file.
     root = tmp_path / "store"
     left = [orphan(root, HOUR) for _ in range(STARTUP_ORPHAN_LIMIT + 1)]
     async with running_dicom(module_dsn, root) as running:
@@ -183,18 +189,23 @@ async def test_more_unindexed_files_than_a_crash_leaves_are_kept_and_reported_at
             timeout=30,
         )
     assert all(path.exists() for path in left)
-    assert "qantara dicom reindex" in caplog.text
-    assert "restored" in caplog.text
+    [record] = [r for r in caplog.records if "no index row names" in r.getMessage()]
+    assert record.levelname == "ERROR"
+    assert "restored" in record.getMessage()
 
 
-async def test_a_crash_s_few_unindexed_files_leave_the_unindexed_gauge_at_zero(
-    module_dsn: str, tmp_path: Path
-) -> None:
+async def test_the_unindexed_count_falls_as_kept_files_go(module_dsn: str, tmp_path: Path) -> None:
     root = tmp_path / "store"
-    left = orphan(root, HOUR)
-    async with running_dicom(module_dsn, root) as running:
-        await wait_until(lambda: not left.exists(), timeout=10)
-        assert running.metrics.sample("qantara_dicom_unindexed_files") == 0
+    left = [orphan(root, HOUR) for _ in range(2)]
+    settings = DicomSettings(sweep_interval=0.2)
+    async with running_dicom(module_dsn, root, settings) as running:
+        await wait_until(
+            lambda: running.metrics.sample("qantara_dicom_unindexed_files") == 2, timeout=10
+        )
+        left[0].unlink()
+        await wait_until(
+            lambda: running.metrics.sample("qantara_dicom_unindexed_files") == 1, timeout=10
+        )
 
 
 async def test_start_up_scan_rests_three_times_as_long_as_it_works(

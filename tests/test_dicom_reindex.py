@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 from pydicom.dataset import Dataset
 
+from dicom.config import DicomSettings
 from dicom.filestore import FileStore, content_name
 from dicom.reindex import Reindexed, Reindexer, Result, submitting_to
 from gateway.local_services import drop_database, ensure_database
@@ -24,6 +25,7 @@ from storage.dicom_queries import indexed_files
 from storage.migrations import apply_migrations
 from storage.writer import BatchWriter
 from tests.dicom_support import instance_row, running_dicom, store
+from tests.services_support import wait_until
 from tests.test_cli import qantara
 from tests.test_dicom_store import fresh
 
@@ -229,3 +231,28 @@ def test_the_command_refuses_a_calling_ae_that_is_no_ae_title(ae: str) -> None:
     result = qantara("dicom", "reindex", "--calling-ae", ae)
     assert result.returncode == 2
     assert "--calling-ae" in result.stderr
+
+
+async def test_a_reindex_clears_what_the_listener_reported_unindexed(
+    restored: Restored, fresh_dsn: str
+) -> None:
+    await received(fresh_dsn, restored.root, [national(fresh())])
+    for path in restored.root.rglob("*.dcm"):
+        then = os.stat(path).st_mtime - 3600  # older than the scan's orphan_age
+        os.utime(path, (then, then))
+    settings = DicomSettings(sweep_interval=0.2)
+    async with running_dicom(restored.dsn, restored.root, settings) as scp:
+
+        def unindexed() -> float | None:
+            return scp.metrics.sample("qantara_dicom_unindexed_files")
+
+        await wait_until(lambda: unindexed() == 1, timeout=10)
+        reindexer = Reindexer(
+            FileStore(restored.root),
+            lambda names: indexed_files(scp.pool, names),
+            submitting_to(scp.pipeline),
+            older_than=0.0,
+        )
+        done = await reindexer.run(lambda _: None)
+        assert done == {Result.INDEXED: 1}
+        await wait_until(lambda: unindexed() == 0, timeout=10)
