@@ -79,6 +79,9 @@ class OrphanSweep:
             return 0
         s = self._settings
         removed = 0
+        # A file the start-up scan kept may be an acknowledged image; a failed resend of the
+        # same bytes since does not make it removable.
+        candidates = [relative for relative in candidates if relative not in self._kept]
         for relative in await self._unindexed(candidates):
             aside = await asyncio.to_thread(self._store.quarantine, relative, s.orphan_age)
             if aside is None:

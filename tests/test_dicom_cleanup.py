@@ -208,6 +208,19 @@ async def test_the_unindexed_count_falls_as_kept_files_go(module_dsn: str, tmp_p
         )
 
 
+async def test_a_kept_file_answered_without_success_again_is_still_kept(
+    module_dsn: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "store"
+    left = orphan(root, HOUR)
+    async with running_dicom(module_dsn, root) as running:
+        await wait_until(
+            lambda: running.metrics.sample("qantara_dicom_unindexed_files") == 1, timeout=10
+        )
+        assert await running.server.sweep_orphans([str(left.relative_to(root))]) == 0
+    assert left.exists()
+
+
 async def test_start_up_scan_rests_three_times_as_long_as_it_works(
     module_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
