@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -64,6 +65,15 @@ class Reindexed:
     result: Result
     detail: str = ""
     sop_instance_uid: str = ""
+
+
+_CONTENT_NAME: Final = re.compile(r"\b[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{64}\.dcm\b")
+
+
+def content_names_in(text: str) -> list[str]:
+    """The content names (`ab/cd/<sha256>.dcm`) in `text`, in order: a list of files, or lines
+    of this command's own output (the files of one sender, picked by the operator)."""
+    return _CONTENT_NAME.findall(text)
 
 
 Indexed = Callable[[list[str]], Awaitable[set[str]]]
@@ -131,21 +141,32 @@ class Reindexer:
         self._calling_ae = calling_ae
         self._older_than = older_than
 
-    async def run(self, report: Callable[[Reindexed], None]) -> Counter[str]:
-        """Index every unindexed file; `report` gets each one, and the counts by result."""
+    async def run(
+        self, report: Callable[[Reindexed], None], only: Sequence[str] | None = None
+    ) -> Counter[str]:
+        """Index every unindexed file, or those of `only` (relative content names: the files of
+        one sender); `report` gets each one, and the counts by result."""
         counts: Counter[str] = Counter()
+        if only is not None:
+            await self._batch(sorted(set(only)), counts, report)
+            return counts
         for top in sorted(await asyncio.to_thread(self._store.tops)):
             names = await asyncio.to_thread(self._store.orphans_in, top, self._older_than)
-            for start in range(0, len(names), CHECK_BATCH):
-                chunk = sorted(names[start : start + CHECK_BATCH])
-                named = await self._indexed(chunk)
-                for relative in chunk:
-                    if relative in named:
-                        continue
-                    done = await self._one(relative)
-                    counts[done.result] += 1
-                    report(done)
+            await self._batch(sorted(names), counts, report)
         return counts
+
+    async def _batch(
+        self, names: list[str], counts: Counter[str], report: Callable[[Reindexed], None]
+    ) -> None:
+        for start in range(0, len(names), CHECK_BATCH):
+            chunk = names[start : start + CHECK_BATCH]
+            named = await self._indexed(chunk)
+            for relative in chunk:
+                if relative in named:
+                    continue
+                done = await self._one(relative)
+                counts[done.result] += 1
+                report(done)
 
     async def _one(self, relative: str) -> Reindexed:
         try:

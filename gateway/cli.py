@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="AE",
         help="the AE title that sent these files: a PatientID without issuer is that sender's "
         "(dicom-ae/AE). Without it, such files are skipped and listed, never guessed; run the "
-        "command again per sender, e.g. with the files of one modality",
+        "command again for each sender with --files naming that sender's files",
     )
     reindex.add_argument(
         "--older-than",
@@ -184,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MINUTES",
         help="only files last modified this long ago (default 10: younger ones may be a store "
         "in progress)",
+    )
+    reindex.add_argument(
+        "--files",
+        type=argparse.FileType("r", encoding="utf-8"),
+        default=None,
+        metavar="FILE",
+        help="only the files named in FILE ('-': standard input), by their content names "
+        "(ab/cd/<sha256>.dcm) anywhere in its lines: a list, or the needs-calling-ae lines of "
+        "an earlier run that belong to one sender, to index with that sender's --calling-ae",
     )
     reindex.add_argument("--dry-run", action="store_true", help="parse and report, commit nothing")
 

@@ -20,7 +20,14 @@ import asyncpg
 from prometheus_client import write_to_textfile
 
 from dicom.filestore import FileStore
-from dicom.reindex import SETTLED, Reindexed, Reindexer, Result, submitting_to
+from dicom.reindex import (
+    SETTLED,
+    Reindexed,
+    Reindexer,
+    Result,
+    content_names_in,
+    submitting_to,
+)
 from dicom.verify import Summary as VerifySummary
 from dicom.verify import Verifier, describe, summarize
 from gateway import app
@@ -241,6 +248,12 @@ async def dicom_reindex(settings: Settings, args: argparse.Namespace) -> int:
     root = settings.dicom.storage
     if not root.is_dir():
         raise ConfigError(f"QANTARA_DICOM_STORAGE: {root} is not a folder")
+    only = None
+    if args.files is not None:
+        with args.files:
+            only = content_names_in(args.files.read())
+        if not only:
+            raise ConfigError(f"--files: {args.files.name} names no file (ab/cd/<sha256>.dcm)")
     try:
         pool = await create_pool(
             PoolSettings(dsn=_database_url(settings), max_size=2, application_name="reindex")
@@ -264,7 +277,7 @@ async def dicom_reindex(settings: Settings, args: argparse.Namespace) -> int:
         async with asyncio.TaskGroup() as group:
             group.create_task(pipeline.run())
             try:
-                counts = await reindexer.run(_print_reindexed)
+                counts = await reindexer.run(_print_reindexed, only)
             finally:
                 await pipeline.close()
     finally:

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 
 from dicom.config import DicomSettings
 from dicom.filestore import FileStore, content_name
-from dicom.reindex import Reindexed, Reindexer, Result, submitting_to
+from dicom.reindex import Reindexed, Reindexer, Result, content_names_in, submitting_to
 from gateway.local_services import drop_database, ensure_database
 from ingest.pipeline import GroupCommitPipeline, PipelineSettings
 from monitoring.metrics import Metrics
@@ -256,3 +256,70 @@ async def test_a_reindex_clears_what_the_listener_reported_unindexed(
         done = await reindexer.run(lambda _: None)
         assert done == {Result.INDEXED: 1}
         await wait_until(lambda: unindexed() == 0, timeout=10)
+
+
+def test_content_names_are_found_in_a_list_or_in_the_command_s_own_lines() -> None:
+    name = "ab/cd/" + "abcd" + "0" * 60 + ".dcm"
+    other = "01/23/" + "0123" + "f" * 60 + ".dcm"
+    text = (
+        f"needs-calling-ae: file {name}, SOP Instance UID 1.2.3: a PatientID without issuer\n"
+        f"{other}\n"
+        "ab/cd/not-a-digest.dcm\n../../etc/passwd\n"
+    )
+    assert content_names_in(text) == [name, other]
+
+
+async def test_only_the_files_named_take_the_calling_ae_given(
+    restored: Restored, fresh_dsn: str
+) -> None:
+    first, second = fresh(), fresh()  # bare PatientIDs of two different senders
+    await received(fresh_dsn, restored.root, [first, second])
+    waiting = await reindex(restored)
+    assert [d.result for d in waiting] == [Result.NEEDS_AE, Result.NEEDS_AE]
+    (mine,) = [d.file_path for d in waiting if d.sop_instance_uid == str(first.SOPInstanceUID)]
+    pipeline = GroupCommitPipeline(BatchWriter(restored.pool), PipelineSettings(), Metrics())
+    reindexer = Reindexer(
+        FileStore(restored.root),
+        lambda names: indexed_files(restored.pool, names),
+        submitting_to(pipeline),
+        calling_ae="CT-1",
+        older_than=0.0,
+    )
+    async with asyncio.timeout(60), asyncio.TaskGroup() as group:
+        group.create_task(pipeline.run())
+        try:
+            done = await reindexer.run(lambda _: None, only=[mine])
+        finally:
+            await pipeline.close()
+    assert done == {Result.INDEXED: 1}
+    assert await instance_row(restored.pool, str(first.SOPInstanceUID)) is not None
+    assert await instance_row(restored.pool, str(second.SOPInstanceUID)) is None
+
+
+async def test_the_command_indexes_one_sender_s_files_named_by_its_earlier_lines(
+    restored: Restored, fresh_dsn: str, tmp_path: Path
+) -> None:
+    first, second = fresh(), fresh()
+    await received(fresh_dsn, restored.root, [first, second])
+    code, lines, _ = await asyncio.to_thread(reindex_command, restored)
+    assert code == 1
+    picked = tmp_path / "ct-1.txt"
+    picked.write_text("\n".join(line for line in lines if str(first.SOPInstanceUID) in line))
+    code, lines, stderr = await asyncio.to_thread(
+        reindex_command, restored, "--calling-ae", "CT-1", "--files", str(picked)
+    )
+    assert (code, lines) == (0, ["1 unindexed file: 1 indexed"]), stderr
+    code, lines, _ = await asyncio.to_thread(reindex_command, restored)
+    assert (code, lines[-1]) == (1, "1 unindexed file: 1 needs-calling-ae")
+
+
+def test_the_command_refuses_a_files_list_that_names_no_file(tmp_path: Path) -> None:
+    empty = tmp_path / "none.txt"
+    empty.write_text("nothing here\n")
+    store = tmp_path / "store"
+    store.mkdir()
+    env = {"QANTARA_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
+    env["QANTARA_DICOM_STORAGE"] = str(store)
+    result = qantara("dicom", "reindex", "--files", str(empty), env=env)
+    assert result.returncode == 2
+    assert "--files" in result.stderr
