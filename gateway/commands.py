@@ -254,14 +254,9 @@ async def dicom_reindex(settings: Settings, args: argparse.Namespace) -> int:
             only = content_names_in(args.files.read())
         if not only:
             raise ConfigError(f"--files: {args.files.name} names no file (ab/cd/<sha256>.dcm)")
-    try:
-        pool = await create_pool(
-            PoolSettings(dsn=_database_url(settings), max_size=2, application_name="reindex")
-        )
-    except Exception as exc:
-        if is_transient(exc):
-            raise StorageUnavailable(f"cannot connect: {type(exc).__name__}") from exc
-        raise
+    pool = await create_pool(
+        PoolSettings(dsn=_database_url(settings), max_size=2, application_name="reindex")
+    )
     try:
         async with pool.acquire() as conn:
             if await pending_migrations(conn):

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from ingest.errors import StorageUnavailable
+
 
 @dataclass(frozen=True, slots=True)
 class PoolSettings:
@@ -34,19 +36,26 @@ async def create_pool(settings: PoolSettings) -> asyncpg.Pool:
     migrations and `qantara db roles` (`SET ROLE`, session advisory lock) use connections of
     their own. A transaction left open is still rolled back on release (asyncpg does that
     before calling `reset`).
+
+    A server that cannot be reached is `StorageUnavailable` (a command's exit status 3).
     """
-    pool = await asyncpg.create_pool(
-        settings.dsn,
-        min_size=settings.min_size,
-        max_size=settings.max_size,
-        timeout=settings.connect_timeout,
-        command_timeout=settings.statement_timeout_ms / 1000 + 5,
-        server_settings={
-            "application_name": settings.application_name,
-            "statement_timeout": str(settings.statement_timeout_ms),
-        },
-        reset=_keep_session,
-    )
+    try:
+        pool = await asyncpg.create_pool(
+            settings.dsn,
+            min_size=settings.min_size,
+            max_size=settings.max_size,
+            timeout=settings.connect_timeout,
+            command_timeout=settings.statement_timeout_ms / 1000 + 5,
+            server_settings={
+                "application_name": settings.application_name,
+                "statement_timeout": str(settings.statement_timeout_ms),
+            },
+            reset=_keep_session,
+        )
+    except Exception as exc:
+        if is_transient(exc):
+            raise StorageUnavailable(f"cannot connect: {type(exc).__name__}") from exc
+        raise
     assert pool is not None  # noqa: S101 - asyncpg types the result as optional
     return pool
 

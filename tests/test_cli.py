@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import socket
 import subprocess
 import sys
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -140,3 +142,18 @@ def test_a_database_url_the_server_refuses_exits_2_with_one_line(
     assert len(lines) == 1, result.stderr
     assert named in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_serve_with_its_database_unreachable_exits_3_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    env = {
+        "QANTARA_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{port}/qantara",
+        "QANTARA_DICOM_STORAGE": str(tmp_path / "dicom"),
+    }
+    result = qantara("serve", env=env)
+    assert result.returncode == 3
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("qantara: database unavailable: ")
