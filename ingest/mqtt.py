@@ -161,7 +161,6 @@ class MqttVitalsAdapter:
                     # higher watermark watches the topic and publishes it again when another
                     # replica's older value lands last (see _on_ack_seen).
                     await session.subscribe(ACK_TOPIC)
-                _raise_if_cancelling()
                 logger.info(
                     "MQTT connected to %s:%d as %s, subscribed to %s",
                     self._settings.host,
@@ -339,13 +338,3 @@ def _letter(source: str, exc: InputError, payload: bytes) -> DeadLetter:
     return DeadLetter(
         protocol=Protocol.MQTT, source=source, reason=exc.reason, detail=exc.detail, raw=payload
     )
-
-
-def _raise_if_cancelling() -> None:
-    """Raise the cancellation a `subscribe` swallowed. aiomqtt waits for a SUBACK with
-    `asyncio.wait_for`, which on Python 3.11 drops a cancel that arrives as the SUBACK does
-    (fixed in 3.12): the task then waited for its reader forever, and a gateway stopping at
-    start (a listener's port in use) hung instead of exiting."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError

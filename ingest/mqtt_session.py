@@ -18,6 +18,7 @@ broker redelivers those messages on the new one and they are acknowledged as dup
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -145,9 +146,11 @@ class Session:
 
     async def subscribe(self, topic: str) -> None:
         await self._client.subscribe(topic, qos=1)
+        _raise_if_cancelling()
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
         await self._client.publish(topic, payload, qos=1, retain=retain)
+        _raise_if_cancelling()
 
     async def messages(self) -> AsyncIterator[Received]:
         async for message in self._client.messages:
@@ -216,3 +219,13 @@ async def connect(settings: MqttSettings, generation: int) -> AsyncIterator[Sess
             yield session
         finally:
             session.close()
+
+
+def _raise_if_cancelling() -> None:
+    """Raise the cancellation an aiomqtt call swallowed. aiomqtt waits for a SUBACK or PUBACK
+    with `asyncio.wait_for`, which on Python 3.11 drops a cancel that arrives as the answer
+    does (fixed in 3.12): the MQTT task then waited for its reader forever, and a gateway
+    stopping at start (a listener's port in use) hung instead of exiting."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
