@@ -15,12 +15,12 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from gateway.redacted_logs import RedactingFormatter
-from gateway.settings import Settings
+from gateway.settings import Settings, ae_title
 from ingest.errors import ConfigError, ListenerError, StorageUnavailable
 from storage.migrations import MigrationError
 from storage.pool import is_refused_login
@@ -438,31 +438,32 @@ def _instance_id(text: str) -> int:
     return int(text)
 
 
-def _rate(text: str) -> float:
-    try:
-        rate = float(text)
-    except ValueError:
-        rate = -1.0
-    if not rate >= 0 or rate == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: not a rate in MB/s (0: no limit)")
-    return rate
+def _non_negative(what: str) -> Callable[[str], float]:
+    """An argument type: a finite number, 0 or more; else "not `what`"."""
+
+    def parse(text: str) -> float:
+        try:
+            number = float(text)
+        except ValueError:
+            number = -1.0
+        if not 0 <= number < float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r}: not {what}")
+        return number
+
+    return parse
+
+
+_rate = _non_negative("a rate in MB/s (0: no limit)")
+_minutes = _non_negative("a number of minutes")
 
 
 def _calling_ae(text: str) -> str:
-    value = text.strip()
-    if not 1 <= len(value) <= 16 or not value.isascii() or not value.isprintable():
-        raise argparse.ArgumentTypeError(f"{text!r}: 1 to 16 printable ASCII characters")
-    return value
-
-
-def _minutes(text: str) -> float:
     try:
-        minutes = float(text)
+        return ae_title(text)
     except ValueError:
-        minutes = -1.0
-    if not 0 <= minutes < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: not a number of minutes")
-    return minutes
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: 1 to 16 printable ASCII characters, no backslash"
+        ) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

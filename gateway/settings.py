@@ -203,7 +203,8 @@ def _group(text: str) -> str:
     return text
 
 
-def _ae_title(text: str) -> str:
+def ae_title(text: str) -> str:
+    """A DICOM AE title: 1 to 16 printable ASCII characters, no backslash; ValueError else."""
     if not re.fullmatch(r"[ -~]{1,16}", text) or "\\" in text or not text.strip():
         raise ValueError(text)
     return text.strip()
@@ -293,7 +294,7 @@ def _build(r: _Reader) -> Settings:
         mllp_port=r.port("MLLP_PORT", 2575),
         dicom_port=r.port("DICOM_PORT", 11112),
         dicom_ae_title=r.get(
-            "DICOM_AE_TITLE", "QANTARA", _ae_title, "must be 1 to 16 printable ASCII characters"
+            "DICOM_AE_TITLE", "QANTARA", ae_title, "must be 1 to 16 printable ASCII characters"
         ),
         dicom_storage=Path(r.text("DICOM_STORAGE", "./var/dicom")),
         dicom=_dicom(r),
@@ -421,7 +422,7 @@ def _mllp(r: _Reader) -> MllpSettings:
 
 
 def _ae_titles(text: str) -> frozenset[str]:
-    return frozenset(_ae_title(part) for part in text.split(",") if part.strip())
+    return frozenset(ae_title(part) for part in text.split(",") if part.strip())
 
 
 def _ae_addresses(text: str) -> tuple[AeAddress, ...]:
@@ -440,7 +441,7 @@ def _ae_addresses(text: str) -> tuple[AeAddress, ...]:
         number = int(port)
         if not 0 < number < 65536:
             raise ValueError(part)
-        ae = _ae_title(title)
+        ae = ae_title(title)
         addresses[ae] = AeAddress(ae, host.strip().strip("[]"), number, tls)
     return tuple(addresses.values())
 
@@ -459,7 +460,7 @@ def _dicom(r: _Reader) -> DicomSettings:
     return DicomSettings(
         port=r.port("DICOM_PORT", 11112),
         ae_title=r.get(
-            "DICOM_AE_TITLE", "QANTARA", _ae_title, "must be 1 to 16 printable ASCII characters"
+            "DICOM_AE_TITLE", "QANTARA", ae_title, "must be 1 to 16 printable ASCII characters"
         ),
         storage=Path(r.text("DICOM_STORAGE", "./var/dicom")),
         allowed_aes=r.get(
