@@ -194,7 +194,7 @@ class Verifier:
                 checked.append(result)
                 if pause := pacer.pause_after(result.read, time.monotonic()):
                     await asyncio.sleep(pause)
-            suspects = [(f, c) for f, c in zip(rows, checked, strict=True) if c.damage]
+            suspects = [f for f, c in zip(rows, checked, strict=True) if c.damage]
             confirmed = await self._recheck(suspects) if suspects else {}
             for indexed, first in zip(rows, checked, strict=True):
                 summary.bytes_read += first.read
@@ -220,15 +220,13 @@ class Verifier:
         summary.seconds = time.monotonic() - start
         return summary
 
-    async def _recheck(
-        self, suspects: list[tuple[IndexedFile, Checked]]
-    ) -> dict[int, Finding | None]:
+    async def _recheck(self, suspects: list[IndexedFile]) -> dict[int, Finding | None]:
         """Each suspect checked again after `recheck_after` seconds, from its row as it is then,
         by instance id: its damage, or None when it is intact now; a row gone meanwhile is left
         out (neither intact nor damaged)."""
         await asyncio.sleep(self._recheck_after)
         again: dict[int, Finding | None] = {}
-        for suspect, _ in suspects:
+        for suspect in suspects:
             now = await self._row(suspect.id)
             if now is None:
                 continue

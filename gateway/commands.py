@@ -213,11 +213,17 @@ def _login_instructions(logins: list[_Login], admin: str) -> str:
     return "\n".join(lines)
 
 
-async def dicom_verify(settings: Settings, args: argparse.Namespace) -> int:
-    """`qantara dicom verify`: 0 when every indexed file is intact, 1 when some are damaged."""
+def _store_root(settings: Settings) -> Path:
+    """The DICOM store's folder for the commands that read it (never created by them)."""
     root = settings.dicom.storage
     if not root.is_dir():
         raise ConfigError(f"QANTARA_DICOM_STORAGE: {root} is not a folder")
+    return root
+
+
+async def dicom_verify(settings: Settings, args: argparse.Namespace) -> int:
+    """`qantara dicom verify`: 0 when every indexed file is intact, 1 when some are damaged."""
+    root = _store_root(settings)
     since: datetime | None = args.since
     scope = "partial" if since is not None or args.after_id else "all"
     async with _connection(settings) as conn:
@@ -245,9 +251,7 @@ async def dicom_verify(settings: Settings, args: argparse.Namespace) -> int:
 
 async def dicom_reindex(settings: Settings, args: argparse.Namespace) -> int:
     """`qantara dicom reindex`: 0 when every unindexed file is in the index afterwards, else 1."""
-    root = settings.dicom.storage
-    if not root.is_dir():
-        raise ConfigError(f"QANTARA_DICOM_STORAGE: {root} is not a folder")
+    root = _store_root(settings)
     only = None
     if args.files is not None:
         with args.files:
