@@ -34,7 +34,6 @@ from typing import Final
 
 from dicom.filestore import FileStore, digest_of
 from dicom.metadata import LOCAL_ID_PREFIX, DicomInputError, read_metadata
-from ingest.errors import StorageUnavailable
 from ingest.pipeline import GroupCommitPipeline
 from ingest.records import DicomInstance, DicomKey, Envelope, Outcome, OutcomeKind, Protocol
 
@@ -83,8 +82,9 @@ Submit = Callable[[DicomInstance, datetime], Awaitable[Outcome]]
 
 
 def submitting_to(pipeline: GroupCommitPipeline, timeout: float = COMMIT_TIMEOUT) -> Submit:
-    """`Submit` through the group-commit pipeline, as the listener commits an instance; a
-    commit that does not come within `timeout` seconds is `StorageUnavailable`."""
+    """`Submit` through the group-commit pipeline, as the listener commits an instance
+    (`GroupCommitPipeline.committed`: no commit within `timeout` seconds is
+    `StorageUnavailable`)."""
 
     async def submit(record: DicomInstance, received_at: datetime) -> Outcome:
         envelope = Envelope(
@@ -95,12 +95,7 @@ def submitting_to(pipeline: GroupCommitPipeline, timeout: float = COMMIT_TIMEOUT
             ack=asyncio.get_running_loop().create_future(),
             source=record.calling_ae,
         )
-        try:
-            async with asyncio.timeout(timeout):
-                await pipeline.submit(envelope)
-                return await envelope.ack
-        except TimeoutError as exc:
-            raise StorageUnavailable(f"no commit within {timeout:.0f} s") from exc
+        return await pipeline.committed(envelope, timeout)
 
     return submit
 

@@ -77,7 +77,7 @@ from dicom.write_behind import SPOOL_BATCH, Spools, WriteBehind
 from dicom.writeback import drop_cached
 from ingest.errors import ConfigError, ListenerError, StorageUnavailable
 from ingest.group_tasks import GroupTasks
-from ingest.pipeline import GroupCommitPipeline, PipelineClosed
+from ingest.pipeline import GroupCommitPipeline
 from ingest.records import (
     DeadLetter,
     DeadLetterKey,
@@ -701,7 +701,6 @@ class DicomServer:
         raw: bytes,
     ) -> Outcome:
         """Hand an envelope to the pipeline and wait for its COMMIT (`store_timeout`)."""
-        timeout = self._settings.store_timeout
         envelope = Envelope(
             protocol=Protocol.DICOM,
             key=key,
@@ -711,15 +710,7 @@ class DicomServer:
             source=calling,
             raw=raw,
         )
-        try:
-            async with asyncio.timeout(timeout):
-                try:
-                    await self._pipeline.submit(envelope)
-                except PipelineClosed as exc:
-                    raise StorageUnavailable("gateway stopping") from exc
-                return await envelope.ack
-        except TimeoutError as exc:
-            raise StorageUnavailable(f"no commit within {timeout:.0f}s") from exc
+        return await self._pipeline.committed(envelope, self._settings.store_timeout)
 
     def _work(self, function: Callable[..., _T], *args: object) -> asyncio.Future[_T]:
         """Run blocking file work in the listener's worker threads."""

@@ -74,6 +74,19 @@ class GroupCommitPipeline:
         self._metrics.pending.labels(envelope.protocol.value).inc()
         await self._queue.put(envelope)
 
+    async def committed(self, envelope: Envelope, within: float) -> Outcome:
+        """Submit `envelope` and wait for its outcome, at most `within` seconds in all;
+        `StorageUnavailable` when the pipeline is closing or no commit came in time."""
+        try:
+            async with asyncio.timeout(within):
+                try:
+                    await self.submit(envelope)
+                except PipelineClosed as exc:
+                    raise StorageUnavailable("gateway stopping") from exc
+                return await envelope.ack
+        except TimeoutError as exc:
+            raise StorageUnavailable(f"no commit within {within:.0f}s") from exc
+
     async def run(self) -> None:
         """The writer loop; returns once `close()` was called and what was queued is committed."""
         try:
