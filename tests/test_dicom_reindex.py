@@ -74,10 +74,13 @@ async def received(fresh_dsn: str, root: Path, datasets: list[Dataset]) -> None:
 
 
 async def reindex(
-    restored: Restored, calling_ae: str = "", dry_run: bool = False, older_than: float = 0.0
+    restored: Restored,
+    calling_ae: str = "",
+    dry_run: bool = False,
+    older_than: float = 0.0,
+    only: list[str] | None = None,
 ) -> list[Reindexed]:
     pipeline = GroupCommitPipeline(BatchWriter(restored.pool), PipelineSettings(), Metrics())
-
     done: list[Reindexed] = []
     reindexer = Reindexer(
         FileStore(restored.root),
@@ -89,7 +92,7 @@ async def reindex(
     async with asyncio.timeout(60), asyncio.TaskGroup() as group:
         group.create_task(pipeline.run())
         try:
-            await reindexer.run(done.append)
+            await reindexer.run(done.append, only)
         finally:
             await pipeline.close()
     return done
@@ -277,21 +280,8 @@ async def test_only_the_files_named_take_the_calling_ae_given(
     waiting = await reindex(restored)
     assert [d.result for d in waiting] == [Result.NEEDS_AE, Result.NEEDS_AE]
     (mine,) = [d.file_path for d in waiting if d.sop_instance_uid == str(first.SOPInstanceUID)]
-    pipeline = GroupCommitPipeline(BatchWriter(restored.pool), PipelineSettings(), Metrics())
-    reindexer = Reindexer(
-        FileStore(restored.root),
-        lambda names: indexed_files(restored.pool, names),
-        submitting_to(pipeline),
-        calling_ae="CT-1",
-        older_than=0.0,
-    )
-    async with asyncio.timeout(60), asyncio.TaskGroup() as group:
-        group.create_task(pipeline.run())
-        try:
-            done = await reindexer.run(lambda _: None, only=[mine])
-        finally:
-            await pipeline.close()
-    assert done == {Result.INDEXED: 1}
+    done = await reindex(restored, calling_ae="CT-1", only=[mine])
+    assert [d.result for d in done] == [Result.INDEXED]
     assert await instance_row(restored.pool, str(first.SOPInstanceUID)) is not None
     assert await instance_row(restored.pool, str(second.SOPInstanceUID)) is None
 
