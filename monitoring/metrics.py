@@ -309,7 +309,8 @@ class Metrics:
         )
         self.dicom_orphans_removed = Counter(
             "qantara_dicom_orphans_removed_total",
-            "Complete DICOM files no index row named, removed by the orphan sweep.",
+            "Complete DICOM files answered without success (0xA700) that no index row named "
+            "after orphan_age, removed by the orphan sweep.",
             registry=r,
         )
         self.ready = Gauge(
