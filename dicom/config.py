@@ -44,7 +44,10 @@ class DicomSettings:
     network_timeout: float = 120.0
     store_timeout: float = 60.0  # waiting for the index commit before answering 0xA700
     max_find_results: int = 1000
-    orphan_age: float = 600.0  # a final file no index row names is removed after this long
+    min_free_space: int = 1 << 30
+    """Bytes of the store's file system that C-STOREs leave free (answered 0xA700 "disk full"
+    instead): room for what shares it, PostgreSQL first. 0: only a full disk refuses."""
+    orphan_age: float = 600.0  # a file answered 0xA700 and never indexed is removed this old
     orphan_lookback: float = 2 * 86400.0  # the start-up scan looks at files this recent
     sweep_interval: float = 600.0  # stale temp files and suspected orphans checked this often
     tls_cert: Path | None = None  # with tls_key: DICOM over TLS only (PS3.15 B.1, port 2762)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import functools
 import logging
 import os
@@ -72,7 +73,7 @@ from dicom.negotiation import Refused, gateway_policy, limit_reached, negotiate
 from dicom.orphan_sweep import Indexed, OrphanSweep
 from dicom.retrieve_scp import Locator, Retrieval, answer_retrieve, retrieves
 from dicom.serial_queue import SerialQueue
-from dicom.spool import Chunk
+from dicom.spool import Chunk, StoreFull
 from dicom.write_behind import SPOOL_BATCH, Spools, WriteBehind
 from dicom.writeback import drop_cached
 from ingest.errors import ConfigError, ListenerError, StorageUnavailable
@@ -120,8 +121,19 @@ class _DiskError(Exception):
     """A file step failed; `relative`: the final name left behind, if any (a suspect orphan)."""
 
     def __init__(self, step: str, cause: OSError, relative: str | None = None) -> None:
-        super().__init__(f"{step} failed: {type(cause).__name__}")
+        super().__init__(f"{step} failed: {_why(cause)}")
+        self.full = cause.errno == errno.ENOSPC
         self.relative = relative
+
+
+def _why(cause: OSError) -> str:
+    """What the system said of a failed file step, without the file's name: "No space left on
+    device", or the reserve of `QANTARA_DICOM_MIN_FREE_SPACE` reached."""
+    if isinstance(cause, StoreFull):
+        return f"free space at the reserve (QANTARA_DICOM_MIN_FREE_SPACE, {cause.reserve} bytes)"
+    if cause.errno is not None:
+        return os.strerror(cause.errno)
+    return type(cause).__name__
 
 
 class _Refused(Exception):
@@ -191,6 +203,7 @@ class DicomServer:
             locator, auditor, self._work, store.root, self._outbound_context
         )
         self._metrics = metrics
+        metrics.dicom_storage_reserved.set(settings.min_free_space)
         self._policy = gateway_policy(
             settings.ae_title,
             settings.max_pdu,
@@ -375,7 +388,8 @@ class DicomServer:
             self._metrics.dicom_associations.set(self._associations)
             await link.send(link.endpoint.accept(answer))
             link.pump()  # what arrived while we decided
-            spools = Spools(self._store.tmp, SerialQueue(_started(self._spoolers)))
+            queue = SerialQueue(_started(self._spoolers))
+            spools = Spools(self._store.tmp, queue, self._settings.min_free_space)
             try:
                 await self._serve(link, calling, spools)
             finally:
@@ -525,7 +539,7 @@ class DicomServer:
             raise
         if writer.failed is not None:
             writer.discard()
-            return self._unavailable("disk", f"writing failed: {type(writer.failed).__name__}")
+            return self._disk_unavailable(_DiskError("writing", writer.failed))
         return _RECEIVED
 
     async def _keep(
@@ -548,7 +562,7 @@ class DicomServer:
         except _DiskError as exc:
             if exc.relative is not None:
                 self._orphans.suspect(exc.relative)
-            return self._unavailable("disk", str(exc))
+            return self._disk_unavailable(exc)
         try:
             outcome = await self._commit(
                 DicomKey(meta.sop_instance_uid),
@@ -687,10 +701,15 @@ class DicomServer:
             return self._unavailable("database", str(exc))
         return _Answer(status.for_reason(error.reason), error.reason)
 
-    def _unavailable(self, cause: str, detail: str) -> _Answer:
+    def _unavailable(self, cause: str, detail: str, comment: str | None = None) -> _Answer:
         logger.warning("DICOM C-STORE answered 0xA700 (%s): %s", cause, detail)
         self._metrics.dicom_unavailable.labels(cause).inc()
-        return _Answer(status.OUT_OF_RESOURCES, f"{cause} unavailable")
+        return _Answer(status.OUT_OF_RESOURCES, comment or f"{cause} unavailable")
+
+    def _disk_unavailable(self, error: _DiskError) -> _Answer:
+        """0xA700 for a failed file step; the Error Comment says "disk full" when it is (the
+        kernel's ENOSPC, or the reserve reached), which a modality's operator can act on."""
+        return self._unavailable("disk", str(error), "disk full" if error.full else None)
 
     async def _commit(
         self,

@@ -22,11 +22,20 @@ gateway, two runs). `finish()` gives digest, size and a descriptor for the fsync
 removes an unfinished transfer's file (the association ended mid-dataset, or the disk failed). Temp
 files of a process that died are swept by `FileStore.open` and `FileStore.sweep_temp`.
 
+Each `write` first checks the room left on the store's file system (`fstatvfs`, about a
+microsecond): a batch that would leave less than the spool's `reserve` free raises `StoreFull`
+(an `OSError` with ENOSPC), as the kernel itself would at the last byte. The listener answers
+0xA700 then as for a full disk, while the reserve stays for what shares the file system
+(PostgreSQL's WAL, the logs): a flood of images must not stop the vitals and the lab results.
+The last batch of a dataset may take the free space below the reserve by at most its size
+(`SPOOL_BATCH`, 1 MiB) per association; a batch is checked whole, not byte by byte.
+
 `pending()` counts the spool files open in this process (tests check none is left behind).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -57,13 +66,30 @@ _lock = threading.Lock()
 _open = 0
 
 
+class StoreFull(OSError):
+    """A write would leave less free space on the store's file system than its reserve."""
+
+    def __init__(self, reserve: int) -> None:
+        super().__init__(errno.ENOSPC, f"free space would fall below {reserve} bytes")
+        self.reserve = reserve
+
+
+def free_space(fd: int) -> int:
+    """Bytes an unprivileged process may still write on the file system of `fd` (as `df`)."""
+    stats = os.fstatvfs(fd)
+    return stats.f_bavail * stats.f_frsize
+
+
 class SpoolFile:
     """One user at a time: `open` (in a worker; fragments may be added before), `add`, `take`,
     `write` while receiving, then `finish` or `discard` (`add` and `take` in one thread, the
     others in the worker, each after the `add`s of what it writes or finishes)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, reserve: int = 0) -> None:
+        """`reserve`: free bytes of the file system a write must leave (0: none but the
+        kernel's own)."""
         self.path = folder / (secrets.token_hex(16) + TMP_SUFFIX)
+        self._reserve = reserve
         self._fd: int | None = None
         self._ended = False  # finished or discarded
         self._digest = hashlib.sha256()
@@ -103,11 +129,14 @@ class SpoolFile:
     def write(self, batch: Sequence[Chunk]) -> None:
         """Write a batch to the page cache, start the writeback of every `WRITEBACK_EVERY` bytes
         written; let go of the pages far behind them (blocking: call it in a worker, one batch at
-        a time, in the order taken). Raises OSError."""
+        a time, in the order taken). Raises OSError: `StoreFull` when the batch would leave
+        less than the reserve free, and then nothing of it is written."""
         if self._fd is None:
             raise ValueError("spool file not open")
         views = [memoryview(b) for b in batch if len(b)]
         length = sum(view.nbytes for view in views)
+        if self._reserve and free_space(self._fd) - length < self._reserve:
+            raise StoreFull(self._reserve)
         _write_all(self._fd, views)
         self._written += length
         if self._written - self._started >= WRITEBACK_EVERY:  # the fsync will find less to do

@@ -157,6 +157,21 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """`1073741824` (bytes), `512MiB`, `1GiB`, `2TiB` (powers of 1024), `500MB`, `1GB` (of 1000);
+    the unit in any case."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(text)
+    unit = (match.group(2) or "b").lower()
+    base = 1024 if unit.endswith("ib") else 1000
+    power = "bkmgt".index(unit[0])
+    return int(float(match.group(1)) * base**power)
+
+
 def _mqtt_url(text: str) -> str:
     parts = urlsplit(text)
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
@@ -491,6 +506,12 @@ def _dicom(r: _Reader) -> DicomSettings:
         network_timeout=seconds("DICOM_NETWORK_TIMEOUT", 120.0),
         store_timeout=seconds("DICOM_STORE_TIMEOUT", 60.0),
         max_find_results=r.integer("DICOM_MAX_FIND_RESULTS", 1000, 1, 100_000),
+        min_free_space=r.get(
+            "DICOM_MIN_FREE_SPACE",
+            1 << 30,
+            parse_size,
+            "must be a size such as 0, 500MiB, 2GiB or 1073741824 (bytes)",
+        ),
         orphan_age=seconds("DICOM_ORPHAN_AGE", 600.0),
         orphan_lookback=seconds("DICOM_ORPHAN_LOOKBACK", 2 * 86400.0),
         sweep_interval=seconds("DICOM_SWEEP_INTERVAL", 600.0),

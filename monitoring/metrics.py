@@ -334,6 +334,12 @@ class Metrics:
             "Size in bytes of the file system of the DICOM store.",
             registry=r,
         )
+        self.dicom_storage_reserved = Gauge(
+            "qantara_dicom_storage_reserved_bytes",
+            "Free bytes of the DICOM store's file system that C-STOREs leave "
+            "(QANTARA_DICOM_MIN_FREE_SPACE): below them they are answered 0xA700.",
+            registry=r,
+        )
         self.ready.set(0)
         self.db_available.set(0)
         for protocol in PROTOCOLS:

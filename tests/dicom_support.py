@@ -154,6 +154,18 @@ def store(
     tls: ssl.SSLContext | None = None,
 ) -> list[int | None]:
     """C-STORE each dataset (its own transfer syntax) on one association; their statuses."""
+    answers = store_answers(port, datasets, ae_title, tls)
+    return [int(answer.Status) if "Status" in answer else None for answer in answers]
+
+
+def store_answers(
+    port: int,
+    datasets: Sequence[Dataset],
+    ae_title: str = "MODALITY",
+    tls: ssl.SSLContext | None = None,
+) -> list[Dataset]:
+    """C-STORE each dataset on one association; the status datasets of their answers (Status,
+    Error Comment), empty where none came."""
     ae = scu(ae_title)
     seen: set[tuple[str, str]] = set()
     for ds in datasets:
@@ -164,15 +176,14 @@ def store(
     assoc = ae.associate("127.0.0.1", port, ae_title=SCP_AE, tls_args=_tls_args(tls))
     if not assoc.is_established:
         raise ConnectionError("association refused")
-    statuses: list[int | None] = []
+    answers: list[Dataset] = []
     try:
         for ds in datasets:
-            answer = assoc.send_c_store(ds)
-            statuses.append(int(answer.Status) if "Status" in answer else None)
+            answers.append(assoc.send_c_store(ds))
     finally:
         if assoc.is_established:
             assoc.release()
-    return statuses
+    return answers
 
 
 def query(level: str, **keys: object) -> Dataset:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import mmap
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -44,6 +46,29 @@ def test_discarded_spool_file_is_removed(tmp_path: Path) -> None:
     file.discard()
     assert not file.path.exists()
     assert spool.pending() == 0
+
+
+def test_a_batch_that_would_leave_less_than_the_reserve_free_is_refused_unwritten(
+    tmp_path: Path,
+) -> None:
+    free = shutil.disk_usage(tmp_path).free
+    file = SpoolFile(tmp_path, reserve=free + (1 << 40))  # more than this file system has
+    file.open()
+    file.add(b"x" * 4096)
+    with pytest.raises(spool.StoreFull) as refused:
+        file.write(file.take())
+    assert refused.value.errno == errno.ENOSPC
+    assert file.path.stat().st_size == 0
+    file.discard()
+    assert spool.pending() == 0
+
+
+def test_a_batch_that_leaves_the_reserve_free_is_written(tmp_path: Path) -> None:
+    file = SpoolFile(tmp_path, reserve=1)
+    file.open()
+    file.add(b"x" * 4096)
+    file.write(file.take())
+    file.discard()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")

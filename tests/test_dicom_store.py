@@ -8,6 +8,7 @@ import copy
 import errno
 import os
 import resource
+import shutil
 import signal
 import stat
 import tempfile
@@ -33,6 +34,7 @@ from tests.dicom_support import (
     scu,
     sha256_of,
     store,
+    store_answers,
     stored_files,
     temp_files,
 )
@@ -479,6 +481,47 @@ async def test_a_file_whose_fsync_fails_is_answered_a700_not_indexed_and_the_res
 
     await answered_a700_then_stored(scp, large(fresh()), fsync_failing())
     assert temp_files(scp.root) == []
+
+
+async def test_a_store_that_would_take_the_reserved_free_space_is_answered_a700_disk_full(
+    module_dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # More free space kept than this file system has: every store would take some of it.
+    reserve = shutil.disk_usage(tmp_path).total + 1
+    async with running_dicom(module_dsn, tmp_path, DicomSettings(min_free_space=reserve)) as scp:
+        ds = fresh()
+        [answer] = await asyncio.to_thread(store_answers, scp.port, [ds])
+        assert answer.Status == status.OUT_OF_RESOURCES
+        assert answer.ErrorComment == "disk full"
+        assert await instance_row(scp.pool, str(ds.SOPInstanceUID)) is None
+        assert scp.metrics.sample("qantara_dicom_unavailable_total", {"cause": "disk"}) == 1
+        assert scp.metrics.sample("qantara_dicom_storage_reserved_bytes") == reserve
+        assert "free space at the reserve (QANTARA_DICOM_MIN_FREE_SPACE" in caplog.text
+        await wait_until(lambda: spool.pending() == 0 and not temp_files(scp.root), timeout=10)
+        assert stored_files(scp.root) == []
+        assert await asyncio.to_thread(echo, scp.port) == (True, status.SUCCESS)
+
+
+async def test_a_store_reaching_the_reserve_mid_transfer_is_refused_and_the_next_one_stored(
+    module_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reserve = 1 << 30
+
+    def free_space(fd: int) -> int:
+        """A file system with 2.5 MiB left above the reserve, less what this file holds."""
+        return reserve + (5 << 19) - os.fstat(fd).st_size
+
+    monkeypatch.setattr(spool, "free_space", free_space)
+    async with running_dicom(module_dsn, tmp_path, DicomSettings(min_free_space=reserve)) as scp:
+        big, small = large(fresh(), rows=8192), fresh()  # 8 MiB, written by batches of 1 MiB
+        answers = await asyncio.to_thread(store_answers, scp.port, [big, small])
+        assert [answer.Status for answer in answers] == [status.OUT_OF_RESOURCES, status.SUCCESS]
+        assert answers[0].ErrorComment == "disk full"
+        assert await instance_row(scp.pool, str(big.SOPInstanceUID)) is None
+        row = await instance_row(scp.pool, str(small.SOPInstanceUID))
+        assert sha256_of(scp.root / row["file_path"]) == bytes(row["sha256"])
+        await wait_until(lambda: spool.pending() == 0 and not temp_files(scp.root), timeout=10)
+        assert stored_files(scp.root) == [scp.root / row["file_path"]]
 
 
 def store_raw(port: int, ds: Dataset, part10: bytes) -> int | None:

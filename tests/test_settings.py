@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dicom.config import AeAddress
-from gateway.settings import Settings, parse_duration
+from gateway.settings import Settings, parse_duration, parse_size
 from ingest.errors import ConfigError
 
 
@@ -151,6 +151,37 @@ def test_dicom_orphan_sweep_timings_are_settings() -> None:
         }
     ).dicom
     assert (dicom.orphan_age, dicom.orphan_lookback, dicom.sweep_interval) == (1800, 604800, 60)
+
+
+def test_dicom_store_keeps_a_gibibyte_free_unless_told_otherwise() -> None:
+    assert Settings.load({}).dicom.min_free_space == 1 << 30
+    told = Settings.load({"QANTARA_DICOM_MIN_FREE_SPACE": "20GiB"}).dicom.min_free_space
+    assert told == 20 << 30
+    assert Settings.load({"QANTARA_DICOM_MIN_FREE_SPACE": "0"}).dicom.min_free_space == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0", 0),
+        ("1073741824", 1 << 30),
+        ("512MiB", 512 << 20),
+        ("1.5 GiB", 3 << 29),
+        ("2tib", 2 << 40),
+        ("500MB", 500_000_000),
+        ("1GB", 10**9),
+        ("64kB", 64_000),
+        ("7B", 7),
+    ],
+)
+def test_sizes_are_bytes_or_a_number_with_a_unit(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "-1GiB", "1 PiB", "1GiBs", "ten"])
+def test_a_size_without_a_number_and_a_known_unit_names_its_variable(text: str) -> None:
+    with pytest.raises(ConfigError, match="QANTARA_DICOM_MIN_FREE_SPACE: must be a size"):
+        Settings.load({"QANTARA_DICOM_MIN_FREE_SPACE": text or " "})
 
 
 @pytest.mark.parametrize(
