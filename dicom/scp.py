@@ -240,9 +240,17 @@ class DicomServer:
         return self._listener is not None
 
     async def start(self) -> int:
-        """Open the store, bind and serve; returns the bound port."""
+        """Open the store, bind and serve; returns the bound port. Raises ConfigError when the
+        store cannot be opened (its folder cannot be made, read or swept), ListenerError when
+        the port cannot be bound."""
         opening = time.perf_counter()
-        await asyncio.to_thread(self._store.open)
+        try:
+            await asyncio.to_thread(self._store.open)
+        except OSError as exc:
+            raise ConfigError(
+                f"QANTARA_DICOM_STORAGE: cannot open the DICOM store {self._store.root}: "
+                f"{_why(exc)}"
+            ) from exc
         if (took := time.perf_counter() - opening) > SLOW_OPEN_SECONDS:
             logger.warning("DICOM store took %.1f s to open (folder fsyncs, temp sweep)", took)
         self._metrics.init_reasons("dicom", [*REJECT_REASONS, "storage-refused"])

@@ -37,7 +37,7 @@ from gateway.settings import Settings
 from hl7.server import REJECT_REASONS as HL7_REJECT_REASONS
 from hl7.server import MllpServer
 from ingest.certificate_dates import CertificateError, next_update, not_after
-from ingest.errors import ListenerError, StorageUnavailable
+from ingest.errors import ConfigError, ListenerError, StorageUnavailable
 from ingest.group_tasks import GroupTasks
 from ingest.mqtt import MqttVitalsAdapter
 from ingest.mqtt_payload import RejectReason
@@ -265,8 +265,9 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
                     *extra_tasks,
                 ):
                     task.cancel()
-        except* ListenerError as group:
-            # A port that cannot be taken ends the gateway at start, in one line (the CLI's).
+        except* (ListenerError, ConfigError) as group:
+            # A port that cannot be taken, a DICOM store that cannot be opened: the gateway
+            # ends at start, in one line (the CLI's).
             raise _first(group) from None
         logger.info("stopped")
 
@@ -401,7 +402,7 @@ async def _announce_mllp(mllp: MllpServer, gateway: Gateway, settings: Settings)
         )
 
 
-def _first(group: BaseExceptionGroup[ListenerError]) -> BaseException:
+def _first(group: BaseExceptionGroup[ListenerError | ConfigError]) -> BaseException:
     """The first exception of a group, inside the groups nested in it (a listener's own)."""
     first: BaseException = group.exceptions[0]
     return _first(first) if isinstance(first, BaseExceptionGroup) else first

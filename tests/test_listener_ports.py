@@ -1,5 +1,6 @@
 """A listener that cannot take its port ends `qantara serve` at start: one line, exit status 5,
-within seconds, whichever listener it is and whatever the others were doing then."""
+within seconds, whichever listener it is and whatever the others were doing then. A DICOM store
+that cannot be opened ends it the same way, as a configuration error (exit status 2)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 from tests.gateway_process import ROOT, new_client_id
 
+EXIT_CONFIG = 2
 EXIT_LISTEN = 5
 SETTING = {"http": "QANTARA_HTTP_PORT", "mllp": "QANTARA_MLLP_PORT", "dicom": "QANTARA_DICOM_PORT"}
 
@@ -68,3 +70,24 @@ async def test_a_port_in_use_ends_serve_at_start_with_one_line_and_status_5(
     # Not the CLI's traceback of the error (a pool connection cut while it was being made may
     # still leave asyncpg's "Future exception was never retrieved" report in the log).
     assert not any("ListenerError" in line or "Exception Group" in line for line in lines)
+
+
+async def test_a_dicom_store_that_cannot_be_made_ends_serve_at_start_with_one_line_and_status_2(
+    module_dsn: str, mqtt_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    store = tmp_path / "a-file" / "dicom"
+    env = {
+        "QANTARA_DATABASE_URL": module_dsn,
+        "QANTARA_MQTT_URL": mqtt_url,
+        "QANTARA_MQTT_CLIENT_ID": new_client_id(),
+        "QANTARA_DICOM_STORAGE": str(store),
+        **{setting: "0" for setting in SETTING.values()},
+    }
+    status, lines = await serve(env)
+    assert status == EXIT_CONFIG, "\n".join(lines[-30:])
+    assert lines[-1] == (
+        f"qantara: configuration error: QANTARA_DICOM_STORAGE: cannot open the DICOM store "
+        f"{store}: Not a directory"
+    )
+    assert not any("Traceback" in line or "Exception Group" in line for line in lines)
