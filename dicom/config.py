@@ -9,8 +9,22 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from ingest.tls import server_context
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLimits:
+    """What a spool file checks before it writes: `reserve`, the free bytes of the file system it
+    leaves (0: none but the kernel's own); `mount_check`, a file that exists only while the
+    store's volume is mounted (None: no check)."""
+
+    reserve: int = 0
+    mount_check: Path | None = None
+
+
+NO_LIMITS: Final = StoreLimits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +61,9 @@ class DicomSettings:
     min_free_space: int = 1 << 30
     """Bytes of the store's file system that C-STOREs leave free (answered 0xA700 "disk full"
     instead): room for what shares it, PostgreSQL first. 0: only a full disk refuses."""
+    storage_check_file: Path | None = None
+    """A file that exists only while the store's volume is mounted (relative: to `storage`):
+    without it the listener does not start, and refuses C-STOREs (0xA700). None: no check."""
     orphan_age: float = 600.0  # a file answered 0xA700 and never indexed is removed this old
     orphan_lookback: float = 2 * 86400.0  # the start-up scan looks at files this recent
     sweep_interval: float = 600.0  # stale temp files and suspected orphans checked this often
@@ -64,6 +81,11 @@ class DicomSettings:
     outbound_tls_ca: Path | None = None  # checks the certificates of the `tls://` addresses
     outbound_tls_cert: Path | None = None  # with outbound_tls_key: ours, for mutual TLS
     outbound_tls_key: Path | None = None
+
+    def limits(self) -> StoreLimits:
+        """What each received file checks before it is written (`dicom.spool`)."""
+        check = self.storage_check_file
+        return StoreLimits(self.min_free_space, None if check is None else self.storage / check)
 
     def report_address(self, ae_title: str) -> AeAddress | None:
         return next((a for a in self.report_addresses if a.ae_title == ae_title), None)

@@ -73,7 +73,7 @@ from dicom.negotiation import Refused, gateway_policy, limit_reached, negotiate
 from dicom.orphan_sweep import Indexed, OrphanSweep
 from dicom.retrieve_scp import Locator, Retrieval, answer_retrieve, retrieves
 from dicom.serial_queue import SerialQueue
-from dicom.spool import Chunk, StoreFull
+from dicom.spool import Chunk, StoreFull, StoreNotMounted
 from dicom.write_behind import SPOOL_BATCH, Spools, WriteBehind
 from dicom.writeback import drop_cached
 from ingest.errors import ConfigError, ListenerError, StorageUnavailable
@@ -128,9 +128,11 @@ class _DiskError(Exception):
 
 def _why(cause: OSError) -> str:
     """What the system said of a failed file step, without the file's name: "No space left on
-    device", or the reserve of `QANTARA_DICOM_MIN_FREE_SPACE` reached."""
+    device", the reserve of `QANTARA_DICOM_MIN_FREE_SPACE` reached, the volume away."""
     if isinstance(cause, StoreFull):
         return f"free space at the reserve (QANTARA_DICOM_MIN_FREE_SPACE, {cause.reserve} bytes)"
+    if isinstance(cause, StoreNotMounted):
+        return f"the store's volume is not mounted ({cause.mount_check} is missing)"
     if cause.errno is not None:
         return os.strerror(cause.errno)
     return type(cause).__name__
@@ -241,9 +243,16 @@ class DicomServer:
 
     async def start(self) -> int:
         """Open the store, bind and serve; returns the bound port. Raises ConfigError when the
-        store cannot be opened (its folder cannot be made, read or swept), ListenerError when
-        the port cannot be bound."""
+        store's mount check file is missing or the store cannot be opened (its folder cannot be
+        made, read or swept), ListenerError when the port cannot be bound."""
         opening = time.perf_counter()
+        check = self._settings.limits().mount_check
+        if check is not None and not await asyncio.to_thread(check.exists):
+            # Before the store opens: it would make its folders on the disk beneath.
+            raise ConfigError(
+                f"QANTARA_DICOM_STORAGE_CHECK_FILE: {check} does not exist: is the DICOM "
+                "store's volume mounted?"
+            )
         try:
             await asyncio.to_thread(self._store.open)
         except OSError as exc:
@@ -397,7 +406,7 @@ class DicomServer:
             await link.send(link.endpoint.accept(answer))
             link.pump()  # what arrived while we decided
             queue = SerialQueue(_started(self._spoolers))
-            spools = Spools(self._store.tmp, queue, self._settings.min_free_space)
+            spools = Spools(self._store.tmp, queue, self._settings.limits())
             try:
                 await self._serve(link, calling, spools)
             finally:

@@ -22,13 +22,16 @@ gateway, two runs). `finish()` gives digest, size and a descriptor for the fsync
 removes an unfinished transfer's file (the association ended mid-dataset, or the disk failed). Temp
 files of a process that died are swept by `FileStore.open` and `FileStore.sweep_temp`.
 
-Each `write` first checks the room left on the store's file system (`fstatvfs`, about a
-microsecond): a batch that would leave less than the spool's `reserve` free raises `StoreFull`
-(an `OSError` with ENOSPC), as the kernel itself would at the last byte. The listener answers
-0xA700 then as for a full disk, while the reserve stays for what shares the file system
-(PostgreSQL's WAL, the logs): a flood of images must not stop the vitals and the lab results.
-The last batch of a dataset may take the free space below the reserve by at most its size
-(`SPOOL_BATCH`, 1 MiB) per association; a batch is checked whole, not byte by byte.
+The store's `StoreLimits` are checked on the way, in the worker. Each `write` first checks the
+room left on the store's file system (`fstatvfs`, about a microsecond): a batch that would leave
+less than the `reserve` free raises `StoreFull` (an `OSError` with ENOSPC), as the kernel itself
+would at the last byte. The listener answers 0xA700 then as for a full disk, while the reserve
+stays for what shares the file system (PostgreSQL's WAL, the logs): a flood of images must not
+stop the vitals and the lab results. The last batch of a dataset may take the free space below
+the reserve by at most its size (`SPOOL_BATCH`, 1 MiB) per association; a batch is checked
+whole, not byte by byte. With a `mount_check` file, `open` first checks that it exists (a
+`stat`): without it the store's volume is taken for unmounted (`StoreNotMounted`), and nothing
+is written to the folder beneath.
 
 `pending()` counts the spool files open in this process (tests check none is left behind).
 """
@@ -45,6 +48,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
+from dicom.config import NO_LIMITS, StoreLimits
 from dicom.filestore import TMP_SUFFIX
 from dicom.writeback import drop_cached, start_writeback
 
@@ -66,6 +70,14 @@ _lock = threading.Lock()
 _open = 0
 
 
+class StoreNotMounted(OSError):
+    """The store's mount check file is missing: its volume is not there."""
+
+    def __init__(self, mount_check: Path) -> None:
+        super().__init__(errno.ENOENT, f"{mount_check} is missing")
+        self.mount_check = mount_check
+
+
 class StoreFull(OSError):
     """A write would leave less free space on the store's file system than its reserve."""
 
@@ -85,11 +97,9 @@ class SpoolFile:
     `write` while receiving, then `finish` or `discard` (`add` and `take` in one thread, the
     others in the worker, each after the `add`s of what it writes or finishes)."""
 
-    def __init__(self, folder: Path, reserve: int = 0) -> None:
-        """`reserve`: free bytes of the file system a write must leave (0: none but the
-        kernel's own)."""
+    def __init__(self, folder: Path, limits: StoreLimits = NO_LIMITS) -> None:
         self.path = folder / (secrets.token_hex(16) + TMP_SUFFIX)
-        self._reserve = reserve
+        self._limits = limits
         self._fd: int | None = None
         self._ended = False  # finished or discarded
         self._digest = hashlib.sha256()
@@ -105,6 +115,9 @@ class SpoolFile:
         global _open
         if self._fd is not None or self._ended:
             raise ValueError("spool file already opened, finished or discarded")
+        check = self._limits.mount_check
+        if check is not None and not check.exists():
+            raise StoreNotMounted(check)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         with _lock:
             _open += 1
@@ -135,8 +148,9 @@ class SpoolFile:
             raise ValueError("spool file not open")
         views = [memoryview(b) for b in batch if len(b)]
         length = sum(view.nbytes for view in views)
-        if self._reserve and free_space(self._fd) - length < self._reserve:
-            raise StoreFull(self._reserve)
+        reserve = self._limits.reserve
+        if reserve and free_space(self._fd) - length < reserve:
+            raise StoreFull(reserve)
         _write_all(self._fd, views)
         self._written += length
         if self._written - self._started >= WRITEBACK_EVERY:  # the fsync will find less to do

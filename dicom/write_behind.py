@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final, TypeVar
 
+from dicom.config import NO_LIMITS, StoreLimits
 from dicom.serial_queue import SerialQueue
 from dicom.spool import Chunk, SpoolFile
 
@@ -46,12 +47,10 @@ class Spools:
     costs the event loop about 0.1 ms on a VM, and the answer waited for it (1.047 and 1.021
     times the stores a second, two series of 14 alternated rounds, 2026-11-28)."""
 
-    def __init__(self, folder: Path, queue: SerialQueue, reserve: int = 0) -> None:
-        """`reserve`: the free bytes of the store's file system the spool files leave
-        (`SpoolFile`)."""
+    def __init__(self, folder: Path, queue: SerialQueue, limits: StoreLimits = NO_LIMITS) -> None:
         self._folder = folder
         self._queue = queue
-        self._reserve = reserve
+        self._limits = limits
         self._next: WriteBehind | None = None
 
     def prepare(self) -> None:
@@ -64,7 +63,7 @@ class Spools:
         return taken
 
     def _new(self) -> WriteBehind:
-        return WriteBehind(SpoolFile(self._folder, self._reserve), self._queue)
+        return WriteBehind(SpoolFile(self._folder, self._limits), self._queue)
 
     def close(self) -> concurrent.futures.Future[None] | None:
         """The association ends: remove the file prepared for a C-STORE that did not come; the

@@ -506,6 +506,9 @@ def _dicom(r: _Reader) -> DicomSettings:
         network_timeout=seconds("DICOM_NETWORK_TIMEOUT", 120.0),
         store_timeout=seconds("DICOM_STORE_TIMEOUT", 60.0),
         max_find_results=r.integer("DICOM_MAX_FIND_RESULTS", 1000, 1, 100_000),
+        storage_check_file=r.get(
+            "DICOM_STORAGE_CHECK_FILE", None, _check_file, "must be a file name or path"
+        ),
         min_free_space=r.get(
             "DICOM_MIN_FREE_SPACE",
             1 << 30,
@@ -526,6 +529,14 @@ def _dicom(r: _Reader) -> DicomSettings:
         outbound_tls_cert=outbound.cert,
         outbound_tls_key=outbound.key,
     )
+
+
+def _check_file(text: str) -> Path:
+    """A mount check file: relative to the store's folder, or absolute (the store's `/` below)."""
+    path = Path(text.strip())
+    if not path.name or path.name in (".", ".."):
+        raise ValueError(text)
+    return path
 
 
 def _boolean(text: str) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from dicom import spool, writeback
+from dicom.config import StoreLimits
 from dicom.spool import SpoolFile
 
 
@@ -52,7 +53,8 @@ def test_a_batch_that_would_leave_less_than_the_reserve_free_is_refused_unwritte
     tmp_path: Path,
 ) -> None:
     free = shutil.disk_usage(tmp_path).free
-    file = SpoolFile(tmp_path, reserve=free + (1 << 40))  # more than this file system has
+    # More than this file system has:
+    file = SpoolFile(tmp_path, StoreLimits(reserve=free + (1 << 40)))
     file.open()
     file.add(b"x" * 4096)
     with pytest.raises(spool.StoreFull) as refused:
@@ -64,11 +66,26 @@ def test_a_batch_that_would_leave_less_than_the_reserve_free_is_refused_unwritte
 
 
 def test_a_batch_that_leaves_the_reserve_free_is_written(tmp_path: Path) -> None:
-    file = SpoolFile(tmp_path, reserve=1)
+    file = SpoolFile(tmp_path, StoreLimits(reserve=1))
     file.open()
     file.add(b"x" * 4096)
     file.write(file.take())
     file.discard()
+
+
+def test_no_spool_file_is_made_while_the_store_s_mount_check_file_is_missing(
+    tmp_path: Path,
+) -> None:
+    check = tmp_path / ".volume"
+    file = SpoolFile(tmp_path, StoreLimits(mount_check=check))
+    with pytest.raises(spool.StoreNotMounted):
+        file.open()
+    assert list(tmp_path.iterdir()) == []
+    check.touch()
+    mounted = SpoolFile(tmp_path, StoreLimits(mount_check=check))
+    mounted.open()
+    mounted.discard()
+    assert spool.pending() == 0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")

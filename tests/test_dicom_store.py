@@ -502,6 +502,26 @@ async def test_a_store_that_would_take_the_reserved_free_space_is_answered_a700_
         assert await asyncio.to_thread(echo, scp.port) == (True, status.SUCCESS)
 
 
+async def test_stores_are_answered_a700_while_the_store_s_mount_check_file_is_missing(
+    module_dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    check = tmp_path / ".volume"
+    check.touch()
+    settings = DicomSettings(storage_check_file=Path(".volume"))
+    async with running_dicom(module_dsn, tmp_path, settings) as scp:
+        check.unlink()  # the volume went away; the folder beneath stays
+        ds = fresh()
+        [answer] = await asyncio.to_thread(store_answers, scp.port, [ds])
+        assert answer.Status == status.OUT_OF_RESOURCES
+        assert answer.ErrorComment == "disk unavailable"
+        assert "the store's volume is not mounted" in caplog.text
+        assert await instance_row(scp.pool, str(ds.SOPInstanceUID)) is None
+        assert temp_files(scp.root) == []
+        check.touch()  # back
+        [again] = await asyncio.to_thread(store, scp.port, [ds])
+        assert again == status.SUCCESS
+
+
 async def test_a_store_reaching_the_reserve_mid_transfer_is_refused_and_the_next_one_stored(
     module_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

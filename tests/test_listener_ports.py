@@ -91,3 +91,25 @@ async def test_a_dicom_store_that_cannot_be_made_ends_serve_at_start_with_one_li
         f"{store}: Not a directory"
     )
     assert not any("Traceback" in line or "Exception Group" in line for line in lines)
+
+
+async def test_a_missing_mount_check_file_ends_serve_at_start_before_the_store_is_made(
+    module_dsn: str, mqtt_url: str, tmp_path: Path
+) -> None:
+    store = tmp_path / "dicom"  # the mount point, its volume not mounted
+    store.mkdir()
+    env = {
+        "QANTARA_DATABASE_URL": module_dsn,
+        "QANTARA_MQTT_URL": mqtt_url,
+        "QANTARA_MQTT_CLIENT_ID": new_client_id(),
+        "QANTARA_DICOM_STORAGE": str(store),
+        "QANTARA_DICOM_STORAGE_CHECK_FILE": ".volume",
+        **{setting: "0" for setting in SETTING.values()},
+    }
+    status, lines = await serve(env)
+    assert status == EXIT_CONFIG, "\n".join(lines[-30:])
+    assert lines[-1] == (
+        f"qantara: configuration error: QANTARA_DICOM_STORAGE_CHECK_FILE: {store / '.volume'} "
+        "does not exist: is the DICOM store's volume mounted?"
+    )
+    assert list(store.iterdir()) == []  # nothing written to the disk beneath

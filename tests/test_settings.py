@@ -153,6 +153,16 @@ def test_dicom_orphan_sweep_timings_are_settings() -> None:
     assert (dicom.orphan_age, dicom.orphan_lookback, dicom.sweep_interval) == (1800, 604800, 60)
 
 
+def test_dicom_mount_check_file_is_off_unless_named_and_relative_to_the_store() -> None:
+    assert Settings.load({}).dicom.limits().mount_check is None
+    dicom = Settings.load(
+        {"QANTARA_DICOM_STORAGE": "/srv/dicom", "QANTARA_DICOM_STORAGE_CHECK_FILE": ".volume"}
+    ).dicom
+    assert dicom.limits().mount_check == Path("/srv/dicom/.volume")
+    with pytest.raises(ConfigError, match="QANTARA_DICOM_STORAGE_CHECK_FILE"):
+        Settings.load({"QANTARA_DICOM_STORAGE_CHECK_FILE": ".."})
+
+
 def test_dicom_store_keeps_a_gibibyte_free_unless_told_otherwise() -> None:
     assert Settings.load({}).dicom.min_free_space == 1 << 30
     told = Settings.load({"QANTARA_DICOM_MIN_FREE_SPACE": "20GiB"}).dicom.min_free_space
