@@ -185,12 +185,9 @@ class DicomServer:
         self._store = store
         self._finder = finder
         self._holder = holder
-        try:
-            self._outbound_tls = listener_tls("DICOM outbound", settings.outbound_ssl_context)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise ConfigError(
-                f"QANTARA_DICOM_OUTBOUND_TLS_*: cannot be loaded ({type(exc).__name__})"
-            ) from exc
+        self._outbound_tls = listener_tls(
+            "DICOM outbound", settings.outbound_ssl_context, "QANTARA_DICOM_OUTBOUND_TLS_*"
+        )
         self._reports = Reports(
             reports,
             settings.report_address,
@@ -262,9 +259,10 @@ class DicomServer:
             ) from exc
         if (took := time.perf_counter() - opening) > SLOW_OPEN_SECONDS:
             logger.warning("DICOM store took %.1f s to open (folder fsyncs, temp sweep)", took)
+        s = self._settings
+        self._tls = listener_tls("dicom", s.ssl_context, "QANTARA_DICOM_TLS_*")
         self._metrics.init_reasons("dicom", [*REJECT_REASONS, "storage-refused"])
         self._metrics.dicom_associations.set(0)
-        s = self._settings
         self._workers = concurrent.futures.ThreadPoolExecutor(
             self._file_threads or min(32, 2 * s.max_associations + 2),
             thread_name_prefix="dicom-file",
@@ -280,7 +278,6 @@ class DicomServer:
         self._runner = asyncio.create_task(self._run(ready), name="dicom-listener")
         await ready.wait()
         loop = asyncio.get_running_loop()
-        self._tls = listener_tls("dicom", s.ssl_context)
         factory = self._connect if self._tls is None else self._connect_tls
         try:
             self._listener = await loop.create_server(factory, self._bind, s.port)

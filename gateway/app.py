@@ -165,7 +165,9 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
         # With a certificate, the handshakes are the gateway's own (`gateway.https`): told when
         # they fail, and the files read again on SIGHUP.
         http_tls = listener_tls(
-            "http", lambda: server_context(settings.http.tls_cert, settings.http.tls_key, None)
+            "http",
+            lambda: server_context(settings.http.tls_cert, settings.http.tls_key, None),
+            "QANTARA_HTTP_TLS_CERT, _KEY",
         )
         http_handshakes = GroupTasks("http-tls-handshake")
         server = _EmbeddedServer(

@@ -187,7 +187,7 @@ class MllpServer:
     async def run(self) -> None:
         """Listen until `stop()`, then let open connections answer what they received."""
         s = self._settings
-        self._tls = listener_tls("mllp", s.ssl_context)
+        self._tls = listener_tls("mllp", s.ssl_context, "QANTARA_MLLP_TLS_*")
         backlog = min(1024, max(16, s.max_connections))
         async with asyncio.TaskGroup() as handshakes:
             self._handshakes.open(handshakes)

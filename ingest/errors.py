@@ -40,5 +40,7 @@ class ListenerError(QantaraError):
 
     @classmethod
     def binding(cls, listener: str, host: str, port: int, exc: OSError) -> ListenerError:
-        why = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+        # A name that does not resolve is a socket.gaierror, whose errno (EAI_*) is not one
+        # os.strerror knows: its own strerror says it ("Name or service not known").
+        why = exc.strerror or (os.strerror(exc.errno) if exc.errno else type(exc).__name__)
         return cls(listener, host, port, why)

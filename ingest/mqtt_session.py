@@ -31,6 +31,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from ingest.errors import ConfigError
+from ingest.tls import load_failure
+
 MqttError = aiomqtt.MqttError
 
 
@@ -182,6 +185,15 @@ class Session:
         self._open = False
 
 
+def client_context(ca_file: str | None) -> ssl.SSLContext:
+    """The context of `mqtts://`: the broker's certificate checked against `ca_file`, or the
+    system's CAs without it. Raises ConfigError when the file cannot be loaded."""
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError(f"QANTARA_MQTT_CA_FILE: cannot be loaded ({load_failure(exc)})") from exc
+
+
 @asynccontextmanager
 async def connect(settings: MqttSettings, generation: int) -> AsyncIterator[Session]:
     """Connect with a persistent session (fixed client id, clean start off, session expiry)."""
@@ -195,7 +207,7 @@ async def connect(settings: MqttSettings, generation: int) -> AsyncIterator[Sess
         properties.ReceiveMaximum = settings.receive_maximum
     tls_context: ssl.SSLContext | None = None
     if settings.tls:
-        tls_context = ssl.create_default_context(cafile=settings.ca_file)
+        tls_context = client_context(settings.ca_file)
     client = _FlowControlledClient(
         settings.host,
         settings.port,

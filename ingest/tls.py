@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, cast
 
+from ingest.errors import ConfigError
 from monitoring.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -126,10 +128,27 @@ class ListenerTls:
         return True
 
 
-def listener_tls(listener: str, load: LoadContext) -> ListenerTls | None:
-    """The listener's TLS, or None for plain TCP (no certificate configured)."""
-    context = load()
+def listener_tls(listener: str, load: LoadContext, settings: str) -> ListenerTls | None:
+    """The listener's TLS, or None for plain TCP (no certificate configured). Raises
+    ConfigError naming `settings` (the variables of its files) when they cannot be loaded: a
+    file that is no PEM, a key that is not the certificate's."""
+    try:
+        context = load()
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError(
+            f"{settings}: cannot be loaded ({load_failure(exc)}); each must be a PEM file, "
+            "the key the certificate's"
+        ) from exc
     return None if context is None else ListenerTls(listener, context, load)
+
+
+def load_failure(exc: OSError | ValueError) -> str:
+    """What went wrong with a TLS file, in OpenSSL's or the system's words."""
+    if isinstance(exc, ssl.SSLError):  # "[SSL] PEM lib (_ssl.c:3905)": not where in CPython
+        return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", exc.strerror or str(exc))
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc.strerror)
+    return type(exc).__name__
 
 
 class _UntilMade(asyncio.Protocol):

@@ -56,7 +56,7 @@ async def running_https(
     cert: Path, key: Path, *, within: float = 5.0
 ) -> AsyncIterator[RunningHttps]:
     """uvicorn with `https_protocol` on a free port, its handshakes in a task group of ours."""
-    tls = listener_tls("http", lambda: server_context(cert, key, None))
+    tls = listener_tls("http", lambda: server_context(cert, key, None), "QANTARA_HTTP_TLS_*")
     assert tls is not None
     metrics = Metrics()
     handshakes = GroupTasks("http-tls-handshake")

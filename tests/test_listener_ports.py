@@ -1,6 +1,7 @@
 """A listener that cannot take its port ends `qantara serve` at start: one line, exit status 5,
 within seconds, whichever listener it is and whatever the others were doing then. A DICOM store
-that cannot be opened ends it the same way, as a configuration error (exit status 2)."""
+that cannot be opened, TLS files that cannot be loaded end it the same way, as a configuration
+error (exit status 2)."""
 
 from __future__ import annotations
 
@@ -113,3 +114,34 @@ async def test_a_missing_mount_check_file_ends_serve_at_start_before_the_store_i
         "does not exist: is the DICOM store's volume mounted?"
     )
     assert list(store.iterdir()) == []  # nothing written to the disk beneath
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        (("QANTARA_HTTP_TLS_CERT", "QANTARA_HTTP_TLS_KEY"), "QANTARA_HTTP_TLS_CERT, _KEY"),
+        (("QANTARA_MLLP_TLS_CERT", "QANTARA_MLLP_TLS_KEY"), "QANTARA_MLLP_TLS_*"),
+        (("QANTARA_DICOM_TLS_CERT", "QANTARA_DICOM_TLS_KEY"), "QANTARA_DICOM_TLS_*"),
+        (("QANTARA_MQTT_CA_FILE",), "QANTARA_MQTT_CA_FILE"),
+    ],
+    ids=["http", "mllp", "dicom", "mqtt"],
+)
+async def test_tls_files_that_are_no_pem_end_serve_at_start_with_one_line_and_status_2(
+    settings: tuple[str, ...], named: str, module_dsn: str, mqtt_url: str, tmp_path: Path
+) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a PEM file\n")
+    env = {
+        "QANTARA_DATABASE_URL": module_dsn,
+        "QANTARA_MQTT_URL": mqtt_url,
+        "QANTARA_MQTT_CLIENT_ID": new_client_id(),
+        "QANTARA_DICOM_STORAGE": str(tmp_path / "dicom"),
+        **{setting: "0" for setting in SETTING.values()},
+        **{setting: str(garbage) for setting in settings},
+    }
+    if named == "QANTARA_MQTT_CA_FILE":
+        env["QANTARA_MQTT_URL"] = mqtt_url.replace("mqtt://", "mqtts://", 1)
+    status, lines = await serve(env)
+    assert status == EXIT_CONFIG, "\n".join(lines[-30:])
+    assert lines[-1].startswith(f"qantara: configuration error: {named}: cannot be loaded (")
+    assert not any("Traceback" in line or "Exception Group" in line for line in lines)
