@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from ingest.errors import ConfigError
 from ingest.tls import server_context
 
 
@@ -86,6 +87,16 @@ class DicomSettings:
         """What each received file checks before it is written (`dicom.spool`)."""
         check = self.storage_check_file
         return StoreLimits(self.min_free_space, None if check is None else self.storage / check)
+
+    def require_mounted(self) -> None:
+        """Raise ConfigError when the store's mount check file is missing: its volume is not
+        mounted, and its folder is the disk beneath (blocking: a `stat`)."""
+        check = self.limits().mount_check
+        if check is not None and not check.exists():
+            raise ConfigError(
+                f"QANTARA_DICOM_STORAGE_CHECK_FILE: {check} does not exist: is the DICOM "
+                "store's volume mounted?"
+            )
 
     def report_address(self, ae_title: str) -> AeAddress | None:
         return next((a for a in self.report_addresses if a.ae_title == ae_title), None)

@@ -243,13 +243,8 @@ class DicomServer:
         store's mount check file is missing or the store cannot be opened (its folder cannot be
         made, read or swept), ListenerError when the port cannot be bound."""
         opening = time.perf_counter()
-        check = self._settings.limits().mount_check
-        if check is not None and not await asyncio.to_thread(check.exists):
-            # Before the store opens: it would make its folders on the disk beneath.
-            raise ConfigError(
-                f"QANTARA_DICOM_STORAGE_CHECK_FILE: {check} does not exist: is the DICOM "
-                "store's volume mounted?"
-            )
+        # Before the store opens: it would make its folders on the disk beneath.
+        await asyncio.to_thread(self._settings.require_mounted)
         try:
             await asyncio.to_thread(self._store.open)
         except OSError as exc:

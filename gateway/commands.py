@@ -218,6 +218,8 @@ def _store_root(settings: Settings) -> Path:
     root = settings.dicom.storage
     if not root.is_dir():
         raise ConfigError(f"QANTARA_DICOM_STORAGE: {root} is not a folder")
+    # Unmounted, the volume's files would all be reported missing, or none found unindexed.
+    settings.dicom.require_mounted()
     return root
 
 

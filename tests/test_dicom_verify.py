@@ -369,6 +369,23 @@ def test_the_command_refuses_a_store_folder_that_does_not_exist(
     assert "QANTARA_DICOM_STORAGE" in stderr
 
 
+def test_the_command_refuses_a_store_whose_volume_s_mount_check_file_is_missing(
+    fresh_dsn: str, tmp_path: Path
+) -> None:
+    env = {
+        "QANTARA_DATABASE_URL": fresh_dsn,
+        "QANTARA_DICOM_STORAGE": str(tmp_path),  # the mount point, its volume not mounted
+        "QANTARA_DICOM_STORAGE_CHECK_FILE": ".volume",
+    }
+    for command in ("verify", "reindex"):
+        result = qantara("dicom", command, env=env)
+        assert result.returncode == 2
+        assert result.stderr.strip() == (
+            f"qantara: configuration error: QANTARA_DICOM_STORAGE_CHECK_FILE: "
+            f"{tmp_path / '.volume'} does not exist: is the DICOM store's volume mounted?"
+        )
+
+
 @pytest.mark.parametrize("since", ["yesterday", "7w", "2026-13-01"])
 def test_the_command_refuses_a_since_it_cannot_read(since: str) -> None:
     result = qantara("dicom", "verify", "--since", since)
