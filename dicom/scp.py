@@ -122,7 +122,7 @@ class _DiskError(Exception):
 
     def __init__(self, step: str, cause: OSError, relative: str | None = None) -> None:
         super().__init__(f"{step} failed: {_why(cause)}")
-        self.full = cause.errno == errno.ENOSPC
+        self.full = cause.errno in (errno.ENOSPC, errno.EDQUOT)  # the disk, or our quota
         self.relative = relative
 
 
