@@ -39,6 +39,7 @@ import errno
 import functools
 import logging
 import os
+import shutil
 import ssl
 import time
 from collections.abc import Callable
@@ -254,6 +255,7 @@ class DicomServer:
             ) from exc
         if (took := time.perf_counter() - opening) > SLOW_OPEN_SECONDS:
             logger.warning("DICOM store took %.1f s to open (folder fsyncs, temp sweep)", took)
+        await asyncio.to_thread(_warn_of_reserve, self._store.root, self._settings.min_free_space)
         s = self._settings
         self._tls = listener_tls("dicom", s.ssl_context, "QANTARA_DICOM_TLS_*")
         self._metrics.init_reasons("dicom", [*REJECT_REASONS, "storage-refused"])
@@ -748,6 +750,28 @@ class DicomServer:
     async def sweep_orphans(self, candidates: list[str]) -> int:
         """Remove those of `candidates` no index row names (`OrphanSweep.sweep`); how many went."""
         return await self._orphans.sweep(candidates)
+
+
+def _warn_of_reserve(root: Path, reserve: int) -> None:
+    """Say at start when the store's free space is already at its reserve: every C-STORE would
+    be answered 0xA700 "disk full", with nothing else to tell why until the first one."""
+    if not reserve:
+        return
+    usage = shutil.disk_usage(root)
+    if usage.total <= reserve:
+        logger.error(
+            "DICOM store's file system holds %d MiB, not more than its reserve of %d MiB "
+            "(QANTARA_DICOM_MIN_FREE_SPACE): every C-STORE is answered 0xA700",
+            usage.total >> 20,
+            reserve >> 20,
+        )
+    elif usage.free <= reserve:
+        logger.warning(
+            "DICOM store has %d MiB free, within its reserve of %d MiB "
+            "(QANTARA_DICOM_MIN_FREE_SPACE): C-STOREs are answered 0xA700 until space is freed",
+            usage.free >> 20,
+            reserve >> 20,
+        )
 
 
 def _started(

@@ -497,9 +497,21 @@ async def test_a_store_that_would_take_the_reserved_free_space_is_answered_a700_
         assert scp.metrics.sample("qantara_dicom_unavailable_total", {"cause": "disk"}) == 1
         assert scp.metrics.sample("qantara_dicom_storage_reserved_bytes") == reserve
         assert "free space at the reserve (QANTARA_DICOM_MIN_FREE_SPACE" in caplog.text
+        assert "not more than its reserve" in caplog.text  # said at start already
         await wait_until(lambda: spool.pending() == 0 and not temp_files(scp.root), timeout=10)
         assert stored_files(scp.root) == []
         assert await asyncio.to_thread(echo, scp.port) == (True, status.SUCCESS)
+
+
+async def test_a_store_already_within_its_reserve_at_start_says_so(
+    module_dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    usage = shutil.disk_usage(tmp_path)
+    reserve = usage.free + (usage.total - usage.free) // 2  # more than is free, less than all
+    async with running_dicom(module_dsn, tmp_path, DicomSettings(min_free_space=reserve)):
+        pass
+    assert "within its reserve" in caplog.text
+    assert "(QANTARA_DICOM_MIN_FREE_SPACE): C-STOREs are answered 0xA700" in caplog.text
 
 
 async def test_stores_are_answered_a700_while_the_store_s_mount_check_file_is_missing(
