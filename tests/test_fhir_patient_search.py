@@ -85,13 +85,24 @@ async def test_name_matches_the_given_name_without_accents(
     assert cins(await search(client, reader, {"name": f"{given}ine"})) == {cin}
 
 
-async def test_arabic_name_is_matched_as_written_by_prefix(
+async def test_arabic_name_is_matched_by_prefix_not_by_other_letters(
     mllp: MllpServer, client: httpx.AsyncClient, reader: dict[str, str]
 ) -> None:
     suffix = "".join(secrets.choice("ابتثجحخدذرزسشصضطظعغفقكلمنهوي") for _ in range(6))
     cin = await admit(mllp, f"بن{suffix}^فاطمة")
     assert cins(await search(client, reader, {"name": f"بن{suffix[:3]}"})) == {cin}
     assert cins(await search(client, reader, {"name": f"ين{suffix}"})) == set()
+
+
+async def test_arabic_name_matches_whatever_its_hamza_teh_marbuta_and_short_vowels(
+    mllp: MllpServer, client: httpx.AsyncClient, reader: dict[str, str]
+) -> None:
+    suffix = "".join(secrets.choice("بتثجحخدذرزسشصضطظعغفقكلمنوي") for _ in range(6))
+    cin = await admit(mllp, f"أ{suffix}^{suffix}ة")  # as one hospital writes it
+    # Bare alef, alef with hamza below or a fatha, heh: Arabic letters, not Latin look-alikes.
+    variants = (f"ا{suffix}", f"إ{suffix[:3]}", f"أَ{suffix}", f"{suffix}ه", f"{suffix}ة")  # noqa: RUF001
+    for query in variants:
+        assert cins(await search(client, reader, {"name": query})) == {cin}, query
 
 
 async def test_name_alternatives_separated_by_commas_match_either(
