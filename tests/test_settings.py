@@ -159,6 +159,8 @@ def test_dicom_mount_check_file_is_off_unless_named_and_relative_to_the_store() 
         {"QANTARA_DICOM_STORAGE": "/srv/dicom", "QANTARA_DICOM_STORAGE_CHECK_FILE": ".volume"}
     ).dicom
     assert dicom.limits().mount_check == Path("/srv/dicom/.volume")
+    elsewhere = Settings.load({"QANTARA_DICOM_STORAGE_CHECK_FILE": "/mnt/pacs/.mounted"}).dicom
+    assert elsewhere.limits().mount_check == Path("/mnt/pacs/.mounted")
     with pytest.raises(ConfigError, match="QANTARA_DICOM_STORAGE_CHECK_FILE"):
         Settings.load({"QANTARA_DICOM_STORAGE_CHECK_FILE": ".."})
 
