@@ -29,9 +29,10 @@ would at the last byte. The listener answers 0xA700 then as for a full disk, whi
 stays for what shares the file system (PostgreSQL's WAL, the logs): a flood of images must not
 stop the vitals and the lab results. The last batch of a dataset may take the free space below
 the reserve by at most its size (`SPOOL_BATCH`, 1 MiB) per association; a batch is checked
-whole, not byte by byte. With a `mount_check` file, `open` first checks that it exists (a
-`stat`): without it the store's volume is taken for unmounted (`StoreNotMounted`), and nothing
-is written to the folder beneath.
+whole, not byte by byte. With a `mount_check` file, `open` and `finish` check that it exists (a
+`stat` each): without it the store's volume is taken for unmounted (`StoreNotMounted`), and
+nothing is written, nor any folder made, in the folder beneath (a file opened one C-STORE ahead,
+before the volume went, is refused at its `finish`).
 
 `pending()` counts the spool files open in this process (tests check none is left behind).
 """
@@ -115,9 +116,7 @@ class SpoolFile:
         global _open
         if self._fd is not None or self._ended:
             raise ValueError("spool file already opened, finished or discarded")
-        check = self._limits.mount_check
-        if check is not None and not check.exists():
-            raise StoreNotMounted(check)
+        self._check_mounted()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         with _lock:
             _open += 1
@@ -167,12 +166,19 @@ class SpoolFile:
     def finish(self) -> tuple[bytes, int, int]:
         """The SHA-256 and size of what was added, and a duplicate of the descriptor for the
         fsync (the caller closes it); the spool file itself is closed. Everything added must
-        have been written."""
+        have been written. Raises `StoreNotMounted` when the mount check file is gone since the
+        file was opened (it is then not taken into the store)."""
         if self._fd is None:
             raise ValueError("spool file not open")
+        self._check_mounted()
         fd = os.dup(self._fd)
         self._close()
         return self._digest.digest(), self._size, fd
+
+    def _check_mounted(self) -> None:
+        check = self._limits.mount_check
+        if check is not None and not check.exists():
+            raise StoreNotMounted(check)
 
     def discard(self) -> None:
         """Close and remove an unfinished transfer's file, if it was created (best effort)."""

@@ -88,6 +88,20 @@ def test_no_spool_file_is_made_while_the_store_s_mount_check_file_is_missing(
     assert spool.pending() == 0
 
 
+def test_a_spool_file_begun_before_the_volume_went_is_not_finished(tmp_path: Path) -> None:
+    check = tmp_path / ".volume"
+    check.touch()
+    file = SpoolFile(tmp_path, StoreLimits(mount_check=check))
+    file.open()  # one C-STORE ahead, the volume still there
+    file.add(b"x" * 4096)
+    file.write(file.take())
+    check.unlink()
+    with pytest.raises(spool.StoreNotMounted):
+        file.finish()
+    file.discard()
+    assert spool.pending() == 0
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
 def test_writeback_of_written_pages_is_started_on_linux(tmp_path: Path) -> None:
     assert writeback.AVAILABLE
