@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
         "QANTARA_MIGRATE_DATABASE_URL (default: QANTARA_DATABASE_URL); when that user may not "
         "apply them (a runtime role of least privilege), or with --no-migrate, serve refuses "
         "to start on a schema with pending migrations (exit status 4). A port in use (HTTP, "
-        "MLLP or DICOM) ends it at start with one line, exit status 5. SIGTERM drains and "
+        "MLLP or DICOM) ends it at start with one line, exit status 5; TLS files that do not "
+        "load, a DICOM store that cannot be opened or whose QANTARA_DICOM_STORAGE_CHECK_FILE is "
+        "missing (its volume not mounted), with one line, exit status 2. C-STOREs leave "
+        "QANTARA_DICOM_MIN_FREE_SPACE of the store's disk free. SIGTERM drains and "
         "stops; SIGHUP makes the HTTP, MLLP and DICOM listeners, and the DICOM outbound "
         "associations (QANTARA_DICOM_OUTBOUND_TLS_*), read their TLS files again.",
     )
