@@ -234,7 +234,10 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
                 )
                 await _start_dicom(dicom, gateway, settings)
                 storage_watch = group.create_task(  # after start: the store's folder exists
-                    _watch_storage(metrics, settings.dicom.storage), name="storage-watch"
+                    _watch_storage(
+                        metrics, settings.dicom.storage, settings.dicom.limits().mount_check
+                    ),
+                    name="storage-watch",
                 )
                 await _announce_mllp(mllp, gateway, settings)
                 await _announce(server, gateway, settings)
@@ -448,14 +451,15 @@ async def _upkeep(
                 last_partitions = loop_time
 
 
-async def _watch_storage(metrics: Metrics, path: Path) -> None:
-    """The DICOM store's free and total bytes, measured now and every 30 s.
+async def _watch_storage(metrics: Metrics, path: Path, mount_check: Path | None) -> None:
+    """The DICOM store's free and total bytes, and whether its volume is mounted (with a mount
+    check file), measured now and every 30 s.
 
     In a thread and in its own task: a network file system may answer slowly, and must not hold
     the upkeep of readiness.
     """
     while True:
-        await asyncio.to_thread(record_storage_usage, metrics, path)
+        await asyncio.to_thread(record_storage_usage, metrics, path, mount_check)
         await asyncio.sleep(STORAGE_CHECK_INTERVAL)
 
 

@@ -83,12 +83,16 @@ def record_readiness(metrics: Metrics, checks: Mapping[str, bool]) -> bool:
     return ready
 
 
-def record_storage_usage(metrics: Metrics, path: Path) -> bool:
+def record_storage_usage(metrics: Metrics, path: Path, mount_check: Path | None = None) -> bool:
     """Set the DICOM store's free and total bytes from its file system; False if unreadable.
+    With `mount_check` (`QANTARA_DICOM_STORAGE_CHECK_FILE`), also whether its volume is mounted:
+    unmounted, the bytes are those of the disk beneath.
 
     Free is what an unprivileged process may still write (`statvfs` `f_bavail`), the figure
     that matters to the gateway's non-root user. Blocking: call it from a thread.
     """
+    if mount_check is not None:
+        metrics.storage_mounted(mount_check.exists())
     try:
         usage = shutil.disk_usage(path)
     except OSError as exc:

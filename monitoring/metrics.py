@@ -334,6 +334,7 @@ class Metrics:
             "Size in bytes of the file system of the DICOM store.",
             registry=r,
         )
+        self._dicom_storage_mounted: Gauge | None = None  # `storage_mounted`
         self.dicom_storage_reserved = Gauge(
             "qantara_dicom_storage_reserved_bytes",
             "Free bytes of the DICOM store's file system that C-STOREs leave "
@@ -357,6 +358,18 @@ class Metrics:
         """Create the rejection series of known reasons, at zero."""
         for reason in reasons:
             self.rejected.labels(protocol, reason)
+
+    def storage_mounted(self, mounted: bool) -> None:
+        """Set `qantara_dicom_storage_mounted`, registered at its first use: a gateway without a
+        mount check file does not export it (a 0 there would read as a volume gone)."""
+        if self._dicom_storage_mounted is None:
+            self._dicom_storage_mounted = Gauge(
+                "qantara_dicom_storage_mounted",
+                "1 while the DICOM store's mount check file (QANTARA_DICOM_STORAGE_CHECK_FILE) "
+                "exists, 0 when its volume is not mounted (C-STOREs answered 0xA700).",
+                registry=self.registry,
+            )
+        self._dicom_storage_mounted.set(1 if mounted else 0)
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float | None:
         """The current value of one series (tests and readiness)."""

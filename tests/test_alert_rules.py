@@ -158,6 +158,19 @@ def test_storage_usage_sets_free_and_total_bytes_of_the_store_s_file_system(
     assert 0 < free <= usage.total
 
 
+def test_storage_usage_says_whether_the_store_s_volume_is_mounted(tmp_path: Path) -> None:
+    metrics = Metrics()
+    check = tmp_path / ".volume"
+    record_storage_usage(metrics, tmp_path)
+    assert metrics.sample("qantara_dicom_storage_mounted") is None  # no check: not exported
+    check.touch()
+    record_storage_usage(metrics, tmp_path, check)
+    assert metrics.sample("qantara_dicom_storage_mounted") == 1
+    check.unlink()
+    record_storage_usage(metrics, tmp_path, check)
+    assert metrics.sample("qantara_dicom_storage_mounted") == 0
+
+
 def test_storage_usage_of_a_missing_folder_leaves_the_gauges_alone(tmp_path: Path) -> None:
     metrics = Metrics()
     assert record_storage_usage(metrics, tmp_path / "missing") is False
