@@ -326,34 +326,30 @@ async def test_find_at_study_level_matches_dates_and_wildcards(
     assert list(match.ModalitiesInStudy) == ["CR"] or match.ModalitiesInStudy == "CR"
 
 
-@pytest.mark.parametrize("name", ["Benani^Hélène*", "benani^helene", "BENANI*", "ben?ni^h*"])
-async def test_find_matches_a_person_name_whatever_its_case_and_accents(
-    scp: RunningDicom, name: str
+LATIN = "BENANI^HELENE"  # as a modality's worklist often has it
+ARABIC = "أحمد^فاطمة"
+
+
+@pytest.mark.parametrize(
+    ("stored", "name"),
+    [
+        *((LATIN, name) for name in ("Benani^Hélène*", "benani^helene", "BENANI*", "ben?ni^h*")),
+        # Bare alef for hamza or madda, heh for teh marbuta, short vowels (fatha, sukun) ignored.
+        *((ARABIC, name) for name in ("احمد^فاطمه", ARABIC, "آحمد^فاطمة", "أَحْمَد*", "احمد*")),
+    ],
+)
+async def test_find_matches_a_person_name_whatever_its_case_accents_and_arabic_variants(
+    scp: RunningDicom, stored: str, name: str
 ) -> None:
     pid = f"CASE-{secrets.token_hex(3)}"
-    sent = ct(pid, PatientName="BENANI^HELENE")  # as a modality's worklist often has it
+    sent = ct(pid, SpecificCharacterSet="ISO_IR 192", PatientName=stored)
     assert await asyncio.to_thread(store, scp.port, [sent]) == [status.SUCCESS]
     identifier = query("STUDY", PatientID=pid, PatientName=name, StudyInstanceUID="")
     identifier.SpecificCharacterSet = "ISO_IR 192"
     found, final = await asyncio.to_thread(c_find, scp.port, identifier, STUDY_ROOT_FIND)
     assert final == status.SUCCESS
     [match] = found
-    assert str(match.PatientName) == "BENANI^HELENE"  # answered as stored
-
-
-@pytest.mark.parametrize("name", ["احمد^فاطمه", "أحمد^فاطمة", "آحمد^فاطمة", "أَحْمَد*", "احمد*"])
-async def test_find_matches_an_arabic_name_whatever_its_hamza_teh_marbuta_and_vowels(
-    scp: RunningDicom, name: str
-) -> None:
-    pid = f"AR-{secrets.token_hex(3)}"
-    sent = ct(pid, SpecificCharacterSet="ISO_IR 192", PatientName="أحمد^فاطمة")
-    assert await asyncio.to_thread(store, scp.port, [sent]) == [status.SUCCESS]
-    identifier = query("STUDY", PatientID=pid, PatientName=name, StudyInstanceUID="")
-    identifier.SpecificCharacterSet = "ISO_IR 192"
-    found, final = await asyncio.to_thread(c_find, scp.port, identifier, STUDY_ROOT_FIND)
-    assert final == status.SUCCESS
-    [match] = found
-    assert str(match.PatientName) == "أحمد^فاطمة"  # answered as stored
+    assert str(match.PatientName) == stored  # answered as stored
 
 
 async def test_find_by_person_name_does_not_match_another_name(scp: RunningDicom) -> None:
