@@ -180,6 +180,7 @@ class DicomServer:
         file_threads: int | None = None,
     ) -> None:
         self._settings = settings
+        self._limits = settings.limits()  # what each received file checks, the same for all
         self._file_threads = file_threads
         self._bind = bind
         self._pipeline = pipeline
@@ -400,7 +401,7 @@ class DicomServer:
             await link.send(link.endpoint.accept(answer))
             link.pump()  # what arrived while we decided
             queue = SerialQueue(_started(self._spoolers))
-            spools = Spools(self._store.tmp, queue, self._settings.limits())
+            spools = Spools(self._store.tmp, queue, self._limits)
             try:
                 await self._serve(link, calling, spools)
             finally:
