@@ -53,17 +53,22 @@ async def serve(env: dict[str, str]) -> tuple[int | None, list[str]]:
     return proc.returncode, output.decode(errors="replace").splitlines()
 
 
+def gateway_env(dsn: str, mqtt_url: str, store: Path) -> dict[str, str]:
+    """A gateway's settings on this test's database, broker and DICOM store, every port 0."""
+    return {
+        "QANTARA_DATABASE_URL": dsn,
+        "QANTARA_MQTT_URL": mqtt_url,
+        "QANTARA_MQTT_CLIENT_ID": new_client_id(),
+        "QANTARA_DICOM_STORAGE": str(store),
+        **{setting: "0" for setting in SETTING.values()},
+    }
+
+
 @pytest.mark.parametrize("listener", ["http", "mllp", "dicom"])
 async def test_a_port_in_use_ends_serve_at_start_with_one_line_and_status_5(
     listener: str, module_dsn: str, mqtt_url: str, tmp_path: Path
 ) -> None:
-    env = {
-        "QANTARA_DATABASE_URL": module_dsn,
-        "QANTARA_MQTT_URL": mqtt_url,
-        "QANTARA_MQTT_CLIENT_ID": new_client_id(),
-        "QANTARA_DICOM_STORAGE": str(tmp_path / "dicom"),
-        **{setting: "0" for setting in SETTING.values()},
-    }
+    env = gateway_env(module_dsn, mqtt_url, tmp_path / "dicom")
     with taken_port() as port:
         status, lines = await serve({**env, SETTING[listener]: str(port)})
     assert status == EXIT_LISTEN, "\n".join(lines[-30:])
@@ -78,14 +83,7 @@ async def test_a_dicom_store_that_cannot_be_made_ends_serve_at_start_with_one_li
 ) -> None:
     (tmp_path / "a-file").write_text("not a folder")
     store = tmp_path / "a-file" / "dicom"
-    env = {
-        "QANTARA_DATABASE_URL": module_dsn,
-        "QANTARA_MQTT_URL": mqtt_url,
-        "QANTARA_MQTT_CLIENT_ID": new_client_id(),
-        "QANTARA_DICOM_STORAGE": str(store),
-        **{setting: "0" for setting in SETTING.values()},
-    }
-    status, lines = await serve(env)
+    status, lines = await serve(gateway_env(module_dsn, mqtt_url, store))
     assert status == EXIT_CONFIG, "\n".join(lines[-30:])
     assert lines[-1] == (
         f"qantara: configuration error: QANTARA_DICOM_STORAGE: cannot open the DICOM store "
@@ -99,15 +97,8 @@ async def test_a_missing_mount_check_file_ends_serve_at_start_before_the_store_i
 ) -> None:
     store = tmp_path / "dicom"  # the mount point, its volume not mounted
     store.mkdir()
-    env = {
-        "QANTARA_DATABASE_URL": module_dsn,
-        "QANTARA_MQTT_URL": mqtt_url,
-        "QANTARA_MQTT_CLIENT_ID": new_client_id(),
-        "QANTARA_DICOM_STORAGE": str(store),
-        "QANTARA_DICOM_STORAGE_CHECK_FILE": ".volume",
-        **{setting: "0" for setting in SETTING.values()},
-    }
-    status, lines = await serve(env)
+    env = gateway_env(module_dsn, mqtt_url, store)
+    status, lines = await serve({**env, "QANTARA_DICOM_STORAGE_CHECK_FILE": ".volume"})
     assert status == EXIT_CONFIG, "\n".join(lines[-30:])
     assert lines[-1] == (
         f"qantara: configuration error: QANTARA_DICOM_STORAGE_CHECK_FILE: {store / '.volume'} "
@@ -131,14 +122,8 @@ async def test_tls_files_that_are_no_pem_end_serve_at_start_with_one_line_and_st
 ) -> None:
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a PEM file\n")
-    env = {
-        "QANTARA_DATABASE_URL": module_dsn,
-        "QANTARA_MQTT_URL": mqtt_url,
-        "QANTARA_MQTT_CLIENT_ID": new_client_id(),
-        "QANTARA_DICOM_STORAGE": str(tmp_path / "dicom"),
-        **{setting: "0" for setting in SETTING.values()},
-        **{setting: str(garbage) for setting in settings},
-    }
+    env = gateway_env(module_dsn, mqtt_url, tmp_path / "dicom")
+    env |= {setting: str(garbage) for setting in settings}
     if named == "QANTARA_MQTT_CA_FILE":
         env["QANTARA_MQTT_URL"] = mqtt_url.replace("mqtt://", "mqtts://", 1)
     status, lines = await serve(env)
