@@ -38,6 +38,7 @@ import asyncpg
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
+from simulators.association_outcome import associate
 from simulators.lab import LabConfig, LabReport, run_lab
 from simulators.modality import SOP_CLASSES, study_datasets
 from simulators.outbox import Outbox
@@ -368,10 +369,10 @@ def _send_studies(
             patient, sender.modality, CHARSETS[study % len(CHARSETS)], rng, datetime.now(UTC)
         )
         study += 1
-        assoc = ae.associate(cfg.host, cfg.dicom_port, ae_title=cfg.called_ae)
-        if not assoc.is_established:
+        assoc, no_association = associate(ae, cfg.host, cfg.dicom_port, ae_title=cfg.called_ae)
+        if no_association is not None:
             sender.sent += len(datasets)
-            sender.statuses["association refused"] += len(datasets)
+            sender.statuses[no_association] += len(datasets)
             continue
         try:
             for ds in datasets:

@@ -30,6 +30,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, gen
 from pynetdicom import AE, evt
 
 from dicom.sop_classes import STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE
+from simulators.association_outcome import associate
 from simulators.population import REGIONS, Patient, Population, Sex
 from simulators.tls_client import pynetdicom_tls_args
 
@@ -86,16 +87,20 @@ class ModalityReport:
     sent: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
-    refused: bool = False
+    no_association: str | None = None  # why not, when the association was not established
     aborted: bool = False  # the association ended under the simulator (gateway gone, A-ABORT)
     stored: list[tuple[str, str]] = field(default_factory=list)  # SOP Class, Instance of 0x0000
     commit_status: str | None = None  # the N-ACTION-RSP's, when asked
     committed: int | None = None  # from the report; None: no report came
     report_on_port: bool = False  # the report was awaited on our own port
 
+    @property
+    def refused(self) -> bool:
+        return self.no_association is not None
+
     def summary(self) -> str:
-        if self.refused:
-            return "association refused"
+        if self.no_association is not None:
+            return self.no_association
         parts = ", ".join(f"{code}: {n}" for code, n in sorted(self.statuses.items()))
         rate = self.sent / self.seconds if self.seconds else 0.0
         line = f"sent {self.sent} instance(s) in {self.seconds:.1f}s ({rate:.1f}/s); {parts}"
@@ -326,15 +331,15 @@ def _send_studies(
     population = Population(date.today())  # noqa: DTZ011 - birth dates relative to today
     region = REGIONS[config.seed % len(REGIONS)]
     started = time.monotonic()
-    assoc = ae.associate(
+    assoc, report.no_association = associate(
+        ae,
         config.host,
         config.port,
         ae_title=config.called_ae,
         tls_args=config.tls_args(),
         evt_handlers=handlers,
     )
-    if not assoc.is_established:
-        report.refused = True
+    if report.no_association is not None:
         return
     try:
         for n in range(config.studies):

@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 
+from simulators.association_outcome import associate
 from simulators.modality import SOP_CLASSES
 from simulators.tls_client import pynetdicom_tls_args
 
@@ -59,12 +60,16 @@ class WorkstationReport:
     received: int = 0  # instances that came back on the association (C-GET)
     received_bytes: int = 0
     seconds: float = 0.0
-    refused: bool = False
+    no_association: str | None = None  # why not, when the association was not established
     aborted: bool = False
 
+    @property
+    def refused(self) -> bool:
+        return self.no_association is not None
+
     def summary(self) -> str:
-        if self.refused:
-            return "association refused"
+        if self.no_association is not None:
+            return self.no_association
         if self.find_status != "0x0000":
             return f"C-FIND {self.find_status or 'no answer'}"
         parts = ", ".join(f"{code}: {n}" for code, n in sorted(self.statuses.items()))
@@ -116,7 +121,8 @@ def run_workstation(config: WorkstationConfig) -> WorkstationReport:
         return 0x0000
 
     started = time.monotonic()
-    assoc = ae.associate(
+    assoc, report.no_association = associate(
+        ae,
         config.host,
         config.port,
         ae_title=config.called_ae,
@@ -124,8 +130,7 @@ def run_workstation(config: WorkstationConfig) -> WorkstationReport:
         evt_handlers=[(evt.EVT_C_STORE, received)],
         tls_args=config.tls_args(),
     )
-    if not assoc.is_established:
-        report.refused = True
+    if report.no_association is not None:
         return report
     model = STUDY_ROOT_MOVE if config.move_to else STUDY_ROOT_GET
     try:

@@ -85,6 +85,28 @@ def test_an_association_the_gateway_aborts_is_reported_not_raised() -> None:
     assert report.summary().endswith("association aborted")
 
 
+def test_a_port_nobody_listens_on_is_reported_as_no_connection() -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # bound, never listening: the connection is refused
+        report = run_modality(ModalityConfig(host="127.0.0.1", port=port, quiet=True))
+    assert report.refused
+    assert report.summary() == f"no connection to 127.0.0.1:{port}"
+
+
+def test_an_association_the_gateway_rejects_is_reported_as_rejected() -> None:
+    ae = AE(ae_title="QANTARA")
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.1")  # CR Image Storage
+    ae.require_calling_aet = ["SOMEONE-ELSE"]
+    server = ae.start_server(("127.0.0.1", 0), block=False)
+    try:
+        port = server.server_address[1]
+        report = run_modality(ModalityConfig(host="127.0.0.1", port=port, quiet=True))
+    finally:
+        server.shutdown()
+    assert (report.summary(), report.sent) == ("association rejected", 0)
+
+
 # The Type 1 and 2 elements of each IOD's mandatory image modules (PS3.3 A.2, A.26, A.59, A.3)
 # beyond those every image has (Image Pixel, General Image, SOP Common).
 MODULE_ELEMENTS = {

@@ -210,7 +210,7 @@ async def test_the_modality_simulator_without_its_certificate_is_refused(
         host="127.0.0.1", port=mutual_scp.port, studies=1, quiet=True, tls_ca=pki.ca
     )
     report = await asyncio.to_thread(run_modality, config)
-    assert report.refused
+    assert report.summary() == "connection closed before the association was accepted"
     assert report.sent == 0
 
 
