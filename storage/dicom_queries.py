@@ -8,8 +8,10 @@ universal (empty) values match everything. Nothing of the request is ever splice
 Person names (PatientName, ReferringPhysicianName) match whatever their case and Latin accents,
 as the standard allows for the PN VR and as Patient search in the FHIR API does (`qantara_fold`,
 migration 0005): a modality that sends `BENANI^HELENE` is found by `Benani^Hélène*`. Arabic
-script is compared as written. PatientName, exact or with a trailing wildcard, reads an index
-(migration 0014); the other keys compare exactly, as the standard has it.
+script matches whatever its spelling variants (hamza forms of alef, alef maksura, teh marbuta,
+harakat, tatweel: migration 0019), so `احمد` finds `أحمد`. PatientName, exact or with a trailing
+wildcard, reads an index (migration 0014); the other keys compare exactly, as the standard has
+it.
 """
 
 from __future__ import annotations
