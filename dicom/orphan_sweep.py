@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Final
 
 from dicom.config import DicomSettings
@@ -41,6 +42,15 @@ ORPHAN_SCAN_SHARE: Final = 0.25
 at a time (`OrphanSweep._scan`)."""
 Indexed = Callable[[list[str]], Awaitable[set[str]]]
 """Which of these relative file names the index names (`storage.dicom_queries.indexed_files`)."""
+Guard = Callable[[], AbstractAsyncContextManager[bool]]
+"""A sweep round's hold on the store's lock against a reindex: True when held
+(`storage.dicom_store_lock.sweeping`)."""
+
+
+@asynccontextmanager
+async def unguarded() -> AsyncIterator[bool]:
+    """The guard of a listener with no reindex to fear (tests, a store of its own)."""
+    yield True
 
 
 class OrphanSweep:
@@ -52,9 +62,11 @@ class OrphanSweep:
         indexed: Indexed | None,
         settings: DicomSettings,
         metrics: Metrics,
+        guard: Guard = unguarded,
     ) -> None:
         self._store = store
         self._indexed = indexed
+        self._guard = guard
         self._settings = settings
         self._metrics = metrics
         self._suspects: set[str] = set()  # final files answered without success: maybe orphans
@@ -73,27 +85,51 @@ class OrphanSweep:
         sends the instance again. The check is safe against a resend of the same bytes racing
         it: the file is first moved aside atomically; if what was moved is younger than
         `orphan_age` (a store just renamed its copy there) or the index names it by now, it is
-        put back.
+        put back. It is safe against `qantara dicom reindex` too, which commits rows for such
+        files: the round holds the store's lock (`guard`), and is skipped while a reindex does.
+        Candidates a round did not settle (skipped, or the database gone) are checked again at
+        the next.
         """
         if self._indexed is None:
             return 0
-        s = self._settings
-        removed = 0
         # A file the start-up scan kept may be an acknowledged image; a failed resend of the
         # same bytes since does not make it removable.
         candidates = [relative for relative in candidates if relative not in self._kept]
+        if not candidates:
+            return 0
+        try:
+            async with self._guard() as held:
+                if not held:
+                    logger.info("DICOM orphan sweep skipped: `qantara dicom reindex` is running")
+                    self._suspects.update(candidates)
+                    return 0
+                removed = await self._remove_unindexed(candidates, self._indexed)
+        except BaseException:
+            self._suspects.update(candidates)  # those still there are checked again
+            raise
+        if removed:
+            logger.warning("removed %d DICOM file(s) that no index row names", removed)
+            self._metrics.dicom_orphans_removed.inc(removed)
+        return removed
+
+    async def _remove_unindexed(self, candidates: list[str], indexed: Indexed) -> int:
+        removed = 0
         for relative in await self._unindexed(candidates):
-            aside = await asyncio.to_thread(self._store.quarantine, relative, s.orphan_age)
+            aside = await asyncio.to_thread(
+                self._store.quarantine, relative, self._settings.orphan_age
+            )
             if aside is None:
                 continue
-            if await self._indexed([relative]):
+            try:
+                named = await indexed([relative])
+            except BaseException:
+                self._store.restore(aside, relative)  # not known to be an orphan: put back
+                raise
+            if named:
                 await asyncio.to_thread(self._store.restore, aside, relative)
                 continue
             await asyncio.to_thread(self._store.drop, aside, relative)
             removed += 1
-        if removed:
-            logger.warning("removed %d DICOM file(s) that no index row names", removed)
-            self._metrics.dicom_orphans_removed.inc(removed)
         return removed
 
     async def scan(self) -> int:

@@ -71,7 +71,7 @@ from dicom.find_scp import Finder, answer_find
 from dicom.link import TIMED_OUT, Ended, Link
 from dicom.metadata import DicomInputError, InstanceMetadata, read_metadata
 from dicom.negotiation import Refused, gateway_policy, limit_reached, negotiate
-from dicom.orphan_sweep import Indexed, OrphanSweep
+from dicom.orphan_sweep import Guard, Indexed, OrphanSweep, unguarded
 from dicom.retrieve_scp import Locator, Retrieval, answer_retrieve, retrieves
 from dicom.serial_queue import SerialQueue
 from dicom.spool import Chunk, StoreFull, StoreNotMounted
@@ -177,6 +177,7 @@ class DicomServer:
         reports: ReportQueue,
         metrics: Metrics,
         indexed: Indexed | None = None,
+        sweep_guard: Guard = unguarded,
         file_threads: int | None = None,
     ) -> None:
         self._settings = settings
@@ -199,7 +200,7 @@ class DicomServer:
             metrics,
             self._outbound_context,
         )
-        self._orphans = OrphanSweep(store, indexed, settings, metrics)
+        self._orphans = OrphanSweep(store, indexed, settings, metrics, sweep_guard)
         self._retrieval = Retrieval(
             locator, auditor, self._work, store.root, self._outbound_context
         )

@@ -52,6 +52,7 @@ from storage.dicom_queries import find as find_dicom
 from storage.dicom_queries import held_instances
 from storage.dicom_queries import indexed_files as dicom_indexed_files
 from storage.dicom_queries import retrievable as retrievable_instances
+from storage.dicom_store_lock import sweeping
 from storage.ledger import LedgerPruning, run_ledger_pruning
 from storage.migrations import (
     MigrationError,
@@ -153,6 +154,7 @@ async def run(settings: Settings, *, migrate: bool = True, extras: tuple[Extra, 
             reports=CommitmentReportQueue(pool),
             metrics=metrics,
             indexed=lambda paths: dicom_indexed_files(pool, paths),
+            sweep_guard=lambda: sweeping(pool),
         )
         stack.push_async_callback(dicom.stop)
         gateway = Gateway(metrics=metrics, pool=pool)

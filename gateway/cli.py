@@ -4,7 +4,8 @@ Configuration comes from the environment (see README, "Configuration"); a bad va
 command with one line naming the variable, exit status 2, never a traceback. Exit status 3: the
 database is unreachable; 4: its schema cannot be brought up to date (pending migrations that this
 database user may not apply) or roles cannot be created; 5: a listener cannot take its port (in
-use by another process, or not permitted), said in one line.
+use by another process, or not permitted), said in one line; 6: `dicom reindex` finds another
+reindex running against the database.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from gateway.redacted_logs import RedactingFormatter
 from gateway.settings import Settings, ae_title
 from ingest.errors import ConfigError, ListenerError, StorageUnavailable
+from storage.dicom_store_lock import REINDEX_WAIT_SECONDS, StoreBusy
 from storage.migrations import MigrationError
 from storage.pool import is_refused_login
 from storage.roles import RoleError
@@ -32,6 +34,7 @@ EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 3
 EXIT_SCHEMA = 4
 EXIT_LISTEN = 5
+EXIT_BUSY = 6
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,10 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         "from a backup older than the store, when the listener's start-up scan reports "
         "qantara_dicom_unindexed_files. Each file is hashed again (bytes that are not its name "
         "are left and reported), parsed as a received file, and indexed with its patient linked "
-        "as usual, received at its modification time. Run it with the gateways stopped. Nothing "
-        "is removed. Lists each file not indexed with why (never patient data), then a summary. "
-        "Exit status: 0 every unindexed file is in the index afterwards, 1 some are not, 2 "
-        "configuration error, 3 database unavailable, 4 pending migrations.",
+        "as usual, received at its modification time. It may run beside the gateways: their "
+        "orphan sweeps wait for it (a PostgreSQL advisory lock), and a second reindex against "
+        "the same database is refused. Nothing is removed. Lists each file not indexed with why "
+        "(never patient data), then a summary. Exit status: 0 every unindexed file is in the "
+        "index afterwards, 1 some are not, 2 configuration error, 3 database unavailable, 4 "
+        "pending migrations, 6 another reindex is running.",
     )
     reindex.add_argument(
         "--calling-ae",
@@ -198,6 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
         "an earlier run that belong to one sender, to index with that sender's --calling-ae",
     )
     reindex.add_argument("--dry-run", action="store_true", help="parse and report, commit nothing")
+    reindex.add_argument(
+        "--wait",
+        type=_seconds,
+        default=REINDEX_WAIT_SECONDS,
+        metavar="SECONDS",
+        help="how long to wait for the store's lock: the listeners' orphan sweeps in progress "
+        f"let go within seconds, another reindex only when it ends (default "
+        f"{REINDEX_WAIT_SECONDS:.0f}; then exit status 6)",
+    )
 
     up = commands.add_parser(
         "up",
@@ -458,6 +472,7 @@ def _non_negative(what: str) -> Callable[[str], float]:
 
 _rate = _non_negative("a rate in MB/s (0: no limit)")
 _minutes = _non_negative("a number of minutes")
+_seconds = _non_negative("a number of seconds")
 
 
 def _calling_ae(text: str) -> str:
@@ -491,6 +506,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ListenerError as exc:
         print(f"qantara: cannot listen: {exc}", file=sys.stderr)  # noqa: T201
         return EXIT_LISTEN
+    except StoreBusy as exc:
+        print(f"qantara: DICOM store busy: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_BUSY
     except Exception as exc:
         if not is_refused_login(exc):
             raise

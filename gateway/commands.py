@@ -46,6 +46,7 @@ from ingest.pipeline import GroupCommitPipeline
 from monitoring.metrics import VERIFY_RESULTS, Metrics, VerifyMetrics
 from storage import tokens
 from storage.dicom_queries import file_of, files_to_verify, indexed_files
+from storage.dicom_store_lock import reindexing
 from storage.migrations import MigrationError, apply_migrations, pending_migrations
 from storage.pool import PoolSettings, create_pool, is_transient
 from storage.roles import GroupRoles, create_group_roles, ensure_login
@@ -275,7 +276,10 @@ async def dicom_reindex(settings: Settings, args: argparse.Namespace) -> int:
             calling_ae=args.calling_ae or "",
             older_than=args.older_than * 60,
         )
-        async with asyncio.TaskGroup() as group:
+        # The store's lock, on a connection of its own, keeps the listeners' orphan sweeps
+        # from removing a file this is indexing (a dry run commits nothing: no lock).
+        lock = _store_lock(settings, wait=args.wait, dry_run=args.dry_run)
+        async with lock, asyncio.TaskGroup() as group:
             group.create_task(pipeline.run())
             try:
                 counts = await reindexer.run(_print_reindexed, only)
@@ -285,6 +289,15 @@ async def dicom_reindex(settings: Settings, args: argparse.Namespace) -> int:
         await pool.close()
     print(_reindex_summary(counts, dry_run=args.dry_run))  # noqa: T201
     return 0 if sum(counts.values()) == sum(counts[r] for r in SETTLED) else 1
+
+
+@asynccontextmanager
+async def _store_lock(settings: Settings, *, wait: float, dry_run: bool) -> AsyncIterator[None]:
+    if dry_run:
+        yield
+        return
+    async with _connection(settings) as conn, reindexing(conn, wait):
+        yield
 
 
 def _print_reindexed(done: Reindexed) -> None:

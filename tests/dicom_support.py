@@ -38,6 +38,7 @@ from monitoring.metrics import Metrics
 from storage.audit import record_access
 from storage.commitment_reports import CommitmentReportQueue
 from storage.dicom_queries import find, held_instances, indexed_files, retrievable
+from storage.dicom_store_lock import sweeping
 from storage.migrations import apply_migrations
 from storage.writer import BatchWriter
 
@@ -93,6 +94,7 @@ async def running_dicom(
             reports=CommitmentReportQueue(pool),
             metrics=metrics,
             indexed=lambda paths: indexed_files(pool, paths),
+            sweep_guard=lambda: sweeping(pool),
             file_threads=file_threads,
         )
         task = asyncio.create_task(pipeline.run())

@@ -22,6 +22,7 @@ from gateway.local_services import drop_database, ensure_database
 from ingest.pipeline import GroupCommitPipeline, PipelineSettings
 from monitoring.metrics import Metrics
 from storage.dicom_queries import indexed_files
+from storage.dicom_store_lock import reindexing
 from storage.migrations import apply_migrations
 from storage.writer import BatchWriter
 from tests.dicom_support import instance_row, running_dicom, store
@@ -227,6 +228,24 @@ async def test_the_command_s_dry_run_says_so_and_commits_nothing(
     assert code == 0
     assert lines[-1] == "1 unindexed file: 1 indexed (a dry run: nothing committed)"
     assert await instance_row(restored.pool, str(ds.SOPInstanceUID)) is None
+
+
+async def test_the_command_beside_another_reindex_says_the_store_is_busy_and_exits_6(
+    restored: Restored, fresh_dsn: str
+) -> None:
+    await received(fresh_dsn, restored.root, [national(fresh())])
+    other = await asyncpg.connect(restored.dsn)
+    try:
+        async with reindexing(other, wait=0):
+            code, lines, stderr = await asyncio.to_thread(reindex_command, restored, "--wait", "1")
+    finally:
+        await other.close()
+    assert (code, lines) == (6, [])
+    assert stderr.splitlines()[-1].startswith(
+        "qantara: DICOM store busy: another `qantara dicom reindex` is running"
+    )
+    code, lines, _ = await asyncio.to_thread(reindex_command, restored, "--wait", "1")
+    assert (code, lines) == (0, ["1 unindexed file: 1 indexed"])
 
 
 @pytest.mark.parametrize("ae", ["", "A" * 17, "CR UNIT\x07"])
