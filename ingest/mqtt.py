@@ -24,7 +24,14 @@ from datetime import UTC, datetime, timedelta
 
 from ingest.errors import InputError
 from ingest.mqtt_payload import PayloadLimits, extract_seq, parse_vitals, unit_from_topic
-from ingest.mqtt_session import MqttError, MqttSettings, Received, Session, connect
+from ingest.mqtt_session import (
+    PUBLISH_SLICE,
+    MqttError,
+    MqttSettings,
+    Received,
+    Session,
+    connect,
+)
 from ingest.pipeline import GroupCommitPipeline, PipelineClosed
 from ingest.records import (
     DeadLetter,
@@ -45,7 +52,6 @@ logger = logging.getLogger(__name__)
 STATUS_TOPIC = "units/+/status"
 ACK_TOPIC = "units/+/ack"
 _RECONNECT_MAX = 30.0
-_WATERMARK_SLICE = 256
 # A unit's `sent_at` after our receipt by more than this is counted as clock skew (the gateway's
 # own clock and the broker's transit make a few seconds normal).
 CLOCK_SKEW_TOLERANCE = timedelta(seconds=60)
@@ -286,8 +292,8 @@ class MqttVitalsAdapter:
             # Taken now: an older value seen while these are in flight asks for one more round.
             self._stale.clear()
             # Concurrently, in bounded slices: one PUBACK round trip per slice, not per unit.
-            for start in range(0, len(changed), _WATERMARK_SLICE):
-                part = changed[start : start + _WATERMARK_SLICE]
+            for start in range(0, len(changed), PUBLISH_SLICE):
+                part = changed[start : start + PUBLISH_SLICE]
                 await asyncio.gather(
                     *(
                         session.publish(

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Final
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -70,6 +71,11 @@ class MqttSettings:
     def vitals_subscription(self) -> str:
         topic = "units/+/vitals"
         return f"$share/{self.shared_group}/{topic}" if self.shared_group else topic
+
+
+PUBLISH_SLICE: Final = 256
+"""The most PUBLISHes a caller has in flight at once (the watermarks of a fleet back in coverage,
+`ingest.mqtt`): one PUBACK round trip per slice, not per unit."""
 
 
 class _FlowControlledClient(aiomqtt.Client):
@@ -225,6 +231,8 @@ async def connect(settings: MqttSettings, generation: int) -> AsyncIterator[Sess
         window=settings.receive_maximum,
     )
     client._client.manual_ack_set(True)
+    # aiomqtt logs a warning for each call beyond 10 pending: a slice of publishes is by design.
+    client.pending_calls_threshold = PUBLISH_SLICE + 10
     async with client:
         session = Session(client, generation)
         try:

@@ -427,6 +427,25 @@ async def test_per_unit_series_stay_within_the_configured_cap(
     assert len(set(fleet) - ages) >= len(fleet) - cap
 
 
+async def test_acknowledging_many_units_at_once_logs_no_warning(
+    gateway: GatewayProcess, mqtt_url: str, units: Units
+) -> None:
+    # A fleet back in coverage: each unit's watermark is published, up to a slice of them in
+    # flight together by design. aiomqtt warns above 10 pending publishes unless told the bound.
+    fleet = [units.new() for _ in range(60)]
+    t0 = base_time()
+    seen = len(gateway.log_lines)
+    async with AckWatcher(mqtt_url, fleet) as acks, unit_client(mqtt_url) as client:
+        for unit in fleet:
+            await client.publish(
+                f"units/{unit}/vitals", vitals_payload(unit, 1, cin=cin(), base_time=t0), qos=0
+            )
+        for unit in fleet:
+            await acks.wait_for(unit, 1, WAIT)
+    warnings = [line for line in list(gateway.log_lines)[seen:] if " WARNING " in line]
+    assert warnings == []
+
+
 # --- privacy ---------------------------------------------------------------------------------
 
 
