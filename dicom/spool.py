@@ -187,7 +187,12 @@ class SpoolFile:
         try:
             self.path.unlink(missing_ok=True)
         except OSError as exc:
-            logger.warning("DICOM spool cleanup failed: %s", type(exc).__name__)
+            # The temp sweep removes it within the hour; the name is random, never patient data.
+            logger.warning(
+                "DICOM spool file %s not removed (%s): left to the temp sweep",
+                self.path.name,
+                exc.strerror or type(exc).__name__,
+            )
 
     def _close(self) -> None:
         global _open
