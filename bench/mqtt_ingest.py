@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -332,6 +332,10 @@ async def http_get(host: str, port: int, path: str, timeout: float = 5.0) -> tup
     return int(head.split(b" ", 2)[1]), body
 
 
+COMPLAINT = re.compile(r"(?:WARNING|ERROR|CRITICAL) \S+: .*")
+MASKED = re.compile(r"[0-9a-fA-F]{6,}|\d+(?:\.\d+)?|(?<=unit )\S+")
+
+
 class GatewayProcess:
     """`python -m gateway.cli serve` with our environment; stderr kept (bounded) and parsed."""
 
@@ -341,6 +345,9 @@ class GatewayProcess:
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self.lines: deque[str] = deque(maxlen=200)
+        # WARNING and ERROR lines of the whole run, by logger and message with numbers and
+        # names masked: what an operator's log would fill with.
+        self.complaints: Counter[str] = Counter()
         self.host = "127.0.0.1"
         self.port = 0
         self.started_at = 0.0
@@ -396,6 +403,8 @@ class GatewayProcess:
                 break
             line = raw.decode(errors="replace").rstrip()
             self.lines.append(line)
+            if complaint := COMPLAINT.search(line):
+                self.complaints[MASKED.sub("N", complaint[0])] += 1
             match = LISTENING.search(line)
             if match and not listening.done():
                 host = match["host"] if match["host"] not in ("0.0.0.0", "") else "127.0.0.1"  # noqa: S104

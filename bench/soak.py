@@ -210,6 +210,10 @@ async def soak(args: argparse.Namespace) -> int:
         f" on {os.cpu_count()} cores\n"
         f"verdict: {'FLAT' if verdict.flat else 'GROWING'} (limit +{GROWTH_LIMIT:.0%})"
     )
+    complaints = sum(gateway.complaints.values())
+    print(f"gateway log: {complaints} WARNING/ERROR line(s)")
+    for message, count in gateway.complaints.most_common(10):
+        print(f"  {count:6d}  {message[:160]}")
     return 0 if verdict.flat and report.ok else 1
 
 
