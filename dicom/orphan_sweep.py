@@ -42,15 +42,10 @@ ORPHAN_SCAN_SHARE: Final = 0.25
 at a time (`OrphanSweep._scan`)."""
 Indexed = Callable[[list[str]], Awaitable[set[str]]]
 """Which of these relative file names the index names (`storage.dicom_queries.indexed_files`)."""
-Guard = Callable[[], AbstractAsyncContextManager[bool]]
-"""A sweep round's hold on the store's lock against a reindex: True when held
+Guard = Callable[[], AbstractAsyncContextManager[Indexed | None]]
+"""A sweep round's hold on the store's lock against a reindex, yielding the index check to make
+under it (on the lock's own connection), or None while a reindex holds the lock
 (`storage.dicom_store_lock.sweeping`)."""
-
-
-@asynccontextmanager
-async def unguarded() -> AsyncIterator[bool]:
-    """The guard of a listener with no reindex to fear (tests, a store of its own)."""
-    yield True
 
 
 class OrphanSweep:
@@ -62,7 +57,7 @@ class OrphanSweep:
         indexed: Indexed | None,
         settings: DicomSettings,
         metrics: Metrics,
-        guard: Guard = unguarded,
+        guard: Guard | None = None,
     ) -> None:
         self._store = store
         self._indexed = indexed
@@ -98,12 +93,12 @@ class OrphanSweep:
         if not candidates:
             return 0
         try:
-            async with self._guard() as held:
-                if not held:
+            async with (self._guard or self._unguarded)() as indexed:
+                if indexed is None:
                     logger.info("DICOM orphan sweep skipped: `qantara dicom reindex` is running")
                     self._suspects.update(candidates)
                     return 0
-                removed = await self._remove_unindexed(candidates, self._indexed)
+                removed = await self._remove_unindexed(candidates, indexed)
         except BaseException:
             self._suspects.update(candidates)  # those still there are checked again
             raise
@@ -112,9 +107,14 @@ class OrphanSweep:
             self._metrics.dicom_orphans_removed.inc(removed)
         return removed
 
+    @asynccontextmanager
+    async def _unguarded(self) -> AsyncIterator[Indexed | None]:
+        """The guard of a listener with no reindex to fear (tests, a store of its own)."""
+        yield self._indexed
+
     async def _remove_unindexed(self, candidates: list[str], indexed: Indexed) -> int:
         removed = 0
-        for relative in await self._unindexed(candidates):
+        for relative in await self._unindexed(candidates, indexed):
             aside = await asyncio.to_thread(
                 self._store.quarantine, relative, self._settings.orphan_age
             )
@@ -174,13 +174,15 @@ class OrphanSweep:
                 continue
         return found
 
-    async def _unindexed(self, candidates: list[str]) -> list[str]:
-        """Those of `candidates` no index row names, asked `ORPHAN_BATCH` at a time."""
-        assert self._indexed is not None  # noqa: S101 - the callers checked
+    async def _unindexed(self, candidates: list[str], indexed: Indexed | None = None) -> list[str]:
+        """Those of `candidates` no index row names, asked `ORPHAN_BATCH` at a time (of
+        `indexed`, by default the listener's own check)."""
+        check = indexed or self._indexed
+        assert check is not None  # noqa: S101 - the callers checked
         unnamed: list[str] = []
         for start in range(0, len(candidates), ORPHAN_BATCH):
             chunk = candidates[start : start + ORPHAN_BATCH]
-            named = await self._indexed(chunk)
+            named = await check(chunk)
             unnamed += (relative for relative in chunk if relative not in named)
         return unnamed
 

@@ -71,7 +71,7 @@ from dicom.find_scp import Finder, answer_find
 from dicom.link import TIMED_OUT, Ended, Link
 from dicom.metadata import DicomInputError, InstanceMetadata, read_metadata
 from dicom.negotiation import Refused, gateway_policy, limit_reached, negotiate
-from dicom.orphan_sweep import Guard, Indexed, OrphanSweep, unguarded
+from dicom.orphan_sweep import Guard, Indexed, OrphanSweep
 from dicom.retrieve_scp import Locator, Retrieval, answer_retrieve, retrieves
 from dicom.serial_queue import SerialQueue
 from dicom.spool import Chunk, StoreFull, StoreNotMounted
@@ -177,7 +177,7 @@ class DicomServer:
         reports: ReportQueue,
         metrics: Metrics,
         indexed: Indexed | None = None,
-        sweep_guard: Guard = unguarded,
+        sweep_guard: Guard | None = None,
         file_threads: int | None = None,
     ) -> None:
         self._settings = settings

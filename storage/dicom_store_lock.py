@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Final
 
 import asyncpg
 
 from ingest.errors import StorageUnavailable
+from storage.dicom_queries import indexed_files
 from storage.pool import is_transient
 
 STORE_LOCK_KEY: Final = 0x716E7444
@@ -36,10 +37,15 @@ class StoreBusy(Exception):
     """Another reindex holds the store's lock (or sweeps held it longer than a reindex waits)."""
 
 
+IndexCheck = Callable[[list[str]], Awaitable[set[str]]]
+"""Which of these relative file names the index names (`dicom_queries.indexed_files`)."""
+
+
 @asynccontextmanager
-async def sweeping(pool: asyncpg.Pool) -> AsyncIterator[bool]:
-    """A sweep round's hold on the lock, shared and not waited for: True when held (until the
-    block ends), False when a reindex holds it. A database that cannot answer is
+async def sweeping(pool: asyncpg.Pool) -> AsyncIterator[IndexCheck | None]:
+    """A sweep round's hold on the lock, shared and not waited for: the index check to make
+    under it, on the lock's own connection (a pool of two is not emptied by a round), until the
+    block ends; None when a reindex holds the lock. A database that cannot answer is
     `StorageUnavailable`."""
     in_block = False  # what the block raises is its own, passed on as it is
     try:
@@ -48,7 +54,7 @@ async def sweeping(pool: asyncpg.Pool) -> AsyncIterator[bool]:
                 "SELECT pg_try_advisory_xact_lock_shared($1)", STORE_LOCK_KEY
             )
             in_block = True
-            yield bool(held)
+            yield (lambda names: indexed_files(conn, names)) if held else None
             in_block = False
     except Exception as exc:
         if in_block or not is_transient(exc):
