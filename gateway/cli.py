@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from gateway import retry_logs
 from gateway.redacted_logs import RedactingFormatter
 from gateway.settings import Settings, ae_title
 from ingest.errors import ConfigError, ListenerError, StorageUnavailable
@@ -564,6 +565,7 @@ def _configure_logging(level: str) -> None:
     # pynetdicom (the DICOM simulators' library) logs whole identifiers, PatientID included.
     for noisy in ("aiomqtt", "paho", "uvicorn.error", "amqtt", "asyncio", "pynetdicom"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    retry_logs.install()  # asyncpg's retries while the database is away: a line each
 
 
 if __name__ == "__main__":
