@@ -284,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds to keep reconnecting for one message (30)",
     )
+    lab.add_argument(
+        "--ae-retry-for",
+        type=_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long a message answered AE with ERR 207 (the gateway's storage unavailable) "
+        "is sent again, with backoff, as an LIS's retry queue does (300; 0: never)",
+    )
     lab.add_argument("--ack-log", default=None, help="append MSH-10 of each AA/CA to this file")
     lab.add_argument(
         "--facility", default="LABO-CENTRAL", help="our sending facility, MSH-4 (LABO-CENTRAL)"

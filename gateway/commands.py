@@ -393,6 +393,7 @@ async def simulate_lab(settings: Settings, args: argparse.Namespace) -> int:
             resend=args.resend,
             seed=args.seed,
             retry_timeout=args.retry_timeout,
+            ae_retry_for=args.ae_retry_for,
             ack_log=Path(args.ack_log) if args.ack_log else None,
             quiet=args.quiet,
             facility=args.facility,

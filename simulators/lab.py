@@ -5,8 +5,11 @@ pipelining), at a total rate shared by the connections. Messages are CBC, chemis
 panels for a deterministic population (from `seed`) with Arabic and French names, encoded in
 UTF-8, ISO 8859-1 (French) or ISO 8859-6 (Arabic) as MSH-18 declares. A connection that breaks
 (gateway restart) is re-opened with backoff and the unacknowledged message is sent again, as an
-LIS does, until `retry_timeout` passes without progress. `resend` replays every message once
-more at the end (each must be answered AA again, and nothing stored twice).
+LIS does, until `retry_timeout` passes without progress. A message answered AE with ERR-3 207
+(application internal error: what the gateway answers when its storage is unavailable) is sent
+again with backoff for `ae_retry_for` seconds, as an LIS's retry queue does; any other AE is
+final. `resend` replays every message once more at the end (each must be answered AA again, and
+nothing stored twice).
 
 The report counts acknowledgements by MSA-1; `ack_log` receives the MSH-10 of every message
 answered AA or CA, one per line, flushed as they come (what the kill test checks against).
@@ -24,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 
-from hl7.er7 import parse_message
+from hl7.er7 import Hl7Message, parse_message
 from ingest.errors import InputError
 from simulators.tls_client import client_context
 
@@ -137,6 +140,7 @@ class LabConfig:
     seed: int = 1
     patients: int = 500
     retry_timeout: float = 30.0
+    ae_retry_for: float = 300.0  # an AE 207 (storage unavailable) is sent again this long
     ack_timeout: float = 60.0
     app: str = "QLAB-SIM"
     facility: str = "LABO-CENTRAL"
@@ -153,6 +157,7 @@ class LabReport:
     sent: int = 0
     codes: Counter[str] = field(default_factory=Counter)
     reconnects: int = 0
+    resent_after_ae: int = 0  # AE 207 (storage unavailable), then sent again
     unanswered: int = 0
     latencies: list[float] = field(default_factory=list)
     elapsed: float = 0.0
@@ -170,6 +175,7 @@ class LabReport:
             f"AA {self.codes['AA']} CA {self.codes['CA']} AE {self.codes['AE']} "
             f"AR {self.codes['AR']} other {sum(self.codes.values()) - self._known()}; "
             f"unanswered {self.unanswered}; reconnects {self.reconnects}; "
+            f"resent after AE {self.resent_after_ae}; "
             f"ack latency p50 {self.percentile(0.5) * 1000:.1f} ms "
             f"p99 {self.percentile(0.99) * 1000:.1f} ms"
         )
@@ -292,7 +298,23 @@ class _Link:
             self._buffer = b""
 
     async def request(self, payload: bytes) -> str | None:
-        """Send until answered; the MSA-1 code, or None when `retry_timeout` passed."""
+        """Send until answered other than AE 207, for `ae_retry_for` at most (then that AE's
+        code); the MSA-1 code, or None when `retry_timeout` passed without an answer."""
+        give_up = time.monotonic() + self._config.ae_retry_for
+        delay = 0.5
+        while True:
+            ack = await self._answer(payload)
+            if ack is None:
+                return None
+            code = _msa_code(ack)
+            if code != "AE" or not _storage_unavailable(ack) or time.monotonic() >= give_up:
+                return code
+            self._report.resent_after_ae += 1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    async def _answer(self, payload: bytes) -> bytes | None:
+        """Send until answered; the acknowledgement, or None when `retry_timeout` passed."""
         deadline = time.monotonic() + self._config.retry_timeout
         delay = 0.1
         while True:
@@ -318,7 +340,7 @@ class _Link:
                 end = self._buffer.index(END)
                 ack = self._buffer[self._buffer.index(START) + 1 : end]
                 self._buffer = self._buffer[end + 2 :]
-                return _msa_code(ack)
+                return ack
             except (OSError, TimeoutError):
                 await self.close()
                 if time.monotonic() > deadline:
@@ -329,18 +351,23 @@ class _Link:
 
 
 def _msa_code(ack: bytes) -> str:
-    try:
-        message = parse_message(ack)
-    except InputError:
-        for charset in ("8859/1", "8859/6"):
-            try:
-                message = parse_message(ack, charset)
-                break
-            except InputError:
-                continue
-        else:
-            return "unreadable"
-    return message.get("MSA", 1) or "unreadable"
+    message = _parsed(ack)
+    return (message.get("MSA", 1) if message else "") or "unreadable"
+
+
+def _storage_unavailable(ack: bytes) -> bool:
+    """ERR-3 207: the gateway could not commit the message in time and asks for it again."""
+    message = _parsed(ack)
+    return message is not None and message.get("ERR", 3) == "207"
+
+
+def _parsed(ack: bytes) -> Hl7Message | None:
+    for charset in (None, "8859/1", "8859/6"):
+        try:
+            return parse_message(ack) if charset is None else parse_message(ack, charset)
+        except InputError:
+            continue
+    return None
 
 
 async def run_lab(config: LabConfig) -> LabReport:
