@@ -376,8 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
         "modalities against one gateway (QANTARA_MQTT_URL, QANTARA_BIND, QANTARA_MLLP_PORT, "
         "QANTARA_DICOM_PORT) in one task group, with a progress line; then drain the units and "
         "print sent, acked, lost and duplicated (read from the gateway's database with "
-        "--database-url, else from the acknowledgements). Exit status 1 unless lost = 0 and "
-        "duplicated = 0.",
+        "--database-url, else from the acknowledgements). The senders resend as real ones do: "
+        "units from their outbox, analyzers a message answered AE 207, modalities an instance "
+        "answered 0xA700 (with their next study). Exit status 0 only when the units drained, "
+        "everything sent was acknowledged, lost = 0 and duplicated = 0; else 1.",
     )
     fleet.add_argument("--units", type=int, default=100, help="mobile units (100)")
     fleet.add_argument("--labs", type=int, default=10, help="lab analyzers (10)")

@@ -33,8 +33,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Final
 
 import asyncpg
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
@@ -348,10 +350,18 @@ def _read_lines(path: Path) -> list[str]:
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
+RETRYABLE: Final = frozenset({"0xA700", "no answer", "not sent"})
+"""Outcomes a modality's send queue retries with its next association: the gateway out of
+resources (its database or disk away), an association lost before the answer."""
+
+
 def _send_studies(
     cfg: FleetConfig, index: int, sender: _DicomSender, deadline: float, over: threading.Event
 ) -> None:
-    """Blocking (a thread): one study every `study_interval` seconds until the deadline."""
+    """Blocking (a thread): one study every `study_interval` seconds until the deadline, through
+    a send queue as modalities keep one: an instance answered 0xA700 or not answered, or a
+    study that got no association, goes again with the next study's association, and once
+    more at the end."""
     rng = random.Random(f"{cfg.seed}:modality:{index}")
     population = Population(datetime.now(UTC).date())
     region = REGIONS[index % len(REGIONS)]
@@ -360,33 +370,56 @@ def _send_studies(
     ae.add_requested_context(SOP_CLASSES[sender.modality], [ExplicitVRLittleEndian])
     start = time.monotonic() + rng.uniform(0, min(cfg.study_interval, 5.0))
     study = 0
+    queue: list[Dataset] = []
+    last: dict[str, str] = {}  # SOP Instance UID -> its latest retryable outcome
     while True:
         due = start + study * cfg.study_interval
         if due >= deadline or over.wait(max(0.0, due - time.monotonic())):
-            return
+            break
         patient = population.patient(rng, rng.choice(region.provinces))
         datasets = study_datasets(
             patient, sender.modality, CHARSETS[study % len(CHARSETS)], rng, datetime.now(UTC)
         )
         study += 1
-        assoc, no_association = associate(ae, cfg.host, cfg.dicom_port, ae_title=cfg.called_ae)
-        if no_association is not None:
-            sender.sent += len(datasets)
-            sender.statuses[no_association] += len(datasets)
-            continue
-        try:
-            for ds in datasets:
-                answer = assoc.send_c_store(ds)
-                code = int(answer.Status) if "Status" in answer else None
-                sender.sent += 1
-                sender.statuses["no answer" if code is None else f"0x{code:04X}"] += 1
-                if code == DICOM_SUCCESS:
-                    sender.stored_uids.append(str(ds.SOPInstanceUID))
-                if not assoc.is_established:
-                    break
-        finally:
-            if assoc.is_established:
-                assoc.release()
+        sender.sent += len(datasets)
+        queue = _send_queue(ae, cfg, sender, [*queue, *datasets], last)
+    if queue and not over.is_set():
+        queue = _send_queue(ae, cfg, sender, queue, last)
+    for ds in queue:
+        sender.statuses[last[str(ds.SOPInstanceUID)]] += 1
+
+
+def _send_queue(
+    ae: AE, cfg: FleetConfig, sender: _DicomSender, queue: list[Dataset], last: dict[str, str]
+) -> list[Dataset]:
+    """Send `queue` on one association; the instances to send again. The others' final
+    statuses are counted in `sender`."""
+    assoc, no_association = associate(ae, cfg.host, cfg.dicom_port, ae_title=cfg.called_ae)
+    if no_association is not None:
+        last.update((str(ds.SOPInstanceUID), no_association) for ds in queue)
+        return queue
+    again: list[Dataset] = []
+    try:
+        for ds in queue:
+            uid = str(ds.SOPInstanceUID)
+            if not assoc.is_established:
+                last[uid] = "not sent"
+                again.append(ds)
+                continue
+            answer = assoc.send_c_store(ds)
+            code = int(answer.Status) if "Status" in answer else None
+            outcome = "no answer" if code is None else f"0x{code:04X}"
+            if outcome in RETRYABLE:
+                last[uid] = outcome
+                again.append(ds)
+                continue
+            sender.statuses[outcome] += 1
+            if code == DICOM_SUCCESS:
+                sender.stored_uids.append(uid)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return again
 
 
 # --- progress ---------------------------------------------------------------------------------
