@@ -80,5 +80,16 @@ async def reindexing(
     try:
         yield
     finally:
-        if not conn.is_closed():
-            await conn.execute("SELECT pg_advisory_unlock($1)", STORE_LOCK_KEY)
+        await _unlock(conn)
+
+
+async def _unlock(conn: asyncpg.Connection) -> None:
+    """Let go of the lock; with the database gone, so is the lock (and what the block raised
+    is what to report, not this)."""
+    if conn.is_closed():
+        return
+    try:
+        await conn.execute("SELECT pg_advisory_unlock($1)", STORE_LOCK_KEY)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise

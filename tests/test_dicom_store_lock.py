@@ -14,6 +14,7 @@ import pytest
 from dicom.config import DicomSettings
 from dicom.filestore import FileStore
 from dicom.orphan_sweep import OrphanSweep
+from ingest.errors import StorageUnavailable
 from monitoring.metrics import Metrics
 from storage.dicom_queries import indexed_files
 from storage.dicom_store_lock import StoreBusy, reindexing, sweeping
@@ -169,3 +170,30 @@ async def test_a_file_moved_aside_goes_back_when_the_database_goes_during_its_ch
         finally:
             running.cancel()
             await pool.close()
+
+
+async def test_a_reindex_whose_database_went_reports_that_not_the_lost_unlock(
+    module_dsn: str,
+) -> None:
+    conn = await asyncpg.connect(module_dsn)
+
+    async def reindex_losing_its_database() -> None:
+        async with reindexing(conn, wait=0):
+            admin = await asyncpg.connect(module_dsn)
+            try:
+                pid = conn.get_server_pid()
+                await admin.execute("SELECT pg_terminate_backend($1)", pid)
+                await wait_until(lambda: _gone(admin, pid), timeout=10, interval=0.05)
+            finally:
+                await admin.close()
+            raise StorageUnavailable("went away")  # what the reindex's commit would say
+
+    try:
+        with pytest.raises(StorageUnavailable, match="went away"):
+            await reindex_losing_its_database()
+    finally:
+        await conn.close()
+
+
+async def _gone(admin: asyncpg.Connection, pid: int) -> bool:
+    return not await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid)
