@@ -13,8 +13,8 @@ import os
 import secrets
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from io import BytesIO
 from pathlib import Path
@@ -43,6 +43,24 @@ from storage.migrations import apply_migrations
 from storage.writer import BatchWriter
 
 SCP_AE = "QANTARA"
+
+
+@contextmanager
+def serving(
+    ae: AE, handlers: Sequence[Any] = (), ssl_context: ssl.SSLContext | None = None
+) -> Iterator[int]:
+    """`ae` as an SCP on a free port of 127.0.0.1, in pynetdicom's threads: its port, until
+    the block ends."""
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, ssl_context=ssl_context, evt_handlers=list(handlers)
+    )
+    assert server is not None  # not blocking: the server is returned
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+
+
 VERIFICATION = "1.2.840.10008.1.1"
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
@@ -259,7 +277,7 @@ def c_get(
     Pending responses."""
     ae = scu("VIEWER")
     ae.add_requested_context(model)
-    roles = []
+    roles: list[Any] = []  # role selections, as `associate` takes them (`ext_neg`)
     classes: set[str] = set()
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, [syntax])

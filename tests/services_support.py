@@ -46,3 +46,10 @@ class ExplainingConnection:
         plan = await self._conn.fetch("EXPLAIN " + query, *args)
         self.plans.append("\n".join(r[0] for r in plan))
         return list(await self._conn.fetch(query, *args))
+
+    async def fetchrow(self, query: str, *args: object) -> Any:
+        rows = await self.fetch(query, *args)
+        return rows[0] if rows else None
+
+    async def execute(self, query: str, *args: object) -> str:
+        raise NotImplementedError("explained queries only read")

@@ -23,7 +23,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import StorageCommitmentPushModel
+from pynetdicom.dimse_primitives import N_EVENT_REPORT
+from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom import dimse, sop_classes, status
@@ -178,6 +179,8 @@ class Reports:
     arrived: threading.Event = field(default_factory=threading.Event)
 
     def handler(self, event: evt.Event) -> tuple[int, None]:
+        assert isinstance(event.request, N_EVENT_REPORT)
+        assert event.request.EventTypeID is not None
         self.received.append((int(event.request.EventTypeID), event.event_information))
         self.arrived.set()
         return 0x0000, None  # the N-EVENT-REPORT-RSP's status, no Event Reply

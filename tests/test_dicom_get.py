@@ -77,7 +77,7 @@ def contexts(instances: list[Dataset]) -> set[tuple[str, str]]:
 
 async def stored_dataset(scp: RunningDicom, uid: str) -> bytes:
     row = await instance_row(scp.pool, uid)
-    data = (scp.root / row["file_path"]).read_bytes()
+    data: bytes = (scp.root / row["file_path"]).read_bytes()
     return data[dataset_offset(data[:4096]) :]
 
 

@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -40,7 +41,7 @@ def part10(
     item.PatientID = "AB123456"
     ds.OtherPatientIDsSequence = Sequence([item])
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
     if encapsulated:
         ds.PixelData = encapsulate([b"\xff\xd8frame1\xff\xd9", b"\xff\xd8frame2\xff\xd9"])
         ds["PixelData"].VR = "OB"
@@ -103,7 +104,7 @@ def other_ids(syntax: str, undefined: bool) -> bytes:
         for item in (first, second, nested):
             item.is_undefined_length_sequence_item = True
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
     buffer = BytesIO()
     dcmwrite(buffer, ds, enforce_file_format=True)
     return walk_file(buffer.getvalue(), {OTHER_IDS}).elements[OTHER_IDS].value

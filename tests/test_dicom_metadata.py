@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom.metadata import (
     DicomInputError,
@@ -106,8 +106,8 @@ def with_other_ids(syntax: str = ExplicitVRLittleEndian, undefined: bool = False
         ds["OtherPatientIDsSequence"].is_undefined_length = True
         for item in (inherits, own):
             item.is_undefined_length_sequence_item = True
-    ds.file_meta = Dataset()
-    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
     return ds
 
 

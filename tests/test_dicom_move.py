@@ -31,6 +31,7 @@ from tests.dicom_support import (
     query,
     running_dicom,
     scu,
+    serving,
     store,
 )
 from tests.test_dicom_get import stored_dataset, stored_study, study, study_query
@@ -74,16 +75,12 @@ def listening(ae_title: str, syntaxes: list[str] | None = None) -> Iterator[Work
     by default)."""
     ae = AE(ae_title=ae_title)
     for context in StoragePresentationContexts:
+        assert context.abstract_syntax is not None
         ae.add_supported_context(context.abstract_syntax, syntaxes)
     station = Workstation(0)
-    server = ae.start_server(
-        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, station.handle)]
-    )
-    station.port = server.server_address[1]
-    try:
+    with serving(ae, [(evt.EVT_C_STORE, station.handle)]) as port:
+        station.port = port
         yield station
-    finally:
-        server.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from pynetdicom.presentation import StoragePresentationContexts
 from dicom import status
 from dicom.config import AeAddress, DicomSettings
 from ingest.errors import ConfigError
-from tests.dicom_support import c_move, running_dicom
+from tests.dicom_support import c_move, running_dicom, serving
 from tests.test_dicom_get import stored_study, study_query
 from tests.test_dicom_move import Workstation
 from tests.tls_support import Pki, pki
@@ -37,19 +37,12 @@ def tls_destination(cert: Path, key: Path, client_ca: Path) -> Iterator[Workstat
     context.verify_mode = ssl.CERT_REQUIRED
     ae = AE(ae_title="SECURE-PACS")
     for presentation in StoragePresentationContexts:
+        assert presentation.abstract_syntax is not None
         ae.add_supported_context(presentation.abstract_syntax)
     station = Workstation(0)
-    server = ae.start_server(
-        ("127.0.0.1", 0),
-        block=False,
-        ssl_context=context,
-        evt_handlers=[(evt.EVT_C_STORE, station.handle)],
-    )
-    station.port = server.server_address[1]
-    try:
+    with serving(ae, [(evt.EVT_C_STORE, station.handle)], context) as port:
+        station.port = port
         yield station
-    finally:
-        server.shutdown()
 
 
 def settings(pki: Pki, port: int) -> DicomSettings:

@@ -208,7 +208,7 @@ def test_a_dataset_sent_in_pieces_sets_the_last_bit_on_its_final_pdv_only() -> N
     reader = pdu.PduReader(1 << 20)
     for data in (*first, *final):
         reader.feed(data)
-    pdvs = []
+    pdvs: list[pdu.Pdv] = []
     while (unit := reader.next_pdu()) is not None:
         assert isinstance(unit, pdu.PDataTF)
         pdvs.extend(unit.pdvs)

@@ -20,7 +20,7 @@ from pynetdicom.events import Event
 from dicom.config import AeAddress, DicomSettings
 from simulators.modality import CHARSETS, ModalityConfig, run_modality, study_datasets
 from simulators.population import REGIONS, Population
-from tests.dicom_support import running_dicom
+from tests.dicom_support import running_dicom, serving
 from tests.test_cli import qantara
 from tests.test_dicom_move import listening
 
@@ -71,14 +71,8 @@ def test_an_association_the_gateway_aborts_is_reported_not_raised() -> None:
 
     ae = AE(ae_title="QANTARA")
     ae.add_supported_context("1.2.840.10008.5.1.4.1.1.1")  # CR Image Storage
-    server = ae.start_server(
-        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, abort_the_second)]
-    )
-    try:
-        port = server.server_address[1]
+    with serving(ae, [(evt.EVT_C_STORE, abort_the_second)]) as port:
         report = run_modality(ModalityConfig(host="127.0.0.1", port=port, studies=4, quiet=True))
-    finally:
-        server.shutdown()
     assert report.aborted
     assert report.sent == 2
     assert report.statuses["0x0000"] == 1
@@ -98,12 +92,8 @@ def test_an_association_the_gateway_rejects_is_reported_as_rejected() -> None:
     ae = AE(ae_title="QANTARA")
     ae.add_supported_context("1.2.840.10008.5.1.4.1.1.1")  # CR Image Storage
     ae.require_calling_aet = ["SOMEONE-ELSE"]
-    server = ae.start_server(("127.0.0.1", 0), block=False)
-    try:
-        port = server.server_address[1]
+    with serving(ae) as port:
         report = run_modality(ModalityConfig(host="127.0.0.1", port=port, quiet=True))
-    finally:
-        server.shutdown()
     assert (report.summary(), report.sent) == ("association rejected", 0)
 
 
@@ -280,8 +270,8 @@ async def test_the_command_with_a_report_port_gets_the_report_there_after_releas
         report_addresses=(AeAddress("SIM-MODALITY", "127.0.0.1", report_port),)
     )
     async with running_dicom(fresh_dsn, tmp_path / "store", settings) as scp:
-        args = ("--studies", "1", "--host", "127.0.0.1", "--port", str(scp.port))
-        args += ("--report-port", str(report_port), "--quiet")
+        args = ["--studies", "1", "--host", "127.0.0.1", "--port", str(scp.port)]
+        args += ["--report-port", str(report_port), "--quiet"]
         result = await asyncio.to_thread(qantara, "simulate", "modality", *args)
         delivered = {"outcome": "delivered"}
         taken = scp.metrics.sample("qantara_dicom_commitment_reports_total", delivered)

@@ -41,7 +41,9 @@ def test_an_instance_too_large_to_convert_goes_only_as_stored() -> None:
 def test_a_converted_dataset_has_every_element_of_the_stored_one(
     name: str, stored: str, wanted: str
 ) -> None:
-    original = dcmread(get_testdata_file(name))
+    path = get_testdata_file(name)
+    assert isinstance(path, str)
+    original = dcmread(path)
     del original.file_meta
     data = encode_identifier(original, stored)
 

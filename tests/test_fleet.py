@@ -19,12 +19,14 @@ import asyncpg
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from gateway.local_services import drop_database, ensure_database
 from simulators.fleet import FleetConfig, _DicomSender, _send_studies
 from simulators.modality import SOP_CLASSES
 from tests.conftest import PrivateMosquittoFactory
+from tests.dicom_support import serving
 from tests.gateway_process import ROOT, GatewayProcess, wait_listening
 
 pytestmark = [pytest.mark.slow]
@@ -121,21 +123,17 @@ def test_a_modality_sends_again_what_was_answered_out_of_resources() -> None:
     answered: Counter[str] = Counter()
 
     def out_of_resources_first(event: Event) -> int:
+        assert isinstance(event.request, C_STORE)
         uid = str(event.request.AffectedSOPInstanceUID)
         answered[uid] += 1
         return 0xA700 if answered[uid] == 1 else 0x0000
 
     ae = AE(ae_title="QANTARA")
     ae.add_supported_context(SOP_CLASSES["CR"], ExplicitVRLittleEndian)
-    server = ae.start_server(
-        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, out_of_resources_first)]
-    )
     sender = _DicomSender("CR")
-    try:
-        cfg = FleetConfig(dicom_port=server.server_address[1], study_interval=0.5, units=0)
+    with serving(ae, [(evt.EVT_C_STORE, out_of_resources_first)]) as port:
+        cfg = FleetConfig(dicom_port=port, study_interval=0.5, units=0)
         _send_studies(cfg, 0, sender, time.monotonic() + 1.2, threading.Event())
-    finally:
-        server.shutdown()
     assert sender.sent > 0
     assert sender.statuses == Counter({"0x0000": sender.sent})
     assert len(set(sender.stored_uids)) == sender.sent

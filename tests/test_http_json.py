@@ -42,7 +42,7 @@ _JSON = st.recursive(
     | st.booleans()
     | st.integers(min_value=-(2**63), max_value=2**63 - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(st.characters(blacklist_categories=("Cs",))),
+    | st.text(st.characters(exclude_categories=["Cs"])),
     lambda inner: (
         st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
     ),
@@ -55,10 +55,12 @@ def test_any_document_reads_back_as_the_same_values(content: Any) -> None:
     """Decimals stay exact (the shortest form that reads back as the same double); only the
     spelling of exponents may differ from the standard library (`1e-05` there, `1e-5` here)."""
     rendered = FhirResponse(content).body
-    assert json.loads(rendered) == json.loads(_stdlib(content))
+    assert json.loads(bytes(rendered)) == json.loads(_stdlib(content))
 
 
 def test_large_and_small_numbers_keep_their_value() -> None:
     for value in (1e-05, 1e16, 5e-324, 1.7976931348623157e308):
-        assert json.loads(FhirResponse({"v": value}).body)["v"] == value
-    assert math.isclose(json.loads(FhirResponse({"v": 0.1 + 0.2}).body)["v"], 0.30000000000000004)
+        assert json.loads(bytes(FhirResponse({"v": value}).body))["v"] == value
+    assert math.isclose(
+        json.loads(bytes(FhirResponse({"v": 0.1 + 0.2}).body))["v"], 0.30000000000000004
+    )

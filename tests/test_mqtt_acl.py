@@ -151,6 +151,7 @@ class Client:
 
     def subscribe(self, topic: str) -> ReasonCode:
         _, mid = self.paho.subscribe(topic, qos=1)
+        assert mid is not None
         self.wait_for(lambda: mid in self.subacks, f"SUBACK for {topic}")
         return self.subacks[mid][0]
 
@@ -192,14 +193,14 @@ def _client(broker: Broker, user: str, password: str, client_id: str) -> Client:
 
     def on_message(_c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
         with client.changed:
-            client.messages.append((message.topic, message.payload))
+            client.messages.append((message.topic, bytes(message.payload)))
             client.changed.notify_all()
 
     paho.on_connect = on_connect
     paho.on_subscribe = on_subscribe
     paho.on_publish = on_publish
     paho.on_message = on_message
-    properties = Properties(PacketTypes.CONNECT)
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = 0
     paho.connect("127.0.0.1", broker.port, keepalive=30, clean_start=True, properties=properties)
     paho.loop_start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import secrets
@@ -182,7 +183,9 @@ async def test_pipeline_resolves_futures_after_commit_in_submission_order(
     envelopes = [mqtt(unit, seq) for seq in range(1, 201)]
     order: list[int] = []
     for env in envelopes:
-        env.ack.add_done_callback(lambda _f, seq=env.key.seq: order.append(seq))  # type: ignore[union-attr]
+        key = env.key
+        assert isinstance(key, MqttKey)
+        env.ack.add_done_callback(functools.partial(_note_seq, order, key.seq))
         await pipeline.submit(env)
     async with asyncio.timeout(30):
         outcomes = await asyncio.gather(*(env.ack for env in envelopes))
@@ -660,3 +663,7 @@ async def test_gateway_pool_releases_without_a_reset_query_but_never_an_open_tra
             assert await conn.fetchval("SHOW statement_timeout") == "30s"
     finally:
         await gateway_pool.close()
+
+
+def _note_seq(order: list[int], seq: int, _done: object) -> None:
+    order.append(seq)
