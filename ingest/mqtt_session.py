@@ -19,6 +19,7 @@ broker redelivers those messages on the new one and they are acknowledged as dup
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -72,6 +73,24 @@ class MqttSettings:
         topic = "units/+/vitals"
         return f"$share/{self.shared_group}/{topic}" if self.shared_group else topic
 
+
+class _ConnectionLossIsInfo(logging.Filter):
+    """paho logs a connection the broker dropped at ERROR (`failed to receive on socket: [Errno
+    104] Connection reset by peer`); the MQTT task says it at WARNING and reconnects
+    (`ingest.mqtt`). Such a line stays, at INFO; paho's other errors (an exception in a
+    callback) keep their level."""
+
+    CONNECTION_LOSS: Final = ("failed to receive on socket: %s", "timeout on socket: %s")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg in self.CONNECTION_LOSS and record.levelno > logging.INFO:
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+        return True
+
+
+_PAHO_LOG: Final = logging.getLogger(f"{__name__}.paho")
+_PAHO_LOG.addFilter(_ConnectionLossIsInfo())
 
 PUBLISH_SLICE: Final = 256
 """The most PUBLISHes a caller has in flight at once (the watermarks of a fleet back in coverage,
@@ -228,6 +247,7 @@ async def connect(settings: MqttSettings, generation: int) -> AsyncIterator[Sess
         timeout=10,
         tls_context=tls_context,
         max_queued_incoming_messages=0,  # unbounded: the read pause is the bound (see above)
+        logger=_PAHO_LOG,
         window=settings.receive_maximum,
     )
     client._client.manual_ack_set(True)
