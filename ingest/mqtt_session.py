@@ -74,7 +74,7 @@ class MqttSettings:
         return f"$share/{self.shared_group}/{topic}" if self.shared_group else topic
 
 
-class _ConnectionLossIsInfo(logging.Filter):
+class ConnectionLossIsInfo(logging.Filter):
     """paho logs a connection the broker dropped at ERROR (`failed to receive on socket: [Errno
     104] Connection reset by peer`); the MQTT task says it at WARNING and reconnects
     (`ingest.mqtt`). Such a line stays, at INFO; paho's other errors (an exception in a
@@ -90,7 +90,7 @@ class _ConnectionLossIsInfo(logging.Filter):
 
 
 _PAHO_LOG: Final = logging.getLogger(f"{__name__}.paho")
-_PAHO_LOG.addFilter(_ConnectionLossIsInfo())
+_PAHO_LOG.addFilter(ConnectionLossIsInfo())
 
 PUBLISH_SLICE: Final = 256
 """The most PUBLISHes a caller has in flight at once (the watermarks of a fleet back in coverage,

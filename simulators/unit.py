@@ -30,6 +30,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 
+from ingest.mqtt_session import ConnectionLossIsInfo
 from simulators.outbox import Outbox
 from simulators.vitals import ConsultationStream, encode_payload, utc_now
 
@@ -37,6 +38,7 @@ __all__ = ["BrokerAddress", "LinkPolicy", "UnitAgent", "UnitStats"]
 
 log = logging.getLogger(__name__)
 _MQTT_LOG = logging.getLogger(f"{__name__}.mqtt")
+_MQTT_LOG.addFilter(ConnectionLossIsInfo())  # the link drops we cause are not errors
 
 ONLINE = b'{"online":true}'
 OFFLINE = b'{"online":false}'
