@@ -116,8 +116,8 @@ async def test_a_request_refused_beyond_the_bound_is_counted() -> None:
 
 async def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_time() -> None:
     async with listening(max_connections=2, keep_alive=1) as port:
+        started = time.monotonic()  # before the connection: the server's clock starts after
         async with silent_connections(port, 1) as [(reader, _)]:
-            started = time.monotonic()
             async with asyncio.timeout(10):
                 assert await reader.read() == b""
         assert time.monotonic() - started >= 0.9
